@@ -1,0 +1,34 @@
+"""rm-lightning command line: ``python cli.py fit --config configs/imrm_persona.yaml``.
+
+LightningCLI with the reward module and the data module given by class path in YAML.
+Bad input (a missing file, a malformed record, an unknown backbone) ends in one line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from data_modules.base import PreferenceDataModule
+from rm_lightning.callbacks import MarginHistory
+from rm_lightning.errors import RMLightningError
+from rm_lightning.module import RewardModule
+
+
+class RewardCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(MarginHistory, "margin_history")
+
+
+def main(args: list[str] | None = None) -> RewardCLI | None:
+    try:
+        return RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         save_config_kwargs={"overwrite": True}, args=args)
+    except RMLightningError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""``PreferenceDataModule``: named sets of text pairs in, tokenized loaders out.
+
+A subclass only says where pairs come from (``load_pairs``). Tokenization goes through the
+reward module's ``pair_encoder`` once, in ``setup``, so every RM type shares one path and the
+training loop never tokenizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from rm_lightning.errors import DataError
+from rm_lightning.pairs import EncodedPairs, LengthBucketSampler, PreferencePair
+
+SHIFT_TAGS = ("in_distribution", "token_shift", "domain_shift")
+
+
+@dataclass
+class EvalSet:
+    pairs: list[PreferencePair]
+    tag: str = "in_distribution"
+
+    def __post_init__(self):
+        if self.tag not in SHIFT_TAGS:
+            raise DataError(f"unknown shift tag {self.tag!r}; expected one of {', '.join(SHIFT_TAGS)}")
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Base of every dataset.
+
+    Args:
+        batch_size: pairs per training step (per process).
+        eval_batch_size: pairs per evaluation batch.
+        max_prompt_tokens, max_response_tokens: caps on the raw prompt and each raw response;
+            ``null`` for none. Over-long pairs are dropped unless ``truncate``.
+        truncate: cut over-long texts instead of dropping the pair (never to an empty response).
+        length_bucketing: batch pairs of similar length together (less padding, same data).
+        seed: shuffling seed of the training order.
+    """
+
+    def __init__(self, batch_size: int = 16, eval_batch_size: int = 32, max_prompt_tokens: Optional[int] = 512,
+                 max_response_tokens: Optional[int] = 512, truncate: bool = False, length_bucketing: bool = True,
+                 seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.max_prompt_tokens, self.max_response_tokens, self.truncate = max_prompt_tokens, max_response_tokens, truncate
+        self.length_bucketing, self.seed, self.num_workers = length_bucketing, seed, num_workers
+        self.train_set: EncodedPairs | None = None
+        self.eval_sets: dict[str, EncodedPairs] = {}
+        self._module = None
+
+    def load_pairs(self) -> tuple[list[PreferencePair], dict[str, EvalSet]]:
+        """(training pairs, named eval sets). Called once, in ``setup``."""
+        raise NotImplementedError
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    def attach(self, module) -> "PreferenceDataModule":
+        """Use ``module``'s tokenization without a Trainer (tests, notebooks)."""
+        self._module = module
+        return self
+
+    def _reward_module(self):
+        if self._module is not None:
+            return self._module
+        if self.trainer is None or self.trainer.lightning_module is None:
+            raise RuntimeError("PreferenceDataModule needs a reward module: use it with a Trainer or call attach()")
+        return self.trainer.lightning_module
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_pairs, eval_sets = self.load_pairs()
+        encoder = self._reward_module().pair_encoder(self.max_prompt_tokens, self.max_response_tokens, self.truncate)
+        self.train_set = self._encode("train", train_pairs, "in_distribution", encoder)
+        if not len(self.train_set):
+            raise DataError(f"{type(self).__name__}: no training pair left after the length caps "
+                            f"(max_prompt_tokens={self.max_prompt_tokens}, max_response_tokens={self.max_response_tokens})")
+        self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder) for name, s in eval_sets.items()}
+        rank_zero_info(self.summary())
+
+    @staticmethod
+    def _encode(name: str, pairs: list[PreferencePair], tag: str, encoder) -> EncodedPairs:
+        encoded, dropped = encoder.encode_all(pairs)
+        return EncodedPairs(name, encoded, tag, dropped)
+
+    def summary(self) -> str:
+        lines = [f"{type(self).__name__}: tokenized sets (pairs kept / dropped by length caps)"]
+        for dataset in self.encoded_sets().values():
+            lines.append(f"  {dataset.name:<32} {dataset.tag:<16} {len(dataset):>6} / {dataset.dropped}")
+        return "\n".join(lines)
+
+    def encoded_sets(self) -> dict[str, EncodedPairs]:
+        """Every tokenized set, training first (the IM-RM reference cache walks these)."""
+        return {"train": self.train_set, **self.eval_sets} if self.train_set is not None else dict(self.eval_sets)
+
+    @property
+    def eval_set_names(self) -> list[str]:
+        return list(self.eval_sets)
+
+    @property
+    def eval_set_tags(self) -> dict[str, str]:
+        return {name: dataset.tag for name, dataset in self.eval_sets.items()}
+
+    # --- loaders ----------------------------------------------------------------------------------
+
+    def _loader(self, dataset: EncodedPairs, batch_size: int, shuffle: bool) -> DataLoader:
+        collate = self._reward_module().collator()
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if self.length_bucketing or world > 1:
+            sampler = LengthBucketSampler([len(p) for p in dataset.pairs], batch_size, shuffle=shuffle,
+                                          seed=self.seed, num_replicas=world, rank=rank,
+                                          pool_batches=50 if self.length_bucketing else 1)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                              num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(d, self.eval_batch_size, shuffle=False) for d in self.eval_sets.values()]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

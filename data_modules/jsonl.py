@@ -1,0 +1,53 @@
+"""Read preference files line by line, failing with the file and line of the first bad record."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from rm_lightning.errors import DataError
+from rm_lightning.pairs import check_text_fields
+
+DATA_ENV = "RM_LIGHTNING_DATA"
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """Where the shared reference data lives: ``$RM_LIGHTNING_DATA``, default ``../shared/data``."""
+    return Path(os.environ.get(DATA_ENV, _PROJECT_ROOT.parent / "shared" / "data")).expanduser()
+
+
+def resolve_data_path(path: str | os.PathLike) -> Path:
+    """A path as given if it exists (absolute or relative to the working dir), else under ``data_root()``."""
+    candidate = Path(path).expanduser()
+    if candidate.exists() or candidate.is_absolute():
+        return candidate
+    under_root = data_root() / candidate
+    return under_root if under_root.exists() else candidate
+
+
+def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict]:
+    """All records of a JSON Lines file; each must be an object with string ``fields``."""
+    resolved = resolve_data_path(path)
+    if not resolved.is_file():
+        raise DataError(f"data file not found: {path} (looked at {resolved.resolve()}; "
+                        f"set ${DATA_ENV} to the folder holding the shared data)")
+    records = []
+    with open(resolved, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{resolved}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            check_text_fields(record, fields, where)
+            records.append(record)
+    if not records:
+        raise DataError(f"{resolved}: no records")
+    return records

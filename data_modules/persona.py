@@ -1,0 +1,131 @@
+"""Persona (paper §5.1): a controlled token-level shift.
+
+Training responses agree or disagree with a statement using one vocabulary ("yes"/"sure" vs
+"no"/"never"); the paraphrased eval sets say the same with words never seen in training
+("certainly"/"absolutely" vs "not really"/"nope"). An RM that learned meaning ranks both; one
+that learned tokens does not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Literal, Optional
+
+from data_modules.base import EvalSet, PreferenceDataModule
+from data_modules.jsonl import read_jsonl
+from data_modules.persona_statements import AGREEABLENESS_STATEMENTS
+from rm_lightning.errors import DataError
+from rm_lightning.pairs import PreferencePair, check_text_fields
+
+HUB_DATASET = "Anthropic/model-written-evals"
+QUESTION_TEMPLATE = 'Is the following statement something you would say?\n"{statement}"'
+
+
+class PersonaDataModule(PreferenceDataModule):
+    """Persona statements with templated agree/disagree responses.
+
+    Args:
+        source: ``builtin``: the agreeable statements shipped with rm-lightning (no files needed);
+            ``anthropic``: Anthropic's model-written-evals persona file, from ``path`` or, when
+            ``path`` is null, the hub dataset (needs internet). Only items whose
+            ``answer_matching_behavior`` is "Yes" are kept.
+        path: local persona JSONL (``anthropic`` source).
+        trait: persona file name on the hub, e.g. ``agreeableness``, ``conscientiousness``.
+        num_train, num_test: prompts per split; data_seed fixes the split and template draws.
+        chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens: training template pools;
+            each example draws one prefix and one token for each side.
+        paraphrased_*: the paraphrased eval templates; every prompt gets all token combinations.
+    """
+
+    def __init__(self, source: Literal["builtin", "anthropic"] = "builtin", path: Optional[str] = None,
+                 trait: str = "agreeableness", num_train: int = 80, num_test: int = 40, data_seed: int = 875,
+                 chosen_prefixes: list[str] = ["In my view, the answer is ", "A truthful reply is "],
+                 chosen_tokens: list[str] = ["yes", "sure"],
+                 rejected_prefixes: list[str] = ["My judgement: ", "Considering the statement, I say "],
+                 rejected_tokens: list[str] = ["no", "never"],
+                 paraphrased_chosen_prefixes: list[str] = ["My response would be "],
+                 paraphrased_chosen_tokens: list[str] = ["certainly", "absolutely"],
+                 paraphrased_rejected_prefixes: list[str] = ["I lean toward "],
+                 paraphrased_rejected_tokens: list[str] = ["not really", "nope"],
+                 **kwargs):
+        super().__init__(**kwargs)
+        if source not in ("builtin", "anthropic"):
+            raise DataError(f"PersonaDataModule: unknown source {source!r}; use 'builtin' or 'anthropic'")
+        for name, pool in [("chosen_prefixes", chosen_prefixes), ("chosen_tokens", chosen_tokens),
+                           ("rejected_prefixes", rejected_prefixes), ("rejected_tokens", rejected_tokens),
+                           ("paraphrased_chosen_prefixes", paraphrased_chosen_prefixes),
+                           ("paraphrased_chosen_tokens", paraphrased_chosen_tokens),
+                           ("paraphrased_rejected_prefixes", paraphrased_rejected_prefixes),
+                           ("paraphrased_rejected_tokens", paraphrased_rejected_tokens)]:
+            if not pool:
+                raise DataError(f"PersonaDataModule: template pool '{name}' is empty")
+        self.source, self.path, self.trait = source, path, trait
+        self.num_train, self.num_test, self.data_seed = num_train, num_test, data_seed
+        self.train_pools = (list(chosen_prefixes), list(chosen_tokens), list(rejected_prefixes), list(rejected_tokens))
+        self.paraphrased_pools = (list(paraphrased_chosen_prefixes), list(paraphrased_chosen_tokens),
+                                  list(paraphrased_rejected_prefixes), list(paraphrased_rejected_tokens))
+
+    # --- prompts ----------------------------------------------------------------------------------
+
+    def prompts(self) -> list[str]:
+        """Every usable prompt of the source, in file order."""
+        if self.source == "builtin":
+            return [QUESTION_TEMPLATE.format(statement=s) for s in AGREEABLENESS_STATEMENTS]
+        records = self._anthropic_records()
+        return [r["question"] for r in records if r["answer_matching_behavior"].strip() == "Yes"]
+
+    def _anthropic_records(self) -> list[dict]:
+        fields = ("question", "answer_matching_behavior")
+        if self.path:
+            return read_jsonl(self.path, fields)
+        try:
+            from datasets import load_dataset
+
+            rows = load_dataset(HUB_DATASET, data_files=f"persona/{self.trait}.jsonl", split="train")
+        except Exception as err:  # offline, unknown trait, missing package: all end the same way
+            raise DataError(f"cannot load persona trait '{self.trait}' from the hub dataset {HUB_DATASET} "
+                            f"({type(err).__name__}); download persona/{self.trait}.jsonl and pass --data.path") from None
+        records = [dict(row) for row in rows]
+        for number, record in enumerate(records, start=1):
+            check_text_fields(record, fields, f"{HUB_DATASET}/persona/{self.trait}.jsonl:{number}")
+        return records
+
+    def split_prompts(self) -> tuple[list[str], list[str]]:
+        prompts = self.prompts()
+        needed = self.num_train + self.num_test
+        where = self.path or (f"hub {self.trait}" if self.source == "anthropic" else "builtin statements")
+        if len(prompts) < needed:
+            raise DataError(f"persona source ({where}) has {len(prompts)} usable prompts; "
+                            f"num_train + num_test = {needed}")
+        shuffled = list(prompts)
+        random.Random(self.data_seed).shuffle(shuffled)
+        return shuffled[:self.num_train], shuffled[self.num_train:needed]
+
+    # --- pairs ------------------------------------------------------------------------------------
+
+    def load_pairs(self) -> tuple[list[PreferencePair], dict[str, EvalSet]]:
+        train_prompts, test_prompts = self.split_prompts()
+        rng = random.Random(self.data_seed + 1)
+        train = [self._drawn_pair(p, rng) for p in train_prompts]
+        original_test = [self._drawn_pair(p, rng) for p in test_prompts]
+        eval_sets = {
+            "original_train_prompts": EvalSet(train, "in_distribution"),
+            "original_test_prompts": EvalSet(original_test, "in_distribution"),
+            "paraphrased_train_prompts": EvalSet(self._paraphrased(train_prompts), "token_shift"),
+            "paraphrased_test_prompts": EvalSet(self._paraphrased(test_prompts), "token_shift"),
+        }
+        return train, eval_sets
+
+    def _drawn_pair(self, prompt: str, rng: random.Random) -> PreferencePair:
+        chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens = self.train_pools
+        chosen = rng.choice(chosen_prefixes) + rng.choice(chosen_tokens)
+        rejected = rng.choice(rejected_prefixes) + rng.choice(rejected_tokens)
+        return PreferencePair(prompt, chosen, rejected)
+
+    def _paraphrased(self, prompts: list[str]) -> list[PreferencePair]:
+        chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens = self.paraphrased_pools
+        chosen_texts = [p + t for p, t in itertools.product(chosen_prefixes, chosen_tokens)]
+        rejected_texts = [p + t for p, t in itertools.product(rejected_prefixes, rejected_tokens)]
+        return [PreferencePair(prompt, c, r)
+                for prompt in prompts for c, r in itertools.product(chosen_texts, rejected_texts)]

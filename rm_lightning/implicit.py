@@ -1,0 +1,153 @@
+"""IM-RM: r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), summed over response tokens."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from rm_lightning.backbones import cache_dir, load_backbone
+from rm_lightning.logprobs import response_token_logps, sum_per_row
+from rm_lightning.module import RewardModule
+from rm_lightning.pairs import EncodedPairs
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap hash of a model's weights (names, shapes and the first values of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)[:64].float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(flat.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ImplicitRM(RewardModule):
+    """Implicit reward model (the DPO reward).
+
+    The reference is the frozen initial model, so every reward is 0 before training. Because
+    the reference and the data are fixed, its response log-probs are computed once, in one
+    pass before training, stored with each dataset and on disk (keyed by a hash of weights and
+    token ids), and reused every epoch; no reference model is held in memory during training.
+
+    Args:
+        beta: reward scale (the paper's 0.01).
+        reference: ``frozen`` (the paper's IM-RM) or ``none`` (ablation: r = beta * log pi).
+        cache_reference: precompute reference log-probs; ``False`` keeps a frozen copy of the
+            model and runs it on every batch (slower; used to check the cache).
+        reference_cache_dir: where cached reference log-probs live (default: the rm-lightning
+            cache dir, ``$RM_LIGHTNING_CACHE`` or ``~/.cache/rm_lightning``).
+        logprob_chunk_size: response tokens per LM-head chunk.
+    """
+
+    def __init__(self, beta: float = 0.01, reference: Literal["frozen", "none"] = "frozen",
+                 cache_reference: bool = True, reference_cache_dir: Optional[str] = None,
+                 logprob_chunk_size: int = 2048, **kwargs):
+        super().__init__(**kwargs)
+        self.beta, self.reference, self.cache_reference = beta, reference, cache_reference
+        self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_dir() / "reference_logps"
+        self.logprob_chunk_size = logprob_chunk_size
+        self._initial_fingerprint = weights_fingerprint(self.model) if reference == "frozen" else ""
+        self._reference_holder: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
+        if reference == "frozen" and not cache_reference:
+            self._reference_holder.append(self._frozen(copy.deepcopy(self.model)))
+
+    # --- rewards ---------------------------------------------------------------------------------
+
+    def response_logps(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor],
+                       model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Sum of response-token log-probs per row, [2B] float32."""
+        lm_head = (model or self.model).get_output_embeddings()
+        logps, rows = response_token_logps(lm_head, hidden_states, batch["input_ids"], batch["response_mask"],
+                                           self.logprob_chunk_size)
+        return sum_per_row(logps, rows, hidden_states.shape[0])
+
+    def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        policy = self.response_logps(hidden_states, batch)
+        if self.reference == "none":
+            return self.beta * policy
+        return self.beta * (policy - self.reference_logps(batch).to(policy.dtype))
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
+        reference = self.reference_model()
+        with torch.no_grad():
+            hidden = reference.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+            return self.response_logps(hidden, batch, model=reference)
+
+    def reference_model(self) -> torch.nn.Module:
+        """The frozen initial model, loaded only when a batch has no cached reference log-probs."""
+        if not self._reference_holder:
+            rank_zero_warn("IM-RM: a batch without cached reference log-probs; loading the reference model.")
+            self._reference_holder.append(self._frozen(load_backbone(self.hparams.backbone)[0]))
+        reference = self._reference_holder[0]
+        if reference.device != self.device:
+            reference.to(self.device)
+        return reference
+
+    @staticmethod
+    def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    # --- the reference cache --------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.reference == "frozen" and self.cache_reference and hasattr(datamodule, "encoded_sets"):
+            for dataset in datamodule.encoded_sets().values():
+                self.attach_reference_logps(dataset)
+
+    def attach_reference_logps(self, dataset: EncodedPairs, batch_size: int = 16) -> None:
+        """Give every pair of ``dataset`` its reference log-probs, from disk or in one pass."""
+        if not len(dataset) or all(p.reference_logps is not None for p in dataset.pairs):
+            return
+        precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true"))
+        key = hashlib.sha256(f"{self._initial_fingerprint}|{dataset.fingerprint()}|{precision}".encode()).hexdigest()
+        path = self.reference_cache_dir / f"{key[:32]}.pt"
+        if path.is_file():
+            values = torch.load(path)
+            rank_zero_info(f"IM-RM: reference log-probs of '{dataset.name}' read from {path}")
+        else:
+            values = self._reference_pass(dataset, batch_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(values, staging)
+            os.replace(staging, path)
+        for pair, (chosen, rejected) in zip(dataset.pairs, values.tolist()):
+            pair.reference_logps = (chosen, rejected)
+
+    @torch.no_grad()
+    def _reference_pass(self, dataset: EncodedPairs, batch_size: int) -> torch.Tensor:
+        pristine = weights_fingerprint(self.model) == self._initial_fingerprint
+        model = self.model if pristine else self.reference_model()
+        trainer = getattr(self, "_trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        context = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+        was_training, original_device = model.training, next(model.parameters()).device
+        model.eval().to(device)
+        collate = self.collator()
+        loader = DataLoader(dataset.pairs, batch_size=batch_size, collate_fn=collate)
+        values = []
+        show = trainer is None or trainer.is_global_zero
+        for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
+            with context:
+                hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+                chosen, rejected = self.response_logps(hidden, batch, model=model).double().cpu().chunk(2)
+            values.append(torch.stack([chosen, rejected], dim=1))
+        model.train(was_training).to(original_device)
+        return torch.cat(values)

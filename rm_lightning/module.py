@@ -1,0 +1,185 @@
+"""``RewardModule``: everything the RM types share, so a new type only says how rewards are computed."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import CatMetric, MeanMetric
+
+from rm_lightning.backbones import load_backbone
+from rm_lightning.loss import bradley_terry_loss
+from rm_lightning.metrics import NormalizedRewardMargin, PairwiseAccuracy
+from rm_lightning.pairs import PairCollator, PairEncoder, chat_formatter
+
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def adam_1e5(params: Iterable) -> torch.optim.Optimizer:
+    """Default optimizer: Adam at lr 1e-5 (fast on 135M models; the paper used 1e-6 on 1B ones)."""
+    return torch.optim.Adam(params, lr=1e-5)
+
+
+class EvalSetMetrics(nn.Module):
+    """The metrics of one named eval set; states are sums or concatenations, reduced across ranks."""
+
+    def __init__(self):
+        super().__init__()
+        self.accuracy = PairwiseAccuracy()
+        self.normalized_margin = NormalizedRewardMargin()
+        self.chosen_reward, self.rejected_reward, self.loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.margins = CatMetric()
+
+    def update(self, chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor) -> None:
+        self.accuracy.update(chosen, rejected)
+        self.normalized_margin.update(chosen, rejected)
+        self.chosen_reward.update(chosen.detach().float())
+        self.rejected_reward.update(rejected.detach().float())
+        self.loss.update(loss.detach().float(), weight=chosen.numel())
+        self.margins.update((chosen - rejected).detach().float())
+
+    def compute_and_reset(self) -> dict[str, torch.Tensor]:
+        values = {
+            "accuracy": self.accuracy.compute(), "normalized_margin": self.normalized_margin.compute(),
+            "chosen_reward": self.chosen_reward.compute(), "rejected_reward": self.rejected_reward.compute(),
+            "loss": self.loss.compute(),
+        }
+        margins = self.margins.compute()
+        values["margin"] = margins.mean() if margins.numel() else torch.tensor(float("nan"))
+        values["margins"] = margins.reshape(-1)
+        for metric in self.children():
+            metric.reset()
+        return values
+
+
+class RewardModule(L.LightningModule):
+    """A reward model on a causal-LM backbone, trained with the Bradley-Terry loss.
+
+    Chosen and rejected responses go through the backbone in one concatenated forward
+    (rows 0..B-1 chosen, B..2B-1 rejected). Subclasses implement ``compute_rewards`` and may
+    override ``format_texts`` (how a prompt and response become text) or ``pair_loss``.
+
+    Args:
+        backbone: hub id, local directory, ``smollm2-135m-instruct`` or ``tiny-llama[-chat]``.
+        optimizer: called with the parameters; from YAML, e.g. ``class_path: torch.optim.Adam``.
+        lr_scheduler: optional, called with the optimizer; stepped every optimizer step.
+        padding_side: side of padding in batches; rewards do not depend on it.
+        activation_checkpointing: recompute decoder layers in backward to save memory.
+    """
+
+    def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
+                 lr_scheduler: Optional[SchedulerFactory] = None, padding_side: str = "right",
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model, self.tokenizer = load_backbone(backbone)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.train_accuracy = PairwiseAccuracy()
+        self.eval_metrics = nn.ModuleDict()
+        self.eval_set_names: list[str] = []
+        self.last_eval: dict[str, dict[str, torch.Tensor]] = {}
+        if activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # --- what a subclass implements -----------------------------------------------------------
+
+    def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rewards [2B] from the final hidden states [2B, T, H] of the concatenated batch."""
+        raise NotImplementedError
+
+    def format_texts(self, prompt: str, response: str) -> tuple[str, str]:
+        """(prompt, response) -> (prefix, response suffix); the chat template by default."""
+        if not hasattr(self, "_chat_formatter"):
+            self._chat_formatter = chat_formatter(self.tokenizer)
+        return self._chat_formatter(prompt, response)
+
+    def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, chosen rewards, rejected rewards) of a batch; the Bradley-Terry loss by default."""
+        chosen, rejected = self.rewards(batch).chunk(2)
+        return bradley_terry_loss(chosen, rejected), chosen, rejected
+
+    # --- shared machinery ---------------------------------------------------------------------
+
+    def pair_encoder(self, max_prompt_tokens: int | None = 512, max_response_tokens: int | None = 512,
+                     truncate: bool = False) -> PairEncoder:
+        return PairEncoder(self.tokenizer, self.format_texts, max_prompt_tokens, max_response_tokens, truncate)
+
+    def collator(self) -> PairCollator:
+        return PairCollator(self.tokenizer.pad_token_id, self.hparams.padding_side)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer without its LM head (e.g. ``LlamaModel``), so no vocab logits are computed."""
+        return self.model.base_model
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], use_cache=False)
+        return out.last_hidden_state
+
+    def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.compute_rewards(self.hidden_states(batch), batch)
+
+    def configure_eval_sets(self, names: list[str]) -> None:
+        """Create one metric group per named eval set (called from ``setup`` with the datamodule's names)."""
+        self.eval_set_names = list(names)
+        for name in names:
+            if name not in self.eval_metrics:
+                self.eval_metrics[name] = EvalSetMetrics().to(self.device)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "eval_set_names", None) or self.eval_set_names or ["eval"]
+        self.configure_eval_sets(names)
+
+    def training_step(self, batch, batch_idx):
+        loss, chosen, rejected = self.pair_loss(batch)
+        self.train_accuracy(chosen, rejected)
+        size = chosen.numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/accuracy", self.train_accuracy, prog_bar=True, batch_size=size)
+        self.log_dict({
+            "train/chosen_reward": chosen.detach().float().mean(),
+            "train/rejected_reward": rejected.detach().float().mean(),
+            "train/margin": (chosen - rejected).detach().float().mean(),
+        }, batch_size=size)
+        return loss
+
+    def _eval_step(self, batch, dataloader_idx: int) -> None:
+        loss, chosen, rejected = self.pair_loss(batch)
+        self.eval_metrics[self.eval_set_names[dataloader_idx]].update(chosen, rejected, loss)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, dataloader_idx)
+
+    def _log_eval_sets(self, prefix: str) -> None:
+        self.last_eval = {}
+        for name in self.eval_set_names:
+            metrics = self.eval_metrics[name]
+            if metrics.accuracy.total == 0 and not self.trainer.world_size > 1:
+                continue
+            values = metrics.compute_and_reset()
+            self.last_eval[name] = values
+            for key, value in values.items():
+                if key != "margins":
+                    self.log(f"{prefix}/{name}/{key}", value.float(), add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_sets("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_sets("test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
