@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -40,8 +41,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rm_lightning")).expanduser()
 
 
-def load_backbone(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) for a backbone name; see the module docstring for the names."""
+def load_backbone(name: str, dtype: torch.dtype = torch.float32,
+                  extra_tokens: Sequence[str] = ()) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for a backbone name; see the module docstring for the names.
+
+    ``extra_tokens`` are added as special tokens and the embeddings resized; new rows start at
+    the mean embedding, so a policy and a reference loaded alike agree exactly.
+    """
     if name in TINY_BACKBONES:
         model, tokenizer = TINY_BACKBONES[name]()
     elif name == BUNDLED_MODEL:
@@ -49,6 +55,12 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTra
     else:
         model, tokenizer = _load_pretrained(name, dtype)
     _ensure_pad_token(tokenizer, model)
+    if extra_tokens:
+        tokenizer.add_tokens(list(extra_tokens), special_tokens=True)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer
 
 

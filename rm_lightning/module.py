@@ -68,14 +68,16 @@ class RewardModule(L.LightningModule):
         lr_scheduler: optional, called with the optimizer; stepped every optimizer step.
         padding_side: side of padding in batches; rewards do not depend on it.
         activation_checkpointing: recompute decoder layers in backward to save memory.
+        extra_tokens: tokens to add to the tokenizer (embeddings resized), e.g. ``<sep>``.
     """
 
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
                  lr_scheduler: Optional[SchedulerFactory] = None, padding_side: str = "right",
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, extra_tokens: list[str] = []):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model, self.tokenizer = load_backbone(backbone)
+        self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.train_accuracy = PairwiseAccuracy()
         self.eval_metrics = nn.ModuleDict()
