@@ -14,20 +14,36 @@ from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory
 from rm_lightning.errors import RMLightningError
 from rm_lightning.module import RewardModule
+from rm_lightning.results import ResultsWriter
 
 
 class RewardCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MarginHistory, "margin_history")
+        parser.add_lightning_class_args(ResultsWriter, "results")
 
 
 def main(args: list[str] | None = None) -> RewardCLI | None:
     try:
         return RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          save_config_kwargs={"overwrite": True}, args=args)
-    except RMLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _user_error(err: BaseException) -> RMLightningError | None:
+    """The bad-input error behind ``err``, if any (jsonargparse wraps errors raised in __init__)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, RMLightningError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -148,11 +148,11 @@ def ensure_bundled_model_cached(verbose: bool = True) -> Path:
 
 
 def byte_level_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerBase:
-    """A 260-token byte-level tokenizer built in memory: no files, no network."""
+    """A 262-token byte-level tokenizer built in memory: no files, no network."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {char: i for i, char in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # a set: sort
     specials = ["<pad>", "<bos>", "<eos>", "<|end|>"]
     vocab = {**byte_vocab, **{tok: len(byte_vocab) + i for i, tok in enumerate(specials)}}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -162,6 +162,7 @@ def byte_level_tokenizer(chat_template: str | None = None) -> PreTrainedTokenize
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         additional_special_tokens=["<|end|>"],
     )
+    tokenizer.add_tokens(["Yes", "No"])  # whole words, so EX-GRM's answer tokens exist in tests
     tokenizer.chat_template = chat_template
     return tokenizer
 

@@ -135,7 +135,8 @@ class ImplicitRM(RewardModule):
         model = self.model if pristine else self.reference_model()
         trainer = getattr(self, "_trainer", None)
         device = trainer.strategy.root_device if trainer is not None else self.device
-        context = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+        # a factory, entered once per batch: the precision plugin's autocast contexts are single-use
+        context = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
         was_training, original_device = model.training, next(model.parameters()).device
         model.eval().to(device)
         collate = self.collator()
@@ -144,7 +145,7 @@ class ImplicitRM(RewardModule):
         show = trainer is None or trainer.is_global_zero
         for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
             batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
-            with context:
+            with context():
                 hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                           position_ids=batch["position_ids"], use_cache=False).last_hidden_state
                 chosen, rejected = self.response_logps(hidden, batch, model=model).double().cpu().chunk(2)

@@ -12,7 +12,8 @@ from torchmetrics import CatMetric, MeanMetric
 from rm_lightning.backbones import load_backbone
 from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.metrics import NormalizedRewardMargin, PairwiseAccuracy
-from rm_lightning.pairs import PairCollator, PairEncoder, chat_formatter
+from rm_lightning.pairs import LengthBucketSampler, PairCollator, PairEncoder, chat_formatter
+from rm_lightning.sharding import shard_reward_module
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -21,6 +22,16 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 def adam_1e5(params: Iterable) -> torch.optim.Optimizer:
     """Default optimizer: Adam at lr 1e-5 (fast on 135M models; the paper used 1e-6 on 1B ones)."""
     return torch.optim.Adam(params, lr=1e-5)
+
+
+def is_repeated_batch(sampler, step: int) -> bool:
+    """Whether this rank's ``step``-th batch is a copy of an earlier one, which ``LengthBucketSampler``
+    deals round-robin after the real batches so that all ranks take equal steps. Eval leaves such
+    copies out of the metrics, so every pair counts once, as in a 1-process run."""
+    if not isinstance(sampler, LengthBucketSampler) or sampler.num_replicas == 1:
+        return False
+    real_batches = -(-len(sampler.lengths) // sampler.batch_size)
+    return step * sampler.num_replicas + sampler.rank >= real_batches
 
 
 class EvalSetMetrics(nn.Module):
@@ -79,7 +90,7 @@ class RewardModule(L.LightningModule):
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.train_accuracy = PairwiseAccuracy()
+        self.train_accuracy = PairwiseAccuracy(dist_sync_on_step=True)  # the global batch's accuracy
         self.eval_metrics = nn.ModuleDict()
         self.eval_set_names: list[str] = []
         self.last_eval: dict[str, dict[str, torch.Tensor]] = {}
@@ -137,28 +148,42 @@ class RewardModule(L.LightningModule):
         names = getattr(datamodule, "eval_set_names", None) or self.eval_set_names or ["eval"]
         self.configure_eval_sets(names)
 
+    def configure_model(self) -> None:
+        """Shard with FSDP2 when the strategy supplies a device mesh (``ModelParallelStrategy``); else nothing."""
+        if self.device_mesh is not None:
+            shard_reward_module(self, self.device_mesh)
+
     def training_step(self, batch, batch_idx):
         loss, chosen, rejected = self.pair_loss(batch)
         self.train_accuracy(chosen, rejected)
         size = chosen.numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks
         self.log("train/accuracy", self.train_accuracy, prog_bar=True, batch_size=size)
         self.log_dict({
             "train/chosen_reward": chosen.detach().float().mean(),
             "train/rejected_reward": rejected.detach().float().mean(),
             "train/margin": (chosen - rejected).detach().float().mean(),
-        }, batch_size=size)
+        }, batch_size=size, sync_dist=True)
         return loss
 
-    def _eval_step(self, batch, dataloader_idx: int) -> None:
-        loss, chosen, rejected = self.pair_loss(batch)
-        self.eval_metrics[self.eval_set_names[dataloader_idx]].update(chosen, rejected, loss)
+    def _eval_step(self, batch, batch_idx: int, dataloader_idx: int) -> None:
+        loss, chosen, rejected = self.pair_loss(batch)  # every rank runs every step: FSDP gathers collectively
+        if not self._is_repeated_batch(batch_idx, dataloader_idx):
+            self.eval_metrics[self.eval_set_names[dataloader_idx]].update(chosen, rejected, loss)
+
+    def _is_repeated_batch(self, batch_idx: int, dataloader_idx: int) -> bool:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return False
+        loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        return is_repeated_batch(getattr(loaders[dataloader_idx], "sampler", None), batch_idx)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(batch, batch_idx, dataloader_idx)
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        self._eval_step(batch, dataloader_idx)
+        self._eval_step(batch, batch_idx, dataloader_idx)
 
     def _log_eval_sets(self, prefix: str) -> None:
         self.last_eval = {}

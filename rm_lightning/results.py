@@ -1,0 +1,180 @@
+"""``results.json``: one machine-readable record per run, the unit that sweeps and reports work on.
+
+A run is "done" only when this file exists with ``"status": "finished"``; sweeps use that to
+skip finished runs and restart interrupted ones, and ``rm_lightning.report`` aggregates these
+files into the paper's tables and win rates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import yaml
+from lightning.pytorch.utilities import rank_zero_only
+
+from rm_lightning.callbacks.margin_history import EVAL_KEYS, run_dir
+
+RESULTS_FILENAME = "results.json"
+FORMAT_VERSION = 1
+VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "rm-lightning")
+
+
+class ResultsWriter(L.Callback):
+    """Write ``results.json`` at the end of ``fit`` and after ``test``.
+
+    The metrics are the module's ``last_eval`` (the last evaluation that ran); nothing extra is
+    evaluated, so the file says where they come from (``eval_source``, ``eval_step``): if the
+    last validation ran before the final step, ``eval_step < global_step`` shows it. An
+    interrupted or crashed fit never reaches ``on_fit_end``, so it leaves no finished file.
+
+    Args:
+        dirpath: where to write; default: the run directory (the logger's version directory).
+        filename: file name, ``results.json`` by default.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, filename: str = RESULTS_FILENAME):
+        self.dirpath, self.filename = dirpath, filename
+        self._started = time.monotonic()
+        self._eval_source, self._eval_step = None, None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._started = time.monotonic()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._eval_source = "sanity_check" if trainer.sanity_checking else "validation"
+        self._eval_step = trainer.global_step
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._eval_source, self._eval_step = "test", trainer.global_step
+        self.write(trainer, pl_module, stage="test")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module, stage="fit")
+
+    def path(self, trainer) -> Path:
+        return Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
+
+    @rank_zero_only
+    def write(self, trainer, pl_module, stage: str) -> None:
+        write_json_atomically(self.path(trainer), self.record(trainer, pl_module, stage))
+
+    def record(self, trainer, pl_module, stage: str) -> dict[str, Any]:
+        config, config_files = resolved_config(trainer, pl_module)
+        datamodule = getattr(trainer, "datamodule", None)
+        tags = getattr(datamodule, "eval_set_tags", {}) or {}
+        return {
+            "format_version": FORMAT_VERSION,
+            "status": "finished",
+            "stage": stage,
+            "rm_type": type(pl_module).__name__,
+            "rm_class_path": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "backbone": pl_module.hparams.get("backbone"),
+            "datamodule": type(datamodule).__name__ if datamodule is not None else None,
+            "config_name": Path(config_files[0]).stem if config_files else None,
+            "config_files": config_files,
+            "seed": global_seed(),
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "eval_source": self._eval_source,
+            "eval_step": self._eval_step,
+            "eval_sets": eval_set_metrics(getattr(pl_module, "last_eval", {}), tags),
+            "wall_time_s": round(time.monotonic() - self._started, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_dir": str(self.path(trainer).parent.resolve()),
+            "versions": package_versions(),
+            "config": config,
+        }
+
+
+def eval_set_metrics(last_eval: dict[str, dict], tags: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Plain floats per eval set (NaN becomes null, so the file stays strict JSON)."""
+    sets = {}
+    for name, values in last_eval.items():
+        entry: dict[str, Any] = {"shift_tag": tags.get(name)}
+        margins = values.get("margins")
+        entry["num_pairs"] = int(margins.numel()) if margins is not None else None
+        for key in EVAL_KEYS:
+            if key in values:
+                entry[key] = finite_or_none(float(values[key]))
+        sets[name] = entry
+    return sets
+
+
+def finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def global_seed() -> Optional[int]:
+    """The seed given to ``seed_everything`` (LightningCLI's ``seed_everything`` sets it)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed not in (None, "") else None
+
+
+def resolved_config(trainer, pl_module) -> tuple[dict[str, Any], list[str]]:
+    """(the full config, the config files given), best source first.
+
+    Under LightningCLI its SaveConfigCallback holds the parsed config; otherwise the
+    ``config.yaml`` it wrote to the run directory; otherwise the module's and data's hparams.
+    """
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            config = yaml.safe_load(callback.parser.dump(callback.config, skip_none=False))
+            files = [os.path.abspath(str(p)) for p in (callback.config.get("config") or [])]
+            return config, files
+    saved = run_dir(trainer) / "config.yaml"
+    if saved.is_file():
+        return yaml.safe_load(saved.read_text()) or {}, []
+    datamodule = getattr(trainer, "datamodule", None)
+    return {"model": _plain(dict(pl_module.hparams)),
+            "data": _plain(dict(getattr(datamodule, "hparams", {}) or {}))}, []
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: containers kept, anything else as its repr."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return repr(value)
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = _source_tree_version() if package == "rm-lightning" else None
+    return versions
+
+
+def _source_tree_version() -> Optional[str]:
+    """rm-lightning run from a checkout without ``pip install``: the version in pyproject.toml."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return None
+
+
+def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staging.write_text(json.dumps(_plain(record), indent=2, allow_nan=False) + "\n")
+    os.replace(staging, path)

@@ -1,0 +1,35 @@
+import pytest
+
+from rm_lightning import BackboneError
+from rm_lightning.backbones import load_backbone
+from rm_lightning.pairs import chat_formatter
+
+
+def test_tiny_backbone_is_deterministic_and_padded():
+    model_a, tokenizer = load_backbone("tiny-llama")
+    model_b, _ = load_backbone("tiny-llama")
+    assert tokenizer.pad_token_id is not None and model_a.config.pad_token_id == tokenizer.pad_token_id
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert a.equal(b), name
+
+
+def test_chat_template_used_when_present_plain_format_otherwise():
+    _, plain = load_backbone("tiny-llama")
+    assert chat_formatter(plain)("Hi?", "Yes") == ("User: Hi?\nAssistant:", " Yes")
+    _, chat = load_backbone("tiny-llama-chat")
+    prefix, suffix = chat_formatter(chat)("Hi?", "Yes")
+    assert prefix == "<|user|>\nHi?<|end|>\n<|assistant|>\n"
+    assert suffix == "Yes<|end|>\n"
+
+
+def test_extra_tokens_become_single_tokens():
+    model, tokenizer = load_backbone("tiny-llama", extra_tokens=["<sep>"])
+    assert len(tokenizer("<sep>", add_special_tokens=False)["input_ids"]) == 1
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+def test_unloadable_backbone_is_one_clear_line(tmp_path):
+    with pytest.raises(BackboneError) as error:
+        load_backbone(str(tmp_path / "no-such-model"))
+    message = str(error.value)
+    assert "\n" not in message and "local directory" in message

@@ -1,0 +1,79 @@
+"""The shipped configs run end to end (tiny model) and bad input ends in one clear line."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+from conftest import PROJECT_ROOT, tiny_override
+
+PERSONA_CONFIGS = ["configs/exrm_persona.yaml", "configs/imrm_persona.yaml", "configs/exgrm_persona.yaml"]
+
+
+def run_dir_of(root: Path) -> Path:
+    versions = sorted((root / "lightning_logs").glob("version_*"))
+    assert versions, f"no run directory under {root}"
+    return versions[-1]
+
+
+@pytest.mark.parametrize("config", PERSONA_CONFIGS)
+def test_shipped_persona_config_fits_and_leaves_artifacts(config, tmp_path):
+    override = tiny_override(tmp_path, max_steps=3, reference_cache_dir=tmp_path / "ref"
+                             if "imrm" in config else None)
+    cli.main(["fit", "--config", str(PROJECT_ROOT / config), "--config", str(override),
+              "--data.init_args.num_train", "12", "--data.init_args.num_test", "4",
+              "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null"])
+    run = run_dir_of(tmp_path)
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (run / "margin_history.png").stat().st_size > 1000
+    rows = list(csv.DictReader(open(run / "margin_history.csv")))
+    sets = {row["set"] for row in rows}
+    assert {"train", "original_test_prompts", "paraphrased_test_prompts"} <= sets
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows if r["split"] == "val")
+
+
+def test_tensorboard_holds_margin_scalars_and_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    override = tiny_override(tmp_path, max_steps=2)
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
+              "--data.init_args.num_train", "8", "--data.init_args.num_test", "4"])
+    events = EventAccumulator(str(run_dir_of(tmp_path)), size_guidance={"histograms": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for name in ["train/chosen_reward", "train/rejected_reward", "train/margin",
+                 "val/paraphrased_test_prompts/accuracy", "val/paraphrased_test_prompts/normalized_margin",
+                 "val/original_test_prompts/chosen_reward"]:
+        assert name in scalars
+    assert "val/paraphrased_test_prompts/margins" in events.Tags()["histograms"]
+
+
+def run_cli(*args: str, cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_bad_inputs_end_in_one_clear_line(tmp_path):
+    override = tiny_override(tmp_path)
+    base = ["fit", "--config", "configs/exrm_persona.yaml", "--config", str(override)]
+    missing = error_line(run_cli(*base, "--data.init_args.source", "anthropic",
+                                 "--data.init_args.path", str(tmp_path / "nope.jsonl")))
+    assert "data file not found" in missing and "nope.jsonl" in missing
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "q", "answer_matching_behavior": " Yes"}\n[1, 2]\n')
+    assert "broken.jsonl:2" in error_line(run_cli(*base, "--data.init_args.source", "anthropic",
+                                                  "--data.init_args.path", str(broken)))
+    backbone = error_line(run_cli(*base, "--model.init_args.backbone", str(tmp_path / "no-model")))
+    assert "cannot load backbone" in backbone
+    unknown_source = run_cli(*base, "--data.init_args.source", "wikipedia")
+    assert unknown_source.returncode != 0 and "source" in unknown_source.stderr
+    assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.csv"))

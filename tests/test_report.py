@@ -1,0 +1,151 @@
+"""Report arithmetic on hand-written results.json files: means, win rates, ties, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from rm_lightning.errors import RMLightningError
+from rm_lightning.report import (collect, compare, main, mean_rows, overall_win_rates, pairwise_win_rates,
+                                 write_report)
+
+
+def write_result(root: Path, rm_type: str, seed: int, eval_sets: dict[str, tuple[str, float, float]],
+                 config: str = "persona", backbone: str = "tiny", status: str = "finished") -> Path:
+    """eval_sets: name -> (shift tag, accuracy, normalized margin)."""
+    path = root / config / rm_type / backbone / f"seed{seed}" / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({
+        "status": status, "rm_type": rm_type, "backbone": backbone, "config_name": config, "seed": seed,
+        "global_step": 10,
+        "eval_sets": {name: {"shift_tag": tag, "accuracy": acc, "normalized_margin": margin, "loss": 0.5}
+                      for name, (tag, acc, margin) in eval_sets.items()},
+    }))
+    return path
+
+
+def row(rows: list[dict], **match) -> dict:
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, rows)
+    return found[0]
+
+
+@pytest.fixture()
+def two_types(tmp_path: Path) -> Path:
+    """EX vs IM over two seeds; token-shift accuracies chosen to hit every win/tie case."""
+    write_result(tmp_path, "ExplicitRM", 0, {"orig": ("in_distribution", 1.0, 2.0), "para": ("token_shift", 0.80, 1.0)})
+    write_result(tmp_path, "ImplicitRM", 0, {"orig": ("in_distribution", 0.9, 1.0), "para": ("token_shift", 0.60, 0.5)})
+    write_result(tmp_path, "ExplicitRM", 1, {"orig": ("in_distribution", 0.8, 3.0), "para": ("token_shift", 0.75, 0.0)})
+    write_result(tmp_path, "ImplicitRM", 1, {"orig": ("in_distribution", 0.6, 2.0), "para": ("token_shift", 0.76, 1.5)})
+    return tmp_path
+
+
+def test_means_per_rm_type_and_shift_tag(two_types):
+    means = mean_rows(collect(two_types))
+    ex_id = row(means, rm_type="ExplicitRM", shift_tag="in_distribution")
+    assert ex_id["evaluations"] == 2
+    assert ex_id["mean_accuracy"] == pytest.approx(0.9)
+    assert ex_id["mean_normalized_margin"] == pytest.approx(2.5)
+    im_ts = row(means, rm_type="ImplicitRM", shift_tag="token_shift")
+    assert im_ts["mean_accuracy"] == pytest.approx(0.68)
+    assert im_ts["mean_normalized_margin"] == pytest.approx(1.0)
+    assert im_ts["sd_accuracy"] == pytest.approx(0.1131371, abs=1e-6)
+    assert [r["shift_tag"] for r in means[:2]] == ["in_distribution", "token_shift"]
+
+
+def test_ties_within_one_point_inclusive():
+    assert compare(0.76, 0.75, 1.0) == 0  # exactly 1 pp, despite 0.76 - 0.75 > 0.01 in floating point
+    assert compare(0.50, 0.51, 1.0) == 0
+    assert compare(0.29, 0.30, 1.0) == 0
+    assert compare(0.7601, 0.75, 1.0) == 1
+    assert compare(0.50, 0.5101, 1.0) == -1
+    assert compare(0.50, 0.505, 0.0) == -1
+    assert compare(0.50, 0.50, 0.0) == 0
+
+
+def test_two_type_win_rates(two_types):
+    collection = collect(two_types)
+    pairwise = pairwise_win_rates(collection)
+    in_dist = row(pairwise, shift_tag="in_distribution")
+    assert (in_dist["rm_type_a"], in_dist["rm_type_b"], in_dist["evaluations"]) == ("ExplicitRM", "ImplicitRM", 2)
+    assert (in_dist["a_win_rate"], in_dist["b_win_rate"], in_dist["tie_rate"]) == (1.0, 0.0, 0.0)
+    token = row(pairwise, shift_tag="token_shift")
+    assert (token["a_win_rate"], token["b_win_rate"], token["tie_rate"]) == (0.5, 0.0, 0.5)  # 0.75 vs 0.76 ties
+    overall = row(overall_win_rates(collection), shift_tag="token_shift")
+    assert overall["win_rates"] == {"ExplicitRM": 0.5, "ImplicitRM": 0.0} and overall["tie_rate"] == 0.5
+
+
+def test_three_rm_types_pairwise_and_outright_wins(tmp_path):
+    # eval a: A 0.9, B 0.5, C 0.895 -> A and C tie for best; eval b: C best by 5 pp; eval c: only A and B ran.
+    write_result(tmp_path, "A", 0, {"a": ("domain_shift", 0.9, 1.0), "b": ("domain_shift", 0.6, 1.0)})
+    write_result(tmp_path, "B", 0, {"a": ("domain_shift", 0.5, 1.0), "b": ("domain_shift", 0.7, 1.0)})
+    write_result(tmp_path, "C", 0, {"a": ("domain_shift", 0.895, 1.0), "b": ("domain_shift", 0.75, 1.0)})
+    write_result(tmp_path, "A", 1, {"a": ("domain_shift", 0.4, 1.0)})
+    write_result(tmp_path, "B", 1, {"a": ("domain_shift", 0.3, 1.0)})
+    collection = collect(tmp_path)
+    assert collection.rm_types == ["A", "B", "C"]
+    pairwise = pairwise_win_rates(collection)
+    assert len(pairwise) == 3
+    ab = row(pairwise, rm_type_a="A", rm_type_b="B")
+    assert ab["evaluations"] == 3 and ab["a_win_rate"] == pytest.approx(2 / 3) and ab["b_win_rate"] == pytest.approx(1 / 3)
+    ac = row(pairwise, rm_type_a="A", rm_type_b="C")
+    assert (ac["evaluations"], ac["a_win_rate"], ac["b_win_rate"], ac["tie_rate"]) == (2, 0.0, 0.5, 0.5)
+    overall = row(overall_win_rates(collection), shift_tag="domain_shift")
+    assert overall["evaluations"] == 2  # the evaluation without C is not shared by every type
+    assert overall["win_rates"] == {"A": 0.0, "B": 0.0, "C": 0.5} and overall["tie_rate"] == 0.5
+
+
+def test_report_files(two_types, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    paths = write_report(collect(two_types), out, title="demo")
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "win_rates.csv", "runs.csv", "report.png"}
+    summary = list(csv.DictReader(paths["summary_csv"].open()))
+    ex_token = row(summary, rm_type="ExplicitRM", shift_tag="token_shift")
+    assert float(ex_token["mean_accuracy"]) == pytest.approx(0.775)
+    assert float(ex_token["win_rate"]) == 0.5 and float(ex_token["tie_rate"]) == 0.5
+    assert len(list(csv.DictReader(paths["runs_csv"].open()))) == 8
+    text = paths["markdown"].read_text()
+    assert "| ExplicitRM | 0.900 / 2.500 (2) | 0.775 / 0.500 (2) |" in text
+    assert "| token_shift | 2 | 50.0% | 0.0% | 50.0% |" in text
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unfinished_runs_are_left_out_and_listed(two_types):
+    partial = write_result(two_types, "ImplicitRM", 2, {"orig": ("in_distribution", 0.0, 0.0)}, status="running")
+    collection = collect(two_types)
+    assert collection.unfinished == [partial]
+    assert len(collection.evaluations) == 8
+
+
+def test_malformed_json_names_the_file(two_types):
+    bad = two_types / "persona" / "ExplicitRM" / "tiny" / "seed0" / "results.json"
+    bad.write_text('{"status": "finished", ')
+    with pytest.raises(RMLightningError, match=str(bad)):
+        collect(two_types)
+
+
+def test_missing_field_names_file_and_field(two_types):
+    bad = two_types / "persona" / "ImplicitRM" / "tiny" / "seed1" / "results.json"
+    record = json.loads(bad.read_text())
+    record["eval_sets"]["para"]["accuracy"] = "high"
+    bad.write_text(json.dumps(record))
+    with pytest.raises(RMLightningError, match=rf"{bad}: eval_sets\.para\.accuracy"):
+        collect(two_types)
+
+
+def test_duplicate_evaluations_are_an_error(two_types):
+    write_result(two_types / "again", "ExplicitRM", 0, {"orig": ("in_distribution", 1.0, 2.0)})
+    with pytest.raises(RMLightningError, match="both hold ExplicitRM"):
+        collect(two_types)
+
+
+def test_command_line(two_types, tmp_path_factory, capsys):
+    out = tmp_path_factory.mktemp("cli")
+    assert main([str(two_types), "--out", str(out)]) == 0
+    assert "## Win rates" in capsys.readouterr().out
+    empty = tmp_path_factory.mktemp("empty")
+    assert main([str(empty)]) == 2
+    assert f"no results.json found below {empty}" in capsys.readouterr().err

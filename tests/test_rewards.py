@@ -1,0 +1,140 @@
+"""Each RM type's rewards equal a direct recomputation from the model's own outputs."""
+
+import copy
+
+import pytest
+import torch
+
+from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair
+from rm_lightning.pairs import EncodedPairs
+
+PAIRS = [
+    PreferencePair("Is the sky blue?", "Yes, on a clear day.", "No"),
+    PreferencePair("Name a prime number larger than ten, please.", "Eleven", "Twelve is a prime number for sure."),
+    PreferencePair("Hi", "Hello! How can I help you today?", "Go away."),
+]
+
+
+def encoded(module, pairs=PAIRS):
+    return module.pair_encoder().encode_all(pairs)[0]
+
+
+def batch_of(module, pairs, padding_side="right"):
+    module.hparams.padding_side = padding_side
+    return module.collator()(encoded(module, pairs))
+
+
+def perturb(module, seed=0):
+    """Move the policy away from its initial weights, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+def full_sequence(module, pair: PreferencePair, response: str):
+    prefix, suffix = module.format_texts(pair.prompt, response)
+    ids, start = module.pair_encoder()._tokenize(pair.prompt, response)
+    return torch.tensor([ids]), start
+
+
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-llama-chat"])
+def test_explicit_rm_is_head_on_last_hidden_state(backbone):
+    module = ExplicitRM(backbone=backbone).eval()
+    rewards = module.rewards(batch_of(module, PAIRS))
+    for index, pair in enumerate(PAIRS):
+        for side, response in ((0, pair.chosen), (1, pair.rejected)):
+            ids, _ = full_sequence(module, pair, response)
+            hidden = module.model(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            expected = (hidden @ module.head.weight[0]).item()
+            assert rewards[side * len(PAIRS) + index].item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_explicit_rm_mean_response_pooling():
+    module = ExplicitRM(backbone="tiny-llama-chat", pooling="mean_response").eval()
+    rewards = module.rewards(batch_of(module, PAIRS[:1]))
+    ids, start = full_sequence(module, PAIRS[0], PAIRS[0].chosen)
+    hidden = module.model(ids, output_hidden_states=True).hidden_states[-1][0, start:].mean(0)
+    assert rewards[0].item() == pytest.approx((hidden @ module.head.weight[0]).item(), rel=1e-4, abs=1e-5)
+
+
+def direct_logp(model, ids, start):
+    logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+    targets = ids[0, 1:]
+    return logps[torch.arange(len(targets)), targets][start - 1:].sum().item()
+
+
+@pytest.mark.parametrize("cache_reference", [False, True])
+def test_implicit_rm_is_beta_times_log_ratio(cache_reference, tmp_path):
+    module = ImplicitRM(backbone="tiny-llama-chat", beta=0.1, cache_reference=cache_reference,
+                        reference_cache_dir=str(tmp_path)).eval()
+    reference = copy.deepcopy(module.model)
+    pairs = encoded(module)
+    if cache_reference:
+        module.attach_reference_logps(EncodedPairs("probe", pairs))
+    perturb(module)
+    rewards = module.rewards(module.collator()(pairs))
+    for index, pair in enumerate(PAIRS):
+        for side, response in ((0, pair.chosen), (1, pair.rejected)):
+            ids, start = full_sequence(module, pair, response)
+            expected = 0.1 * (direct_logp(module.model, ids, start) - direct_logp(reference, ids, start))
+            assert rewards[side * len(PAIRS) + index].item() == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def test_implicit_rm_without_reference_is_beta_log_pi():
+    module = ImplicitRM(backbone="tiny-llama", reference="none").eval()
+    rewards = module.rewards(batch_of(module, PAIRS[:1]))
+    ids, start = full_sequence(module, PAIRS[0], PAIRS[0].chosen)
+    assert rewards[0].item() == pytest.approx(0.01 * direct_logp(module.model, ids, start), rel=1e-4)
+
+
+def test_implicit_rm_rewards_are_exactly_zero_before_training(tmp_path):
+    live = ImplicitRM(backbone="tiny-llama-chat", cache_reference=False)
+    assert torch.equal(live.rewards(batch_of(live, PAIRS)), torch.zeros(2 * len(PAIRS)))
+    cached = ImplicitRM(backbone="tiny-llama-chat", reference_cache_dir=str(tmp_path))
+    dataset = EncodedPairs("probe", encoded(cached))
+    cached.attach_reference_logps(dataset)
+    assert torch.equal(cached.rewards(cached.collator()(dataset.pairs)), torch.zeros(2 * len(PAIRS)))
+
+
+def test_generative_rm_is_probability_of_yes():
+    module = ExplicitGenerativeRM(backbone="tiny-llama-chat").eval()
+    rewards = module.rewards(batch_of(module, PAIRS))
+    yes_id = module.tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+    for index, pair in enumerate(PAIRS):
+        ids, start = full_sequence(module, pair, pair.chosen)
+        assert start == ids.shape[1]  # the response lives inside the verification question
+        expected = torch.softmax(module.model(ids).logits[0, -1], dim=-1)[yes_id].item()
+        assert rewards[index].item() == pytest.approx(expected, rel=1e-4)
+    prefix, _ = module.format_texts("What is 2+2?", "4")
+    assert "Question: What is 2+2?\nAnswer: 4\nVerification: Is the answer correct (Yes/No)?" in prefix
+
+
+def test_generative_rm_cross_entropy_option():
+    module = ExplicitGenerativeRM(backbone="tiny-llama-chat", loss="yes_no_ce").eval()
+    batch = batch_of(module, PAIRS)
+    loss, chosen, _ = module.pair_loss(batch)
+    logps = module.answer_logprobs(module.hidden_states(batch), batch)
+    expected = -(logps[:3, 0].mean() + logps[3:, 1].mean()) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(chosen, logps[:3, 0].exp())
+
+
+@pytest.mark.parametrize("module_class", [ExplicitRM, ImplicitRM, ExplicitGenerativeRM])
+def test_rewards_ignore_padding_side_and_batch_composition(module_class, tmp_path):
+    kwargs = {"reference_cache_dir": str(tmp_path)} if module_class is ImplicitRM else {}
+    module = module_class(backbone="tiny-llama-chat", **kwargs).eval()
+    perturb(module, seed=1)
+    right = module.rewards(batch_of(module, PAIRS, "right"))
+    left = module.rewards(batch_of(module, PAIRS, "left"))
+    assert torch.allclose(right, left, rtol=1e-4, atol=1e-6)
+    for index in range(len(PAIRS)):
+        alone = module.rewards(batch_of(module, [PAIRS[index]]))
+        assert torch.allclose(alone, right[[index, index + len(PAIRS)]], rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_rm_never_computes_vocabulary_logits(monkeypatch):
+    module = ExplicitRM(backbone="tiny-llama-chat")
+    head = module.model.get_output_embeddings()
+    monkeypatch.setattr(head, "forward", lambda *_: pytest.fail("LM head was called"))
+    module.rewards(batch_of(module, PAIRS))

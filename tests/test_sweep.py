@@ -1,0 +1,179 @@
+"""Sweeps: grid files, run layout, resuming, failures, and one real tiny sweep end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rm_lightning.errors import RMLightningError
+from rm_lightning.report import collect
+from rm_lightning.sweep import DEFAULT_CLI, check_rm_types, command, is_finished, load_grid, main, plan_runs
+
+REPO = Path(__file__).resolve().parent.parent
+IMRM_CONFIG = REPO / "configs" / "imrm_persona.yaml"
+EXRM_CONFIG = REPO / "configs" / "exrm_persona.yaml"
+TINY_OVERRIDES = ["--trainer.max_epochs 1 --trainer.max_steps 2",
+                  "--data.init_args.num_train 4 --data.init_args.num_test 2 --data.init_args.batch_size 4",
+                  "--trainer.enable_progress_bar false --trainer.enable_model_summary false"]
+
+
+def write_grid(path: Path, **grid) -> Path:
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_grid_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(RMLightningError, match="grid file not found"):
+        load_grid(tmp_path / "missing.yaml")
+    base = dict(configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"], backbones=["tiny-llama"], seeds=[0])
+    cases = [({**base, "seeds": []}, "'seeds' must be a non-empty list"),
+             ({**base, "seeds": ["zero"]}, "'seeds' must be integers"),
+             ({**base, "backbone": ["x"]}, "unknown key"),
+             ({**base, "configs": ["nowhere.yaml"]}, "config 'nowhere.yaml' not found"),
+             ({**base, "rm_type_overrides": {"rm_lightning.ImplicitRM": ["--x 1"]}}, "not in 'rm_types'")]
+    for index, (grid, message) in enumerate(cases):
+        path = write_grid(tmp_path / f"grid{index}.yaml", **grid)
+        with pytest.raises(RMLightningError, match=message) as caught:
+            load_grid(path)
+        assert str(path) in str(caught.value)
+    bogus = load_grid(write_grid(tmp_path / "bogus.yaml", **{**base, "rm_types": ["rm_lightning.NoSuchRM"]}))
+    with pytest.raises(RMLightningError, match="'rm_lightning.NoSuchRM' is not an importable RewardModule"):
+        check_rm_types(bogus)
+
+
+def test_plan_layout_and_command(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)],
+                                rm_types=["rm_lightning.ExplicitRM", "rm_lightning.ImplicitRM"],
+                                backbones=["org/model-1B"], seeds=[3, 4], overrides=["--trainer.max_steps 2", 7],
+                                rm_type_overrides={"rm_lightning.ImplicitRM": ["--model.init_args.beta=0.1"]}))
+    assert grid.overrides == ["--trainer.max_steps", "2", "7"]
+    runs = plan_runs(grid, tmp_path / "out")
+    assert [r.name for r in runs] == ["exrm_persona/ExplicitRM/org__model-1B/seed3",
+                                      "exrm_persona/ImplicitRM/org__model-1B/seed3",
+                                      "exrm_persona/ExplicitRM/org__model-1B/seed4",
+                                      "exrm_persona/ImplicitRM/org__model-1B/seed4"]
+    assert runs[1].directory == tmp_path / "out" / "exrm_persona" / "ImplicitRM" / "org__model-1B" / "seed3"
+    arguments = command(runs[1], grid)
+    joined = " ".join(arguments)
+    assert "--model rm_lightning.ImplicitRM --model.init_args.backbone org/model-1B --seed_everything 3" in joined
+    assert "--trainer.max_steps 2 7 --model.init_args.beta=0.1" in joined
+    assert f"--results.dirpath {runs[1].directory}" in joined
+    assert "--model.init_args.beta=0.1" not in command(runs[0], grid)
+
+
+def test_finished_means_a_readable_finished_results_file(tmp_path):
+    assert not is_finished(tmp_path)
+    results = tmp_path / "results.json"
+    for text in ('{"status": "finished"', '["finished"]', '{"status": "running"}'):
+        results.write_text(text)
+        assert not is_finished(tmp_path)
+    results.write_text('{"status": "finished"}')
+    assert is_finished(tmp_path)
+
+
+def _print_config(capsys, monkeypatch, config: Path, rm_type: str) -> dict:
+    monkeypatch.setattr("sys.argv", ["cli.py"])
+    spec = importlib.util.spec_from_file_location("rm_cli_under_test", DEFAULT_CLI)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["fit", "--config", str(config), "--model", rm_type, "--model.init_args.backbone", "tiny-llama",
+                  "--print_config"])
+    assert exited.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)["model"]
+
+
+def test_switching_rm_type_drops_init_args_of_the_other_class(capsys, monkeypatch):
+    explicit = _print_config(capsys, monkeypatch, IMRM_CONFIG, "rm_lightning.ExplicitRM")
+    assert explicit["class_path"] == "rm_lightning.ExplicitRM"
+    assert "beta" not in explicit["init_args"] and explicit["init_args"]["pooling"] == "last"
+    assert explicit["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(1e-5)  # shared args survive
+    implicit = _print_config(capsys, monkeypatch, EXRM_CONFIG, "rm_lightning.ImplicitRM")
+    assert "pooling" not in implicit["init_args"] and implicit["init_args"]["beta"] == pytest.approx(0.01)
+
+
+def test_results_writer_after_fit_and_test_without_cli(tmp_path):
+    """Outside LightningCLI: no extra evaluation when fit validated nothing, and test overwrites."""
+    import lightning as L
+
+    from data_modules import PersonaDataModule
+    from rm_lightning import ExplicitRM
+    from rm_lightning.results import ResultsWriter
+
+    L.seed_everything(3, verbose=False)
+    module, data = ExplicitRM(backbone="tiny-llama-chat"), PersonaDataModule(num_train=4, num_test=2, batch_size=4)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[ResultsWriter()])
+    trainer.fit(module, datamodule=data)
+    after_fit = json.loads((tmp_path / "results.json").read_text())
+    assert (after_fit["status"], after_fit["stage"], after_fit["global_step"]) == ("finished", "fit", 1)
+    assert after_fit["eval_sets"] == {} and after_fit["eval_source"] is None
+    assert after_fit["seed"] == 3 and after_fit["config"]["model"]["backbone"] == "tiny-llama-chat"
+    assert set(after_fit["versions"]) == {"torch", "lightning", "transformers", "rm-lightning"}
+    trainer.test(module, datamodule=data, verbose=False)
+    after_test = json.loads((tmp_path / "results.json").read_text())
+    assert (after_test["stage"], after_test["eval_source"], after_test["eval_step"]) == ("test", "test", 1)
+    paraphrased = after_test["eval_sets"]["paraphrased_train_prompts"]
+    assert paraphrased["shift_tag"] == "token_shift" and paraphrased["num_pairs"] == 16
+    assert 0.0 <= paraphrased["accuracy"] <= 1.0 and set(paraphrased) >= {"normalized_margin", "loss", "margin"}
+
+
+CRASHING_MODULE = textwrap.dedent('''
+    from rm_lightning import ExplicitRM
+
+
+    class CrashingRM(ExplicitRM):
+        """A user-defined RM type whose training dies, as an out-of-memory error would."""
+
+        def on_train_start(self):
+            raise RuntimeError("boom: simulated crash")
+''')
+
+
+def test_tiny_sweep_resumes_and_survives_a_failing_run(tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_rms.py").write_text(CRASHING_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("RM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    grid = dict(configs=[str(IMRM_CONFIG)], backbones=["tiny-llama-chat"], seeds=[0], overrides=TINY_OVERRIDES,
+                rm_types=["rm_lightning.ExplicitRM", "rm_lightning.ImplicitRM", "user_rms.CrashingRM"])
+    grid_path = write_grid(tmp_path / "grid.yaml", **grid)
+
+    assert main([str(grid_path), "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    crashed_log = out / "imrm_persona" / "CrashingRM" / "tiny-llama-chat" / "seed0" / "run.log"
+    assert "2 finished, 0 skipped, 1 failed" in printed
+    assert f"log: {crashed_log}" in printed
+    assert "boom: simulated crash" in crashed_log.read_text()
+    run_dirs = {rm: out / "imrm_persona" / rm / "tiny-llama-chat" / "seed0" for rm in ("ExplicitRM", "ImplicitRM")}
+    for rm_type, directory in run_dirs.items():
+        record = json.loads((directory / "results.json").read_text())
+        assert (record["status"], record["rm_type"], record["backbone"]) == ("finished", rm_type, "tiny-llama-chat")
+        assert (record["seed"], record["config_name"], record["stage"]) == (0, "imrm_persona", "fit")
+        assert record["eval_sets"]["paraphrased_test_prompts"]["shift_tag"] == "token_shift"
+        assert record["config"]["model"]["class_path"] == f"rm_lightning.{rm_type}"
+        assert (directory / "config.yaml").is_file() and (directory / "run.log").is_file()
+
+    # An interrupted EX-RM run: its results.json is gone and a stale file is left in its directory.
+    (run_dirs["ExplicitRM"] / "results.json").unlink()
+    (run_dirs["ExplicitRM"] / "stale.txt").write_text("from the interrupted run")
+    implicit_results = (run_dirs["ImplicitRM"] / "results.json").read_text()
+    grid["rm_types"] = grid["rm_types"][:2]
+    assert main([str(write_grid(grid_path, **grid)), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 finished, 1 skipped, 0 failed" in printed
+    assert "skip      imrm_persona/ImplicitRM/tiny-llama-chat/seed0 (finished earlier)" in printed
+    assert not (run_dirs["ExplicitRM"] / "stale.txt").exists() and is_finished(run_dirs["ExplicitRM"])
+    assert (run_dirs["ImplicitRM"] / "results.json").read_text() == implicit_results
+
+    collection = collect(out)
+    assert collection.rm_types == ["ExplicitRM", "ImplicitRM"]
+    assert collection.shift_tags == ["in_distribution", "token_shift"]
+    assert len(collection.evaluations) == 8
