@@ -190,3 +190,4 @@ TINY_BACKBONES = {
     "tiny-llama": lambda: tiny_llama(chat=False),
     "tiny-llama-chat": lambda: tiny_llama(chat=True),
 }
+

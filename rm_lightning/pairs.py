@@ -46,7 +46,11 @@ def chat_formatter(tokenizer) -> TextFormatter:
     """(prompt, response) -> (templated prompt with generation prompt, response suffix).
 
     With a chat template the response is whatever follows the prompt text in the templated
-    conversation (so end-of-turn tokens belong to it); without one, a plain User:/Assistant: format.
+    conversation, so the end-of-turn token belongs to it, but not the whitespace some templates
+    put after it: that separates turns and is never generated. It matters for EX-RM, which reads
+    the last token: on SmolLM2 the hidden state at the trailing newline ranks paraphrased Persona
+    responses backwards under a linear probe, while the one at ``<|im_end|>`` ranks them right.
+    Without a chat template, a plain User:/Assistant: format.
     """
     if not getattr(tokenizer, "chat_template", None):
         return lambda prompt, response: (f"User: {prompt}\nAssistant:", f" {response}")
@@ -59,7 +63,7 @@ def chat_formatter(tokenizer) -> TextFormatter:
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(prefix):  # templates that rewrite earlier turns; fall back to appending
             return prefix, response
-        return prefix, full[len(prefix):]
+        return prefix, full[len(prefix):].rstrip()
 
     return format_with_template
 
