@@ -195,7 +195,8 @@ class RewardModule(L.LightningModule):
             self.last_eval[name] = values
             for key, value in values.items():
                 if key != "margins":
-                    self.log(f"{prefix}/{name}/{key}", value.float(), add_dataloader_idx=False)
+                    # already reduced over ranks by the metric; sync_dist states that (a no-op mean)
+                    self.log(f"{prefix}/{name}/{key}", value.float(), add_dataloader_idx=False, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_sets("val")

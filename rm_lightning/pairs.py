@@ -83,6 +83,9 @@ class PairEncoder:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
         self.truncate = truncate
+        for name, limit in (("max_prompt_tokens", max_prompt_tokens), ("max_response_tokens", max_response_tokens)):
+            if limit is not None and limit < 1:
+                raise DataError(f"{name} must be a positive number of tokens or null, got {limit}")
         # Prefixes get BOS only when no chat template supplies its own special tokens.
         self._prefix_special = not getattr(tokenizer, "chat_template", None)
 
@@ -115,6 +118,12 @@ class PairEncoder:
         return PreferencePair(prompt, chosen, rejected)
 
     def _cap(self, text: str, limit: int | None, keep_end: bool) -> str | None:
+        """``text`` within ``limit`` tokens, or None when the pair must go.
+
+        Truncation cuts on token boundaries; a cut inside a multi-byte character can re-encode
+        longer, so the cut moves until the decoded text fits. A text that would be left blank
+        is not kept: an empty response is no response.
+        """
         if limit is None:
             return text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -122,8 +131,11 @@ class PairEncoder:
             return text
         if not self.truncate:
             return None
-        kept = ids[-limit:] if keep_end else ids[:max(limit, 1)]
-        return self.tokenizer.decode(kept) or text[: max(1, len(text) // 2)]
+        for keep in range(limit, 0, -1):
+            piece = self.tokenizer.decode(ids[-keep:] if keep_end else ids[:keep])
+            if len(self.tokenizer(piece, add_special_tokens=False)["input_ids"]) <= limit:
+                return piece if piece.strip() else None
+        return None
 
 
 class EncodedPairs(Dataset):

@@ -47,6 +47,7 @@ class ResultsWriter(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._started = time.monotonic()
+        run_dir(trainer)  # collective: resolve the run directory on every rank now
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._eval_source = "sanity_check" if trainer.sanity_checking else "validation"

@@ -220,13 +220,13 @@ def test_length_caps_drop_exactly_the_over_long_pairs(tiny_module, shared_data):
 
 def test_truncation_keeps_every_pair_with_a_non_empty_response(tiny_module, shared_data):
     module = capped_module(tiny_module, truncate=True)
-    end_of_turn = len(tiny_module.tokenizer("<|end|>\n", add_special_tokens=False)["input_ids"])
+    end_of_turn = len(tiny_module.tokenizer("<|end|>", add_special_tokens=False)["input_ids"])
     for dataset in module.encoded_sets().values():
         assert dataset.dropped == 0 and len(dataset) in (34, 60)
         for pair in dataset.pairs:
             for ids, start in ((pair.chosen_ids, pair.chosen_start), (pair.rejected_ids, pair.rejected_start)):
                 response = len(ids) - start - end_of_turn
-                assert 1 <= response <= 800 + 3  # a cut inside a UTF-8 character may re-encode a little longer
+                assert 1 <= response <= 800
                 assert tiny_module.tokenizer.decode(ids[start:start + response]).strip()
 
 
@@ -259,3 +259,17 @@ def test_config_fits_on_tiny_model_and_logs_every_set(config, tmp_path, shared_d
     assert result.datamodule.eval_set_tags == expected
     assert len(result.datamodule.train_set) == 8
     assert {name: len(d) for name, d in result.datamodule.eval_sets.items()} == {name: 4 for name in expected}
+
+
+def test_truncation_never_splits_a_character_past_the_cap_or_leaves_a_blank(tiny_module):
+    from rm_lightning.pairs import PairEncoder, PreferencePair
+
+    encoder = PairEncoder(tiny_module.tokenizer, tiny_module.format_texts, max_prompt_tokens=5,
+                          max_response_tokens=5, truncate=True)
+    count = lambda text: len(tiny_module.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    capped = encoder._apply_caps(PreferencePair("ééééé prompt", "ééééé", "       def f(): pass"))
+    assert capped is None  # the rejected response would be blank
+    capped = encoder._apply_caps(PreferencePair("ééééé prompt", "ééééé", "abcdefgh"))
+    assert count(capped.chosen) <= 5 and capped.chosen and count(capped.prompt) <= 5
+    with pytest.raises(DataError, match="max_prompt_tokens must be a positive"):
+        PairEncoder(tiny_module.tokenizer, tiny_module.format_texts, max_prompt_tokens=0)

@@ -58,6 +58,10 @@ class GenerationCheck(L.Callback):
     # --- hooks -----------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        run_dir(trainer)  # collective: resolve the run directory on every rank now
+        if getattr(pl_module, "device_mesh", None) is not None:
+            raise RMLightningError("GenerationCheck does not support FSDP sharding yet (generate() bypasses the "
+                                   "FSDP hooks); run the check on one process or with DDP")
         datamodule = trainer.datamodule
         if not (hasattr(datamodule, "generation_prompts") and hasattr(datamodule, "verify")):
             raise RMLightningError(f"GenerationCheck needs a datamodule with generation_prompts() and verify(); "

@@ -29,6 +29,9 @@ class MarginHistory(L.Callback):
         self.filename = filename
         self.rows: list[dict] = []
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        run_dir(trainer)  # collective: resolve the run directory on every rank now
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
         if all(key in metrics for key in TRAIN_KEYS[:3]):
@@ -79,8 +82,17 @@ class MarginHistory(L.Callback):
 
 
 def run_dir(trainer) -> Path:
-    """The logger's version directory (where TensorBoard events go), else the root dir."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The logger's version directory (where TensorBoard events go), else the root dir.
+
+    ``trainer.log_dir`` is a collective call (rank 0 broadcasts its version), so the first call
+    must happen on every rank: callbacks call this in ``setup``, and the answer is kept on the
+    trainer for the rank-0-only writers that ask later.
+    """
+    cached = getattr(trainer, "_rm_lightning_run_dir", None)
+    if cached is None:
+        cached = Path(trainer.log_dir or trainer.default_root_dir)
+        trainer._rm_lightning_run_dir = cached
+    return cached
 
 
 def _tensorboard(trainer):
