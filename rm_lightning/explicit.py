@@ -16,14 +16,23 @@ class ExplicitRM(RewardModule):
     Args:
         pooling: ``last``: hidden state of the last real token (the paper's EX-RM);
             ``mean_response``: mean over response tokens (the paper's ablation).
+        head_init: ``zeros`` (default) or ``normal`` (std = the backbone's initializer range).
+            A zero head gets its direction from the data in the first steps, before the
+            backbone is pushed along it; a random head makes the backbone encode the
+            preference along an arbitrary direction, which it learns from token cues. On
+            Persona with SmolLM2-135M (lr 1e-5, one epoch) paraphrased test accuracy was
+            0.99 with a zero head and 0.54 with a random one.
     """
 
-    def __init__(self, pooling: Literal["last", "mean_response"] = "last", **kwargs):
+    def __init__(self, pooling: Literal["last", "mean_response"] = "last",
+                 head_init: Literal["zeros", "normal"] = "zeros", **kwargs):
         super().__init__(**kwargs)
         self.pooling = pooling
-        hidden_size = self.model.config.hidden_size
-        self.head = nn.Linear(hidden_size, 1, bias=False)
-        nn.init.normal_(self.head.weight, std=getattr(self.model.config, "initializer_range", 0.02))
+        self.head = nn.Linear(self.model.config.hidden_size, 1, bias=False)
+        if head_init == "zeros":
+            nn.init.zeros_(self.head.weight)
+        else:
+            nn.init.normal_(self.head.weight, std=getattr(self.model.config, "initializer_range", 0.02))
 
     def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.pooling == "last":

@@ -214,7 +214,7 @@ def loss_and_grads(module, batch) -> tuple[float, dict[str, torch.Tensor]]:
 def build(kind: str, **kwargs):
     torch.manual_seed(0)
     if kind == "exrm":
-        return ExplicitRM(backbone="tiny-llama-chat", **kwargs)
+        return ExplicitRM(backbone="tiny-llama-chat", head_init="normal", **kwargs)  # a zero head blocks backbone grads
     if kind == "exgrm":
         return ExplicitGenerativeRM(backbone="tiny-llama-chat", **kwargs)
     return ImplicitRM(backbone="tiny-llama-chat", beta=0.5, cache_reference=False, **kwargs)

@@ -1,0 +1,61 @@
+"""Useful model FLOPs of one training step, the numerator of model-FLOP utilization (MFU).
+
+"Useful" means the work any correct implementation of the RM type must do on the batch's
+real tokens; every variant of one (batch, RM type) is credited the same amount, so MFU
+ratios equal throughput ratios. Counted, per real (non-pad) token of each row, forward:
+
+* ``2 * P`` for the decoder's matmuls, with ``P`` its parameters without the token embedding;
+* ``4 * hidden * t`` per layer for causal attention at position ``t`` (QK^T and AV);
+* the output head where the RM reads it: IM-RM the LM head (``2 * hidden * vocab``) at each
+  position that predicts a response token, EX-GRM the LM head at the last position of each
+  row, EX-RM its ``hidden -> 1`` head at the last position.
+
+Training is 3x the forward (backward costs two forwards). Not counted: a reference-model
+forward (cacheable, since the reference is frozen), LM-head work at positions nobody reads,
+padding, embedding lookups, norms and elementwise work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    vocab: int
+    decoder_params: int  # matmul parameters of the decoder: everything but the token embedding
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelShape":
+        config = model.config
+        embedding = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        seen, decoder_params = set(), 0
+        for param in model.parameters():
+            if id(param) in seen or param is embedding or param is head:
+                continue
+            seen.add(id(param))
+            decoder_params += param.numel()
+        return cls(config.num_hidden_layers, config.hidden_size, embedding.shape[0], decoder_params)
+
+
+def head_positions(rm_type: str, batch: dict[str, torch.Tensor]) -> int:
+    """How many positions the RM type's output head must read."""
+    if rm_type == "imrm":
+        return int(batch["response_mask"][:, 1:].sum())
+    return int(batch["attention_mask"].shape[0])
+
+
+def useful_training_flops(shape: ModelShape, rm_type: str, batch: dict[str, torch.Tensor]) -> float:
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    forward = 0.0
+    for length in lengths:
+        forward += 2 * shape.decoder_params * length
+        forward += 4 * shape.hidden * shape.layers * length * (length + 1) / 2
+    head_width = 1 if rm_type == "exrm" else shape.vocab
+    forward += 2 * shape.hidden * head_width * head_positions(rm_type, batch)
+    return 3 * forward

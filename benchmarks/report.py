@@ -1,0 +1,140 @@
+"""Derived figures (throughput, MFU, ratios), the side-by-side table and the target check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BATCH_PAIRS = 8
+RM_NAMES = {"exrm": "EX-RM", "imrm": "IM-RM", "exgrm": "EX-GRM"}
+TRL_TRAINERS = {"imrm": "DPOTrainer", "exrm": "RewardTrainer"}
+
+
+def derive(run: dict, peaks: dict[str, float]) -> None:
+    """Add pairs/s, tokens/s, achieved GFLOP/s and MFU to a finished run (in place)."""
+    if "error" in run:
+        return
+    seconds = run["median_s"]
+    run["pairs_per_s"] = BATCH_PAIRS / seconds
+    run["tokens_per_s"] = run["tokens"] / seconds
+    run["useful_gflops_per_s"] = run["useful_flops"] / seconds / 1e9
+    machine_peak = max(peaks.values())
+    run["mfu"] = run["useful_gflops_per_s"] / machine_peak
+    run["mfu_own_precision"] = run["useful_gflops_per_s"] / peaks[run["precision"]]
+
+
+PEERS = {"trl": ("trl", "trl-ckpt"), "naive": ("naive",)}
+
+
+def fastest(runs: list[dict], batch: str, rm: str, variants: tuple[str, ...]) -> dict | None:
+    """The fastest run of any of ``variants`` (so each peer at its best precision and setting)."""
+    done = [r for r in runs if r["batch"] == batch and r["rm"] == rm and r["variant"] in variants and "error" not in r]
+    return min(done, key=lambda r: r["median_s"]) if done else None
+
+
+def leanest(runs: list[dict], batch: str, rm: str, variants: tuple[str, ...]) -> dict | None:
+    """The run of any of ``variants`` with the smallest peak memory."""
+    done = [r for r in runs if r["batch"] == batch and r["rm"] == rm and r["variant"] in variants and "error" not in r]
+    return min(done, key=lambda r: r["peak_mem_mb"]) if done else None
+
+
+def add_ratios(runs: list[dict]) -> None:
+    """Throughput of each run over the best TRL and the best naive run of its batch and RM type."""
+    for run in runs:
+        if "error" in run:
+            continue
+        for peer, variants in PEERS.items():
+            best = fastest(runs, run["batch"], run["rm"], variants)
+            run[f"vs_{peer}"] = run["pairs_per_s"] / best["pairs_per_s"] if best else None
+
+
+def variant_name(run: dict) -> str:
+    """TRL runs by their trainer's name, e.g. ``DPOTrainer+ckpt``."""
+    if not run["variant"].startswith("trl"):
+        return run["variant"]
+    return TRL_TRAINERS.get(run["rm"], "trl") + run["variant"][len("trl"):].replace("-", "+")
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(runs: list[dict]) -> str:
+    header = (f"{'batch':<13} {'RM':<6} {'variant':<18} {'prec':<4} {'step s':>7} {'pairs/s':>7} {'tok/s':>7} "
+              f"{'pad %':>5} {'peak MB':>8} {'MFU %':>6} {'x TRL':>6} {'x naive':>7}")
+    lines = [header, "-" * len(header)]
+    for run in runs:
+        name = variant_name(run)
+        lead = f"{run['batch']:<13} {RM_NAMES[run['rm']]:<6} {name:<18} {run['precision']:<4}"
+        if "error" in run:
+            lines.append(f"{lead} failed: {run['error']}")
+            continue
+        lines.append(
+            f"{lead} {run['median_s']:>7.2f} {run['pairs_per_s']:>7.2f} {run['tokens_per_s']:>7.0f} "
+            f"{100 * run['padding_fraction']:>5.1f} {run['peak_mem_mb']:>8.0f} {100 * run['mfu']:>6.1f} "
+            f"{_cell(run.get('vs_trl'), '>6.2f')} {_cell(run.get('vs_naive'), '>7.2f')}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Target:
+    name: str
+    value: float | None
+    goal: float
+    higher_is_better: bool
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
+
+    def line(self) -> str:
+        sign = ">=" if self.higher_is_better else "<="
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[self.met]
+        value = "-" if self.value is None else f"{self.value:.2f}"
+        return f"  {self.name:<52} {value:>6} (goal {sign} {self.goal:g}) {verdict:<12} {self.detail}"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "value": self.value, "goal": self.goal, "met": self.met, "detail": self.detail}
+
+
+def _ratio(numerator: dict | None, denominator: dict | None, key: str) -> float | None:
+    if numerator is None or denominator is None:
+        return None
+    return numerator[key] / denominator[key]
+
+
+def _variant(run: dict | None) -> str:
+    return "-" if run is None else f"{variant_name(run)} {run['precision']}"
+
+
+def targets(runs: list[dict], peaks: dict[str, float]) -> list[Target]:
+    """The issue's goals, each at the peers' best precisions."""
+    found = []
+    for rm, goal in (("imrm", 3.0), ("exrm", 1.5)):
+        ours, trl = fastest(runs, "persona", rm, ("ours",)), fastest(runs, "persona", rm, PEERS["trl"])
+        found.append(Target(f"persona {RM_NAMES[rm]} throughput / TRL {TRL_TRAINERS[rm]}",
+                            _ratio(ours, trl, "pairs_per_s"), goal, True,
+                            f"{_variant(ours)} vs {_variant(trl)}"))
+    ours, trl = leanest(runs, "persona", "imrm", ("ours", "ours-ckpt")), leanest(runs, "persona", "imrm", PEERS["trl"])
+    found.append(Target("persona IM-RM peak memory / TRL DPOTrainer", _ratio(ours, trl, "peak_mem_mb"), 0.6, False,
+                        f"{_variant(ours)} vs {_variant(trl)}"))
+    best_precision = max(peaks, key=peaks.get)
+    for rm in RM_NAMES:
+        ours = fastest(runs, "persona", rm, ("ours",))
+        detail = "" if ours is None else (f"{ours['useful_gflops_per_s']:.1f} GFLOP/s in {ours['precision']}, peak "
+                                          f"{peaks[best_precision]:.0f} GFLOP/s in {best_precision}")
+        found.append(Target(f"persona {RM_NAMES[rm]} MFU (vs the machine's matmul peak)",
+                            None if ours is None else ours["mfu"], 0.7, True, detail))
+    for rm in RM_NAMES:
+        ours = fastest(runs, "ultrafeedback", rm, ("ours",))
+        padded = None
+        if ours is not None:
+            padded = next((r for r in runs if (r["batch"], r["rm"], r["variant"], r["precision"])
+                           == ("ultrafeedback", rm, "ours-padded", ours["precision"]) and "error" not in r), None)
+        found.append(Target(f"ultrafeedback {RM_NAMES[rm]} step time bucketed / padded",
+                            _ratio(ours, padded, "median_s"), 0.6, False,
+                            "" if ours is None else f"{100 * ours['padding_fraction']:.0f}% padding, {ours['precision']}"))
+    return found

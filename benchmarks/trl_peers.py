@@ -1,0 +1,141 @@
+"""TRL's trainers on the same pairs: DPOTrainer for IM-RM, RewardTrainer for EX-RM.
+
+Both get the pairs after rm-lightning's chat formatting, so they train on the very token ids
+rm-lightning does (checked, and reported as ``same_tokens_as_ours``): DPOTrainer as plain-text
+prompt and responses (the responses already end with the end-of-turn token, so TRL adds no
+EOS), RewardTrainer as token ids (its documented pre-tokenized input). Giving them the
+conversations instead would let TRL's chat templating keep the newline after the final
+end-of-turn token, one more token per row than rm-lightning trains on.
+
+Settings: 8 pairs a step, gradient accumulation 1, lr 1e-5 constant, TRL's default optimizer
+(fused AdamW, weight decay 0), no gradient clipping, no evaluation, logging or saving, no
+dataloader workers; DPO with the sigmoid loss, beta 0.01, no truncation and
+``precompute_ref_log_probs=False`` (TRL's default: a reference forward every step). TRL turns
+gradient checkpointing on by default; variant ``trl`` turns it off, like ``ours``, and
+``trl-ckpt`` keeps it, like ``ours-ckpt``. Precision is set explicitly (TRL defaults to bf16).
+
+Timed: what ``Trainer`` runs between ``on_step_begin`` and ``on_step_end``, i.e. the
+training step (forward, loss, backward), gradient-norm bookkeeping, the optimizer and
+scheduler steps and ``zero_grad``; the dataloader is outside.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+from benchmarks.batches import BatchSpec, batch_pairs, chat_encoder
+from benchmarks.measure import PeakMemory, synchronize
+from rm_lightning.backbones import BUNDLED_MODEL, TINY_BACKBONES, ensure_bundled_model_cached, load_backbone
+from rm_lightning.errors import RMLightningError
+from rm_lightning.pairs import chat_formatter
+
+
+def pretokenized(pairs, tokenizer) -> list[dict]:
+    encoder = chat_encoder(tokenizer)
+    encoded = [encoder.encode(pair) for pair in pairs]
+    return [{"chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids} for e in encoded]
+
+
+def preformatted(pairs, tokenizer) -> list[dict]:
+    format_texts = chat_formatter(tokenizer)
+    rows = []
+    for pair in pairs:
+        prompt, chosen = format_texts(pair.prompt, pair.chosen)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": format_texts(pair.prompt, pair.rejected)[1]})
+    return rows
+
+
+def pretrained_path(backbone: str) -> str:
+    if backbone in TINY_BACKBONES:
+        raise RMLightningError(f"TRL peers need a pretrained backbone with a chat template, not {backbone!r}")
+    return str(ensure_bundled_model_cached()) if backbone == BUNDLED_MODEL else backbone
+
+
+def _step_timer(device: str, total: int, label: str):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Seconds between on_step_begin and on_step_end of every step."""
+
+        def __init__(self):
+            self.times: list[float] = []
+            self.progress = tqdm(total=total, desc=label, leave=False, unit="step")
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            synchronize(device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize(device)
+            self.times.append(time.perf_counter() - self.start)
+            self.progress.update()
+
+    return StepTimer()
+
+
+def _common_args(device: str, precision: str, steps: int, output_dir: str, checkpointing: bool) -> dict:
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, bf16=precision == "bf16", use_cpu=device == "cpu", seed=0,
+        gradient_checkpointing=checkpointing,
+    )
+
+
+def _dpo_trainer(backbone: str, pairs, args: dict, callback):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    policy, tokenizer = load_backbone(backbone)
+    dataset = Dataset.from_list(preformatted(pairs, tokenizer))
+    reference, _ = load_backbone(backbone)
+    config = DPOConfig(**args, beta=0.01, loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=False)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[callback])
+    return trainer, [p + c for p, c in zip(trainer.train_dataset["prompt_ids"], trainer.train_dataset["chosen_ids"])]
+
+
+def _reward_trainer(backbone: str, pairs, args: dict, callback):
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    path = pretrained_path(backbone)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = Dataset.from_list(pretokenized(pairs, tokenizer))
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    config = RewardConfig(**args, max_length=None)
+    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[callback])
+    return trainer, list(trainer.train_dataset["chosen_ids"])
+
+
+def run_trl(spec: dict, memory: PeakMemory) -> dict:
+    """Time TRL's trainer for ``spec['rm']`` (imrm: DPOTrainer, exrm: RewardTrainer)."""
+    import datasets
+    from transformers import PrinterCallback
+
+    datasets.disable_progress_bars()
+    pretrained_path(spec["backbone"])
+    pairs = batch_pairs(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))))
+    total = spec["warmup"] + spec["steps"]
+    callback = _step_timer(spec["device"], total, spec["label"])
+    build = {"imrm": _dpo_trainer, "exrm": _reward_trainer}.get(spec["rm"])
+    if build is None:
+        raise RMLightningError(f"TRL has no trainer for RM type {spec['rm']!r}")
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as output_dir:
+        args = _common_args(spec["device"], spec["precision"], total, output_dir, spec["variant"] == "trl-ckpt")
+        trainer, chosen_ids = build(spec["backbone"], pairs, args, callback)
+        trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics
+        memory.reset()
+        trainer.train()
+    callback.progress.close()
+    return {"times": callback.times[spec["warmup"]:], "chosen_ids": chosen_ids,
+            "trainer": type(trainer).__name__}

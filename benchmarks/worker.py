@@ -1,0 +1,129 @@
+"""Run one benchmark variant in a process of its own and write its measurements as JSON.
+
+A process per variant gives each one a clean peak-memory reading and keeps TRL's and
+Accelerate's global state away from the others. Usage (by ``bench_step.py``):
+``python benchmarks/worker.py SPEC.json``; the spec names the RM type, variant, precision,
+batch, step counts and where to write the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from benchmarks.batches import BatchSpec, batch_pairs, chat_encoder, encoded_batch, padding_fraction  # noqa: E402
+from benchmarks.flops import ModelShape, useful_training_flops  # noqa: E402
+from benchmarks.measure import MIB, PeakMemory, median, time_steps  # noqa: E402
+from benchmarks import steps as bench_steps  # noqa: E402
+from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM  # noqa: E402
+from rm_lightning.backbones import load_backbone  # noqa: E402
+from rm_lightning.errors import RMLightningError  # noqa: E402
+from rm_lightning.pairs import PairCollator  # noqa: E402
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary
+transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+RM_CLASSES = {"exrm": ExplicitRM, "imrm": ImplicitRM, "exgrm": ExplicitGenerativeRM}
+
+
+def batch_stats(rm_type: str, shape: ModelShape, batch: dict[str, torch.Tensor]) -> dict:
+    return {"tokens": int(batch["attention_mask"].sum()), "padded_tokens": int(batch["attention_mask"].numel()),
+            "padding_fraction": padding_fraction(batch), "useful_flops": useful_training_flops(shape, rm_type, batch)}
+
+
+def run_module_step(spec: dict, memory: PeakMemory) -> dict:
+    """Ours (length-bucketed, padded, or with activation checkpointing) or the naive step."""
+    device, variant, rm_type = spec["device"], spec["variant"], spec["rm"]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="bench-ref-") as cache:
+        extra = {"reference_cache_dir": cache} if rm_type == "imrm" else {}
+        checkpointing = variant == "ours-ckpt"
+        module = RM_CLASSES[rm_type](backbone=spec["backbone"], activation_checkpointing=checkpointing, **extra)
+        module.to(device)
+        encoded = encoded_batch(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))), module)
+        result = {}
+        if rm_type == "imrm" and variant != "naive":
+            start = time.perf_counter()
+            module.attach_reference_logps(encoded)
+            result["reference_pass_s"] = time.perf_counter() - start
+    batch = {key: value.to(device) for key, value in module.collator()(encoded.pairs).items()}
+    result.update(batch_stats(rm_type, ModelShape.of(module.model), batch))
+    if variant == "naive":
+        loss_fn = naive_loss(module, rm_type, batch, spec)
+    else:
+        bench_steps.use_length_buckets(module, enabled=variant != "ours-padded")
+        loss_fn = bench_steps.our_loss(module, batch)
+    step = bench_steps.TrainingStep(loss_fn, module.configure_optimizers(), device, spec["precision"])
+    memory.reset()
+    times = time_steps(step, spec["warmup"], spec["steps"], device, spec["label"])
+    phases = {name: median([p[name] for p in step.phases[spec["warmup"]:]]) for name in ("forward", "backward", "optimizer")}
+    return {**result, "times": times, "phases": phases, "first_loss": step.losses[0]}
+
+
+def naive_loss(module, rm_type: str, batch, spec: dict):
+    if rm_type == "imrm":
+        reference, _ = load_backbone(spec["backbone"])
+        reference.to(spec["device"]).eval().requires_grad_(False)
+        return bench_steps.naive_imrm_loss(module, reference, batch)
+    if rm_type == "exrm":
+        return bench_steps.naive_exrm_loss(module, batch)
+    return bench_steps.naive_exgrm_loss(module, batch)
+
+
+def run_trl_peer(spec: dict, memory: PeakMemory) -> dict:
+    """TRL's trainer; batch statistics come from rm-lightning's encoding of the same pairs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.trl_peers import pretrained_path, run_trl
+
+    measured = run_trl(spec, memory)
+    path = pretrained_path(spec["backbone"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = chat_encoder(tokenizer)
+    ours = [encoder.encode(p) for p in batch_pairs(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))))]
+    batch = PairCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)(ours)
+    with torch.device("meta"):  # parameter shapes without allocating them
+        shape = ModelShape.of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+    same = measured.pop("chosen_ids") == [p.chosen_ids for p in ours]
+    return {**batch_stats(spec["rm"], shape, batch), **measured, "same_tokens_as_ours": same}
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    is_trl = spec["variant"].startswith("trl")
+    if is_trl:  # imported before the memory baseline, like torch and transformers
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    memory = PeakMemory(spec["device"])
+    runner = run_trl_peer if is_trl else run_module_step
+    result = runner(spec, memory)
+    result.update(peak_mem_mb=memory.peak_bytes() / MIB, peak_includes_setup=memory.lifetime_peak,
+                  threads=torch.get_num_threads(), median_s=median(result["times"]))
+    target = Path(spec["result_path"])
+    staging = target.with_suffix(f".tmp{os.getpid()}")
+    staging.write_text(json.dumps(result, indent=1))
+    os.replace(staging, target)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1])
+    except RMLightningError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,126 @@
+"""The step benchmark: its naive step computes the same loss as ours, its batches and FLOP counts
+are what they claim, and one command runs end to end (tiny model, TRL skipped)."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT
+
+sys.path.insert(0, str(PROJECT_ROOT))  # benchmarks/ is a folder of scripts, not an installed package
+
+from benchmarks import report  # noqa: E402
+from benchmarks.batches import (  # noqa: E402
+    ULTRAFEEDBACK_FILE, BatchSpec, encoded_batch, padding_fraction, select_padding_heavy_rows,
+)
+from benchmarks.flops import ModelShape, useful_training_flops  # noqa: E402
+from benchmarks.measure import PeakMemory, matmul_peak_gflops  # noqa: E402
+from benchmarks.steps import (  # noqa: E402
+    full_vocab_response_logps, naive_exrm_loss, naive_imrm_loss, our_loss, use_length_buckets,
+)
+from rm_lightning import ExplicitRM, ImplicitRM  # noqa: E402
+from rm_lightning.pairs import EncodedPair, PairCollator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def imrm_and_batch():
+    module = ImplicitRM(backbone="tiny-llama-chat", reference="none", beta=1.0)
+    batch = module.collator()(encoded_batch(BatchSpec("persona"), module).pairs)
+    return module, batch
+
+
+def test_naive_full_vocab_logps_match_selective_logps(imrm_and_batch):
+    module, batch = imrm_and_batch
+    with torch.no_grad():
+        naive = full_vocab_response_logps(module.model, batch)
+        ours = module.response_logps(module.hidden_states(batch), batch)
+    torch.testing.assert_close(naive, ours, atol=1e-4, rtol=1e-5)
+
+
+def test_naive_imrm_with_the_initial_reference_gives_log_2(imrm_and_batch):
+    module, batch = imrm_and_batch
+    reference = copy.deepcopy(module.model).eval().requires_grad_(False)
+    assert naive_imrm_loss(module, reference, batch)().item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+
+
+def test_naive_exrm_loss_equals_ours_with_and_without_buckets():
+    module = ExplicitRM(backbone="tiny-llama-chat")
+    batch = module.collator()(encoded_batch(BatchSpec("persona"), module).pairs)
+    naive = naive_exrm_loss(module, batch)().item()
+    for enabled in (True, False):
+        use_length_buckets(module, enabled)
+        assert our_loss(module, batch)().item() == pytest.approx(naive, abs=1e-6)
+
+
+def test_useful_flops_count_real_tokens_and_the_head_where_read():
+    module = ImplicitRM(backbone="tiny-llama", reference="none")
+    shape = ModelShape.of(module.model)
+    config = module.model.config
+    assert shape.vocab == len(module.tokenizer) and shape.layers == config.num_hidden_layers
+    embedding_and_head = 2 * shape.vocab * shape.hidden  # untied in tiny-llama
+    assert shape.decoder_params == sum(p.numel() for p in module.model.parameters()) - embedding_and_head
+    batch = PairCollator(0)([EncodedPair([5, 6, 7, 8], 2, [5, 6, 9], 2)])
+    attention = 4 * shape.hidden * shape.layers * (4 * 5 / 2 + 3 * 4 / 2)
+    forward = 2 * shape.decoder_params * 7 + attention
+    assert useful_training_flops(shape, "imrm", batch) == pytest.approx(3 * (forward + 2 * shape.hidden * shape.vocab * 3))
+    assert useful_training_flops(shape, "exrm", batch) == pytest.approx(3 * (forward + 2 * shape.hidden * 2))
+
+
+def test_ultrafeedback_batch_is_about_half_padding(shared_data):
+    module = ExplicitRM(backbone="tiny-llama-chat")  # byte-level tokens, hence the wide rows
+    rows = select_padding_heavy_rows(module.tokenizer, width=700)
+    assert len(rows) == 8 and list(rows) == sorted(set(rows))
+    batch = module.collator()(encoded_batch(BatchSpec("ultrafeedback", rows), module).pairs)
+    assert 0.4 <= padding_fraction(batch) <= 0.6
+    assert (shared_data / ULTRAFEEDBACK_FILE).is_file()
+
+
+def test_memory_and_matmul_probes_give_sane_numbers():
+    memory = PeakMemory("cpu")
+    memory.reset()
+    block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, touched
+    assert memory.peak_bytes() >= 60 * 2 ** 20
+    del block
+    probe = matmul_peak_gflops("cpu", "fp32", budget_s=0.05, max_size=512)
+    assert probe["gflops"] > 0 and probe["sizes"][0] == 256
+
+
+def test_ratios_and_targets_use_each_peer_at_its_best_precision():
+    def run(variant, precision, seconds, memory=1000.0):
+        return {"batch": "persona", "rm": "imrm", "variant": variant, "precision": precision, "median_s": seconds,
+                "tokens": 800, "useful_flops": 4e11, "padding_fraction": 0.1, "peak_mem_mb": memory}
+
+    runs = [run("ours", "fp32", 4.0, 500.0), run("trl", "fp32", 12.0, 1000.0), run("trl", "bf16", 10.0, 900.0),
+            run("naive", "fp32", 8.0), run("ours-ckpt", "fp32", 5.0, 450.0), run("trl-ckpt", "fp32", 14.0, 750.0)]
+    peaks = {"fp32": 100.0, "bf16": 200.0}
+    for r in runs:
+        report.derive(r, peaks)
+    report.add_ratios(runs)
+    assert runs[0]["vs_trl"] == pytest.approx(2.5) and runs[0]["vs_naive"] == pytest.approx(2.0)
+    assert runs[0]["mfu"] == pytest.approx(0.5) and runs[0]["mfu_own_precision"] == pytest.approx(1.0)
+    goals = {g.name: g for g in report.targets(runs, peaks)}
+    assert goals["persona IM-RM throughput / TRL DPOTrainer"].value == pytest.approx(2.5)
+    assert goals["persona IM-RM throughput / TRL DPOTrainer"].met is False
+    assert goals["persona IM-RM peak memory / TRL DPOTrainer"].value == pytest.approx(450 / 750)
+    assert goals["persona IM-RM peak memory / TRL DPOTrainer"].met is True
+    assert goals["persona EX-RM throughput / TRL RewardTrainer"].met is None
+    assert "DPOTrainer+ckpt" in report.table(runs)
+
+
+def test_one_command_runs_and_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_step.py"), "--backbone", "tiny-llama-chat",
+               "--rm", "exrm", "--batches", "persona", "--variants", "ours", "naive", "--steps", "1", "--warmup", "0",
+               "--skip-trl", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "Targets:" in completed.stdout
+    results = json.loads(out.read_text())
+    assert [r["variant"] for r in results["runs"]] == ["ours", "naive"]
+    for run in results["runs"]:
+        assert "error" not in run and run["median_s"] > 0 and run["peak_mem_mb"] > 0
+        assert run["first_loss"] == pytest.approx(results["runs"][0]["first_loss"], abs=1e-5)
