@@ -12,6 +12,7 @@ from torchmetrics import CatMetric, MeanMetric
 from rm_lightning.backbones import load_backbone
 from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.metrics import NormalizedRewardMargin, PairwiseAccuracy
+from rm_lightning.packing import bucketed_hidden_states, padded_hidden_states
 from rm_lightning.pairs import LengthBucketSampler, PairCollator, PairEncoder, chat_formatter
 from rm_lightning.sharding import shard_reward_module
 
@@ -80,11 +81,14 @@ class RewardModule(L.LightningModule):
         padding_side: side of padding in batches; rewards do not depend on it.
         activation_checkpointing: recompute decoder layers in backward to save memory.
         extra_tokens: tokens to add to the tokenizer (embeddings resized), e.g. ``<sep>``.
+        length_buckets: run the decoder on groups of rows of similar length inside a batch, so
+            compute follows real tokens rather than the longest row (``rm_lightning.packing``).
     """
 
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
                  lr_scheduler: Optional[SchedulerFactory] = None, padding_side: str = "right",
-                 activation_checkpointing: bool = False, extra_tokens: list[str] = []):
+                 activation_checkpointing: bool = False, extra_tokens: list[str] = [],
+                 length_buckets: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
@@ -129,9 +133,9 @@ class RewardModule(L.LightningModule):
         return self.model.base_model
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], use_cache=False)
-        return out.last_hidden_state
+        if self.hparams.length_buckets:
+            return bucketed_hidden_states(self.decoder, batch)
+        return padded_hidden_states(self.decoder, batch)
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.compute_rewards(self.hidden_states(batch), batch)
