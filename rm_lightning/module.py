@@ -82,7 +82,8 @@ class RewardModule(L.LightningModule):
         activation_checkpointing: recompute decoder layers in backward to save memory.
         extra_tokens: tokens to add to the tokenizer (embeddings resized), e.g. ``<sep>``.
         length_buckets: run the decoder on groups of rows of similar length inside a batch, so
-            compute follows real tokens rather than the longest row (``rm_lightning.packing``).
+            compute follows real tokens rather than the longest row (``rm_lightning.packing``);
+            not under FSDP, where ranks must make identical decoder calls.
     """
 
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
@@ -133,7 +134,9 @@ class RewardModule(L.LightningModule):
         return self.model.base_model
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.hparams.length_buckets:
+        # Under FSDP every rank must make the same decoder calls (each gathers weights collectively),
+        # and the number of length groups depends on each rank's own batch: one padded call there.
+        if self.hparams.length_buckets and self.device_mesh is None:
             return bucketed_hidden_states(self.decoder, batch)
         return padded_hidden_states(self.decoder, batch)
 
