@@ -58,7 +58,6 @@ class GenerationCheck(L.Callback):
     # --- hooks -----------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        run_dir(trainer)  # collective: resolve the run directory on every rank now
         if getattr(pl_module, "device_mesh", None) is not None:
             raise RMLightningError("GenerationCheck does not support FSDP sharding yet (generate() bypasses the "
                                    "FSDP hooks); run the check on one process or with DDP")
@@ -69,6 +68,7 @@ class GenerationCheck(L.Callback):
         if not hasattr(pl_module, "beta"):
             rank_zero_warn(f"GenerationCheck on {type(pl_module).__name__}: its LM head is not what training "
                            f"optimizes; the check is meant for IM-RMs.")
+        run_dir(trainer)  # collective: resolve the run directory on every rank now
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self.every_validation and not trainer.sanity_checking:
