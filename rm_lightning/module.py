@@ -26,13 +26,11 @@ def adam_1e5(params: Iterable) -> torch.optim.Optimizer:
 
 
 def is_repeated_batch(sampler, step: int) -> bool:
-    """Whether this rank's ``step``-th batch is a copy of an earlier one, which ``LengthBucketSampler``
-    deals round-robin after the real batches so that all ranks take equal steps. Eval leaves such
-    copies out of the metrics, so every pair counts once, as in a 1-process run."""
-    if not isinstance(sampler, LengthBucketSampler) or sampler.num_replicas == 1:
-        return False
-    real_batches = -(-len(sampler.lengths) // sampler.batch_size)
-    return step * sampler.num_replicas + sampler.rank >= real_batches
+    """Whether this rank's ``step``-th batch only pads the rank to an equal step count.
+
+    Eval leaves such copies out of the metrics, so every pair counts once, as in a 1-process run.
+    """
+    return isinstance(sampler, LengthBucketSampler) and sampler.is_repeated(step)
 
 
 class EvalSetMetrics(nn.Module):

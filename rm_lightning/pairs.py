@@ -236,6 +236,11 @@ class LengthBucketSampler(DistributedSampler):
         batches += batches[: per_rank * self.num_replicas - len(batches)]  # equal step counts on all ranks
         return batches[self.rank::self.num_replicas]
 
+    def is_repeated(self, step: int) -> bool:
+        """Whether this rank's ``step``-th batch is one of the copies dealt after the real batches."""
+        real_batches = -(-len(self.lengths) // self.batch_size)
+        return self.num_replicas > 1 and step * self.num_replicas + self.rank >= real_batches
+
     def __iter__(self) -> Iterator[int]:
         return iter([index for batch in self.batches() for index in batch])
 
