@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from rm_lightning.backbones import cache_dir, load_backbone
 from rm_lightning.logprobs import response_token_logps, sum_per_row
 from rm_lightning.module import RewardModule
+from rm_lightning.packing import padded_hidden_states
 from rm_lightning.pairs import EncodedPairs
 
 
@@ -81,8 +82,7 @@ class ImplicitRM(RewardModule):
             return batch["reference_logps"]
         reference = self.reference_model()
         with torch.no_grad():
-            hidden = reference.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+            hidden = padded_hidden_states(reference.base_model, batch)
             return self.response_logps(hidden, batch, model=reference)
 
     def reference_model(self) -> torch.nn.Module:
@@ -146,8 +146,7 @@ class ImplicitRM(RewardModule):
         for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
             batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
             with context():
-                hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+                hidden = padded_hidden_states(model.base_model, batch)
                 chosen, rejected = self.response_logps(hidden, batch, model=model).double().cpu().chunk(2)
             values.append(torch.stack([chosen, rejected], dim=1))
         model.train(was_training).to(original_device)
