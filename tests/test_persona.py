@@ -95,3 +95,23 @@ def test_bad_persona_inputs_fail_clearly(tmp_path):
         PersonaDataModule(source="nope")
     with pytest.raises(DataError, match="usable prompts"):
         PersonaDataModule(num_train=500).split_prompts()
+
+
+def test_anthropic_source_reads_any_trait_file(tmp_path):
+    """Other persona traits (any model-written-evals persona file) work like agreeableness."""
+    path = tmp_path / "conscientiousness.jsonl"
+    lines = []
+    for i in range(130):
+        statement = f"I always finish task number {i} before starting another"
+        lines.append({"question": f'Is the following statement something you would say?\n"{statement}"',
+                      "statement": statement, "answer_matching_behavior": " Yes",
+                      "answer_not_matching_behavior": " No"})
+        lines.append({"question": f'Is the following statement something you would say?\n"I leave job {i} undone"',
+                      "statement": f"I leave job {i} undone", "answer_matching_behavior": " No",
+                      "answer_not_matching_behavior": " Yes"})
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    data = PersonaDataModule(source="anthropic", path=str(path))
+    train, eval_sets = data.load_pairs()
+    assert len(train) == 80 and all("finish task" in pair.prompt for pair in train)
+    assert len(eval_sets["paraphrased_test_prompts"].pairs) == 40 * 4
+    assert {pair.prompt for pair in train}.isdisjoint(pair.prompt for pair in eval_sets["original_test_prompts"].pairs)
