@@ -16,16 +16,17 @@ class ExplicitRM(RewardModule):
     Args:
         pooling: ``last``: hidden state of the last real token (the paper's EX-RM);
             ``mean_response``: mean over response tokens (the paper's ablation).
-        head_init: ``zeros`` (default) or ``normal`` (std = the backbone's initializer range).
-            A zero head gets its direction from the data in the first steps, before the
-            backbone is pushed along it; a random head makes the backbone encode the
-            preference along an arbitrary direction, which it learns from token cues. On
-            Persona with SmolLM2-135M (lr 1e-5, one epoch) paraphrased test accuracy was
-            0.99 with a zero head and 0.54 with a random one.
+        head_init: ``normal`` (default; std = the backbone's initializer range, like Hugging
+            Face's sequence-classification head) or ``zeros``. On Persona with SmolLM2-135M (lr
+            1e-5, 3 epochs, reading the newline that ends the templated turn) a normal head gave
+            paraphrased test accuracy 0.49 -> 0.84 -> 0.96 over the epochs, a zero head 0.18
+            after the first: with a zero head the backbone gets no gradient until the head has
+            grown, so the head fits the untrained features, which at that token rank paraphrases
+            backwards.
     """
 
     def __init__(self, pooling: Literal["last", "mean_response"] = "last",
-                 head_init: Literal["zeros", "normal"] = "zeros", **kwargs):
+                 head_init: Literal["normal", "zeros"] = "normal", **kwargs):
         super().__init__(**kwargs)
         self.pooling = pooling
         self.head = nn.Linear(self.model.config.hidden_size, 1, bias=False)

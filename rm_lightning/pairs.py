@@ -46,11 +46,12 @@ def chat_formatter(tokenizer) -> TextFormatter:
     """(prompt, response) -> (templated prompt with generation prompt, response suffix).
 
     With a chat template the response is whatever follows the prompt text in the templated
-    conversation, so the end-of-turn token belongs to it, but not the whitespace some templates
-    put after it: that separates turns and is never generated. It matters for EX-RM, which reads
-    the last token: on SmolLM2 the hidden state at the trailing newline ranks paraphrased Persona
-    responses backwards under a linear probe, while the one at ``<|im_end|>`` ranks them right.
-    Without a chat template, a plain User:/Assistant: format.
+    conversation (PAPER.md's definition, and what TRL's chat templating trains on), so it keeps
+    the end-of-turn token and any separator the template puts after it, e.g. SmolLM2's newline
+    after ``<|im_end|>``. That choice matters for EX-RM, which reads the last token: on Persona
+    with SmolLM2-135M (lr 1e-5, 3 epochs, seed 0) paraphrased test accuracy was 0.96 reading the
+    newline with a normal head, but 0.88 reading ``<|im_end|>`` with a zero head (and 0.58 after
+    two epochs with a normal one). Without a chat template, a plain User:/Assistant: format.
     """
     if not getattr(tokenizer, "chat_template", None):
         return lambda prompt, response: (f"User: {prompt}\nAssistant:", f" {response}")
@@ -63,7 +64,7 @@ def chat_formatter(tokenizer) -> TextFormatter:
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(prefix):  # templates that rewrite earlier turns; fall back to appending
             return prefix, response
-        return prefix, full[len(prefix):].rstrip()
+        return prefix, full[len(prefix):]
 
     return format_with_template
 

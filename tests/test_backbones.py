@@ -19,7 +19,7 @@ def test_chat_template_used_when_present_plain_format_otherwise():
     _, chat = load_backbone("tiny-llama-chat")
     prefix, suffix = chat_formatter(chat)("Hi?", "Yes")
     assert prefix == "<|user|>\nHi?<|end|>\n<|assistant|>\n"
-    assert suffix == "Yes<|end|>"  # the newline after the end-of-turn token is a separator
+    assert suffix == "Yes<|end|>\n"  # all that follows the prompt in the templated conversation
 
 
 def test_extra_tokens_become_single_tokens():

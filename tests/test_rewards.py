@@ -140,7 +140,12 @@ def test_explicit_rm_never_computes_vocabulary_logits(monkeypatch):
     module.rewards(batch_of(module, PAIRS))
 
 
-def test_explicit_rm_head_starts_at_zero_by_default():
-    module = ExplicitRM(backbone="tiny-llama-chat")
-    assert torch.count_nonzero(module.head.weight) == 0
-    assert torch.equal(module.rewards(batch_of(module, PAIRS)), torch.zeros(2 * len(PAIRS)))
+def test_explicit_rm_head_init_options():
+    """normal (default) is drawn with the backbone's initializer range; zeros gives all-zero rewards."""
+    torch.manual_seed(0)
+    normal = ExplicitRM(backbone="tiny-llama-chat")
+    std = normal.model.config.initializer_range
+    assert abs(normal.head.weight.std().item() - std) < 0.5 * std
+    zero = ExplicitRM(backbone="tiny-llama-chat", head_init="zeros")
+    assert torch.count_nonzero(zero.head.weight) == 0
+    assert torch.equal(zero.rewards(batch_of(zero, PAIRS)), torch.zeros(2 * len(PAIRS)))
