@@ -220,7 +220,8 @@ def test_length_caps_drop_exactly_the_over_long_pairs(tiny_module, shared_data):
 
 def test_truncation_keeps_every_pair_with_a_non_empty_response(tiny_module, shared_data):
     module = capped_module(tiny_module, truncate=True)
-    end_of_turn = len(tiny_module.tokenizer("<|end|>", add_special_tokens=False)["input_ids"])
+    # the template's end of turn: the end token and the newline after it
+    end_of_turn = len(tiny_module.tokenizer("<|end|>\n", add_special_tokens=False)["input_ids"])
     for dataset in module.encoded_sets().values():
         assert dataset.dropped == 0 and len(dataset) in (34, 60)
         for pair in dataset.pairs:
