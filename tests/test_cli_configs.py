@@ -35,6 +35,20 @@ def test_shipped_persona_config_fits_and_leaves_artifacts(config, tmp_path):
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows if r["split"] == "val")
 
 
+@pytest.mark.parametrize("config", PERSONA_CONFIGS)
+def test_bf16_mixed_precision_trains_on_cpu(config, tmp_path):
+    """`trainer.precision: bf16-mixed` runs on the CPU (autocast) with finite losses."""
+    override = tiny_override(tmp_path, max_steps=2, reference_cache_dir=tmp_path / "ref"
+                             if "imrm" in config else None)
+    cli.main(["fit", "--config", str(PROJECT_ROOT / config), "--config", str(override),
+              "--trainer.precision", "bf16-mixed", "--trainer.limit_val_batches", "1",
+              "--data.init_args.num_train", "8", "--data.init_args.num_test", "4"])
+    rows = [row for row in csv.DictReader(open(run_dir_of(tmp_path) / "margin_history.csv")) if row["split"] == "train"]
+    assert len(rows) == 2
+    losses = [float(row["loss"]) for row in rows]
+    assert all(0.0 < loss < 10.0 for loss in losses)
+
+
 def test_tensorboard_holds_margin_scalars_and_histograms(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
