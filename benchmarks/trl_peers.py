@@ -1,11 +1,8 @@
 """TRL's trainers on the same pairs: DPOTrainer for IM-RM, RewardTrainer for EX-RM.
 
-Both get the pairs after rm-lightning's chat formatting, so they train on the very token ids
-rm-lightning does (checked, and reported as ``same_tokens_as_ours``): DPOTrainer as plain-text
-prompt and responses (the responses already end with the end-of-turn token, so TRL adds no
-EOS), RewardTrainer as token ids (its documented pre-tokenized input). Giving them the
-conversations instead would let TRL's chat templating keep the newline after the final
-end-of-turn token, one more token per row than rm-lightning trains on.
+Both train on the very token ids rm-lightning does (checked, and reported as
+``same_tokens_as_ours``): DPOTrainer gets the conversations and applies the chat template
+itself, RewardTrainer gets rm-lightning's token ids (its documented pre-tokenized input).
 
 Settings: 8 pairs a step, gradient accumulation 1, lr 1e-5 constant, TRL's default optimizer
 (fused AdamW, weight decay 0), no gradient clipping, no evaluation, logging or saving, no
@@ -30,7 +27,6 @@ from benchmarks.batches import BatchSpec, batch_pairs, chat_encoder
 from benchmarks.measure import PeakMemory, synchronize
 from rm_lightning.backbones import BUNDLED_MODEL, TINY_BACKBONES, ensure_bundled_model_cached, load_backbone
 from rm_lightning.errors import RMLightningError
-from rm_lightning.pairs import chat_formatter
 
 
 def pretokenized(pairs, tokenizer) -> list[dict]:
@@ -39,13 +35,13 @@ def pretokenized(pairs, tokenizer) -> list[dict]:
     return [{"chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids} for e in encoded]
 
 
-def preformatted(pairs, tokenizer) -> list[dict]:
-    format_texts = chat_formatter(tokenizer)
-    rows = []
-    for pair in pairs:
-        prompt, chosen = format_texts(pair.prompt, pair.chosen)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": format_texts(pair.prompt, pair.rejected)[1]})
-    return rows
+def conversations(pairs) -> list[dict]:
+    """Pairs in TRL's conversational preference format; TRL's chat templating then yields the
+    same prompt and response tokens as rm-lightning's (the response is all that follows the
+    prompt in the templated conversation, end of turn included)."""
+    return [{"prompt": [{"role": "user", "content": pair.prompt}],
+             "chosen": [{"role": "assistant", "content": pair.chosen}],
+             "rejected": [{"role": "assistant", "content": pair.rejected}]} for pair in pairs]
 
 
 def pretrained_path(backbone: str) -> str:
@@ -92,7 +88,7 @@ def _dpo_trainer(backbone: str, pairs, args: dict, callback):
     from trl import DPOConfig, DPOTrainer
 
     policy, tokenizer = load_backbone(backbone)
-    dataset = Dataset.from_list(preformatted(pairs, tokenizer))
+    dataset = Dataset.from_list(conversations(pairs))
     reference, _ = load_backbone(backbone)
     config = DPOConfig(**args, beta=0.01, loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=False)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=dataset,
