@@ -19,14 +19,18 @@ def run_dir_of(root: Path) -> Path:
     return versions[-1]
 
 
+def fit_persona_config(config: str, tmp_path: Path, max_steps: int, *args: str) -> Path:
+    """``cli.py fit`` of a shipped persona config on a tiny model; returns the run directory."""
+    override = tiny_override(tmp_path, max_steps=max_steps, reference_cache_dir=tmp_path / "ref"
+                             if "imrm" in config else None)
+    cli.main(["fit", "--config", str(PROJECT_ROOT / config), "--config", str(override), *args])
+    return run_dir_of(tmp_path)
+
+
 @pytest.mark.parametrize("config", PERSONA_CONFIGS)
 def test_shipped_persona_config_fits_and_leaves_artifacts(config, tmp_path):
-    override = tiny_override(tmp_path, max_steps=3, reference_cache_dir=tmp_path / "ref"
-                             if "imrm" in config else None)
-    cli.main(["fit", "--config", str(PROJECT_ROOT / config), "--config", str(override),
-              "--data.init_args.num_train", "12", "--data.init_args.num_test", "4",
-              "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null"])
-    run = run_dir_of(tmp_path)
+    run = fit_persona_config(config, tmp_path, 3, "--data.init_args.num_train", "12", "--data.init_args.num_test", "4",
+                             "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null")
     assert list(run.glob("events.out.tfevents.*"))
     assert (run / "margin_history.png").stat().st_size > 1000
     rows = list(csv.DictReader(open(run / "margin_history.csv")))
@@ -38,12 +42,10 @@ def test_shipped_persona_config_fits_and_leaves_artifacts(config, tmp_path):
 @pytest.mark.parametrize("config", PERSONA_CONFIGS)
 def test_bf16_mixed_precision_trains_on_cpu(config, tmp_path):
     """`trainer.precision: bf16-mixed` runs on the CPU (autocast) with finite losses."""
-    override = tiny_override(tmp_path, max_steps=2, reference_cache_dir=tmp_path / "ref"
-                             if "imrm" in config else None)
-    cli.main(["fit", "--config", str(PROJECT_ROOT / config), "--config", str(override),
-              "--trainer.precision", "bf16-mixed", "--trainer.limit_val_batches", "1",
-              "--data.init_args.num_train", "8", "--data.init_args.num_test", "4"])
-    rows = [row for row in csv.DictReader(open(run_dir_of(tmp_path) / "margin_history.csv")) if row["split"] == "train"]
+    run = fit_persona_config(config, tmp_path, 2, "--trainer.precision", "bf16-mixed",
+                             "--trainer.limit_val_batches", "1", "--data.init_args.num_train", "8",
+                             "--data.init_args.num_test", "4")
+    rows = [row for row in csv.DictReader(open(run / "margin_history.csv")) if row["split"] == "train"]
     assert len(rows) == 2
     losses = [float(row["loss"]) for row in rows]
     assert all(0.0 < loss < 10.0 for loss in losses)
