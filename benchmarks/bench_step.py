@@ -36,8 +36,8 @@ from rm_lightning.errors import RMLightningError  # noqa: E402
 WORKER = Path(__file__).resolve().parent / "worker.py"
 RM_TYPES = ("exrm", "imrm", "exgrm")
 BATCHES = ("persona", "ultrafeedback")
-VARIANTS = ("ours", "ours-padded", "ours-ckpt", "naive", "trl", "trl-ckpt")
-# the -ckpt variants (activation checkpointing) are about memory, which only the persona targets ask about
+VARIANTS = ("ours", "ours-padded", "ours-ckpt", "ours-lean", "naive", "trl", "trl-ckpt")
+# the -ckpt and -lean variants are about memory, which only the persona targets ask about
 DEFAULT_VARIANTS = {"persona": VARIANTS, "ultrafeedback": ("ours", "ours-padded", "naive", "trl")}
 
 
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rm", nargs="+", choices=RM_TYPES, default=list(RM_TYPES))
     parser.add_argument("--batches", nargs="+", choices=BATCHES, default=list(BATCHES))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                        help="default: all on persona, all but the -ckpt ones on ultrafeedback")
+                        help="default: all on persona, all but the -ckpt and -lean ones on ultrafeedback")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
                         help="auto: fp32, plus bf16 where its measured matmul peak beats fp32's")
     parser.add_argument("--backbone", default=BUNDLED_MODEL)

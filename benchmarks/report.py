@@ -118,7 +118,8 @@ def targets(runs: list[dict], peaks: dict[str, float]) -> list[Target]:
         found.append(Target(f"persona {RM_NAMES[rm]} throughput / TRL {TRL_TRAINERS[rm]}",
                             _ratio(ours, trl, "pairs_per_s"), goal, True,
                             f"{_variant(ours)} vs {_variant(trl)}"))
-    ours, trl = leanest(runs, "persona", "imrm", ("ours", "ours-ckpt")), leanest(runs, "persona", "imrm", PEERS["trl"])
+    ours = leanest(runs, "persona", "imrm", ("ours", "ours-ckpt", "ours-lean"))
+    trl = leanest(runs, "persona", "imrm", PEERS["trl"])
     found.append(Target("persona IM-RM peak memory / TRL DPOTrainer", _ratio(ours, trl, "peak_mem_mb"), 0.6, False,
                         f"{_variant(ours)} vs {_variant(trl)}"))
     best_precision = max(peaks, key=peaks.get)

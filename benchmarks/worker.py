@@ -46,13 +46,14 @@ def batch_stats(rm_type: str, shape: ModelShape, batch: dict[str, torch.Tensor])
 
 
 def run_module_step(spec: dict, memory: PeakMemory) -> dict:
-    """Ours (length-bucketed, padded, or with activation checkpointing) or the naive step."""
+    """Ours (length-bucketed, padded, with activation checkpointing, or lean) or the naive step."""
     device, variant, rm_type = spec["device"], spec["variant"], spec["rm"]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-ref-") as cache:
         extra = {"reference_cache_dir": cache} if rm_type == "imrm" else {}
-        checkpointing = variant == "ours-ckpt"
-        module = RM_CLASSES[rm_type](backbone=spec["backbone"], activation_checkpointing=checkpointing, **extra)
+        lean = variant == "ours-lean"  # and optimizer steps folded into backward
+        module = RM_CLASSES[rm_type](backbone=spec["backbone"], activation_checkpointing=lean or variant == "ours-ckpt",
+                                     optimizer_in_backward=lean, **extra)
         module.to(device)
         encoded = encoded_batch(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))), module)
         result = {}

@@ -41,12 +41,20 @@ class PreferenceDataModule(L.LightningDataModule):
         truncate: cut over-long texts instead of dropping the pair (never to an empty response).
         length_bucketing: batch pairs of similar length together (less padding, same data).
         seed: shuffling seed of the training order.
+        eval_every_n_epochs: ``{eval set: N}`` evaluates that set only at every N-th epoch's
+            validation and at the last epoch's, while training (``validate``/``test`` always
+            evaluate every set). For large sets whose curve matters less than their final figure:
+            evaluation can cost more than training.
     """
 
     def __init__(self, batch_size: int = 16, eval_batch_size: int = 32, max_prompt_tokens: Optional[int] = 512,
                  max_response_tokens: Optional[int] = 512, truncate: bool = False, length_bucketing: bool = True,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, num_workers: int = 0, eval_every_n_epochs: dict[str, int] = {}):
         super().__init__()
+        for name, every in eval_every_n_epochs.items():
+            if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+                raise DataError(f"eval_every_n_epochs.{name}: expected a whole number >= 1, got {every!r}")
+        self.eval_every_n_epochs = dict(eval_every_n_epochs)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_prompt_tokens, self.max_response_tokens, self.truncate = max_prompt_tokens, max_response_tokens, truncate
         self.length_bucketing, self.seed, self.num_workers = length_bucketing, seed, num_workers
@@ -81,6 +89,10 @@ class PreferenceDataModule(L.LightningDataModule):
         if not len(self.train_set):
             raise DataError(f"{type(self).__name__}: no training pair left after the length caps "
                             f"(max_prompt_tokens={self.max_prompt_tokens}, max_response_tokens={self.max_response_tokens})")
+        unknown = sorted(set(self.eval_every_n_epochs) - set(eval_sets))
+        if unknown:
+            raise DataError(f"eval_every_n_epochs: no eval set named {', '.join(map(repr, unknown))}; "
+                            f"the eval sets are {', '.join(eval_sets)}")
         self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder) for name, s in eval_sets.items()}
         rank_zero_info(self.summary())
 

@@ -67,6 +67,21 @@ def test_tensorboard_holds_margin_scalars_and_histograms(tmp_path):
     assert "val/paraphrased_test_prompts/margins" in events.Tags()["histograms"]
 
 
+def test_eval_every_n_epochs_evaluates_a_set_at_its_epochs_and_the_last(tmp_path):
+    override = tiny_override(tmp_path, max_steps=-1, max_epochs=3)
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
+              "--data.init_args.num_train", "8", "--data.init_args.num_test", "4",
+              "--data.init_args.eval_every_n_epochs", '{"paraphrased_train_prompts": 2, "original_train_prompts": 5}'])
+    rows = [row for row in csv.DictReader(open(run_dir_of(tmp_path) / "margin_history.csv")) if row["split"] == "val"]
+
+    def epochs(name: str) -> list[int]:
+        return sorted(int(row["epoch"]) for row in rows if row["set"] == name)
+
+    assert epochs("paraphrased_test_prompts") == epochs("original_test_prompts") == [0, 1, 2]
+    assert epochs("paraphrased_train_prompts") == [1, 2]
+    assert epochs("original_train_prompts") == [2]
+
+
 def run_cli(*args: str, cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "cli.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -90,6 +105,8 @@ def test_bad_inputs_end_in_one_clear_line(tmp_path):
                                                   "--data.init_args.path", str(broken)))
     backbone = error_line(run_cli(*base, "--model.init_args.backbone", str(tmp_path / "no-model")))
     assert "cannot load backbone" in backbone
+    schedule = error_line(run_cli(*base, "--data.init_args.eval_every_n_epochs", '{"paraphrased": 2}'))
+    assert "eval_every_n_epochs" in schedule and "'paraphrased'" in schedule and "paraphrased_test_prompts" in schedule
     unknown_source = run_cli(*base, "--data.init_args.source", "wikipedia")
     assert unknown_source.returncode != 0 and "source" in unknown_source.stderr
     assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.csv"))

@@ -1,0 +1,95 @@
+"""Optimizer steps folded into backward: each parameter is updated, and its gradient freed, as
+soon as backward has finished accumulating it.
+
+Full fine-tuning with Adam holds weights, gradients and two moments: 16 bytes per fp32
+parameter. Gradients are only needed from the moment backward produces them until the
+optimizer reads them, so stepping each parameter in its post-accumulate-grad hook means at most
+a few gradients exist at once: a quarter of that memory (0.5 GB for a 135M model) disappears.
+
+The price: nothing can look at all gradients together. Gradient clipping, gradient
+accumulation over micro-batches, a loss scaler (fp16) and gradient all-reduce across processes
+(DDP, FSDP) all need that, so ``check_trainer_supports`` refuses them with one clear line.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from rm_lightning.errors import RMLightningError
+
+
+class OptimizerInBackward(torch.optim.Optimizer):
+    """One optimizer per parameter (from ``factory``), stepped by that parameter's backward hook.
+
+    To Lightning and LR schedulers it looks like one optimizer: ``param_groups`` are the inner
+    optimizers' own groups (a scheduler's new lr reaches them), ``state_dict`` holds every inner
+    state, and ``step(closure)`` only runs the closure, because backward has already stepped.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], factory: Callable[[list], torch.optim.Optimizer]):
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise RMLightningError("optimizer_in_backward: no trainable parameters")
+        self.per_parameter = [factory([p]) for p in params]
+        super().__init__(params, defaults={})
+        self._share_param_groups()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step_parameter(optimizer))
+                       for p, optimizer in zip(params, self.per_parameter)]
+
+    def _share_param_groups(self) -> None:
+        """Point ``param_groups`` at the inner groups (again after loading, which replaces them)."""
+        self.param_groups = [group for optimizer in self.per_parameter for group in optimizer.param_groups]
+
+    @staticmethod
+    def _step_parameter(optimizer: torch.optim.Optimizer):
+        def hook(_parameter: torch.Tensor) -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return hook
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.per_parameter:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"per_parameter": [optimizer.state_dict() for optimizer in self.per_parameter]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict.get("per_parameter")
+        if states is None or len(states) != len(self.per_parameter):
+            found = "none" if states is None else len(states)
+            raise RMLightningError(f"optimizer_in_backward: the checkpoint holds {found} per-parameter optimizer "
+                                   f"states, this model has {len(self.per_parameter)} trainable parameters")
+        for optimizer, state in zip(self.per_parameter, states):
+            optimizer.load_state_dict(state)
+        self._share_param_groups()
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def check_trainer_supports(trainer) -> None:
+    """Refuse the settings that need every gradient at once (see the module docstring)."""
+    problems = []
+    if trainer.world_size > 1:
+        problems.append(f"{trainer.world_size} processes (gradients must be reduced across processes first)")
+    if trainer.accumulate_grad_batches > 1:
+        problems.append(f"accumulate_grad_batches={trainer.accumulate_grad_batches}")
+    if trainer.gradient_clip_val:
+        problems.append(f"gradient_clip_val={trainer.gradient_clip_val}")
+    if getattr(trainer.precision_plugin, "scaler", None) is not None:
+        problems.append(f"precision {trainer.precision} (its loss scaler unscales all gradients together)")
+    if problems:
+        raise RMLightningError("optimizer_in_backward needs every gradient only once, at its own parameter; it "
+                               f"cannot run with {', '.join(problems)}. Set model.init_args.optimizer_in_backward: false")
