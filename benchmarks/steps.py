@@ -9,7 +9,6 @@ reference model on every step instead of reading cached reference log-probs.
 
 from __future__ import annotations
 
-import functools
 import time
 from contextlib import nullcontext
 from typing import Callable
@@ -58,7 +57,10 @@ def use_length_buckets(module, enabled: bool) -> None:
     An instance attribute, so the benchmark controls the path whatever ``module.py`` defaults to.
     """
     forward = bucketed_hidden_states if enabled else padded_hidden_states
-    module.hidden_states = functools.partial(forward, module.decoder)
+
+    def hidden_states(batch, decoder=None):
+        return forward(module.decoder if decoder is None else decoder, batch)
+    module.hidden_states = hidden_states
 
 
 def our_loss(module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from rm_lightning.backbones import cache_dir, load_backbone
 from rm_lightning.logprobs import response_token_logps, sum_per_row
 from rm_lightning.module import RewardModule
-from rm_lightning.packing import padded_hidden_states
 from rm_lightning.pairs import EncodedPairs
 
 
@@ -82,7 +81,7 @@ class ImplicitRM(RewardModule):
             return batch["reference_logps"]
         reference = self.reference_model()
         with torch.no_grad():
-            hidden = padded_hidden_states(reference.base_model, batch)
+            hidden = self.hidden_states(batch, decoder=reference.base_model)
             return self.response_logps(hidden, batch, model=reference)
 
     def reference_model(self) -> torch.nn.Module:
@@ -146,7 +145,7 @@ class ImplicitRM(RewardModule):
         for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
             batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
             with context():
-                hidden = padded_hidden_states(model.base_model, batch)
+                hidden = self.hidden_states(batch, decoder=model.base_model)
                 chosen, rejected = self.response_logps(hidden, batch, model=model).double().cpu().chunk(2)
             values.append(torch.stack([chosen, rejected], dim=1))
         model.train(was_training).to(original_device)

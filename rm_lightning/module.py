@@ -141,12 +141,18 @@ class RewardModule(L.LightningModule):
         """The transformer without its LM head (e.g. ``LlamaModel``), so no vocab logits are computed."""
         return self.model.base_model
 
-    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def hidden_states(self, batch: dict[str, torch.Tensor], decoder: nn.Module | None = None) -> torch.Tensor:
+        """Final hidden states of ``decoder`` (default: the policy's) on ``batch``.
+
+        A frozen reference goes through the same path as the policy, so that identical weights
+        give bit-identical log-probs (an untrained IM-RM's rewards are exactly 0).
+        """
+        decoder = self.decoder if decoder is None else decoder
         # Under FSDP every rank must make the same decoder calls (each gathers weights collectively),
         # and the number of length groups depends on each rank's own batch: one padded call there.
         if self.hparams.length_buckets and self.device_mesh is None:
-            return bucketed_hidden_states(self.decoder, batch)
-        return padded_hidden_states(self.decoder, batch)
+            return bucketed_hidden_states(decoder, batch)
+        return padded_hidden_states(decoder, batch)
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.compute_rewards(self.hidden_states(batch), batch)

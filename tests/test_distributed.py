@@ -64,6 +64,7 @@ data:
     num_test: 6
     batch_size: 2
     eval_batch_size: 8
+    eval_every_n_epochs: {{}}  # every set at every epoch, so each eval step can be compared
 """)
     return path
 

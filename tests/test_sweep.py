@@ -92,7 +92,8 @@ def test_switching_rm_type_drops_init_args_of_the_other_class(capsys, monkeypatc
     explicit = _print_config(capsys, monkeypatch, IMRM_CONFIG, "rm_lightning.ExplicitRM")
     assert explicit["class_path"] == "rm_lightning.ExplicitRM"
     assert "beta" not in explicit["init_args"] and explicit["init_args"]["pooling"] == "last"
-    assert explicit["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(1e-5)  # shared args survive
+    configured_lr = yaml.safe_load(IMRM_CONFIG.read_text())["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+    assert explicit["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(float(configured_lr))  # shared args survive
     implicit = _print_config(capsys, monkeypatch, EXRM_CONFIG, "rm_lightning.ImplicitRM")
     assert "pooling" not in implicit["init_args"] and implicit["init_args"]["beta"] == pytest.approx(0.01)
 
