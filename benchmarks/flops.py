@@ -1,10 +1,13 @@
 """Useful model FLOPs of one training step, the numerator of model-FLOP utilization (MFU).
 
 "Useful" means the work any correct implementation of the RM type must do on the batch's
-real tokens; every variant of one (batch, RM type) is credited the same amount, so MFU
+real tokens, each pair's common prefix counted once: a chosen and a rejected row that start
+with the same tokens have the same hidden states there, so computing them twice is not needed
+(``rm_lightning.pair_packing`` does not). Every variant of one (batch, RM type) is credited the same amount, so MFU
 ratios equal throughput ratios. Counted, per real (non-pad) token of each row, forward:
 
 * ``2 * P`` for the decoder's matmuls, with ``P`` its parameters without the token embedding;
+  a rejected row's tokens inside its pair's common prefix are not counted again;
 * ``4 * hidden * t`` per layer for causal attention at position ``t`` (QK^T and AV);
 * the output head where the RM reads it: IM-RM the LM head (``2 * hidden * vocab``) at each
   position that predicts a response token, EX-GRM the LM head at the last position of each
@@ -20,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from rm_lightning.pair_packing import common_prefix_length
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,22 @@ def head_positions(rm_type: str, batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].shape[0])
 
 
+def distinct_rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """(real tokens, leading tokens shared with the pair's chosen row) of every row; chosen rows share 0."""
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(dim=1).tolist()
+    tokens = torch.split(batch["input_ids"][mask], lengths)
+    pairs = len(lengths) // 2
+    shared = [0] * pairs + [common_prefix_length(tokens[pair], tokens[pairs + pair]) for pair in range(pairs)]
+    return list(zip(lengths, shared))
+
+
 def useful_training_flops(shape: ModelShape, rm_type: str, batch: dict[str, torch.Tensor]) -> float:
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
     forward = 0.0
-    for length in lengths:
-        forward += 2 * shape.decoder_params * length
-        forward += 4 * shape.hidden * shape.layers * length * (length + 1) / 2
+    for length, shared in distinct_rows(batch):
+        forward += 2 * shape.decoder_params * (length - shared)
+        # a token at position t attends to t + 1 keys
+        forward += 4 * shape.hidden * shape.layers * (length * (length + 1) - shared * (shared + 1)) / 2
     head_width = 1 if rm_type == "exrm" else shape.vocab
     forward += 2 * shape.hidden * head_width * head_positions(rm_type, batch)
     return 3 * forward

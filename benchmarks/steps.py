@@ -17,6 +17,7 @@ import torch
 
 from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.packing import bucketed_hidden_states, padded_hidden_states
+from rm_lightning.pair_packing import packed_hidden_states
 
 
 def autocast(device: str, precision: str):
@@ -51,15 +52,23 @@ class TrainingStep:
         self.phases.append({"forward": forward - start, "backward": backward - forward, "optimizer": end - backward})
 
 
-def use_length_buckets(module, enabled: bool) -> None:
-    """Make ``module.hidden_states`` the length-bucketed forward or the padded one.
+# variant name -> (decoder layout, whether a packed batch shares each pair's common prefix)
+LAYOUTS = {"packed": ("packed", True), "unshared": ("packed", False), "bucketed": ("bucketed", True),
+           "padded": ("padded", True)}
 
-    An instance attribute, so the benchmark controls the path whatever ``module.py`` defaults to.
+
+def use_decoder_layout(module, layout: str) -> None:
+    """Make ``module.hidden_states`` one decoder layout of ``LAYOUTS``, whatever the module's default.
+
+    ``unshared`` packs the real tokens but computes a pair's prompt twice, as a padded batch does,
+    so the padding saving can be told apart from the shared-prefix one.
     """
-    forward = bucketed_hidden_states if enabled else padded_hidden_states
+    kind, share = LAYOUTS[layout]
+    forwards = {"packed": lambda decoder, batch: packed_hidden_states(decoder, batch, share_prefix=share),
+                "bucketed": bucketed_hidden_states, "padded": padded_hidden_states}
 
     def hidden_states(batch, decoder=None):
-        return forward(module.decoder if decoder is None else decoder, batch)
+        return forwards[kind](module.decoder if decoder is None else decoder, batch)
     module.hidden_states = hidden_states
 
 

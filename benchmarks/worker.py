@@ -37,6 +37,8 @@ from rm_lightning.pairs import PairCollator  # noqa: E402
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary
 transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
+# ours, ours-ckpt and ours-lean run the module's default, packed pairs with shared prefixes
+OUR_LAYOUTS = {"ours-unshared": "unshared", "ours-bucketed": "bucketed", "ours-padded": "padded"}
 RM_CLASSES = {"exrm": ExplicitRM, "imrm": ImplicitRM, "exgrm": ExplicitGenerativeRM}
 
 
@@ -46,7 +48,7 @@ def batch_stats(rm_type: str, shape: ModelShape, batch: dict[str, torch.Tensor])
 
 
 def run_module_step(spec: dict, memory: PeakMemory) -> dict:
-    """Ours (length-bucketed, padded, with activation checkpointing, or lean) or the naive step."""
+    """Ours (in one of its decoder layouts, with activation checkpointing, or lean) or the naive step."""
     device, variant, rm_type = spec["device"], spec["variant"], spec["rm"]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-ref-") as cache:
@@ -55,6 +57,8 @@ def run_module_step(spec: dict, memory: PeakMemory) -> dict:
         module = RM_CLASSES[rm_type](backbone=spec["backbone"], activation_checkpointing=lean or variant == "ours-ckpt",
                                      optimizer_in_backward=lean, **extra)
         module.to(device)
+        if variant != "naive":
+            bench_steps.use_decoder_layout(module, OUR_LAYOUTS.get(variant, "packed"))
         encoded = encoded_batch(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))), module)
         result = {}
         if rm_type == "imrm" and variant != "naive":
@@ -66,7 +70,6 @@ def run_module_step(spec: dict, memory: PeakMemory) -> dict:
     if variant == "naive":
         loss_fn = naive_loss(module, rm_type, batch, spec)
     else:
-        bench_steps.use_length_buckets(module, enabled=variant != "ours-padded")
         loss_fn = bench_steps.our_loss(module, batch)
     step = bench_steps.TrainingStep(loss_fn, module.configure_optimizers(), device, spec["precision"])
     memory.reset()

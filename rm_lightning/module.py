@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import lightning as L
 import torch
@@ -14,10 +14,12 @@ from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.metrics import NormalizedRewardMargin, PairwiseAccuracy
 from rm_lightning.optim_in_backward import OptimizerInBackward, check_trainer_supports
 from rm_lightning.packing import bucketed_hidden_states, padded_hidden_states
+from rm_lightning.pair_packing import packed_hidden_states
 from rm_lightning.pairs import LengthBucketSampler, PairCollator, PairEncoder, chat_formatter
 from rm_lightning.sharding import shard_reward_module
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+DECODER_LAYOUTS = ("packed", "bucketed", "padded")
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
@@ -84,9 +86,12 @@ class RewardModule(L.LightningModule):
         padding_side: side of padding in batches; rewards do not depend on it.
         activation_checkpointing: recompute decoder layers in backward to save memory.
         extra_tokens: tokens to add to the tokenizer (embeddings resized), e.g. ``<sep>``.
-        length_buckets: run the decoder on groups of rows of similar length inside a batch, so
-            compute follows real tokens rather than the longest row (``rm_lightning.packing``);
-            not under FSDP, where ranks must make identical decoder calls.
+        decoder_layout: how a batch goes through the decoder. ``packed`` (default): one call over
+            the batch's real tokens, each pair's common prefix (the prompt) computed once for
+            chosen and rejected (``rm_lightning.pair_packing``); ``bucketed``: one call per group
+            of rows of similar length (``rm_lightning.packing``; padded under FSDP, where ranks
+            must make identical decoder calls); ``padded``: one call on the padded batch. All
+            three give the same hidden states up to float rounding.
         optimizer_in_backward: step each parameter in backward as soon as its gradient is
             complete, and free that gradient (``rm_lightning.optim_in_backward``): a quarter
             less memory for Adam, with the same updates; one process, no gradient accumulation
@@ -96,8 +101,11 @@ class RewardModule(L.LightningModule):
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
                  lr_scheduler: Optional[SchedulerFactory] = None, padding_side: str = "right",
                  activation_checkpointing: bool = False, extra_tokens: list[str] = [],
-                 length_buckets: bool = True, optimizer_in_backward: bool = False):
+                 decoder_layout: Literal["packed", "bucketed", "padded"] = "packed",
+                 optimizer_in_backward: bool = False):
         super().__init__()
+        if decoder_layout not in DECODER_LAYOUTS:
+            raise ValueError(f"decoder_layout must be one of {DECODER_LAYOUTS}, got {decoder_layout!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
@@ -148,9 +156,12 @@ class RewardModule(L.LightningModule):
         give bit-identical log-probs (an untrained IM-RM's rewards are exactly 0).
         """
         decoder = self.decoder if decoder is None else decoder
+        layout = self.hparams.decoder_layout
+        if layout == "packed":
+            return packed_hidden_states(decoder, batch)
         # Under FSDP every rank must make the same decoder calls (each gathers weights collectively),
         # and the number of length groups depends on each rank's own batch: one padded call there.
-        if self.hparams.length_buckets and self.device_mesh is None:
+        if layout == "bucketed" and self.device_mesh is None:
             return bucketed_hidden_states(decoder, batch)
         return padded_hidden_states(decoder, batch)
 

@@ -20,7 +20,7 @@ from benchmarks.batches import (  # noqa: E402
 from benchmarks.flops import ModelShape, useful_training_flops  # noqa: E402
 from benchmarks.measure import PeakMemory, matmul_peak_gflops  # noqa: E402
 from benchmarks.steps import (  # noqa: E402
-    full_vocab_response_logps, naive_exrm_loss, naive_imrm_loss, our_loss, use_length_buckets,
+    LAYOUTS, full_vocab_response_logps, naive_exrm_loss, naive_imrm_loss, our_loss, use_decoder_layout,
 )
 from rm_lightning import ExplicitRM, ImplicitRM  # noqa: E402
 from rm_lightning.pairs import EncodedPair, PairCollator  # noqa: E402
@@ -47,16 +47,16 @@ def test_naive_imrm_with_the_initial_reference_gives_log_2(imrm_and_batch):
     assert naive_imrm_loss(module, reference, batch)().item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
 
 
-def test_naive_exrm_loss_equals_ours_with_and_without_buckets():
+def test_naive_exrm_loss_equals_ours_in_every_decoder_layout():
     module = ExplicitRM(backbone="tiny-llama-chat", head_init="normal")  # a zero head makes every loss log 2
     batch = module.collator()(encoded_batch(BatchSpec("persona"), module).pairs)
     naive = naive_exrm_loss(module, batch)().item()
-    for enabled in (True, False):
-        use_length_buckets(module, enabled)
-        assert our_loss(module, batch)().item() == pytest.approx(naive, abs=1e-6)
+    for layout in LAYOUTS:
+        use_decoder_layout(module, layout)
+        assert our_loss(module, batch)().item() == pytest.approx(naive, abs=1e-6), layout
 
 
-def test_useful_flops_count_real_tokens_and_the_head_where_read():
+def test_useful_flops_count_distinct_real_tokens_and_the_head_where_read():
     module = ImplicitRM(backbone="tiny-llama", reference="none")
     shape = ModelShape.of(module.model)
     config = module.model.config
@@ -64,8 +64,9 @@ def test_useful_flops_count_real_tokens_and_the_head_where_read():
     embedding_and_head = 2 * shape.vocab * shape.hidden  # untied in tiny-llama
     assert shape.decoder_params == sum(p.numel() for p in module.model.parameters()) - embedding_and_head
     batch = PairCollator(0)([EncodedPair([5, 6, 7, 8], 2, [5, 6, 9], 2)])
-    attention = 4 * shape.hidden * shape.layers * (4 * 5 / 2 + 3 * 4 / 2)
-    forward = 2 * shape.decoder_params * 7 + attention
+    # the rejected row's first two tokens are the chosen row's: only its third is new work
+    attention = 4 * shape.hidden * shape.layers * (4 * 5 / 2 + 3)
+    forward = 2 * shape.decoder_params * 5 + attention
     assert useful_training_flops(shape, "imrm", batch) == pytest.approx(3 * (forward + 2 * shape.hidden * shape.vocab * 3))
     assert useful_training_flops(shape, "exrm", batch) == pytest.approx(3 * (forward + 2 * shape.hidden * 2))
 

@@ -1,0 +1,102 @@
+"""Packed pairs: one decoder call over real tokens, shared prefixes once, same states and gradients as padded."""
+
+import pytest
+import torch
+
+from rm_lightning import ExplicitRM, ImplicitRM
+from rm_lightning.loss import bradley_terry_loss
+from rm_lightning.packing import padded_hidden_states
+from rm_lightning.pair_packing import PackedPairs, packed_hidden_states
+from rm_lightning.pairs import EncodedPair, PairCollator
+
+
+def test_layout_runs_a_shared_prefix_once_and_continues_its_positions():
+    batch = PairCollator(0)([EncodedPair([5, 6, 7, 8], 2, [5, 6, 9], 2), EncodedPair([4, 3], 1, [7, 3, 2], 1)])
+    packed = PackedPairs.from_batch(batch)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3, 7, 3, 2]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 0, 1, 2]]
+    assert packed.shared_tokens == 2
+    pad = packed.num_tokens  # batch positions past a row's end read the zero row
+    assert packed.gather_index.tolist() == [[0, 1, 2, 3], [5, 6, pad, pad], [0, 1, 4, pad], [7, 8, 9, pad]]
+    unshared = PackedPairs.from_batch(batch, share_prefix=False)
+    assert unshared.num_tokens == 12 and unshared.shared_tokens == 0
+
+
+def edge_case_pairs(vocab: int, seed: int = 0) -> list[EncodedPair]:
+    """Shared prompts of several lengths, a rejected row inside the chosen one, the reverse, identical rows,
+    and a pair with nothing in common."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(3, vocab - 1, (n,), generator=generator).tolist()
+
+    pairs = []
+    for prompt, chosen, rejected in [(5, 4, 6), (20, 10, 3), (1, 30, 2), (12, 9, 9)]:
+        shared = tokens(prompt)
+        pairs.append(EncodedPair(shared + tokens(chosen), prompt, shared + tokens(rejected), prompt))
+    long = tokens(14)
+    pairs += [EncodedPair(long, 4, long[:9], 4), EncodedPair(long[:6], 4, long, 4), EncodedPair(long, 4, long, 4),
+              EncodedPair(tokens(7), 3, tokens(9), 3)]
+    return pairs
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_packed_forward_matches_padded_at_real_positions(padding_side, share_prefix):
+    module = ExplicitRM(backbone="tiny-llama", padding_side=padding_side)
+    module.model.eval()
+    batch = module.collator()(edge_case_pairs(len(module.tokenizer)))
+    with torch.no_grad():
+        padded = padded_hidden_states(module.decoder, batch)
+        packed = packed_hidden_states(module.decoder, batch, share_prefix=share_prefix)
+        padded_again = padded_hidden_states(module.decoder, batch)  # the model still runs padded batches
+    real = batch["attention_mask"].bool()
+    assert packed.shape == padded.shape
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-4)
+    assert torch.all(packed[~real] == 0)
+    assert torch.equal(padded_again, padded)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_rewards_and_gradients_match_padded(checkpointing):
+    module = ImplicitRM(backbone="tiny-llama", reference="none", beta=1.0, activation_checkpointing=checkpointing)
+    batch = PairCollator(module.tokenizer.pad_token_id)(edge_case_pairs(len(module.tokenizer), seed=1))
+
+    def loss_and_grads(hidden_fn):
+        module.zero_grad()
+        chosen, rejected = module.compute_rewards(hidden_fn(module.decoder, batch), batch).chunk(2)
+        loss = bradley_terry_loss(chosen, rejected)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in module.model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    padded_loss, padded_grads = loss_and_grads(padded_hidden_states)
+    packed_loss, packed_grads = loss_and_grads(packed_hidden_states)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_packed_bf16_autocast_stays_close_to_padded():
+    module = ExplicitRM(backbone="tiny-llama")
+    module.model.eval()
+    batch = module.collator()(edge_case_pairs(len(module.tokenizer), seed=2))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        padded = padded_hidden_states(module.decoder, batch).float()
+        packed = packed_hidden_states(module.decoder, batch).float()
+    real = batch["attention_mask"].bool()
+    assert (packed[real] - padded[real]).abs().max() < 0.1 * padded[real].abs().max()
+
+
+def test_untrained_imrm_rewards_are_exactly_zero_with_packed_pairs():
+    module = ImplicitRM(backbone="tiny-llama", cache_reference=False)
+    assert module.hparams.decoder_layout == "packed"
+    batch = module.collator()(edge_case_pairs(len(module.tokenizer), seed=3))
+    with torch.no_grad():
+        assert torch.equal(module.rewards(batch), torch.zeros(batch["input_ids"].shape[0]))
+
+
+def test_unknown_decoder_layout_is_refused():
+    with pytest.raises(ValueError, match="decoder_layout"):
+        ExplicitRM(backbone="tiny-llama", decoder_layout="ragged")
