@@ -2,19 +2,21 @@
 
 A padded batch spends compute on pad positions, and its chosen and rejected rows repeat the
 same prompt: on Persona 43% of a batch's real tokens are the second copy of a prompt. Here the
-real tokens of the whole batch are laid out in one row, pair after pair: the chosen sequence,
-then only the part of the rejected sequence after the longest prefix it shares with the chosen
-one. Every query attends within its own pair: a chosen token to the chosen tokens before it,
+real tokens of the whole batch are laid out in one row, row after row, except that a rejected
+row starts after the longest prefix it shares with its chosen row. Every query attends within its own pair: a chosen token to the chosen tokens before it,
 a rejected-suffix token to the shared prefix and to the suffix tokens before it. Position ids
 continue the prefix, so each token sees exactly what it would see in its own padded row, and
 hidden states equal the padded forward's up to float rounding. ``unpack`` lays them back into
 the batch's [rows, width, hidden] layout (pad positions 0), so rewards and losses downstream do
 not change.
 
-Attention per pair is a registered Hugging Face attention function (``rm_packed_<base>``) that
-loops SDPA over the pair segments when a decoder call carries ``packed_pairs``, and otherwise
-hands over to the model's own implementation, so the same model still runs padded batches
-(and a gradient-checkpointed layer recomputes with the same function and segments).
+Attention is a registered Hugging Face attention function (``rm_packed_<base>``). When a
+decoder call carries ``packed_pairs`` it gathers each segment's queries and keys into a small
+padded grid and runs one masked attention over all segments; otherwise it hands over to the
+model's own implementation, so the same model still runs padded batches (and a
+gradient-checkpointed layer recomputes with the same function and layout). Only that attention
+grid is padded: the matmuls, nearly all of the FLOPs, run on the packed row. On a GPU a
+variable-length flash kernel would drop the grid's padding too; not done yet.
 """
 
 from __future__ import annotations
@@ -31,21 +33,29 @@ PACKED_PREFIX = "rm_packed_"
 
 
 @dataclass
+class AttentionGroup:
+    """Segments whose attention runs in one call, padded to the group's longest queries and keys."""
+
+    query_index: torch.Tensor  # [segments, queries]: packed position of each query (0 at padding)
+    key_index: torch.Tensor  # [segments, keys]: packed position of each key (0 at padding)
+    mask: torch.Tensor  # [segments, 1, queries, keys] bool: which keys each query sees
+
+
+@dataclass
 class PackedPairs:
     """Where every real token of a pair batch (chosen rows 0..B-1, rejected B..2B-1) sits in one packed row.
 
-    Attention runs as one SDPA call over "segments", each the queries of one row (a chosen
-    sequence, or a rejected suffix) with the keys they may see (the chosen sequence; the shared
-    prefix and the suffix), gathered from the packed row into a small padded grid.
+    Attention runs over "segments", each the queries of one row (a chosen sequence, or a
+    rejected suffix) with the keys they may see (the chosen sequence; the shared prefix and the
+    suffix), gathered from the packed row into padded grids, one per group of segments of
+    similar size (``plan_attention_groups``).
     """
 
     input_ids: torch.Tensor  # [1, N]
     position_ids: torch.Tensor  # [1, N]
     gather_index: torch.Tensor  # [rows, width]: packed position of each batch position; N at padding
-    query_index: torch.Tensor  # [segments, queries]: packed position of each query (0 at padding)
-    key_index: torch.Tensor  # [segments, keys]: packed position of each key (0 at padding)
-    attention_mask: torch.Tensor  # [segments, 1, queries, keys] bool: which keys each query sees
-    output_index: torch.Tensor  # [N]: the flat (segment, query) slot holding each packed position's output
+    attention_groups: list[AttentionGroup]
+    output_index: torch.Tensor  # [N]: the (group, segment, query) slot, flattened, of each packed position's output
     shared_tokens: int = 0  # real tokens computed once for both rows of a pair
 
     @property
@@ -58,43 +68,89 @@ class PackedPairs:
         rows, width = mask.shape
         if rows % 2:
             raise ValueError(f"a pair batch has chosen then rejected rows, so an even row count; got {rows}")
-        pairs, device = rows // 2, mask.device
         lengths = mask.sum(dim=1).tolist()
         row_ids = torch.split(batch["input_ids"][mask], lengths)
         row_positions = torch.split(batch["position_ids"][mask], lengths)
-        ids, positions, row_index, segments = [], [], [None] * rows, []  # segments: (queries, keys)
-        offset = shared = 0
-        for pair in range(pairs):
-            chosen, rejected = row_ids[pair], row_ids[pair + pairs]
-            common = common_prefix_length(chosen, rejected) if share_prefix else 0
-            suffix_start, end = offset + len(chosen), offset + len(chosen) + len(rejected) - common
-            ids += [chosen, rejected[common:]]
-            positions += [row_positions[pair], row_positions[pair + pairs][common:]]
-            chosen_range, suffix_range = list(range(offset, suffix_start)), list(range(suffix_start, end))
-            row_index[pair] = chosen_range
-            row_index[pair + pairs] = chosen_range[:common] + suffix_range
-            segments += [(chosen_range, chosen_range), (suffix_range, row_index[pair + pairs])]
-            offset, shared = end, shared + common
-        segments = [(queries, keys) for queries, keys in segments if queries]
-        packed_positions = torch.cat(positions)
-        gather_index = torch.full((rows, width), offset, dtype=torch.long, device=device)
-        gather_index[mask] = torch.tensor([i for indices in row_index for i in indices], dtype=torch.long, device=device)
-        query_index, query_real = _padded_index([q for q, _ in segments], device)
-        key_index, key_real = _padded_index([k for _, k in segments], device)
-        # causal within a segment: a key is seen when its position is not after the query's
-        sees = packed_positions[key_index][:, None, :] <= packed_positions[query_index][:, :, None]
-        sees &= key_real[:, None, :]
-        sees[:, :, 0] |= ~query_real  # a padding query sees one key, so no row of the softmax is empty
-        slots = torch.arange(query_index.numel(), device=device).view_as(query_index)
-        output_index = torch.empty(offset, dtype=torch.long, device=device)
-        output_index[query_index[query_real]] = slots[query_real]
-        return cls(torch.cat(ids)[None], packed_positions[None], gather_index, query_index, key_index,
-                   sees[:, None], output_index, shared)
+        skipped, row_index, segments = lay_out_pairs(row_ids, share_prefix)
+        ids = torch.cat([tokens[skip:] for tokens, skip in zip(row_ids, skipped)])
+        positions = torch.cat([row[skip:] for row, skip in zip(row_positions, skipped)])
+        gather_index = torch.full((rows, width), len(ids), dtype=torch.long, device=mask.device)
+        gather_index[mask] = torch.tensor([i for indices in row_index for i in indices], device=mask.device)
+        attention = segment_tensors(segments, positions)
+        return cls(ids[None], positions[None], gather_index, *attention, shared_tokens=sum(skipped))
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[1, N, hidden] packed states -> [rows, width, hidden], zeros at pad positions."""
         states = torch.cat([packed[0], packed.new_zeros(1, packed.shape[-1])])
         return states.index_select(0, self.gather_index.reshape(-1)).view(*self.gather_index.shape, -1)
+
+
+def lay_out_pairs(row_ids: list[torch.Tensor], share_prefix: bool):
+    """The packed order of a pair batch's rows, as plain lists.
+
+    The packed row is every row in batch order, each from its first token not already computed:
+    a rejected row skips the prefix it shares with its chosen row. Returns per row the tokens
+    it skips and the packed positions of all its tokens (the shared ones in its chosen row),
+    and the attention segments as (query positions, key positions).
+    """
+    pairs = len(row_ids) // 2
+    skipped = [0] * pairs + [common_prefix_length(row_ids[p], row_ids[pairs + p]) if share_prefix else 0
+                             for p in range(pairs)]
+    starts, offset = [], 0
+    for tokens, skip in zip(row_ids, skipped):
+        starts.append(offset)
+        offset += len(tokens) - skip
+    row_index = [list(range(start, start + len(tokens) - skip))
+                 for tokens, start, skip in zip(row_ids, starts, skipped)]
+    segments = [(row_index[p], row_index[p]) for p in range(pairs)]
+    for p in range(pairs):
+        suffix = row_index[pairs + p]
+        row_index[pairs + p] = row_index[p][:skipped[pairs + p]] + suffix
+        segments.append((suffix, row_index[pairs + p]))
+    return skipped, row_index, [(queries, keys) for queries, keys in segments if queries]
+
+
+# One more attention call costs about as much as this many (query, key) cells of a group's grid.
+ATTENTION_CALL_CELLS = {"cpu": 4096, "cuda": 2 ** 18}
+
+
+def plan_attention_groups(sizes: list[tuple[int, int]], call_cells: int) -> list[list[int]]:
+    """Segment indices grouped so that grid cells (segments x longest queries x longest keys) plus
+    ``call_cells`` per group are fewest, over groups that are runs of the segments sorted by size."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest_keys = 0
+        for start in range(end - 1, -1, -1):
+            longest_keys = max(longest_keys, sizes[order[start]][1])
+            cost = best[start] + (end - start) * sizes[order[end - 1]][0] * longest_keys + call_cells
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torch.Tensor):
+    """(attention groups, output_index) of ``PackedPairs`` for the segments."""
+    device = positions.device
+    call_cells = ATTENTION_CALL_CELLS.get(device.type, ATTENTION_CALL_CELLS["cuda"])
+    plan = plan_attention_groups([(len(q), len(k)) for q, k in segments], call_cells)
+    groups, output_index, slots = [], torch.empty(len(positions), dtype=torch.long, device=device), 0
+    for members in plan:
+        query_index, query_real = _padded_index([segments[i][0] for i in members], device)
+        key_index, key_real = _padded_index([segments[i][1] for i in members], device)
+        # causal within a segment: a key is seen when its position is not after the query's
+        sees = positions[key_index][:, None, :] <= positions[query_index][:, :, None]
+        sees &= key_real[:, None, :]
+        sees[:, :, 0] |= ~query_real  # a padding query sees one key, so no row of the softmax is empty
+        group_slots = slots + torch.arange(query_index.numel(), device=device).view_as(query_index)
+        output_index[query_index[query_real]] = group_slots[query_real]
+        groups.append(AttentionGroup(query_index, key_index, sees[:, None]))
+        slots += query_index.numel()
+    return groups, output_index
 
 
 def _padded_index(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +196,8 @@ def segment_attention(query, key, value, mask, scaling: float | None, dropout: f
         else:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-            out = F.dropout(torch.softmax(scores, dim=-1), p=dropout) @ value
+            weights = torch.softmax(scores, dim=-1)
+            out = (F.dropout(weights, p=dropout) if dropout else weights) @ value
     return out.to(dtype)
 
 
@@ -152,14 +209,16 @@ def packed_pair_attention(base: str):
         if packed_pairs is None:
             return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
                                                  scaling=scaling, **kwargs)
-        layout = packed_pairs
-        query = _gather_segments(query, layout.query_index)
-        key, value = _gather_segments(key, layout.key_index), _gather_segments(value, layout.key_index)
-        groups = getattr(module, "num_key_value_groups", 1)
-        if groups > 1:  # grouped-query attention: every query head needs its key/value head
-            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        out = segment_attention(query, key, value, layout.attention_mask, scaling, dropout)
-        out = out.transpose(0, 1).flatten(1, 2).index_select(1, layout.output_index)  # [heads, N, dim]
+        repeats = getattr(module, "num_key_value_groups", 1)
+        if repeats > 1:  # grouped-query attention: every query head needs its key/value head
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        outputs = []
+        for group in packed_pairs.attention_groups:
+            out = segment_attention(_gather_segments(query, group.query_index),
+                                    _gather_segments(key, group.key_index), _gather_segments(value, group.key_index),
+                                    group.mask, scaling, dropout)  # [segments, heads, queries, dim]
+            outputs.append(out.transpose(0, 1).flatten(1, 2))
+        out = torch.cat(outputs, dim=1).index_select(1, packed_pairs.output_index)  # [heads, N, dim]
         return out.transpose(0, 1).unsqueeze(0).contiguous(), None
 
     return attention

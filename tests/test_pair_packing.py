@@ -6,18 +6,19 @@ import torch
 from rm_lightning import ExplicitRM, ImplicitRM
 from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.packing import padded_hidden_states
-from rm_lightning.pair_packing import PackedPairs, packed_hidden_states
+from rm_lightning.pair_packing import PackedPairs, packed_hidden_states, plan_attention_groups
 from rm_lightning.pairs import EncodedPair, PairCollator
 
 
 def test_layout_runs_a_shared_prefix_once_and_continues_its_positions():
     batch = PairCollator(0)([EncodedPair([5, 6, 7, 8], 2, [5, 6, 9], 2), EncodedPair([4, 3], 1, [7, 3, 2], 1)])
     packed = PackedPairs.from_batch(batch)
-    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3, 7, 3, 2]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 0, 1, 2]]
+    # chosen rows, then the rejected rows without the prefix they share with theirs
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 4, 3, 9, 7, 3, 2]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
     assert packed.shared_tokens == 2
     pad = packed.num_tokens  # batch positions past a row's end read the zero row
-    assert packed.gather_index.tolist() == [[0, 1, 2, 3], [5, 6, pad, pad], [0, 1, 4, pad], [7, 8, 9, pad]]
+    assert packed.gather_index.tolist() == [[0, 1, 2, 3], [4, 5, pad, pad], [0, 1, 6, pad], [7, 8, 9, pad]]
     unshared = PackedPairs.from_batch(batch, share_prefix=False)
     assert unshared.num_tokens == 12 and unshared.shared_tokens == 0
 
@@ -100,3 +101,11 @@ def test_untrained_imrm_rewards_are_exactly_zero_with_packed_pairs():
 def test_unknown_decoder_layout_is_refused():
     with pytest.raises(ValueError, match="decoder_layout"):
         ExplicitRM(backbone="tiny-llama", decoder_layout="ragged")
+
+
+def test_attention_groups_keep_similar_segments_together():
+    sizes = [(60, 60), (10, 62), (58, 58), (9, 61), (190, 190), (188, 188)]
+    groups = plan_attention_groups(sizes, call_cells=4096)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert sorted(map(sorted, groups)) == [[0, 2], [1, 3], [4, 5]]
+    assert plan_attention_groups(sizes, call_cells=10 ** 9) == [sorted(range(6), key=lambda i: sizes[i])]
