@@ -19,8 +19,8 @@ from rm_lightning.pairs import LengthBucketSampler, PairCollator, PairEncoder, c
 from rm_lightning.sharding import shard_reward_module
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
-DECODER_LAYOUTS = ("packed", "bucketed", "padded")
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+DECODER_LAYOUTS = ("packed", "bucketed", "padded")
 
 
 def adam_1e5(params: Iterable) -> torch.optim.Optimizer:

@@ -1,4 +1,7 @@
-"""Length-bucketed decoder forward: a padded batch costs what its real tokens cost.
+"""Length-bucketed decoder forward (``decoder_layout: bucketed``) and the plain padded one.
+
+The default layout, packed pairs (``rm_lightning.pair_packing``), goes further: one decoder
+call, and each pair's prompt computed once.
 
 ``PairCollator`` pads every row of a batch to its longest row, and a decoder spends the same
 compute on a pad position as on a real one. When lengths differ a lot (one 200-token row among
