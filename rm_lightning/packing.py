@@ -21,6 +21,8 @@ similar lengths stays one group and a ragged one is split where it pays.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,22 @@ def default_overhead_tokens(device: torch.device) -> int:
     return DEFAULT_OVERHEAD_TOKENS.get(torch.device(device).type, 4096)
 
 
+def cheapest_runs(count: int, run_cost: Callable[[int, int], float]) -> list[tuple[int, int]]:
+    """Split ``0..count`` into contiguous runs ``[start, end)`` whose summed ``run_cost`` is smallest."""
+    best = [0.0] + [float("inf")] * count  # best[end]: cost of covering the first `end` items
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        for start in range(end):
+            cost = best[start] + run_cost(start, end)
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    runs, end = [], count
+    while end > 0:
+        runs.append((cut[end], end))
+        end = cut[end]
+    return runs[::-1]
+
+
 def plan_length_buckets(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
     """Row indices grouped so that padded tokens + ``overhead_tokens`` per group is smallest.
 
@@ -41,19 +59,8 @@ def plan_length_buckets(lengths: list[int], overhead_tokens: int) -> list[list[i
     one never adds padding, so some optimal grouping is of that form.
     """
     order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    sorted_lengths = [lengths[row] for row in order]
-    best = [0] + [float("inf")] * len(order)  # best[end]: cost of covering the first `end` sorted rows
-    cut = [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        for start in range(end):
-            cost = best[start] + (end - start) * sorted_lengths[end - 1] + overhead_tokens
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups, end = [], len(order)
-    while end > 0:
-        groups.append(order[cut[end]:end])
-        end = cut[end]
-    return groups[::-1]
+    runs = cheapest_runs(len(order), lambda start, end: (end - start) * lengths[order[end - 1]] + overhead_tokens)
+    return [order[start:end] for start, end in runs]
 
 
 def padded_hidden_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from rm_lightning.packing import cheapest_runs
+
 PACKED_PREFIX = "rm_packed_"
 
 
@@ -118,19 +120,12 @@ def plan_attention_groups(sizes: list[tuple[int, int]], call_cells: int) -> list
     """Segment indices grouped so that grid cells (segments x longest queries x longest keys) plus
     ``call_cells`` per group are fewest, over groups that are runs of the segments sorted by size."""
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
-    best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        longest_keys = 0
-        for start in range(end - 1, -1, -1):
-            longest_keys = max(longest_keys, sizes[order[start]][1])
-            cost = best[start] + (end - start) * sizes[order[end - 1]][0] * longest_keys + call_cells
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups, end = [], len(order)
-    while end > 0:
-        groups.append(order[cut[end]:end])
-        end = cut[end]
-    return groups[::-1]
+
+    def grid_cells(start: int, end: int) -> int:
+        longest_keys = max(sizes[i][1] for i in order[start:end])
+        return (end - start) * sizes[order[end - 1]][0] * longest_keys + call_cells
+
+    return [order[start:end] for start, end in cheapest_runs(len(order), grid_cells)]
 
 
 def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torch.Tensor):

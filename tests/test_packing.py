@@ -47,19 +47,22 @@ def test_bucketed_forward_matches_padded_at_real_positions(padding_side):
     assert torch.all(bucketed[~real] == 0)
 
 
+def loss_and_grads(module, batch, hidden_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Bradley-Terry loss of ``module`` on ``batch`` with the decoder run by ``hidden_fn``, and its gradients."""
+    module.zero_grad()
+    chosen, rejected = module.compute_rewards(hidden_fn(module.decoder, batch), batch).chunk(2)
+    loss = bradley_terry_loss(chosen, rejected)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in module.model.named_parameters() if p.grad is not None}
+
+
 def test_bucketed_rewards_and_gradients_match_padded():
     module = ImplicitRM(backbone="tiny-llama", reference="none", beta=1.0)
     batch = PairCollator(module.tokenizer.pad_token_id)(ragged_pairs(len(module.tokenizer), seed=1))
-
-    def loss_and_grad(hidden_fn):
-        module.zero_grad()
-        chosen, rejected = module.compute_rewards(hidden_fn(module.decoder, batch), batch).chunk(2)
-        loss = bradley_terry_loss(chosen, rejected)
-        loss.backward()
-        return loss.detach(), module.model.get_input_embeddings().weight.grad.clone()
-
-    padded_loss, padded_grad = loss_and_grad(padded_hidden_states)
-    bucketed_loss, bucketed_grad = loss_and_grad(lambda d, b: bucketed_hidden_states(d, b, overhead_tokens=0))
+    padded_loss, padded_grads = loss_and_grads(module, batch, padded_hidden_states)
+    bucketed_loss, bucketed_grads = loss_and_grads(
+        module, batch, lambda decoder, b: bucketed_hidden_states(decoder, b, overhead_tokens=0))
     torch.testing.assert_close(bucketed_loss, padded_loss, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(bucketed_grad, padded_grad, atol=1e-5, rtol=1e-3)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(bucketed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from rm_lightning import ExplicitRM, ImplicitRM
-from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.packing import padded_hidden_states
 from rm_lightning.pair_packing import PackedPairs, packed_hidden_states, plan_attention_groups
 from rm_lightning.pairs import EncodedPair, PairCollator
+from test_packing import loss_and_grads  # tests/ is on the path, as for conftest
 
 
 def test_layout_runs_a_shared_prefix_once_and_continues_its_positions():
@@ -62,17 +62,8 @@ def test_packed_forward_matches_padded_at_real_positions(padding_side, share_pre
 def test_packed_rewards_and_gradients_match_padded(checkpointing):
     module = ImplicitRM(backbone="tiny-llama", reference="none", beta=1.0, activation_checkpointing=checkpointing)
     batch = PairCollator(module.tokenizer.pad_token_id)(edge_case_pairs(len(module.tokenizer), seed=1))
-
-    def loss_and_grads(hidden_fn):
-        module.zero_grad()
-        chosen, rejected = module.compute_rewards(hidden_fn(module.decoder, batch), batch).chunk(2)
-        loss = bradley_terry_loss(chosen, rejected)
-        loss.backward()
-        grads = {name: p.grad.clone() for name, p in module.model.named_parameters() if p.grad is not None}
-        return loss.detach(), grads
-
-    padded_loss, padded_grads = loss_and_grads(padded_hidden_states)
-    packed_loss, packed_grads = loss_and_grads(packed_hidden_states)
+    padded_loss, padded_grads = loss_and_grads(module, batch, padded_hidden_states)
+    packed_loss, packed_grads = loss_and_grads(module, batch, packed_hidden_states)
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
     assert packed_grads.keys() == padded_grads.keys()
     for name, grad in padded_grads.items():
