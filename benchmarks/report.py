@@ -140,9 +140,9 @@ def padding_target(runs: list[dict], rm: str) -> Target:
     The packed run that does not share prompts (``ours-unshared``) is the one compared, so the
     figure is the padding saving alone; the default, which also shares them, is in the detail.
     """
-    def run_of(variant: str, precision: str | None = None) -> dict | None:
-        return next((r for r in runs if (r["batch"], r["rm"], r["variant"]) == ("ultrafeedback", rm, variant)
-                     and (precision is None or r["precision"] == precision) and "error" not in r), None)
+    def run_of(variant: str, precision: str) -> dict | None:
+        return next((r for r in runs if (r["batch"], r["rm"], r["variant"], r["precision"])
+                     == ("ultrafeedback", rm, variant, precision) and "error" not in r), None)
 
     packed = fastest(runs, "ultrafeedback", rm, ("ours-unshared",))
     padded = shared = None

@@ -112,6 +112,19 @@ def test_ratios_and_targets_use_each_peer_at_its_best_precision():
     assert "DPOTrainer+ckpt" in report.table(runs)
 
 
+def test_padding_target_compares_unshared_packing_with_padding_at_one_precision():
+    def run(variant, precision, seconds):
+        return {"batch": "ultrafeedback", "rm": "exrm", "variant": variant, "precision": precision,
+                "median_s": seconds, "padding_fraction": 0.5}
+
+    runs = [run("ours-unshared", "bf16", 5.0), run("ours-padded", "bf16", 10.0), run("ours", "bf16", 4.0),
+            run("ours-padded", "fp32", 6.0), run("ours-unshared", "fp32", 5.5)]
+    target = report.padding_target(runs, "exrm")
+    assert target.value == pytest.approx(0.5) and target.met is True
+    assert "with shared prompts 0.40" in target.detail and "bf16" in target.detail
+    assert report.padding_target(runs, "imrm").met is None
+
+
 def test_one_command_runs_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
     command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_step.py"), "--backbone", "tiny-llama-chat",
