@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rm_lightning.pair_packing import common_prefix_length
+from rm_lightning.pair_packing import lay_out_pairs
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,8 @@ def distinct_rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
     """(real tokens, leading tokens shared with the pair's chosen row) of every row; chosen rows share 0."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
-    tokens = torch.split(batch["input_ids"][mask], lengths)
-    pairs = len(lengths) // 2
-    shared = [0] * pairs + [common_prefix_length(tokens[pair], tokens[pairs + pair]) for pair in range(pairs)]
-    return list(zip(lengths, shared))
+    skipped, _, _ = lay_out_pairs(torch.split(batch["input_ids"][mask], lengths), share_prefix=True)
+    return list(zip(lengths, skipped))
 
 
 def useful_training_flops(shape: ModelShape, rm_type: str, batch: dict[str, torch.Tensor]) -> float:

@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 
 from rm_lightning.loss import bradley_terry_loss
-from rm_lightning.packing import bucketed_hidden_states, padded_hidden_states
 from rm_lightning.pair_packing import packed_hidden_states
 
 
@@ -52,24 +51,26 @@ class TrainingStep:
         self.phases.append({"forward": forward - start, "backward": backward - forward, "optimizer": end - backward})
 
 
-# variant name -> (decoder layout, whether a packed batch shares each pair's common prefix)
-LAYOUTS = {"packed": ("packed", True), "unshared": ("packed", False), "bucketed": ("bucketed", True),
-           "padded": ("padded", True)}
+# the module's decoder layouts, plus "unshared": packed, but each row's prompt computed for itself
+LAYOUTS = ("packed", "unshared", "bucketed", "padded")
 
 
 def use_decoder_layout(module, layout: str) -> None:
-    """Make ``module.hidden_states`` one decoder layout of ``LAYOUTS``, whatever the module's default.
+    """Run ``module`` with one of ``LAYOUTS``, whatever it was built with.
 
-    ``unshared`` packs the real tokens but computes a pair's prompt twice, as a padded batch does,
-    so the padding saving can be told apart from the shared-prefix one.
+    The module's own layouts go through its own ``hidden_states``. ``unshared`` packs the real
+    tokens but computes a pair's prompt twice, as a padded batch does, so the padding saving
+    can be told apart from the shared-prefix one; no module option does that, so it replaces
+    ``hidden_states`` on the instance.
     """
-    kind, share = LAYOUTS[layout]
-    forwards = {"packed": lambda decoder, batch: packed_hidden_states(decoder, batch, share_prefix=share),
-                "bucketed": bucketed_hidden_states, "padded": padded_hidden_states}
-
-    def hidden_states(batch, decoder=None):
-        return forwards[kind](module.decoder if decoder is None else decoder, batch)
-    module.hidden_states = hidden_states
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown decoder layout {layout!r}; expected one of {LAYOUTS}")
+    module.__dict__.pop("hidden_states", None)  # an earlier "unshared"
+    module.hparams.decoder_layout = "packed" if layout == "unshared" else layout
+    if layout == "unshared":
+        def hidden_states(batch, decoder=None):
+            return packed_hidden_states(module.decoder if decoder is None else decoder, batch, share_prefix=False)
+        module.hidden_states = hidden_states
 
 
 def our_loss(module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:

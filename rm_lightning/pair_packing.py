@@ -3,20 +3,20 @@
 A padded batch spends compute on pad positions, and its chosen and rejected rows repeat the
 same prompt: on Persona 43% of a batch's real tokens are the second copy of a prompt. Here the
 real tokens of the whole batch are laid out in one row, row after row, except that a rejected
-row starts after the longest prefix it shares with its chosen row. Every query attends within its own pair: a chosen token to the chosen tokens before it,
-a rejected-suffix token to the shared prefix and to the suffix tokens before it. Position ids
-continue the prefix, so each token sees exactly what it would see in its own padded row, and
-hidden states equal the padded forward's up to float rounding. ``unpack`` lays them back into
-the batch's [rows, width, hidden] layout (pad positions 0), so rewards and losses downstream do
-not change.
+row starts after the longest prefix it shares with its chosen row. Every query attends within
+its own pair: a chosen token to the chosen tokens before it, a rejected-suffix token to the
+shared prefix and to the suffix tokens before it. Position ids continue the prefix, so each
+token sees exactly what it would see in its own padded row, and hidden states equal the padded
+forward's up to float rounding. ``unpack`` lays them back into the batch's [rows, width,
+hidden] layout (pad positions 0), so rewards and losses downstream do not change.
 
 Attention is a registered Hugging Face attention function (``rm_packed_<base>``). When a
-decoder call carries ``packed_pairs`` it gathers each segment's queries and keys into a small
-padded grid and runs one masked attention over all segments; otherwise it hands over to the
-model's own implementation, so the same model still runs padded batches (and a
-gradient-checkpointed layer recomputes with the same function and layout). Only that attention
-grid is padded: the matmuls, nearly all of the FLOPs, run on the packed row. On a GPU a
-variable-length flash kernel would drop the grid's padding too; not done yet.
+decoder call carries ``packed_pairs`` it gathers each segment's queries and keys into small
+padded grids, one per group of similar-sized segments, and runs one masked attention per grid;
+otherwise it hands over to the model's own implementation, so the same model still runs padded
+batches (and a gradient-checkpointed layer recomputes with the same function and layout). Only
+the attention grids are padded: the matmuls, nearly all of the FLOPs, run on the packed row. On
+a GPU a variable-length flash kernel would drop the grid's padding too; not done yet.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def segment_attention(query, key, value, mask, scaling: float | None, dropout: f
 
 
 def packed_pair_attention(base: str):
-    """The attention function ``rm_packed_<base>``: per-segment SDPA on packed calls, ``base`` otherwise."""
+    """The attention function ``rm_packed_<base>``: grouped segment attention on packed calls, ``base`` otherwise."""
 
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                   packed_pairs: PackedPairs | None = None, **kwargs):
