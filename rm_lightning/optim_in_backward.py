@@ -6,6 +6,9 @@ parameter. Gradients are only needed from the moment backward produces them unti
 optimizer reads them, so stepping each parameter in its post-accumulate-grad hook means at most
 a few gradients exist at once: a quarter of that memory (0.5 GB for a 135M model) disappears.
 
+Adam's moments are allocated up front (``allocate_adam_state``) rather than at each parameter's
+first step, which here falls in the middle of the first backward.
+
 The price: nothing can look at all gradients together. Gradient clipping, gradient
 accumulation over micro-batches, a loss scaler (fp16) and gradient all-reduce across processes
 (DDP, FSDP) all need that, so ``check_trainer_supports`` refuses them with one clear line.
@@ -16,8 +19,36 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 import torch
+from torch.optim.optimizer import _get_scalar_dtype
 
 from rm_lightning.errors import RMLightningError
+
+
+def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of an Adam (or AdamW) optimizer the zero state its first step would create.
+
+    Adam creates its moments lazily. Stepped from backward hooks, that happens in the middle of
+    the first backward, interleaved with activations freed a moment later; the allocator then
+    keeps the holes between them, and on CPU the peak resident memory of the following steps
+    is 100-200 MB higher for a 135M model (``benchmarks/``). Allocated before training, the
+    moments sit together. The updates are unchanged: Adam only initializes state it finds empty.
+    Other optimizers keep their lazy state.
+    """
+    if not isinstance(optimizer, torch.optim.Adam):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state:
+                continue
+            # where and in which dtype Adam keeps its step count, as its own initialization does
+            if group["capturable"] or group["fused"]:
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=param.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+            for name in moments:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 class OptimizerInBackward(torch.optim.Optimizer):
@@ -33,6 +64,8 @@ class OptimizerInBackward(torch.optim.Optimizer):
         if not params:
             raise RMLightningError("optimizer_in_backward: no trainable parameters")
         self.per_parameter = [factory([p]) for p in params]
+        for optimizer in self.per_parameter:
+            allocate_adam_state(optimizer)
         super().__init__(params, defaults={})
         self._share_param_groups()
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_parameter(optimizer))

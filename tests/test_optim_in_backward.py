@@ -7,6 +7,7 @@ import torch
 from data_modules import PersonaDataModule
 from rm_lightning import ExplicitRM, ImplicitRM
 from rm_lightning.errors import RMLightningError
+from rm_lightning.optim_in_backward import allocate_adam_state
 
 
 class Recorder(L.Callback):
@@ -76,3 +77,38 @@ def test_refuses_gradient_accumulation_and_clipping(tmp_path):
                           ({"gradient_clip_val": 1.0}, "gradient_clip_val=1.0")]:
         with pytest.raises(RMLightningError, match=named):
             fit(ExplicitRM, True, tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False, amsgrad=True),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=True),
+], ids=["fused", "amsgrad", "adamw"])
+def test_state_allocated_up_front_matches_adams_own(make):
+    """Same state layout (keys, dtypes, devices) and the same updates as Adam's lazy initialization."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(7)]
+    lazy_params = [torch.nn.Parameter(t.clone()) for t in start]
+    eager_params = [torch.nn.Parameter(t.clone()) for t in start]
+    lazy, eager = make(lazy_params), make(eager_params)
+    allocate_adam_state(eager)
+    assert all(eager.state[p]["exp_avg"].abs().sum() == 0 for p in eager_params)
+    for _ in range(3):
+        grads = [torch.randn_like(t) for t in start]
+        for params, optimizer in ((lazy_params, lazy), (eager_params, eager)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(lazy_params, eager_params):
+        assert torch.equal(a, b)
+    for a, b in zip(lazy.state_dict()["state"].values(), eager.state_dict()["state"].values()):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key].dtype, a[key].device, a[key].shape) == (b[key].dtype, b[key].device, b[key].shape), key
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_other_optimizers_keep_their_lazy_state():
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    allocate_adam_state(sgd)
+    assert not sgd.state
