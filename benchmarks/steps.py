@@ -74,7 +74,7 @@ def use_decoder_layout(module, layout: str) -> None:
 
 
 def our_loss(module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
-    return lambda: module.pair_loss(batch)[0]
+    return lambda: module.run_pair_loss(batch)[0]
 
 
 # --- naive ---------------------------------------------------------------------------------------

@@ -149,3 +149,29 @@ def test_explicit_rm_head_init_options():
     zero = ExplicitRM(backbone="tiny-llama-chat", head_init="zeros")
     assert torch.count_nonzero(zero.head.weight) == 0
     assert torch.equal(zero.rewards(batch_of(zero, PAIRS)), torch.zeros(2 * len(PAIRS)))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_autocast_weight_cache_is_off_only_under_activation_checkpointing(checkpointing, monkeypatch):
+    """The cache only changes memory: loss and gradients are bit-identical with it and without."""
+    module = ExplicitGenerativeRM(backbone="tiny-llama-chat", activation_checkpointing=checkpointing)
+    batch = batch_of(module, PAIRS)
+    seen = []
+    pair_loss = module.pair_loss
+
+    def recording_pair_loss(batch):
+        seen.append(torch.is_autocast_cache_enabled())
+        return pair_loss(batch)
+
+    monkeypatch.setattr(module, "pair_loss", recording_pair_loss)
+    results = []
+    for run in (module.run_pair_loss, module.pair_loss):
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = run(batch)[0]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None]))
+    assert seen == [not checkpointing, True] and torch.is_autocast_cache_enabled()
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and len(grads_a) == len(grads_b) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
