@@ -33,6 +33,19 @@ def adam_1e5(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-5, fused=True)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder layer, under the name this transformers version uses.
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` (now a deprecated alias that warns)
+    to ``activation_checkpointing_enable``; the project supports versions from before the rename.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @contextmanager
 def autocast_weight_cache(enabled: bool) -> Iterator[None]:
     """Turn autocast's cache of low-precision weight copies on or off for the block.
@@ -135,7 +148,7 @@ class RewardModule(L.LightningModule):
         self.eval_every_n_epochs: dict[str, int] = {}
         self.last_eval: dict[str, dict[str, torch.Tensor]] = {}
         if activation_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
 
     # --- what a subclass implements -----------------------------------------------------------
 
