@@ -25,15 +25,22 @@ def derive(run: dict, peaks: dict[str, float]) -> None:
 PEERS = {"trl": ("trl", "trl-ckpt"), "naive": ("naive",)}
 
 
+def completed(runs: list[dict], batch: str, rm: str, variants: tuple[str, ...],
+              precision: str | None = None) -> list[dict]:
+    """The runs of any of ``variants`` (at ``precision``, if given) that finished without an error."""
+    return [r for r in runs if r["batch"] == batch and r["rm"] == rm and r["variant"] in variants
+            and precision in (None, r["precision"]) and "error" not in r]
+
+
 def fastest(runs: list[dict], batch: str, rm: str, variants: tuple[str, ...]) -> dict | None:
     """The fastest run of any of ``variants`` (so each peer at its best precision and setting)."""
-    done = [r for r in runs if r["batch"] == batch and r["rm"] == rm and r["variant"] in variants and "error" not in r]
+    done = completed(runs, batch, rm, variants)
     return min(done, key=lambda r: r["median_s"]) if done else None
 
 
 def leanest(runs: list[dict], batch: str, rm: str, variants: tuple[str, ...]) -> dict | None:
     """The run of any of ``variants`` with the smallest peak memory."""
-    done = [r for r in runs if r["batch"] == batch and r["rm"] == rm and r["variant"] in variants and "error" not in r]
+    done = completed(runs, batch, rm, variants)
     return min(done, key=lambda r: r["peak_mem_mb"]) if done else None
 
 
@@ -141,8 +148,7 @@ def padding_target(runs: list[dict], rm: str) -> Target:
     figure is the padding saving alone; the default, which also shares them, is in the detail.
     """
     def run_of(variant: str, precision: str) -> dict | None:
-        return next((r for r in runs if (r["batch"], r["rm"], r["variant"], r["precision"])
-                     == ("ultrafeedback", rm, variant, precision) and "error" not in r), None)
+        return next(iter(completed(runs, "ultrafeedback", rm, (variant,), precision)), None)
 
     packed = fastest(runs, "ultrafeedback", rm, ("ours-unshared",))
     padded = shared = None
