@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from rm_lightning.loss import bradley_terry_loss
+from rm_lightning.module import DECODER_LAYOUTS
 from rm_lightning.pair_packing import packed_hidden_states
 
 
@@ -52,7 +53,7 @@ class TrainingStep:
 
 
 # the module's decoder layouts, plus "unshared": packed, but each row's prompt computed for itself
-LAYOUTS = ("packed", "unshared", "bucketed", "padded")
+LAYOUTS = (*DECODER_LAYOUTS, "unshared")
 
 
 def use_decoder_layout(module, layout: str) -> None:

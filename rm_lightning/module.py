@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional, get_args
 
 import lightning as L
 import torch
@@ -21,7 +21,8 @@ from rm_lightning.sharding import shard_reward_module
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-DECODER_LAYOUTS = ("packed", "bucketed", "padded")
+DecoderLayout = Literal["packed", "bucketed", "padded"]
+DECODER_LAYOUTS = get_args(DecoderLayout)
 
 
 def adam_1e5(params: Iterable) -> torch.optim.Optimizer:
@@ -133,7 +134,7 @@ class RewardModule(L.LightningModule):
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
                  lr_scheduler: Optional[SchedulerFactory] = None, padding_side: str = "right",
                  activation_checkpointing: bool = False, extra_tokens: list[str] = [],
-                 decoder_layout: Literal["packed", "bucketed", "padded"] = "packed",
+                 decoder_layout: DecoderLayout = "packed",
                  optimizer_in_backward: bool = False):
         super().__init__()
         if decoder_layout not in DECODER_LAYOUTS:
