@@ -58,11 +58,15 @@ class PackedPairs:
     gather_index: torch.Tensor  # [rows, width]: packed position of each batch position; N at padding
     attention_groups: list[AttentionGroup]
     output_index: torch.Tensor  # [N]: the (group, segment, query) slot, flattened, of each packed position's output
-    shared_tokens: int = 0  # real tokens computed once for both rows of a pair
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def shared_tokens(self) -> int:
+        """Real tokens of the batch computed once for both rows of their pair."""
+        return int((self.gather_index < self.num_tokens).sum()) - self.num_tokens
 
     @classmethod
     def from_batch(cls, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> "PackedPairs":
@@ -79,7 +83,7 @@ class PackedPairs:
         gather_index = torch.full((rows, width), len(ids), dtype=torch.long, device=mask.device)
         gather_index[mask] = torch.tensor([i for indices in row_index for i in indices], device=mask.device)
         attention = segment_tensors(segments, positions)
-        return cls(ids[None], positions[None], gather_index, *attention, shared_tokens=sum(skipped))
+        return cls(ids[None], positions[None], gather_index, *attention)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[1, N, hidden] packed states -> [rows, width, hidden], zeros at pad positions."""
