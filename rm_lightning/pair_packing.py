@@ -86,9 +86,13 @@ class PackedPairs:
         return cls(ids[None], positions[None], gather_index, *attention)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """[1, N, hidden] packed states -> [rows, width, hidden], zeros at pad positions."""
+        """[1, N, hidden] packed states -> [rows, width, hidden], zeros at pad positions.
+
+        Indexed in one step so that the result is not a view: FSDP2 warns when its root module
+        returns one, since an in-place op on a view would skip its pre-backward hook.
+        """
         states = torch.cat([packed[0], packed.new_zeros(1, packed.shape[-1])])
-        return states.index_select(0, self.gather_index.reshape(-1)).view(*self.gather_index.shape, -1)
+        return states[self.gather_index]
 
 
 def lay_out_pairs(row_ids: list[torch.Tensor], share_prefix: bool):
