@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
 from rm_lightning.backbones import load_backbone
+from rm_lightning.compiled_layers import compile_decoder_layers
 from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.metrics import NormalizedRewardMargin, PairwiseAccuracy
 from rm_lightning.optim_in_backward import OptimizerInBackward, check_trainer_supports
@@ -129,13 +130,16 @@ class RewardModule(L.LightningModule):
             complete, and free that gradient (``rm_lightning.optim_in_backward``): a quarter
             less memory for Adam, with the same updates; one process, no gradient accumulation
             or clipping.
+        compile_layers: ``torch.compile`` each decoder layer when the trainer sets the model up
+            (``rm_lightning.compiled_layers``): about 15% faster steps on a CPU after a one-off
+            compile of tens of seconds.
     """
 
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
                  lr_scheduler: Optional[SchedulerFactory] = None, padding_side: str = "right",
                  activation_checkpointing: bool = False, extra_tokens: list[str] = [],
                  decoder_layout: DecoderLayout = "packed",
-                 optimizer_in_backward: bool = False):
+                 optimizer_in_backward: bool = False, compile_layers: bool = False):
         super().__init__()
         if decoder_layout not in DECODER_LAYOUTS:
             raise ValueError(f"decoder_layout must be one of {DECODER_LAYOUTS}, got {decoder_layout!r}")
@@ -240,9 +244,15 @@ class RewardModule(L.LightningModule):
         return (epoch + 1) % every == 0 or last_epoch or out_of_steps or trainer.should_stop
 
     def configure_model(self) -> None:
-        """Shard with FSDP2 when the strategy supplies a device mesh (``ModelParallelStrategy``); else nothing."""
+        """Shard with FSDP2 when the strategy supplies a device mesh (``ModelParallelStrategy``), then compile
+        the decoder layers if asked.
+
+        Lightning calls this after ``setup``, so IM-RM's reference pass has run eagerly by then.
+        """
         if self.device_mesh is not None:
             shard_reward_module(self, self.device_mesh)
+        if self.hparams.compile_layers:
+            compile_decoder_layers(self.model)
 
     def training_step(self, batch, batch_idx):
         loss, chosen, rejected = self.run_pair_loss(batch)
