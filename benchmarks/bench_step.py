@@ -36,8 +36,8 @@ from rm_lightning.errors import RMLightningError  # noqa: E402
 WORKER = Path(__file__).resolve().parent / "worker.py"
 RM_TYPES = ("exrm", "imrm", "exgrm")
 BATCHES = ("persona", "ultrafeedback")
-VARIANTS = ("ours", "ours-unshared", "ours-bucketed", "ours-padded", "ours-ckpt", "ours-lean", "naive", "trl",
-            "trl-ckpt")
+VARIANTS = ("ours", "ours-unshared", "ours-bucketed", "ours-padded", "ours-ckpt", "ours-lean", "ours-compiled",
+            "naive", "trl", "trl-ckpt", "trl-compiled")
 # the -ckpt and -lean variants are about memory, which only the persona targets ask about; the
 # layouts other than packed are about padding, which only the ultrafeedback batch has much of
 DEFAULT_VARIANTS = {"persona": ("ours", "ours-unshared", "ours-ckpt", "ours-lean", "naive", "trl", "trl-ckpt"),

@@ -25,17 +25,18 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str, label: str) -> list[float]:
-    """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str,
+               label: str) -> tuple[list[float], float]:
+    """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones, and the warmup's seconds
+    (where compiling happens)."""
     times = []
     for index in tqdm(range(warmup + steps), desc=label, leave=False, unit="step"):
         synchronize(device)
         start = time.perf_counter()
         step()
         synchronize(device)
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        times.append(time.perf_counter() - start)
+    return times[warmup:], sum(times[:warmup])
 
 
 class PeakMemory:

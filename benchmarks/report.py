@@ -22,7 +22,11 @@ def derive(run: dict, peaks: dict[str, float]) -> None:
     run["mfu_own_precision"] = run["useful_gflops_per_s"] / peaks[run["precision"]]
 
 
-PEERS = {"trl": ("trl", "trl-ckpt"), "naive": ("naive",)}
+PEERS = {"trl": ("trl", "trl-ckpt", "trl-compiled"), "naive": ("naive",)}
+# ours at full speed (the throughput and MFU targets), with and without compiled layers; the peers'
+# best likewise includes TRL's compiled run
+OURS_FAST = ("ours", "ours-compiled")
+OURS_MEMORY = ("ours", "ours-ckpt", "ours-lean", "ours-compiled")
 
 
 def completed(runs: list[dict], batch: str, rm: str, variants: tuple[str, ...],
@@ -67,7 +71,7 @@ def _cell(value, fmt: str) -> str:
 
 def table(runs: list[dict]) -> str:
     header = (f"{'batch':<13} {'RM':<6} {'variant':<18} {'prec':<4} {'step s':>7} {'pairs/s':>7} {'tok/s':>7} "
-              f"{'pad %':>5} {'peak MB':>8} {'MFU %':>6} {'x TRL':>6} {'x naive':>7}")
+              f"{'pad %':>5} {'peak MB':>8} {'MFU %':>6} {'x TRL':>6} {'x naive':>7} {'warmup s':>8}")
     lines = [header, "-" * len(header)]
     for run in runs:
         name = variant_name(run)
@@ -78,7 +82,8 @@ def table(runs: list[dict]) -> str:
         lines.append(
             f"{lead} {run['median_s']:>7.2f} {run['pairs_per_s']:>7.2f} {run['tokens_per_s']:>7.0f} "
             f"{100 * run['padding_fraction']:>5.1f} {run['peak_mem_mb']:>8.0f} {100 * run['mfu']:>6.1f} "
-            f"{_cell(run.get('vs_trl'), '>6.2f')} {_cell(run.get('vs_naive'), '>7.2f')}"
+            f"{_cell(run.get('vs_trl'), '>6.2f')} {_cell(run.get('vs_naive'), '>7.2f')} "
+            f"{_cell(run.get('warmup_s'), '>8.1f')}"
         )
     return "\n".join(lines)
 
@@ -121,18 +126,18 @@ def targets(runs: list[dict], peaks: dict[str, float]) -> list[Target]:
     """The issue's goals, each at the peers' best precisions."""
     found = []
     for rm, goal in (("imrm", 3.0), ("exrm", 1.5)):
-        ours, trl = fastest(runs, "persona", rm, ("ours",)), fastest(runs, "persona", rm, PEERS["trl"])
+        ours, trl = fastest(runs, "persona", rm, OURS_FAST), fastest(runs, "persona", rm, PEERS["trl"])
         found.append(Target(f"persona {RM_NAMES[rm]} throughput / TRL {TRL_TRAINERS[rm]}",
                             _ratio(ours, trl, "pairs_per_s"), goal, True,
                             f"{_variant(ours)} vs {_variant(trl)}"))
-    ours = leanest(runs, "persona", "imrm", ("ours", "ours-ckpt", "ours-lean"))
+    ours = leanest(runs, "persona", "imrm", OURS_MEMORY)
     trl = leanest(runs, "persona", "imrm", PEERS["trl"])
     found.append(Target("persona IM-RM peak memory / TRL DPOTrainer", _ratio(ours, trl, "peak_mem_mb"), 0.6, False,
                         f"{_variant(ours)} vs {_variant(trl)}"))
     best_precision = max(peaks, key=peaks.get)
     for rm in RM_NAMES:
-        ours = fastest(runs, "persona", rm, ("ours",))
-        detail = "" if ours is None else (f"{ours['useful_gflops_per_s']:.1f} GFLOP/s in {ours['precision']}, peak "
+        ours = fastest(runs, "persona", rm, OURS_FAST)
+        detail = "" if ours is None else (f"{_variant(ours)}: {ours['useful_gflops_per_s']:.1f} GFLOP/s, peak "
                                           f"{peaks[best_precision]:.0f} GFLOP/s in {best_precision}")
         found.append(Target(f"persona {RM_NAMES[rm]} MFU (vs the machine's matmul peak)",
                             None if ours is None else ours["mfu"], 0.7, True, detail))

@@ -9,7 +9,8 @@ Settings: 8 pairs a step, gradient accumulation 1, lr 1e-5 constant, TRL's defau
 dataloader workers; DPO with the sigmoid loss, beta 0.01, no truncation and
 ``precompute_ref_log_probs=False`` (TRL's default: a reference forward every step). TRL turns
 gradient checkpointing on by default; variant ``trl`` turns it off, like ``ours``, and
-``trl-ckpt`` keeps it, like ``ours-ckpt``. Precision is set explicitly (TRL defaults to bf16).
+``trl-ckpt`` keeps it, like ``ours-ckpt``. ``trl-compiled`` is ``trl`` with ``torch_compile``
+(the Trainer compiles the whole trained model), the peer of ``ours-compiled``. Precision is set explicitly (TRL defaults to bf16).
 
 Timed: what ``Trainer`` runs between ``on_step_begin`` and ``on_step_end``, i.e. the
 training step (forward, loss, backward), gradient-norm bookkeeping, the optimizer and
@@ -73,13 +74,13 @@ def _step_timer(device: str, total: int, label: str):
     return StepTimer()
 
 
-def _common_args(device: str, precision: str, steps: int, output_dir: str, checkpointing: bool) -> dict:
+def _common_args(device: str, precision: str, steps: int, output_dir: str, variant: str) -> dict:
     return dict(
         output_dir=output_dir, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, bf16=precision == "bf16", use_cpu=device == "cpu", seed=0,
-        gradient_checkpointing=checkpointing,
+        gradient_checkpointing=variant == "trl-ckpt", torch_compile=variant == "trl-compiled",
     )
 
 
@@ -127,11 +128,12 @@ def run_trl(spec: dict, memory: PeakMemory) -> dict:
     if build is None:
         raise RMLightningError(f"TRL has no trainer for RM type {spec['rm']!r}")
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as output_dir:
-        args = _common_args(spec["device"], spec["precision"], total, output_dir, spec["variant"] == "trl-ckpt")
+        args = _common_args(spec["device"], spec["precision"], total, output_dir, spec["variant"])
         trainer, chosen_ids = build(spec["backbone"], pairs, args, callback)
         trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics
         memory.reset()
         trainer.train()
     callback.progress.close()
-    return {"times": callback.times[spec["warmup"]:], "chosen_ids": chosen_ids,
+    return {"times": callback.times[spec["warmup"]:], "warmup_s": sum(callback.times[:spec["warmup"]]),
+            "chosen_ids": chosen_ids,
             "trainer": type(trainer).__name__}

@@ -37,7 +37,7 @@ from rm_lightning.pairs import PairCollator  # noqa: E402
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary
 transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars
-# ours, ours-ckpt and ours-lean run the module's default, packed pairs with shared prefixes
+# ours, ours-ckpt, ours-lean and ours-compiled run the module's default, packed pairs with shared prefixes
 OUR_LAYOUTS = {"ours-unshared": "unshared", "ours-bucketed": "bucketed", "ours-padded": "padded"}
 RM_CLASSES = {"exrm": ExplicitRM, "imrm": ImplicitRM, "exgrm": ExplicitGenerativeRM}
 
@@ -48,14 +48,15 @@ def batch_stats(rm_type: str, shape: ModelShape, batch: dict[str, torch.Tensor])
 
 
 def run_module_step(spec: dict, memory: PeakMemory) -> dict:
-    """Ours (in one of its decoder layouts, with activation checkpointing, or lean) or the naive step."""
+    """Ours (in one of its decoder layouts, with activation checkpointing, lean or compiled) or the naive step."""
     device, variant, rm_type = spec["device"], spec["variant"], spec["rm"]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-ref-") as cache:
         extra = {"reference_cache_dir": cache} if rm_type == "imrm" else {}
         lean = variant == "ours-lean"  # and optimizer steps folded into backward
         module = RM_CLASSES[rm_type](backbone=spec["backbone"], activation_checkpointing=lean or variant == "ours-ckpt",
-                                     optimizer_in_backward=lean, **extra)
+                                     optimizer_in_backward=lean, compile_layers=variant == "ours-compiled",
+                                     **extra)
         module.to(device)
         if variant != "naive":
             bench_steps.use_decoder_layout(module, OUR_LAYOUTS.get(variant, "packed"))
@@ -65,6 +66,7 @@ def run_module_step(spec: dict, memory: PeakMemory) -> dict:
             start = time.perf_counter()
             module.attach_reference_logps(encoded)
             result["reference_pass_s"] = time.perf_counter() - start
+        module.configure_model()  # what a trainer does after setup: compiles the layers of ours-compiled
     batch = {key: value.to(device) for key, value in module.collator()(encoded.pairs).items()}
     result.update(batch_stats(rm_type, ModelShape.of(module.model), batch))
     if variant == "naive":
@@ -73,9 +75,9 @@ def run_module_step(spec: dict, memory: PeakMemory) -> dict:
         loss_fn = bench_steps.our_loss(module, batch)
     step = bench_steps.TrainingStep(loss_fn, module.configure_optimizers(), device, spec["precision"])
     memory.reset()
-    times = time_steps(step, spec["warmup"], spec["steps"], device, spec["label"])
+    times, warmup_s = time_steps(step, spec["warmup"], spec["steps"], device, spec["label"])
     phases = {name: median([p[name] for p in step.phases[spec["warmup"]:]]) for name in ("forward", "backward", "optimizer")}
-    return {**result, "times": times, "phases": phases, "first_loss": step.losses[0]}
+    return {**result, "times": times, "warmup_s": warmup_s, "phases": phases, "first_loss": step.losses[0]}
 
 
 def naive_loss(module, rm_type: str, batch, spec: dict):

@@ -90,11 +90,13 @@ def test_memory_and_matmul_probes_give_sane_numbers():
     assert probe["gflops"] > 0 and probe["sizes"][0] == 256
 
 
-def test_ratios_and_targets_use_each_peer_at_its_best_precision():
-    def run(variant, precision, seconds, memory=1000.0):
-        return {"batch": "persona", "rm": "imrm", "variant": variant, "precision": precision, "median_s": seconds,
-                "tokens": 800, "useful_flops": 4e11, "padding_fraction": 0.1, "peak_mem_mb": memory}
+def persona_imrm_run(variant, precision, seconds, memory=1000.0):
+    return {"batch": "persona", "rm": "imrm", "variant": variant, "precision": precision, "median_s": seconds,
+            "tokens": 800, "useful_flops": 4e11, "padding_fraction": 0.1, "peak_mem_mb": memory}
 
+
+def test_ratios_and_targets_use_each_peer_at_its_best_precision():
+    run = persona_imrm_run
     runs = [run("ours", "fp32", 4.0, 500.0), run("trl", "fp32", 12.0, 1000.0), run("trl", "bf16", 10.0, 900.0),
             run("naive", "fp32", 8.0), run("ours-ckpt", "fp32", 5.0, 450.0), run("trl-ckpt", "fp32", 14.0, 750.0)]
     peaks = {"fp32": 100.0, "bf16": 200.0}
@@ -110,6 +112,21 @@ def test_ratios_and_targets_use_each_peer_at_its_best_precision():
     assert goals["persona IM-RM peak memory / TRL DPOTrainer"].met is True
     assert goals["persona EX-RM throughput / TRL RewardTrainer"].met is None
     assert "DPOTrainer+ckpt" in report.table(runs)
+
+
+def test_compiled_runs_count_for_ours_and_for_trl_alike():
+    run = persona_imrm_run
+    runs = [run("ours", "bf16", 4.0), run("ours-compiled", "bf16", 2.5), run("trl", "bf16", 10.0),
+            run("trl-compiled", "bf16", 7.5)]
+    peaks = {"fp32": 100.0, "bf16": 400.0}
+    for r in runs:
+        report.derive(r, peaks)
+    report.add_ratios(runs)
+    goals = {g.name: g for g in report.targets(runs, peaks)}
+    assert goals["persona IM-RM throughput / TRL DPOTrainer"].value == pytest.approx(3.0)  # 7.5 / 2.5
+    mfu = goals["persona IM-RM MFU (vs the machine's matmul peak)"]
+    assert mfu.value == pytest.approx(0.4) and "ours-compiled bf16" in mfu.detail  # 4e11 / 2.5 s / 400 GFLOP/s
+    assert "DPOTrainer+compiled" in report.table(runs)
 
 
 def test_padding_target_compares_unshared_packing_with_padding_at_one_precision():
