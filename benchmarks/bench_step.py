@@ -38,9 +38,10 @@ RM_TYPES = ("exrm", "imrm", "exgrm")
 BATCHES = ("persona", "ultrafeedback")
 VARIANTS = ("ours", "ours-unshared", "ours-bucketed", "ours-padded", "ours-ckpt", "ours-lean", "ours-compiled",
             "naive", "trl", "trl-ckpt", "trl-compiled")
-# the -ckpt and -lean variants are about memory, which only the persona targets ask about; the
-# layouts other than packed are about padding, which only the ultrafeedback batch has much of
-DEFAULT_VARIANTS = {"persona": ("ours", "ours-unshared", "ours-ckpt", "ours-lean", "naive", "trl", "trl-ckpt"),
+# the -ckpt, -lean and -compiled variants are about memory and speed, which only the persona targets
+# ask about; the layouts other than packed are about padding, which only the ultrafeedback batch has much of
+DEFAULT_VARIANTS = {"persona": ("ours", "ours-unshared", "ours-ckpt", "ours-lean", "ours-compiled", "naive", "trl",
+                                "trl-ckpt", "trl-compiled"),
                     "ultrafeedback": ("ours", "ours-unshared", "ours-bucketed", "ours-padded", "naive", "trl")}
 
 
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rm", nargs="+", choices=RM_TYPES, default=list(RM_TYPES))
     parser.add_argument("--batches", nargs="+", choices=BATCHES, default=list(BATCHES))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                        help="default: all on persona, all but the -ckpt and -lean ones on ultrafeedback")
+                        help="default: all on persona, all but the -ckpt, -lean and -compiled ones on ultrafeedback")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
                         help="auto: fp32, plus bf16 where its measured matmul peak beats fp32's")
     parser.add_argument("--backbone", default=BUNDLED_MODEL)
