@@ -30,7 +30,7 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str,
     """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones, and the warmup's seconds
     (where compiling happens)."""
     times = []
-    for index in tqdm(range(warmup + steps), desc=label, leave=False, unit="step"):
+    for _ in tqdm(range(warmup + steps), desc=label, leave=False, unit="step"):
         synchronize(device)
         start = time.perf_counter()
         step()

@@ -66,16 +66,16 @@ def variant_name(run: dict) -> str:
 
 
 def _cell(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    return format("-", fmt.split(".")[0].rstrip("f")) if value is None else format(value, fmt)
 
 
 def table(runs: list[dict]) -> str:
-    header = (f"{'batch':<13} {'RM':<6} {'variant':<18} {'prec':<4} {'step s':>7} {'pairs/s':>7} {'tok/s':>7} "
+    header = (f"{'batch':<13} {'RM':<6} {'variant':<22} {'prec':<4} {'step s':>7} {'pairs/s':>7} {'tok/s':>7} "
               f"{'pad %':>5} {'peak MB':>8} {'MFU %':>6} {'x TRL':>6} {'x naive':>7} {'warmup s':>8}")
     lines = [header, "-" * len(header)]
     for run in runs:
         name = variant_name(run)
-        lead = f"{run['batch']:<13} {RM_NAMES[run['rm']]:<6} {name:<18} {run['precision']:<4}"
+        lead = f"{run['batch']:<13} {RM_NAMES[run['rm']]:<6} {name:<22} {run['precision']:<4}"
         if "error" in run:
             lines.append(f"{lead} failed: {run['error']}")
             continue
