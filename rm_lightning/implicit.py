@@ -35,8 +35,8 @@ class ImplicitRM(RewardModule):
 
     The reference is the frozen initial model, so every reward is 0 before training. Because
     the reference and the data are fixed, its response log-probs are computed once, in one
-    pass before training, stored with each dataset and on disk (keyed by a hash of weights and
-    token ids), and reused every epoch; no reference model is held in memory during training.
+    pass before training, stored with each dataset and on disk (keyed by a hash of weights,
+    token ids, precision and decoder layout), and reused every epoch; no reference model is held in memory during training.
 
     Args:
         beta: reward scale (the paper's 0.01).
@@ -114,7 +114,10 @@ class ImplicitRM(RewardModule):
         if not len(dataset) or all(p.reference_logps is not None for p in dataset.pairs):
             return
         precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true"))
-        key = hashlib.sha256(f"{self._initial_fingerprint}|{dataset.fingerprint()}|{precision}".encode()).hexdigest()
+        # the decoder layout too: layouts agree only up to float rounding, and the policy's log-probs
+        # at the initial weights must equal the reference's exactly
+        identity = f"{self._initial_fingerprint}|{dataset.fingerprint()}|{precision}|{self.hparams.decoder_layout}"
+        key = hashlib.sha256(identity.encode()).hexdigest()
         path = self.reference_cache_dir / f"{key[:32]}.pt"
         if path.is_file():
             values = torch.load(path)

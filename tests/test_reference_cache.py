@@ -37,3 +37,20 @@ def test_cached_and_uncached_reference_train_identically(tmp_path):
     assert len(cached) == len(uncached) == 6
     assert cached[-1] < cached[0]  # it trained
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(uncached), rtol=1e-5, atol=1e-6)
+
+
+
+def test_reference_cache_files_are_per_decoder_layout(tmp_path):
+    def cache_files_after(layout: str) -> set:
+        torch.manual_seed(0)  # the same tiny weights every time
+        module = ImplicitRM(backbone="tiny-llama-chat", reference_cache_dir=str(tmp_path), decoder_layout=layout)
+        data = PersonaDataModule(num_train=4, num_test=4)
+        data.attach(module).setup("fit")
+        module.attach_reference_logps(data.train_set)
+        assert all(pair.reference_logps is not None for pair in data.train_set.pairs)
+        return set(tmp_path.glob("*.pt"))
+
+    packed = cache_files_after("packed")
+    both = cache_files_after("padded")
+    assert len(packed) == 1 and len(both) == 2
+    assert cache_files_after("packed") == both  # a second packed run reads the first one's file
