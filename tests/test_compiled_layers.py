@@ -32,10 +32,13 @@ def test_compiled_layers_match_eager_on_batches_of_two_lengths():
 
 
 def test_fit_with_compile_layers_trains_the_compiled_layers(tmp_path):
+    """With the memory options too: checkpointing recomputes compiled layers, and the optimizer
+    steps run from gradient hooks, which fire after the compiled backward."""
     from data_modules import PersonaDataModule
 
     L.seed_everything(0)
-    module = ExplicitRM(backbone="tiny-llama-chat", compile_layers=True, activation_checkpointing=True)
+    module = ExplicitRM(backbone="tiny-llama-chat", compile_layers=True, activation_checkpointing=True,
+                        optimizer_in_backward=True)
     before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
     data = PersonaDataModule(source="builtin", num_train=8, num_test=4, batch_size=4, eval_batch_size=8)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, precision="bf16-mixed", default_root_dir=tmp_path,
