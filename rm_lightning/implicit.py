@@ -36,7 +36,8 @@ class ImplicitRM(RewardModule):
     The reference is the frozen initial model, so every reward is 0 before training. Because
     the reference and the data are fixed, its response log-probs are computed once, in one
     pass before training, stored with each dataset and on disk (keyed by a hash of weights,
-    token ids, precision and decoder layout), and reused every epoch; no reference model is held in memory during training.
+    token ids, precision and decoder layout), and reused every epoch; no reference model is
+    held in memory during training.
 
     Args:
         beta: reward scale (the paper's 0.01).

@@ -39,7 +39,6 @@ def test_cached_and_uncached_reference_train_identically(tmp_path):
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(uncached), rtol=1e-5, atol=1e-6)
 
 
-
 def test_reference_cache_files_are_per_decoder_layout(tmp_path):
     def cache_files_after(layout: str) -> set:
         torch.manual_seed(0)  # the same tiny weights every time
