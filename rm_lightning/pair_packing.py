@@ -213,18 +213,30 @@ def packed_pair_attention(base: str):
             return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
                                                  scaling=scaling, **kwargs)
         repeats = getattr(module, "num_key_value_groups", 1)
-        if repeats > 1:  # grouped-query attention: every query head needs its key/value head
-            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
-        outputs = []
-        for group in packed_pairs.attention_groups:
-            out = segment_attention(_gather_segments(query, group.query_index),
-                                    _gather_segments(key, group.key_index), _gather_segments(value, group.key_index),
-                                    group.mask, scaling, dropout)  # [segments, heads, queries, dim]
-            outputs.append(out.transpose(0, 1).flatten(1, 2))
-        out = torch.cat(outputs, dim=1).index_select(1, packed_pairs.output_index)  # [heads, N, dim]
-        return out.transpose(0, 1).unsqueeze(0).contiguous(), None
+        return grouped_segment_attention(query, key, value, packed_pairs, repeats, scaling, dropout), None
 
     return attention
+
+
+@torch.compiler.disable
+def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repeats: int, scaling: float | None,
+                              dropout: float) -> torch.Tensor:
+    """[1, heads, N, dim] packed queries, keys and values -> [1, N, heads, dim] attention outputs.
+
+    Never compiled (``compile_layers`` compiles the layers around it): the number of attention
+    groups and their sizes change from batch to batch, and a compiled graph would be
+    specialized to them, recompiling the layer for almost every batch of a varied dataset.
+    """
+    if repeats > 1:  # grouped-query attention: every query head needs its key/value head
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    outputs = []
+    for group in packed_pairs.attention_groups:
+        out = segment_attention(_gather_segments(query, group.query_index),
+                                _gather_segments(key, group.key_index), _gather_segments(value, group.key_index),
+                                group.mask, scaling, dropout)  # [segments, heads, queries, dim]
+        outputs.append(out.transpose(0, 1).flatten(1, 2))
+    out = torch.cat(outputs, dim=1).index_select(1, packed_pairs.output_index)  # [heads, N, dim]
+    return out.transpose(0, 1).unsqueeze(0).contiguous()
 
 
 def enable_packed_attention(config) -> None:
