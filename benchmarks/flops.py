@@ -4,7 +4,8 @@
 real tokens, each pair's common prefix counted once: a chosen and a rejected row that start
 with the same tokens have the same hidden states there, so computing them twice is not
 needed (``rm_lightning.pair_packing`` does not). Every variant of one (batch, RM type) is
-credited the same amount, so MFU ratios equal throughput ratios. Counted, per real (non-pad) token of each row, forward:
+credited the same amount, so MFU ratios equal throughput ratios. Counted, per real (non-pad)
+token of each row, forward:
 
 * ``2 * P`` for the decoder's matmuls, with ``P`` its parameters without the token embedding;
   a rejected row's tokens inside its pair's common prefix are not counted again;

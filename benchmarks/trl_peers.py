@@ -10,7 +10,8 @@ dataloader workers; DPO with the sigmoid loss, beta 0.01, no truncation and
 ``precompute_ref_log_probs=False`` (TRL's default: a reference forward every step). TRL turns
 gradient checkpointing on by default; variant ``trl`` turns it off, like ``ours``, and
 ``trl-ckpt`` keeps it, like ``ours-ckpt``. ``trl-compiled`` is ``trl`` with ``torch_compile``
-(the Trainer compiles the whole trained model), the peer of ``ours-compiled``. Precision is set explicitly (TRL defaults to bf16).
+(the Trainer compiles the whole trained model), the peer of ``ours-compiled``. Precision is
+set explicitly (TRL defaults to bf16).
 
 Timed: what ``Trainer`` runs between ``on_step_begin`` and ``on_step_end``, i.e. the
 training step (forward, loss, backward), gradient-norm bookkeeping, the optimizer and
