@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,15 +36,20 @@ def default_overhead_tokens(device: torch.device) -> int:
     return DEFAULT_OVERHEAD_TOKENS.get(torch.device(device).type, 4096)
 
 
-def cheapest_runs(count: int, run_cost: Callable[[int, int], float]) -> list[tuple[int, int]]:
-    """Split ``0..count`` into contiguous runs ``[start, end)`` whose summed ``run_cost`` is smallest."""
-    best = [0.0] + [float("inf")] * count  # best[end]: cost of covering the first `end` items
+def cheapest_runs(count: int, run_costs: Callable[[int], np.ndarray]) -> list[tuple[int, int]]:
+    """Split ``0..count`` into contiguous runs ``[start, end)`` whose summed cost is smallest.
+
+    ``run_costs(end)[start]`` is the cost of the run ``[start, end)``, for every ``start < end``;
+    it is called for ``end = 1, 2, ..., count`` in that order, so it may carry state from one
+    ``end`` to the next. Vectorized over starts: a GPU-sized batch has hundreds of items, and a
+    Python double loop over them took longer than the training step it plans.
+    """
+    best = np.zeros(count + 1)  # best[end]: cost of covering the first `end` items
     cut = [0] * (count + 1)
     for end in range(1, count + 1):
-        for start in range(end):
-            cost = best[start] + run_cost(start, end)
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
+        totals = best[:end] + run_costs(end)
+        cut[end] = int(totals.argmin())  # the first of equal costs
+        best[end] = totals[cut[end]]
     runs, end = [], count
     while end > 0:
         runs.append((cut[end], end))
@@ -59,7 +65,7 @@ def plan_length_buckets(lengths: list[int], overhead_tokens: int) -> list[list[i
     one never adds padding, so some optimal grouping is of that form.
     """
     order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    runs = cheapest_runs(len(order), lambda start, end: (end - start) * lengths[order[end - 1]] + overhead_tokens)
+    runs = cheapest_runs(len(order), lambda end: (end - np.arange(end)) * lengths[order[end - 1]] + overhead_tokens)
     return [order[start:end] for start, end in runs]
 
 

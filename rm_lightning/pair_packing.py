@@ -16,19 +16,27 @@ padded grids, one per group of similar-sized segments, and runs one masked atten
 otherwise it hands over to the model's own implementation, so the same model still runs padded
 batches (and a gradient-checkpointed layer recomputes with the same function and layout). Only
 the attention grids are padded: the matmuls, nearly all of the FLOPs, run on the packed row. On
-a GPU a variable-length flash kernel would drop the grid's padding too; not done yet.
+a GPU, FlexAttention can run the packed row without grids (``rm_lightning.flex_packed_attention``,
+opt-in: not faster there overall). The layout is planned on the CPU in a few vectorized steps,
+since on a GPU hundreds of small device operations per batch kept the GPU waiting.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from rm_lightning.flex_packed_attention import (
+    ATTENTION_ENV, flex_packed_attention, packed_attention_kind, packed_block_mask,
+)
 from rm_lightning.packing import cheapest_runs
 
 PACKED_PREFIX = "rm_packed_"
@@ -49,15 +57,17 @@ class PackedPairs:
 
     Attention runs over "segments", each the queries of one row (a chosen sequence, or a
     rejected suffix) with the keys they may see (the chosen sequence; the shared prefix and the
-    suffix), gathered from the packed row into padded grids, one per group of segments of
-    similar size (``plan_attention_groups``).
+    suffix): gathered from the packed row into padded grids, one per group of segments of
+    similar size (``plan_attention_groups``), or, opted into on a GPU, in one FlexAttention
+    call over the packed row with a block mask (``rm_lightning.flex_packed_attention``).
     """
 
     input_ids: torch.Tensor  # [1, N]
     position_ids: torch.Tensor  # [1, N]
     gather_index: torch.Tensor  # [rows, width]: packed position of each batch position; N at padding
-    attention_groups: list[AttentionGroup]
-    output_index: torch.Tensor  # [N]: the (group, segment, query) slot, flattened, of each packed position's output
+    attention_groups: list[AttentionGroup]  # empty when block_mask is set
+    output_index: torch.Tensor | None  # [N]: the (group, segment, query) slot, flattened, of each packed position's output
+    block_mask: BlockMask | None = None  # FlexAttention's mask, instead of the grouped grids
 
     @property
     def num_tokens(self) -> int:
@@ -70,20 +80,31 @@ class PackedPairs:
 
     @classmethod
     def from_batch(cls, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> "PackedPairs":
-        mask = batch["attention_mask"].bool()
+        """The layout of a collated batch, placed on the batch's device.
+
+        Worked out on the CPU, whatever the batch's device: it is hundreds of small steps (a
+        prefix comparison per pair, index lists per segment), each of which would wait for the
+        GPU there; one copy back and a few copies out keep the GPU's queue full.
+        """
+        device = batch["input_ids"].device
+        mask = batch["attention_mask"].bool().cpu()
         rows, width = mask.shape
         if rows % 2:
             raise ValueError(f"a pair batch has chosen then rejected rows, so an even row count; got {rows}")
         lengths = mask.sum(dim=1).tolist()
-        row_ids = torch.split(batch["input_ids"][mask], lengths)
-        row_positions = torch.split(batch["position_ids"][mask], lengths)
+        row_ids = torch.split(batch["input_ids"].cpu()[mask], lengths)
+        row_positions = torch.split(batch["position_ids"].cpu()[mask], lengths)
         skipped, row_index, segments = lay_out_pairs(row_ids, share_prefix)
         ids = torch.cat([tokens[skip:] for tokens, skip in zip(row_ids, skipped)])
         positions = torch.cat([row[skip:] for row, skip in zip(row_positions, skipped)])
-        gather_index = torch.full((rows, width), len(ids), dtype=torch.long, device=mask.device)
-        gather_index[mask] = torch.tensor([i for indices in row_index for i in indices], device=mask.device)
-        attention = segment_tensors(segments, positions)
-        return cls(ids[None], positions[None], gather_index, *attention)
+        gather_index = torch.full((rows, width), len(ids), dtype=torch.long)
+        gather_index[mask] = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(row_index), dtype=np.int64,
+                                                          count=int(mask.sum())))
+        packed = ids[None].to(device), positions[None].to(device), gather_index.to(device)
+        if packed_attention_kind() == "flex":
+            return cls(*packed, [], None, packed_block_mask(segments, len(ids), device))
+        groups, output_index = segment_tensors(segments, positions, device)
+        return cls(*packed, groups, output_index.to(device))
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[1, N, hidden] packed states -> [rows, width, hidden], zeros at pad positions.
@@ -128,43 +149,48 @@ def plan_attention_groups(sizes: list[tuple[int, int]], call_cells: int) -> list
     """Segment indices grouped so that grid cells (segments x longest queries x longest keys) plus
     ``call_cells`` per group are fewest, over groups that are runs of the segments sorted by size."""
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    queries = np.array([sizes[i][0] for i in order], dtype=np.float64)
+    keys = np.array([sizes[i][1] for i in order], dtype=np.float64)
+    longest_keys = np.zeros(0)  # for the current end: the longest keys of order[start:end], for every start
 
-    def grid_cells(start: int, end: int) -> int:
-        longest_keys = max(sizes[i][1] for i in order[start:end])
-        return (end - start) * sizes[order[end - 1]][0] * longest_keys + call_cells
+    def grid_cells(end: int) -> np.ndarray:
+        nonlocal longest_keys
+        longest_keys = np.maximum(np.append(longest_keys, 0.0), keys[end - 1])
+        return (end - np.arange(end)) * queries[end - 1] * longest_keys + call_cells
 
     return [order[start:end] for start, end in cheapest_runs(len(order), grid_cells)]
 
 
-def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torch.Tensor):
-    """(attention groups, output_index) of ``PackedPairs`` for the segments."""
-    device = positions.device
+def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torch.Tensor,
+                    device: torch.device | str = "cpu"):
+    """(attention groups on ``device``, output_index on the CPU) of ``PackedPairs`` for the segments,
+    from the packed row's ``positions`` on the CPU."""
+    device = torch.device(device)
     call_cells = ATTENTION_CALL_CELLS.get(device.type, ATTENTION_CALL_CELLS["cuda"])
     plan = plan_attention_groups([(len(q), len(k)) for q, k in segments], call_cells)
-    groups, output_index, slots = [], torch.empty(len(positions), dtype=torch.long, device=device), 0
+    groups, output_index, slots = [], torch.empty(len(positions), dtype=torch.long), 0
     for members in plan:
-        query_index, query_real = _padded_index([segments[i][0] for i in members], device)
-        key_index, key_real = _padded_index([segments[i][1] for i in members], device)
+        query_index, query_real = _padded_index([segments[i][0] for i in members])
+        key_index, key_real = _padded_index([segments[i][1] for i in members])
         # causal within a segment: a key is seen when its position is not after the query's
         sees = positions[key_index][:, None, :] <= positions[query_index][:, :, None]
         sees &= key_real[:, None, :]
         sees[:, :, 0] |= ~query_real  # a padding query sees one key, so no row of the softmax is empty
-        group_slots = slots + torch.arange(query_index.numel(), device=device).view_as(query_index)
+        group_slots = slots + torch.arange(query_index.numel()).view_as(query_index)
         output_index[query_index[query_real]] = group_slots[query_real]
-        groups.append(AttentionGroup(query_index, key_index, sees[:, None]))
+        groups.append(AttentionGroup(query_index.to(device), key_index.to(device), sees[:, None].to(device)))
         slots += query_index.numel()
     return groups, output_index
 
 
-def _padded_index(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_index(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Index lists as a [len(lists), longest] tensor padded with 0, and where it is real."""
-    longest = max((len(x) for x in lists), default=0)
-    index = torch.zeros(len(lists), longest, dtype=torch.long)
-    real = torch.zeros(len(lists), longest, dtype=torch.bool)
-    for row, values in enumerate(lists):
-        index[row, :len(values)] = torch.tensor(values, dtype=torch.long)
-        real[row, :len(values)] = True
-    return index.to(device), real.to(device)
+    lengths = np.array([len(x) for x in lists], dtype=np.int64)
+    longest = int(lengths.max()) if len(lists) else 0
+    real = np.arange(longest) < lengths[:, None]
+    index = np.zeros((len(lists), longest), dtype=np.int64)
+    index[real] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(index), torch.from_numpy(real)
 
 
 def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -212,6 +238,10 @@ def packed_pair_attention(base: str):
         if packed_pairs is None:
             return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
                                                  scaling=scaling, **kwargs)
+        if packed_pairs.block_mask is not None:
+            if dropout:
+                raise ValueError(f"FlexAttention has no attention dropout ({dropout}); set {ATTENTION_ENV}=grouped")
+            return flex_packed_attention(query, key, value, packed_pairs.block_mask, scaling), None
         repeats = getattr(module, "num_key_value_groups", 1)
         return grouped_segment_attention(query, key, value, packed_pairs, repeats, scaling, dropout), None
 

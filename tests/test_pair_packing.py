@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rm_lightning import ExplicitRM, ImplicitRM
+from rm_lightning.flex_packed_attention import ATTENTION_ENV, packed_attention_kind
 from rm_lightning.packing import padded_hidden_states
 from rm_lightning.pair_packing import PackedPairs, packed_hidden_states, plan_attention_groups
 from rm_lightning.pairs import EncodedPair, PairCollator
@@ -100,3 +101,64 @@ def test_attention_groups_keep_similar_segments_together():
     assert sorted(i for g in groups for i in g) == list(range(6))
     assert sorted(map(sorted, groups)) == [[0, 2], [1, 3], [4, 5]]
     assert plan_attention_groups(sizes, call_cells=10 ** 9) == [sorted(range(6), key=lambda i: sizes[i])]
+
+
+@pytest.fixture
+def flex_attention(monkeypatch):
+    """Packed batches through FlexAttention (opt-in) instead of the grouped grids."""
+    monkeypatch.setenv(ATTENTION_ENV, "flex")
+
+
+def test_flex_attention_states_match_padded(flex_attention):
+    module = ExplicitRM(backbone="tiny-llama")
+    module.model.eval()
+    batch = module.collator()(edge_case_pairs(len(module.tokenizer)))
+    assert PackedPairs.from_batch(batch).block_mask is not None
+    with torch.no_grad():
+        padded = padded_hidden_states(module.decoder, batch)
+        packed = packed_hidden_states(module.decoder, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on a CPU")
+def test_flex_attention_gradients_match_padded_on_cuda(flex_attention):
+    module = ImplicitRM(backbone="tiny-llama", reference="none", beta=1.0).to("cuda")
+    batch = PairCollator(module.tokenizer.pad_token_id)(edge_case_pairs(len(module.tokenizer), seed=1))
+    batch = {key: value.to("cuda") for key, value in batch.items()}
+    padded_loss, padded_grads = loss_and_grads(module, batch, padded_hidden_states)
+    packed_loss, packed_grads = loss_and_grads(module, batch, packed_hidden_states)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_packed_attention_is_grouped_unless_flex_is_asked_for(monkeypatch):
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    assert packed_attention_kind() == "grouped"
+    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    assert packed_attention_kind() == "flex"
+    monkeypatch.setenv(ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match=ATTENTION_ENV):
+        packed_attention_kind()
+
+
+def test_attention_plan_is_as_cheap_as_an_exhaustive_search():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(int(q), int(q) + int(extra)) for q, extra in zip(torch.randint(1, 80, (9,), generator=generator),
+                                                               torch.randint(0, 40, (9,), generator=generator))]
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+
+    def cost(groups):
+        return sum(len(g) * max(sizes[i][0] for i in g) * max(sizes[i][1] for i in g) + 4096 for g in groups)
+
+    def every_split(items):  # every way to cut the sorted order into contiguous runs
+        if not items:
+            yield []
+            return
+        for cut in range(1, len(items) + 1):
+            for rest in every_split(items[cut:]):
+                yield [items[:cut], *rest]
+
+    best = min(cost(groups) for groups in every_split(order))
+    assert cost(plan_attention_groups(sizes, call_cells=4096)) == best
