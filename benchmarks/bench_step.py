@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import report  # noqa: E402
+from benchmarks.batches import BATCH_PAIRS, PERSONA_MAX_PAIRS  # noqa: E402
 from benchmarks.measure import matmul_peak_gflops  # noqa: E402
 from rm_lightning.backbones import BUNDLED_MODEL, TINY_BACKBONES  # noqa: E402
 from rm_lightning.errors import RMLightningError  # noqa: E402
@@ -59,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
                         help="auto: fp32, plus bf16 where its measured matmul peak beats fp32's")
     parser.add_argument("--backbone", default=BUNDLED_MODEL)
+    parser.add_argument("--pairs", type=int, default=BATCH_PAIRS,
+                        help=f"pairs in each batch (the issue's batches have 8; a GPU needs more to be busy; "
+                             f"persona has at most {PERSONA_MAX_PAIRS})")
     parser.add_argument("--uf-width", type=int, default=192,
                         help="longest row of the padding-heavy UltraFeedback batch, in tokens")
     parser.add_argument("--threads", type=int, default=None,
@@ -67,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if not 1 <= args.pairs <= (PERSONA_MAX_PAIRS if "persona" in args.batches else 10 ** 6):
+        parser.error(f"--pairs must be between 1 and {PERSONA_MAX_PAIRS} (the persona batch's prompts)")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -107,17 +113,18 @@ def plan_runs(args, precisions: list[str]) -> list[dict]:
                 if variant.startswith("trl") and (args.skip_trl or rm not in report.TRL_TRAINERS):
                     continue
                 for precision in precisions:
-                    runs.append({"batch": batch, "rm": rm, "variant": variant, "precision": precision})
+                    runs.append({"batch": batch, "rm": rm, "variant": variant, "precision": precision,
+                                 "pairs": args.pairs})
     return runs
 
 
-def ultrafeedback_rows(backbone: str, width: int) -> list[int]:
+def ultrafeedback_rows(backbone: str, width: int, pairs: int) -> list[int]:
     from benchmarks.batches import select_padding_heavy_rows
     from rm_lightning.backbones import load_backbone
 
     model, tokenizer = load_backbone(backbone)
     del model  # only the tokenizer is needed; the workers need the memory
-    return list(select_padding_heavy_rows(tokenizer, width))
+    return list(select_padding_heavy_rows(tokenizer, width, pairs=pairs))
 
 
 def run_worker(run: dict, args, rows: list[int], workdir: Path, label: str) -> dict:
@@ -153,8 +160,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
-    print(f"rm-lightning step benchmark on {args.device} ({machine['torch_threads']} threads), "
-          f"torch {machine['torch']}, transformers {machine['transformers']}, trl {machine['trl']}", flush=True)
+    print(f"rm-lightning step benchmark on {machine.get('gpu', args.device)} ({machine['torch_threads']} CPU threads), "
+          f"torch {machine['torch']}, transformers {machine['transformers']}, trl {machine['trl']}; "
+          f"backbone {args.backbone}, {args.pairs} pairs a batch", flush=True)
     peaks = {p: matmul_peak_gflops(args.device, p)["gflops"] for p in ("fp32", "bf16")}
     precisions = choose_precisions(args.precision, peaks)
     wants_trl = any(v.startswith("trl") for v in args.variants or VARIANTS)
@@ -166,7 +174,7 @@ def main(argv=None) -> int:
         args.skip_trl = True
     print(f"matmul peak: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s -> "
           f"running {', '.join(precisions)}", flush=True)
-    rows = ultrafeedback_rows(args.backbone, args.uf_width) if "ultrafeedback" in args.batches else []
+    rows = ultrafeedback_rows(args.backbone, args.uf_width, args.pairs) if "ultrafeedback" in args.batches else []
     runs = plan_runs(args, precisions)
     finished = []
     with tempfile.TemporaryDirectory(prefix="bench-step-") as workdir:
@@ -181,7 +189,7 @@ def main(argv=None) -> int:
                 print(f"    median {result['median_s']:.2f} s/step, peak {result['peak_mem_mb']:.0f} MB{once}", flush=True)
             finished.append(result)
     report.add_ratios(finished)
-    goals = report.targets(finished, peaks)
+    goals = report.targets(finished, peaks, args.device)
     print()
     print(report.table(finished))
     print("\nMFU: useful model FLOP/s over the best measured matmul peak (see README); "

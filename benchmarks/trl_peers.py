@@ -4,7 +4,7 @@ Both train on the very token ids rm-lightning does (checked, and reported as
 ``same_tokens_as_ours``): DPOTrainer gets the conversations and applies the chat template
 itself, RewardTrainer gets rm-lightning's token ids (its documented pre-tokenized input).
 
-Settings: 8 pairs a step, gradient accumulation 1, lr 1e-5 constant, TRL's default optimizer
+Settings: the whole batch (8 pairs unless ``--pairs``) a step, gradient accumulation 1, lr 1e-5 constant, TRL's default optimizer
 (fused AdamW, weight decay 0), no gradient clipping, no evaluation, logging or saving, no
 dataloader workers; DPO with the sigmoid loss, beta 0.01, no truncation and
 ``precompute_ref_log_probs=False`` (TRL's default: a reference forward every step). TRL turns
@@ -75,9 +75,9 @@ def _step_timer(device: str, total: int, label: str):
     return StepTimer()
 
 
-def _common_args(device: str, precision: str, steps: int, output_dir: str, variant: str) -> dict:
+def _common_args(device: str, precision: str, steps: int, output_dir: str, variant: str, pairs: int) -> dict:
     return dict(
-        output_dir=output_dir, per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=steps,
+        output_dir=output_dir, per_device_train_batch_size=pairs, gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, bf16=precision == "bf16", use_cpu=device == "cpu", seed=0,
@@ -122,14 +122,14 @@ def run_trl(spec: dict, memory: PeakMemory) -> dict:
 
     datasets.disable_progress_bars()
     pretrained_path(spec["backbone"])
-    pairs = batch_pairs(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))))
+    pairs = batch_pairs(BatchSpec.of_run(spec))
     total = spec["warmup"] + spec["steps"]
     callback = _step_timer(spec["device"], total, spec["label"])
     build = {"imrm": _dpo_trainer, "exrm": _reward_trainer}.get(spec["rm"])
     if build is None:
         raise RMLightningError(f"TRL has no trainer for RM type {spec['rm']!r}")
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as output_dir:
-        args = _common_args(spec["device"], spec["precision"], total, output_dir, spec["variant"])
+        args = _common_args(spec["device"], spec["precision"], total, output_dir, spec["variant"], len(pairs))
         trainer, chosen_ids = build(spec["backbone"], pairs, args, callback)
         trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics
         memory.reset()

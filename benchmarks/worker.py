@@ -47,8 +47,9 @@ def batch_stats(rm_type: str, shape: ModelShape, batch: dict[str, torch.Tensor])
             "padding_fraction": padding_fraction(batch), "useful_flops": useful_training_flops(shape, rm_type, batch)}
 
 
-def run_module_step(spec: dict, memory: PeakMemory) -> dict:
-    """Ours (in one of its decoder layouts, with activation checkpointing, lean or compiled) or the naive step."""
+def build_module_step(spec: dict) -> tuple[bench_steps.TrainingStep, dict]:
+    """Ours (in one of its decoder layouts, with activation checkpointing, lean or compiled) or the naive
+    step, ready to call, and what is known before it runs (batch statistics, the reference pass)."""
     device, variant, rm_type = spec["device"], spec["variant"], spec["rm"]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-ref-") as cache:
@@ -60,7 +61,7 @@ def run_module_step(spec: dict, memory: PeakMemory) -> dict:
         module.to(device)
         if variant != "naive":
             bench_steps.use_decoder_layout(module, OUR_LAYOUTS.get(variant, "packed"))
-        encoded = encoded_batch(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))), module)
+        encoded = encoded_batch(BatchSpec.of_run(spec), module)
         result = {}
         if rm_type == "imrm" and variant != "naive":
             start = time.perf_counter()
@@ -73,9 +74,13 @@ def run_module_step(spec: dict, memory: PeakMemory) -> dict:
         loss_fn = naive_loss(module, rm_type, batch, spec)
     else:
         loss_fn = bench_steps.our_loss(module, batch)
-    step = bench_steps.TrainingStep(loss_fn, module.configure_optimizers(), device, spec["precision"])
+    return bench_steps.TrainingStep(loss_fn, module.configure_optimizers(), device, spec["precision"]), result
+
+
+def run_module_step(spec: dict, memory: PeakMemory) -> dict:
+    step, result = build_module_step(spec)
     memory.reset()
-    times, warmup_s = time_steps(step, spec["warmup"], spec["steps"], device, spec["label"])
+    times, warmup_s = time_steps(step, spec["warmup"], spec["steps"], spec["device"], spec["label"])
     phases = {name: median([p[name] for p in step.phases[spec["warmup"]:]]) for name in ("forward", "backward", "optimizer")}
     return {**result, "times": times, "warmup_s": warmup_s, "phases": phases, "first_loss": step.losses[0]}
 
@@ -100,7 +105,7 @@ def run_trl_peer(spec: dict, memory: PeakMemory) -> dict:
     path = pretrained_path(spec["backbone"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     encoder = chat_encoder(tokenizer)
-    ours = [encoder.encode(p) for p in batch_pairs(BatchSpec(spec["batch"], tuple(spec.get("ultrafeedback_rows", ()))))]
+    ours = [encoder.encode(p) for p in batch_pairs(BatchSpec.of_run(spec))]
     batch = PairCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)(ours)
     with torch.device("meta"):  # parameter shapes without allocating them
         shape = ModelShape.of(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))

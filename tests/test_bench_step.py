@@ -15,14 +15,17 @@ sys.path.insert(0, str(PROJECT_ROOT))  # benchmarks/ is a folder of scripts, not
 
 from benchmarks import report  # noqa: E402
 from benchmarks.batches import (  # noqa: E402
-    ULTRAFEEDBACK_FILE, BatchSpec, encoded_batch, padding_fraction, select_padding_heavy_rows,
+    PERSONA_MAX_PAIRS, ULTRAFEEDBACK_FILE, BatchSpec, encoded_batch, padding_fraction, select_padding_heavy_rows,
 )
 from benchmarks.flops import ModelShape, useful_training_flops  # noqa: E402
 from benchmarks.measure import PeakMemory, matmul_peak_gflops  # noqa: E402
 from benchmarks.steps import (  # noqa: E402
     LAYOUTS, full_vocab_response_logps, naive_exrm_loss, naive_imrm_loss, our_loss, use_decoder_layout,
 )
+from benchmarks.random_backbone import write_random_backbone  # noqa: E402
 from rm_lightning import ExplicitRM, ImplicitRM  # noqa: E402
+from rm_lightning.backbones import load_backbone, tiny_llama  # noqa: E402
+from rm_lightning.errors import BackboneError, DataError  # noqa: E402
 from rm_lightning.pairs import EncodedPair, PairCollator  # noqa: E402
 
 
@@ -146,12 +149,55 @@ def test_one_command_runs_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
     command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_step.py"), "--backbone", "tiny-llama-chat",
                "--rm", "exrm", "--batches", "persona", "--variants", "ours", "naive", "--steps", "1", "--warmup", "0",
-               "--precision", "fp32", "--skip-trl", "--out", str(out)]  # fp32 only: bf16 is added where it pays
+               "--precision", "fp32", "--skip-trl", "--pairs", "12", "--out", str(out)]  # fp32: bf16 only where it pays
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "Targets:" in completed.stdout
+    assert "Targets:" in completed.stdout and "12 pairs a batch" in completed.stdout
     results = json.loads(out.read_text())
     assert [r["variant"] for r in results["runs"]] == ["ours", "naive"]
     for run in results["runs"]:
         assert "error" not in run and run["median_s"] > 0 and run["peak_mem_mb"] > 0
+        assert run["pairs"] == 12 and run["pairs_per_s"] == pytest.approx(12 / run["median_s"])
         assert run["first_loss"] == pytest.approx(results["runs"][0]["first_loss"], abs=1e-5)
+
+
+def test_a_bigger_persona_batch_starts_with_the_usual_eight_pairs():
+    module = ExplicitRM(backbone="tiny-llama-chat")
+    usual = encoded_batch(BatchSpec("persona"), module).pairs
+    bigger = encoded_batch(BatchSpec("persona", pairs=100), module).pairs
+    assert len(usual) == 8 and len(bigger) == 100 and bigger[:8] == usual
+    with pytest.raises(DataError, match=str(PERSONA_MAX_PAIRS)):
+        encoded_batch(BatchSpec("persona", pairs=PERSONA_MAX_PAIRS + 1), module)
+
+
+def test_mfu_goal_is_the_gpu_one_on_cuda():
+    runs = [persona_imrm_run("ours", "bf16", 1.0)]
+    peaks = {"fp32": 100.0, "bf16": 1000.0}
+    report.derive(runs[0], peaks)
+    for device, goal in (("cpu", 0.7), ("cuda", 0.45)):
+        mfu = {g.name: g for g in report.targets(runs, peaks, device)}["persona IM-RM MFU (vs the machine's matmul peak)"]
+        assert mfu.goal == goal and mfu.value == pytest.approx(0.4)
+
+
+def test_random_backbone_keeps_the_tokenizer_and_shape_with_new_weights(tmp_path):
+    model, tokenizer = tiny_llama(chat=True)
+    model.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    out = write_random_backbone(tmp_path / "random", tokenizer_dir=tmp_path / "source", seed=1)
+    loaded, loaded_tokenizer = load_backbone(str(out))
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template and len(loaded_tokenizer) == len(tokenizer)
+    assert loaded.config.hidden_size == model.config.hidden_size
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+    assert not torch.equal(loaded.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(BackboneError, match="unknown shape"):
+        write_random_backbone(tmp_path / "other", shape="llama-70b", tokenizer_dir=tmp_path / "source")
+    with pytest.raises(BackboneError, match="config.json"):
+        write_random_backbone(tmp_path / "other", tokenizer_dir=tmp_path)
+
+
+def test_profile_command_prints_the_operator_table():
+    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "profile_step.py"), "--backbone", "tiny-llama-chat",
+               "--rm", "exrm", "--warmup", "1", "--steps", "1", "--rows", "5", "--precision", "fp32"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "a step under the profiler" in completed.stdout and "aten::" in completed.stdout
