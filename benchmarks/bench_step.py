@@ -160,8 +160,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
-    print(f"rm-lightning step benchmark on {machine.get('gpu', args.device)} ({machine['torch_threads']} CPU threads), "
-          f"torch {machine['torch']}, transformers {machine['transformers']}, trl {machine['trl']}; "
+    print(f"rm-lightning step benchmark on {machine.get('gpu', args.device)} "
+          f"({machine['torch_threads']} CPU threads), torch {machine['torch']}, "
+          f"transformers {machine['transformers']}, trl {machine['trl']}; "
           f"backbone {args.backbone}, {args.pairs} pairs a batch", flush=True)
     peaks = {p: matmul_peak_gflops(args.device, p)["gflops"] for p in ("fp32", "bf16")}
     precisions = choose_precisions(args.precision, peaks)

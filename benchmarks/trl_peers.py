@@ -4,9 +4,9 @@ Both train on the very token ids rm-lightning does (checked, and reported as
 ``same_tokens_as_ours``): DPOTrainer gets the conversations and applies the chat template
 itself, RewardTrainer gets rm-lightning's token ids (its documented pre-tokenized input).
 
-Settings: the whole batch (8 pairs unless ``--pairs``) a step, gradient accumulation 1, lr 1e-5 constant, TRL's default optimizer
-(fused AdamW, weight decay 0), no gradient clipping, no evaluation, logging or saving, no
-dataloader workers; DPO with the sigmoid loss, beta 0.01, no truncation and
+Settings: the whole batch (8 pairs unless ``--pairs``) a step, gradient accumulation 1, lr 1e-5
+constant, TRL's default optimizer (fused AdamW, weight decay 0), no gradient clipping, no
+evaluation, logging or saving, no dataloader workers; DPO with the sigmoid loss, beta 0.01, no truncation and
 ``precompute_ref_log_probs=False`` (TRL's default: a reference forward every step). TRL turns
 gradient checkpointing on by default; variant ``trl`` turns it off, like ``ours``, and
 ``trl-ckpt`` keeps it, like ``ours-ckpt``. ``trl-compiled`` is ``trl`` with ``torch_compile``

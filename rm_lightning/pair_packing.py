@@ -66,7 +66,8 @@ class PackedPairs:
     position_ids: torch.Tensor  # [1, N]
     gather_index: torch.Tensor  # [rows, width]: packed position of each batch position; N at padding
     attention_groups: list[AttentionGroup]  # empty when block_mask is set
-    output_index: torch.Tensor | None  # [N]: the (group, segment, query) slot, flattened, of each packed position's output
+    # [N]: the (group, segment, query) slot, flattened, of each packed position's output; None with block_mask
+    output_index: torch.Tensor | None
     block_mask: BlockMask | None = None  # FlexAttention's mask, instead of the grouped grids
 
     @property
