@@ -47,6 +47,10 @@ def write_random_backbone(out: Path, shape: str = "as-is", tokenizer_dir: Path |
     if not (source / "config.json").is_file():
         raise BackboneError(f"{source} has no config.json: --tokenizer needs a model folder (config and tokenizer)")
     config = AutoConfig.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"{source}: no usable tokenizer files ({type(err).__name__})") from None
     for field, value in SHAPES[shape].items():
         setattr(config, field, value)
     config.name_or_path = f"random-{shape}"
@@ -58,7 +62,7 @@ def write_random_backbone(out: Path, shape: str = "as-is", tokenizer_dir: Path |
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(source).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

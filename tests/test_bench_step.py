@@ -194,6 +194,9 @@ def test_random_backbone_keeps_the_tokenizer_and_shape_with_new_weights(tmp_path
         write_random_backbone(tmp_path / "other", shape="llama-70b", tokenizer_dir=tmp_path / "source")
     with pytest.raises(BackboneError, match="config.json"):
         write_random_backbone(tmp_path / "other", tokenizer_dir=tmp_path)
+    model.config.save_pretrained(tmp_path / "config_only")
+    with pytest.raises(BackboneError, match="tokenizer"):
+        write_random_backbone(tmp_path / "other", tokenizer_dir=tmp_path / "config_only")
 
 
 def test_profile_command_prints_the_operator_table():
