@@ -32,7 +32,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.batches import BATCH_PAIRS, PERSONA_MAX_PAIRS  # noqa: E402
 from benchmarks.measure import matmul_peak_gflops  # noqa: E402
 from rm_lightning.backbones import BUNDLED_MODEL, TINY_BACKBONES  # noqa: E402
-from rm_lightning.errors import RMLightningError  # noqa: E402
+from rm_lightning.errors import exit_status  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 RM_TYPES = ("exrm", "imrm", "exgrm")
@@ -207,8 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RMLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main))

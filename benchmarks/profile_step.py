@@ -24,7 +24,7 @@ from benchmarks.batches import BATCH_PAIRS  # noqa: E402
 from benchmarks.bench_step import RM_TYPES, VARIANTS  # noqa: E402
 from benchmarks.measure import synchronize  # noqa: E402
 from rm_lightning.backbones import BUNDLED_MODEL  # noqa: E402
-from rm_lightning.errors import RMLightningError  # noqa: E402
+from rm_lightning.errors import exit_status  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -82,8 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except RMLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main))

@@ -32,7 +32,7 @@ from benchmarks.measure import MIB, PeakMemory, median, time_steps  # noqa: E402
 from benchmarks import steps as bench_steps  # noqa: E402
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM  # noqa: E402
 from rm_lightning.backbones import load_backbone  # noqa: E402
-from rm_lightning.errors import RMLightningError  # noqa: E402
+from rm_lightning.errors import exit_status  # noqa: E402
 from rm_lightning.pairs import PairCollator  # noqa: E402
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary
@@ -133,8 +133,4 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except RMLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_status(main, sys.argv[1]))
