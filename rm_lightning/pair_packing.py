@@ -100,7 +100,7 @@ class PackedPairs:
         positions = torch.cat([row[skip:] for row, skip in zip(row_positions, skipped)])
         gather_index = torch.full((rows, width), len(ids), dtype=torch.long)
         gather_index[mask] = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(row_index), dtype=np.int64,
-                                                          count=int(mask.sum())))
+                                                          count=sum(lengths)))
         packed = ids[None].to(device), positions[None].to(device), gather_index.to(device)
         if packed_attention_kind() == "flex":
             return cls(*packed, [], None, packed_block_mask(segments, len(ids), device))
