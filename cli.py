@@ -2,6 +2,7 @@
 
 LightningCLI with the reward module and the data module given by class path in YAML.
 Bad input (a missing file, a malformed record, an unknown backbone) ends in one line.
+On the CPU, freed host memory is kept for reuse between steps (``rm_lightning.host_memory``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory
 from rm_lightning.errors import RMLightningError
+from rm_lightning.host_memory import keep_freed_memory
 from rm_lightning.module import RewardModule
 from rm_lightning.results import ResultsWriter
 
@@ -24,6 +26,7 @@ class RewardCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> RewardCLI | None:
+    keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
     try:
         return RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          save_config_kwargs={"overwrite": True}, args=args)

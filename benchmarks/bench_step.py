@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="longest row of the padding-heavy UltraFeedback batch, in tokens")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in each variant's process (default: torch's choice, one per core)")
+    parser.add_argument("--host-memory", choices=("kept", "default"), default="kept",
+                        help="kept: every variant's process keeps freed host memory for reuse, as cli.py does "
+                             "(rm_lightning/host_memory.py); default: glibc's own behaviour")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed to one variant")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -130,7 +133,7 @@ def ultrafeedback_rows(backbone: str, width: int, pairs: int) -> list[int]:
 def run_worker(run: dict, args, rows: list[int], workdir: Path, label: str) -> dict:
     result_path = workdir / f"{label.replace(' ', '_')}.json"
     spec = {**run, "steps": args.steps, "warmup": args.warmup, "device": args.device, "backbone": args.backbone,
-            "threads": args.threads,
+            "threads": args.threads, "host_memory": args.host_memory,
             "ultrafeedback_rows": rows, "result_path": str(result_path), "label": label}
     spec_path = workdir / f"{label.replace(' ', '_')}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -163,7 +166,9 @@ def main(argv=None) -> int:
     print(f"rm-lightning step benchmark on {machine.get('gpu', args.device)} "
           f"({machine['torch_threads']} CPU threads), torch {machine['torch']}, "
           f"transformers {machine['transformers']}, trl {machine['trl']}; "
-          f"backbone {args.backbone}, {args.pairs} pairs a batch", flush=True)
+          f"backbone {args.backbone}, {args.pairs} pairs a batch; freed host memory "
+          f"{'kept for reuse' if args.host_memory == 'kept' else 'handled by glibc defaults'} in every variant",
+          flush=True)
     peaks = {p: matmul_peak_gflops(args.device, p)["gflops"] for p in ("fp32", "bf16")}
     precisions = choose_precisions(args.precision, peaks)
     wants_trl = any(v.startswith("trl") for v in args.variants or VARIANTS)

@@ -33,6 +33,7 @@ from benchmarks import steps as bench_steps  # noqa: E402
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM  # noqa: E402
 from rm_lightning.backbones import load_backbone  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
+from rm_lightning.host_memory import keep_freed_memory  # noqa: E402
 from rm_lightning.pairs import PairCollator  # noqa: E402
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary
@@ -115,6 +116,8 @@ def run_trl_peer(spec: dict, memory: PeakMemory) -> dict:
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    # every variant alike, TRL's too, before any model exists; "default": glibc's own behaviour
+    keeps_freed_memory = spec.get("host_memory", "kept") == "kept" and keep_freed_memory()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     is_trl = spec["variant"].startswith("trl")
@@ -125,6 +128,7 @@ def main(spec_path: str) -> None:
     runner = run_trl_peer if is_trl else run_module_step
     result = runner(spec, memory)
     result.update(peak_mem_mb=memory.peak_bytes() / MIB, peak_includes_setup=memory.lifetime_peak,
+                  keeps_freed_memory=keeps_freed_memory,
                   threads=torch.get_num_threads(), median_s=median(result["times"]))
     target = Path(spec["result_path"])
     staging = target.with_suffix(f".tmp{os.getpid()}")

@@ -1,0 +1,76 @@
+"""Keep freed host memory inside the process, so that a CPU training step reuses warm pages.
+
+PyTorch has no caching allocator for CPU tensors: every tensor comes from the C library's
+``malloc``. glibc serves large blocks (above a threshold of at most 32 MiB, and most of a
+step's gradients and activations above its starting 128 KiB) with a fresh ``mmap`` and gives
+them back with ``munmap`` when freed, and shrinks the heap when its top is free. So each
+training step maps its gradients and activations anew, and the kernel zero-fills every page on
+first touch. On a 2-core VM with SmolLM2-135M that cost 20-170 ms a step for the 113 MB
+embedding gradient alone (page faults handled by the hypervisor too), and made step times
+swing from one step to the next.
+
+``keep_freed_memory`` tells glibc to serve every block from its heap and never to shrink it
+(``mallopt(M_MMAP_MAX, 0)`` and the largest ``M_TRIM_THRESHOLD``): a freed block stays mapped
+and the next step's tensor of that size reuses it, warm. On the persona benchmark batch this
+took bf16 step times from 0.94 / 1.26 / 1.74 s to 0.87 / 0.96 / 1.25 s (EX-RM / IM-RM /
+EX-GRM). The process keeps its peak footprint instead of handing memory back between steps,
+which a training process has no use for anyway. CUDA tensors are unaffected (PyTorch caches
+those itself).
+
+It is applied by ``cli.py`` and by the benchmark (to every variant, TRL's included). Scripts
+of your own can call ``keep_freed_memory()`` first thing. Set ``RM_LIGHTNING_KEEP_FREED_MEMORY=0``
+to keep glibc's defaults; it is also left alone when ``MALLOC_MMAP_MAX_``,
+``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set (your own tuning) and when
+the C library is not glibc (macOS, musl), or another allocator is preloaded (jemalloc,
+tcmalloc, mimalloc).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+
+log = logging.getLogger(__name__)
+
+OPT_OUT_ENV = "RM_LIGHTNING_KEEP_FREED_MEMORY"
+GLIBC_TUNING_ENVS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+# mallopt parameter numbers from glibc's <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+LARGEST_TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
+
+
+def why_not_tuned() -> str | None:
+    """Why ``keep_freed_memory`` leaves the allocator as it is, or None when it would tune it."""
+    if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{OPT_OUT_ENV} is off"
+    own = [name for name in GLIBC_TUNING_ENVS if name in os.environ]
+    if own:
+        return f"{', '.join(own)} already set"
+    preloaded = [name for name in OTHER_ALLOCATORS if name in os.environ.get("LD_PRELOAD", "")]
+    if preloaded:
+        return f"{preloaded[0]} is preloaded"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "the C library is not glibc"
+    return None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed blocks for reuse instead of unmapping them; True when it did.
+
+    Call it before the model is loaded: blocks mapped before it are still unmapped when freed.
+    Safe to call more than once.
+    """
+    reason = why_not_tuned()
+    if reason is None:
+        libc = ctypes.CDLL(None)
+        # mallopt returns 1 on success
+        if libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD) == 1:
+            log.debug("glibc keeps freed memory for reuse (M_MMAP_MAX 0, largest M_TRIM_THRESHOLD)")
+            return True
+        reason = "mallopt refused the settings"
+    log.debug("host allocator left at its defaults: %s", reason)
+    return False
