@@ -7,7 +7,10 @@ Builds exactly the step ``bench_step.py`` times (same batch, module, optimizer),
 ``--warmup`` times, then profiles ``--steps`` calls and prints the operators that took longest
 (on a GPU by device time, with the device's busy share of the wall clock, which shows how much
 of the step is the host keeping the GPU waiting). ``--trace`` also writes a Chrome trace
-(open it in chrome://tracing or Perfetto).
+(open it in chrome://tracing or Perfetto). ``--backward-nodes`` (CPU) instead times each
+autograd node of the backward with graph hooks, without the profiler, which on a CPU slows the
+short memory-bound operations it would measure (``benchmarks/backward_nodes.py``); it prints
+each node type's fastest and slowest step too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import worker  # noqa: E402  (sets the quiet logging the benchmark uses)
+from benchmarks.backward_nodes import BackwardNodeClock  # noqa: E402
 from benchmarks.batches import BATCH_PAIRS  # noqa: E402
 from benchmarks.bench_step import RM_TYPES, VARIANTS  # noqa: E402
 from benchmarks.measure import synchronize  # noqa: E402
@@ -44,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
     parser.add_argument("--trace", type=Path, default=None, help="write a Chrome trace here")
-    return parser.parse_args(argv)
+    parser.add_argument("--backward-nodes", action="store_true",
+                        help="time backward's autograd nodes with graph hooks instead of profiling (CPU only)")
+    args = parser.parse_args(argv)
+    if args.backward_nodes and (args.device != "cpu" or args.trace is not None):
+        parser.error("--backward-nodes times a CPU backward and writes no trace: drop --device cuda and --trace")
+    return args
 
 
 def device_busy_seconds(events) -> float:
@@ -61,6 +70,8 @@ def main(argv=None) -> int:
     step, stats = worker.build_module_step(spec)
     for _ in range(args.warmup):
         step()
+    if args.backward_nodes:
+        return print_backward_nodes(step, args)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     synchronize(args.device)
     start = time.perf_counter()
@@ -80,6 +91,18 @@ def main(argv=None) -> int:
         args.trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(args.trace))
         print(f"wrote {args.trace}")
+    return 0
+
+
+def print_backward_nodes(step, args) -> int:
+    clock = BackwardNodeClock()
+    step.loss_fn = clock.wrap(step.loss_fn)
+    for _ in range(args.steps):
+        step()
+    backward = [phases["backward"] for phases in step.phases[-args.steps:]]
+    print(f"{args.rm} {args.variant} {args.precision} on cpu, {args.pairs} pairs: backward by autograd node "
+          f"over {args.steps} steps")
+    print(clock.table(backward, args.rows))
     return 0
 
 

@@ -5,6 +5,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -205,3 +206,36 @@ def test_profile_command_prints_the_operator_table():
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "a step under the profiler" in completed.stdout and "aten::" in completed.stdout
+
+
+def test_backward_node_clock_splits_the_backward_between_its_nodes():
+    from benchmarks.backward_nodes import BackwardNodeClock
+
+    weight = torch.randn(8, 8, requires_grad=True)
+    inputs = torch.randn(4, 8)
+    clock = BackwardNodeClock()
+    loss_fn = clock.wrap(lambda: (inputs @ weight).relu().sum())
+    for _ in range(2):
+        loss = loss_fn()
+        start = time.perf_counter()
+        loss.backward()
+        clock_total = time.perf_counter() - start
+    seconds, calls = clock.per_node_type([0.5, clock_total])[-1]
+    assert dict(calls) == {"SumBackward0": 1, "ReluBackward0": 1, "MmBackward0": 1,
+                           "torch::autograd::AccumulateGrad": 1}
+    assert sum(seconds.values()) == pytest.approx(clock_total, rel=0.2)
+    assert all(value >= 0 for value in seconds.values())
+    table = clock.table([0.5, clock_total], rows=10)
+    assert "MmBackward0" in table and "backward, wall clock" in table
+
+
+def test_profile_command_times_backward_nodes_without_the_profiler():
+    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "profile_step.py"), "--backbone", "tiny-llama-chat",
+               "--rm", "imrm", "--warmup", "1", "--steps", "2", "--rows", "5", "--precision", "fp32",
+               "--backward-nodes"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "backward by autograd node over 2 steps" in completed.stdout
+    assert "MmBackward0" in completed.stdout and "backward, wall clock" in completed.stdout
+    refused = subprocess.run(command + ["--device", "cuda"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--backward-nodes times a CPU backward" in refused.stderr
