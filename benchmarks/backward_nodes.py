@@ -2,11 +2,11 @@
 
 A CPU backward runs its nodes one after another on the calling thread, so a node's time is
 the time from its start to the next node's start (the last one's, to the end of backward); it
-includes the engine's work between the two. Only pre-hooks are used: the profiler, and hooks
-that run after a node, hold on to tensors the engine would otherwise free or reuse, and on a
-CPU that slowed the very operations in question, the short memory-bound ones (autocast's
-gradient casts, the dense embedding gradient), by up to 10x. On a GPU a node's start is only
-its launch, so this is for CPUs.
+includes the engine's work between the two. Only pre-hooks are used. Under torch.profiler,
+and with hooks that run after each node (which get the node's gradients), the very operations
+in question, the short memory-bound ones, ran several times slower than in plain steps: on the
+persona batch the dense embedding gradient took 150-180 ms a step there against under 12 ms
+here. On a GPU a node's start is only its launch, so this is for CPUs.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ Builds exactly the step ``bench_step.py`` times (same batch, module, optimizer),
 (on a GPU by device time, with the device's busy share of the wall clock, which shows how much
 of the step is the host keeping the GPU waiting). ``--trace`` also writes a Chrome trace
 (open it in chrome://tracing or Perfetto). ``--backward-nodes`` (CPU) instead times each
-autograd node of the backward with graph hooks, without the profiler, which on a CPU slows the
-short memory-bound operations it would measure (``benchmarks/backward_nodes.py``); it prints
-each node type's fastest and slowest step too.
+autograd node of the backward with graph pre-hooks, without the profiler, which on a CPU slows
+the short memory-bound operations it would measure (``benchmarks/backward_nodes.py``); it
+prints each node type's fastest and slowest step too.
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def test_backward_node_clock_splits_the_backward_between_its_nodes():
     seconds, calls = clock.per_node_type([0.5, clock_total])[-1]
     assert dict(calls) == {"SumBackward0": 1, "ReluBackward0": 1, "MmBackward0": 1,
                            "torch::autograd::AccumulateGrad": 1}
-    assert sum(seconds.values()) == pytest.approx(clock_total, rel=0.2)
+    assert sum(seconds.values()) == pytest.approx(clock_total)  # the nodes tile the backward
     assert all(value >= 0 for value in seconds.values())
     table = clock.table([0.5, clock_total], rows=10)
     assert "MmBackward0" in table and "backward, wall clock" in table
