@@ -5,7 +5,7 @@ the time from its start to the next node's start (the last one's, to the end of 
 includes the engine's work between the two. Only pre-hooks are used. Under torch.profiler,
 and with hooks that run after each node (which get the node's gradients), the very operations
 in question, the short memory-bound ones, ran several times slower than in plain steps: on the
-persona batch the dense embedding gradient took 150-180 ms a step there against under 12 ms
+persona batch the dense embedding gradient took 150-210 ms a step there against under 12 ms
 here. On a GPU a node's start is only its launch, so this is for CPUs.
 """
 
