@@ -2,7 +2,6 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -13,8 +12,7 @@ from conftest import PROJECT_ROOT
 from rm_lightning import host_memory
 from rm_lightning.host_memory import OPT_OUT_ENV, keep_freed_memory, why_not_tuned
 
-needs_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                 reason="the setting is glibc's")
+needs_glibc = pytest.mark.skipif(not host_memory.is_glibc(), reason="the setting is glibc's")
 
 # Allocates and frees a 64 MiB tensor, then reports glibc's mallinfo2: bytes in mmap'd blocks while
 # the tensor is alive, and free bytes the heap keeps after it is gone.
