@@ -134,6 +134,7 @@ def run_worker(run: dict, args, rows: list[int], workdir: Path, label: str) -> d
     result_path = workdir / f"{label.replace(' ', '_')}.json"
     spec = {**run, "steps": args.steps, "warmup": args.warmup, "device": args.device, "backbone": args.backbone,
             "threads": args.threads, "host_memory": args.host_memory,
+            "linear_ceiling": run["variant"] in report.OURS_FAST,  # what the MFU target reads
             "ultrafeedback_rows": rows, "result_path": str(result_path), "label": label}
     spec_path = workdir / f"{label.replace(' ', '_')}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -192,14 +193,19 @@ def main(argv=None) -> int:
             if "error" not in result:
                 once = (f", reference pass {result['reference_pass_s']:.1f} s (once per dataset, not in the step)"
                         if "reference_pass_s" in result else "")
-                print(f"    median {result['median_s']:.2f} s/step, peak {result['peak_mem_mb']:.0f} MB{once}", flush=True)
+                ceiling = (f", MFU {100 * result['mfu']:.0f}% (its linear layers alone: {100 * result['mfu_ceiling']:.0f}%)"
+                           if "mfu_ceiling" in result else "")
+                print(f"    median {result['median_s']:.2f} s/step, peak {result['peak_mem_mb']:.0f} MB{ceiling}{once}",
+                      flush=True)
             finished.append(result)
     report.add_ratios(finished)
     goals = report.targets(finished, peaks, args.device)
     print()
     print(report.table(finished))
     print("\nMFU: useful model FLOP/s over the best measured matmul peak (see README); "
-          "x TRL / x naive: pairs/s over the best run of that peer.")
+          "x TRL / x naive: pairs/s over the best run of that peer.\n"
+          "MFU ceiling: the MFU of a step that did nothing but its decoder's linear layers, timed alone at "
+          "the batch's own shapes.")
     print("\nTargets:")
     for goal in goals:
         print(goal.line())

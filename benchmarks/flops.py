@@ -21,6 +21,7 @@ padding, embedding lookups, norms and elementwise work.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,17 @@ class ModelShape:
         return cls(config.num_hidden_layers, config.hidden_size, embedding.shape[0], decoder_params)
 
 
+def decoder_linear_shapes(model: torch.nn.Module) -> list[list[int]]:
+    """``[fan_in, fan_out, count]`` of the decoder's linear layers (the output head left out): the
+    matmuls every token of every RM type goes through, forward and backward."""
+    head = model.get_output_embeddings()
+    shapes = Counter(
+        (layer.in_features, layer.out_features) for layer in model.modules()
+        if isinstance(layer, torch.nn.Linear) and layer is not head
+    )
+    return [[fan_in, fan_out, count] for (fan_in, fan_out), count in sorted(shapes.items())]
+
+
 def head_positions(rm_type: str, batch: dict[str, torch.Tensor]) -> int:
     """How many positions the RM type's output head must read."""
     if rm_type == "imrm":
@@ -62,6 +74,11 @@ def distinct_rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
     lengths = mask.sum(dim=1).tolist()
     skipped, _, _ = lay_out_pairs(torch.split(batch["input_ids"][mask], lengths), share_prefix=True)
     return list(zip(lengths, skipped))
+
+
+def distinct_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real tokens once each pair's common prefix is counted once: the rows the decoder's matmuls need."""
+    return sum(length - shared for length, shared in distinct_rows(batch))
 
 
 def useful_training_flops(shape: ModelShape, rm_type: str, batch: dict[str, torch.Tensor]) -> float:

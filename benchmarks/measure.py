@@ -102,3 +102,31 @@ def matmul_peak_gflops(device: str, precision: str, budget_s: float = 1.0, max_s
             break
         size *= 2
     return {"precision": precision, "gflops": best, "sizes": sizes}
+
+
+def linear_layers_seconds(shapes: list[list[int]], tokens: int, device: str, precision: str,
+                          repeats: int = 5) -> float:
+    """Seconds the decoder's linear layers take, forward and backward, on ``tokens`` rows in ``precision``.
+
+    ``shapes`` holds ``[fan_in, fan_out, count]`` (``flops.decoder_linear_shapes``). These are
+    the matmuls no step can skip, timed alone at the batch's own shapes, which run slower than
+    the large square ones of the matmul peak. So the useful FLOPs over this time bound the MFU
+    any step of the batch could reach here. Each shape is timed as autograd lays its
+    gradients out (the median of ``repeats`` calls after two warm ones), then counted
+    ``count`` times.
+    """
+    dtype, total = DTYPES[precision], 0.0
+    for fan_in, fan_out, count in shapes:
+        inputs = torch.randn(tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
+        weight = torch.randn(fan_out, fan_in, device=device, dtype=dtype, requires_grad=True)
+        grad_output = torch.randn(tokens, fan_out, device=device, dtype=dtype)
+        seconds = []
+        for _ in range(2 + repeats):
+            inputs.grad = weight.grad = None
+            synchronize(device)
+            start = time.perf_counter()
+            torch.nn.functional.linear(inputs, weight).backward(grad_output)
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        total += count * median(seconds[2:])
+    return total

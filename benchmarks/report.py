@@ -21,6 +21,8 @@ def derive(run: dict, peaks: dict[str, float]) -> None:
     machine_peak = max(peaks.values())
     run["mfu"] = run["useful_gflops_per_s"] / machine_peak
     run["mfu_own_precision"] = run["useful_gflops_per_s"] / peaks[run["precision"]]
+    if "linear_layers_s" in run:  # the MFU if the step took no longer than its linear layers alone
+        run["mfu_ceiling"] = run["useful_flops"] / run["linear_layers_s"] / 1e9 / machine_peak
 
 
 PEERS = {"trl": ("trl", "trl-ckpt", "trl-compiled"), "naive": ("naive",)}
@@ -145,6 +147,8 @@ def targets(runs: list[dict], peaks: dict[str, float], device: str = "cpu") -> l
         ours = fastest(runs, "persona", rm, OURS_FAST)
         detail = "" if ours is None else (f"{_variant(ours)}: {ours['useful_gflops_per_s']:.1f} GFLOP/s, peak "
                                           f"{peaks[best_precision]:.0f} GFLOP/s in {best_precision}")
+        if ours is not None and "mfu_ceiling" in ours:
+            detail += f"; ceiling {ours['mfu_ceiling']:.2f} (linear layers alone at these shapes)"
         found.append(Target(f"persona {RM_NAMES[rm]} MFU (vs the machine's matmul peak)",
                             None if ours is None else ours["mfu"], MFU_GOALS[device], True, detail))
     for rm in RM_NAMES:

@@ -27,8 +27,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from benchmarks.batches import BatchSpec, batch_pairs, chat_encoder, encoded_batch, padding_fraction  # noqa: E402
-from benchmarks.flops import ModelShape, useful_training_flops  # noqa: E402
-from benchmarks.measure import MIB, PeakMemory, median, time_steps  # noqa: E402
+from benchmarks.flops import ModelShape, decoder_linear_shapes, distinct_tokens, useful_training_flops  # noqa: E402
+from benchmarks.measure import MIB, PeakMemory, linear_layers_seconds, median, time_steps  # noqa: E402
 from benchmarks import steps as bench_steps  # noqa: E402
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM  # noqa: E402
 from rm_lightning.backbones import load_backbone  # noqa: E402
@@ -45,7 +45,8 @@ RM_CLASSES = {"exrm": ExplicitRM, "imrm": ImplicitRM, "exgrm": ExplicitGenerativ
 
 def batch_stats(rm_type: str, shape: ModelShape, batch: dict[str, torch.Tensor]) -> dict:
     return {"tokens": int(batch["attention_mask"].sum()), "padded_tokens": int(batch["attention_mask"].numel()),
-            "padding_fraction": padding_fraction(batch), "useful_flops": useful_training_flops(shape, rm_type, batch)}
+            "padding_fraction": padding_fraction(batch), "distinct_tokens": distinct_tokens(batch),
+            "useful_flops": useful_training_flops(shape, rm_type, batch)}
 
 
 def build_module_step(spec: dict) -> tuple[bench_steps.TrainingStep, dict]:
@@ -70,7 +71,8 @@ def build_module_step(spec: dict) -> tuple[bench_steps.TrainingStep, dict]:
             result["reference_pass_s"] = time.perf_counter() - start
         module.configure_model()  # what a trainer does after setup: compiles the layers of ours-compiled
     batch = {key: value.to(device) for key, value in module.collator()(encoded.pairs).items()}
-    result.update(batch_stats(rm_type, ModelShape.of(module.model), batch))
+    result.update(batch_stats(rm_type, ModelShape.of(module.model), batch),
+                  linear_shapes=decoder_linear_shapes(module.model))
     if variant == "naive":
         loss_fn = naive_loss(module, rm_type, batch, spec)
     else:
@@ -130,6 +132,9 @@ def main(spec_path: str) -> None:
     result.update(peak_mem_mb=memory.peak_bytes() / MIB, peak_includes_setup=memory.lifetime_peak,
                   keeps_freed_memory=keeps_freed_memory,
                   threads=torch.get_num_threads(), median_s=median(result["times"]))
+    if spec.get("linear_ceiling") and not is_trl:  # once the step's time and peak memory are taken
+        result["linear_layers_s"] = linear_layers_seconds(result["linear_shapes"], result["distinct_tokens"],
+                                                          spec["device"], spec["precision"])
     target = Path(spec["result_path"])
     staging = target.with_suffix(f".tmp{os.getpid()}")
     staging.write_text(json.dumps(result, indent=1))

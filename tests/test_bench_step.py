@@ -18,8 +18,8 @@ from benchmarks import report  # noqa: E402
 from benchmarks.batches import (  # noqa: E402
     PERSONA_MAX_PAIRS, ULTRAFEEDBACK_FILE, BatchSpec, encoded_batch, padding_fraction, select_padding_heavy_rows,
 )
-from benchmarks.flops import ModelShape, useful_training_flops  # noqa: E402
-from benchmarks.measure import PeakMemory, matmul_peak_gflops  # noqa: E402
+from benchmarks.flops import ModelShape, decoder_linear_shapes, distinct_tokens, useful_training_flops  # noqa: E402
+from benchmarks.measure import PeakMemory, linear_layers_seconds, matmul_peak_gflops  # noqa: E402
 from benchmarks.steps import (  # noqa: E402
     LAYOUTS, full_vocab_response_logps, naive_exrm_loss, naive_imrm_loss, our_loss, use_decoder_layout,
 )
@@ -73,6 +73,17 @@ def test_useful_flops_count_distinct_real_tokens_and_the_head_where_read():
     forward = 2 * shape.decoder_params * 5 + attention
     assert useful_training_flops(shape, "imrm", batch) == pytest.approx(3 * (forward + 2 * shape.hidden * shape.vocab * 3))
     assert useful_training_flops(shape, "exrm", batch) == pytest.approx(3 * (forward + 2 * shape.hidden * 2))
+    assert distinct_tokens(batch) == 5
+
+
+def test_decoder_linear_shapes_hold_every_decoder_matmul_parameter_but_no_head():
+    model = ImplicitRM(backbone="tiny-llama", reference="none").model
+    shapes = decoder_linear_shapes(model)
+    norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    assert sum(fan_in * fan_out * count for fan_in, fan_out, count in shapes) == ModelShape.of(model).decoder_params - norms
+    layers = model.config.num_hidden_layers
+    assert [model.config.hidden_size, model.config.intermediate_size, 2 * layers] in shapes  # gate and up
+    assert all(count % layers == 0 for _, _, count in shapes)
 
 
 def test_ultrafeedback_batch_is_about_half_padding(shared_data):
@@ -92,6 +103,9 @@ def test_memory_and_matmul_probes_give_sane_numbers():
     del block
     probe = matmul_peak_gflops("cpu", "fp32", budget_s=0.05, max_size=512)
     assert probe["gflops"] > 0 and probe["sizes"][0] == 256
+    assert linear_layers_seconds([], 64, "cpu", "fp32") == 0
+    seconds = linear_layers_seconds([[64, 128, 3]], 32, "cpu", "bf16")
+    assert 0 < seconds < 1
 
 
 def persona_imrm_run(variant, precision, seconds, memory=1000.0):
@@ -130,6 +144,12 @@ def test_compiled_runs_count_for_ours_and_for_trl_alike():
     assert goals["persona IM-RM throughput / TRL DPOTrainer"].value == pytest.approx(3.0)  # 7.5 / 2.5
     mfu = goals["persona IM-RM MFU (vs the machine's matmul peak)"]
     assert mfu.value == pytest.approx(0.4) and "ours-compiled bf16" in mfu.detail  # 4e11 / 2.5 s / 400 GFLOP/s
+    assert "ceiling" not in mfu.detail
+    with_ceiling = {**run("ours-compiled", "bf16", 2.5), "linear_layers_s": 2.0}
+    report.derive(with_ceiling, peaks)
+    assert with_ceiling["mfu_ceiling"] == pytest.approx(0.5)  # 4e11 / 2.0 s / 400 GFLOP/s
+    goals = {g.name: g for g in report.targets([with_ceiling], peaks)}
+    assert "ceiling 0.50" in goals["persona IM-RM MFU (vs the machine's matmul peak)"].detail
     assert "DPOTrainer+compiled" in report.table(runs)
 
 
@@ -160,6 +180,9 @@ def test_one_command_runs_and_writes_json(tmp_path):
         assert "error" not in run and run["median_s"] > 0 and run["peak_mem_mb"] > 0
         assert run["pairs"] == 12 and run["pairs_per_s"] == pytest.approx(12 / run["median_s"])
         assert run["first_loss"] == pytest.approx(results["runs"][0]["first_loss"], abs=1e-5)
+    ours, naive = results["runs"]
+    assert ours["linear_layers_s"] > 0 and ours["mfu_ceiling"] > 0 and "mfu_ceiling" not in naive  # ours is what MFU reads
+    assert "its linear layers alone" in completed.stdout
 
 
 def test_a_bigger_persona_batch_starts_with_the_usual_eight_pairs():
