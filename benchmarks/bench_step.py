@@ -134,7 +134,7 @@ def run_worker(run: dict, args, rows: list[int], workdir: Path, label: str) -> d
     result_path = workdir / f"{label.replace(' ', '_')}.json"
     spec = {**run, "steps": args.steps, "warmup": args.warmup, "device": args.device, "backbone": args.backbone,
             "threads": args.threads, "host_memory": args.host_memory,
-            "linear_ceiling": run["variant"] in report.OURS_FAST,  # what the MFU target reads
+            "time_linear_layers": run["variant"] in report.OURS_FAST,  # what the MFU target reads
             "ultrafeedback_rows": rows, "result_path": str(result_path), "label": label}
     spec_path = workdir / f"{label.replace(' ', '_')}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -193,9 +193,9 @@ def main(argv=None) -> int:
             if "error" not in result:
                 once = (f", reference pass {result['reference_pass_s']:.1f} s (once per dataset, not in the step)"
                         if "reference_pass_s" in result else "")
-                ceiling = (f", MFU {100 * result['mfu']:.0f}% (its linear layers alone: {100 * result['mfu_ceiling']:.0f}%)"
-                           if "mfu_ceiling" in result else "")
-                print(f"    median {result['median_s']:.2f} s/step, peak {result['peak_mem_mb']:.0f} MB{ceiling}{once}",
+                matmuls = (f", MFU {100 * result['mfu']:.0f}%; {report.linear_layers_summary(result)}"
+                           if "linear_layers_share" in result else "")
+                print(f"    median {result['median_s']:.2f} s/step, peak {result['peak_mem_mb']:.0f} MB{matmuls}{once}",
                       flush=True)
             finished.append(result)
     report.add_ratios(finished)
@@ -204,8 +204,8 @@ def main(argv=None) -> int:
     print(report.table(finished))
     print("\nMFU: useful model FLOP/s over the best measured matmul peak (see README); "
           "x TRL / x naive: pairs/s over the best run of that peer.\n"
-          "MFU ceiling: the MFU of a step that did nothing but its decoder's linear layers, timed alone at "
-          "the batch's own shapes.")
+          "Linear layers alone: the decoder's linear layers (forward and backward) timed by themselves at "
+          "the batch's shapes, as a share of the step and in GFLOP/s.")
     print("\nTargets:")
     for goal in goals:
         print(goal.line())

@@ -81,6 +81,11 @@ def distinct_tokens(batch: dict[str, torch.Tensor]) -> int:
     return sum(length - shared for length, shared in distinct_rows(batch))
 
 
+def linear_layers_training_flops(shapes: list[list[int]], tokens: int) -> float:
+    """Forward and backward FLOPs of the linear layers ``shapes`` (``decoder_linear_shapes``) on ``tokens`` rows."""
+    return 6 * tokens * sum(fan_in * fan_out * count for fan_in, fan_out, count in shapes)
+
+
 def useful_training_flops(shape: ModelShape, rm_type: str, batch: dict[str, torch.Tensor]) -> float:
     forward = 0.0
     for length, shared in distinct_rows(batch):

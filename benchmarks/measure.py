@@ -108,12 +108,11 @@ def linear_layers_seconds(shapes: list[list[int]], tokens: int, device: str, pre
                           repeats: int = 5) -> float:
     """Seconds the decoder's linear layers take, forward and backward, on ``tokens`` rows in ``precision``.
 
-    ``shapes`` holds ``[fan_in, fan_out, count]`` (``flops.decoder_linear_shapes``). These are
-    the matmuls no step can skip, timed alone at the batch's own shapes, which run slower than
-    the large square ones of the matmul peak. So the useful FLOPs over this time bound the MFU
-    any step of the batch could reach here. Each shape is timed as autograd lays its
-    gradients out (the median of ``repeats`` calls after two warm ones), then counted
-    ``count`` times.
+    ``shapes`` holds ``[fan_in, fan_out, count]`` (``flops.decoder_linear_shapes``). No step
+    can skip these matmuls. Timed alone at the batch's own shapes, they show whether a low MFU
+    comes from matmuls that are slow at those shapes or from the rest of the step. Each shape
+    is timed as autograd lays its gradients out (the median of ``repeats`` calls after two
+    warm ones), then counted ``count`` times.
     """
     dtype, total = DTYPES[precision], 0.0
     for fan_in, fan_out, count in shapes:

@@ -132,7 +132,7 @@ def main(spec_path: str) -> None:
     result.update(peak_mem_mb=memory.peak_bytes() / MIB, peak_includes_setup=memory.lifetime_peak,
                   keeps_freed_memory=keeps_freed_memory,
                   threads=torch.get_num_threads(), median_s=median(result["times"]))
-    if spec.get("linear_ceiling") and not is_trl:  # once the step's time and peak memory are taken
+    if spec.get("time_linear_layers") and not is_trl:  # once the step's time and peak memory are taken
         result["linear_layers_s"] = linear_layers_seconds(result["linear_shapes"], result["distinct_tokens"],
                                                           spec["device"], spec["precision"])
     target = Path(spec["result_path"])
