@@ -4,9 +4,9 @@ PyTorch has no caching allocator for CPU tensors: every tensor comes from the C 
 ``malloc``. glibc serves every block above its mmap threshold (128 KiB at first, raised as
 blocks are freed but never above 32 MiB) with a fresh ``mmap``, gives it back with ``munmap``
 when it is freed, and shrinks the heap when its top is free. So each training step maps its
-gradients and activations anew, and the kernel zero-fills every page on first touch. On a 2-core VM with SmolLM2-135M the backward of the 113 MB embedding gradient
-alone then took 26-168 ms a step (under 12 ms with memory kept), and step times swung from one
-step to the next.
+gradients and activations anew, and the kernel zero-fills every page on first touch. On a
+2-core VM with SmolLM2-135M the backward of the 113 MB embedding gradient alone then took
+26-168 ms a step (under 12 ms with memory kept), and step times swung from one step to the next.
 
 ``keep_freed_memory`` tells glibc to serve every block from its heap and never to shrink it
 (``mallopt(M_MMAP_MAX, 0)`` and the largest ``M_TRIM_THRESHOLD``): a freed block stays mapped
