@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks import report  # noqa: E402
+from benchmarks import summary  # noqa: E402
 from benchmarks.batches import BATCH_PAIRS, PERSONA_MAX_PAIRS  # noqa: E402
 from benchmarks.measure import matmul_peak_gflops  # noqa: E402
-from rm_lightning.backbones import BUNDLED_MODEL, TINY_BACKBONES  # noqa: E402
+from rm_lightning.models.backbones import BUNDLED_MODEL, TINY_BACKBONES  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -113,7 +113,7 @@ def plan_runs(args, precisions: list[str]) -> list[dict]:
     for batch in args.batches:
         for rm in args.rm:
             for variant in args.variants or DEFAULT_VARIANTS[batch]:
-                if variant.startswith("trl") and (args.skip_trl or rm not in report.TRL_TRAINERS):
+                if variant.startswith("trl") and (args.skip_trl or rm not in summary.TRL_TRAINERS):
                     continue
                 for precision in precisions:
                     runs.append({"batch": batch, "rm": rm, "variant": variant, "precision": precision,
@@ -123,7 +123,7 @@ def plan_runs(args, precisions: list[str]) -> list[dict]:
 
 def ultrafeedback_rows(backbone: str, width: int, pairs: int) -> list[int]:
     from benchmarks.batches import select_padding_heavy_rows
-    from rm_lightning.backbones import load_backbone
+    from rm_lightning.models.backbones import load_backbone
 
     model, tokenizer = load_backbone(backbone)
     del model  # only the tokenizer is needed; the workers need the memory
@@ -134,7 +134,7 @@ def run_worker(run: dict, args, rows: list[int], workdir: Path, label: str) -> d
     result_path = workdir / f"{label.replace(' ', '_')}.json"
     spec = {**run, "steps": args.steps, "warmup": args.warmup, "device": args.device, "backbone": args.backbone,
             "threads": args.threads, "host_memory": args.host_memory,
-            "time_linear_layers": run["variant"] in report.OURS_FAST,  # what the MFU target reads
+            "time_linear_layers": run["variant"] in summary.OURS_FAST,  # what the MFU target reads
             "ultrafeedback_rows": rows, "result_path": str(result_path), "label": label}
     spec_path = workdir / f"{label.replace(' ', '_')}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -189,19 +189,19 @@ def main(argv=None) -> int:
             label = f"{run['batch']} {run['rm']} {run['variant']} {run['precision']}"
             print(f"[{index}/{len(runs)}] {label}", flush=True)
             result = run_worker(run, args, rows, Path(workdir), label)
-            report.derive(result, peaks)
+            summary.derive(result, peaks)
             if "error" not in result:
                 once = (f", reference pass {result['reference_pass_s']:.1f} s (once per dataset, not in the step)"
                         if "reference_pass_s" in result else "")
-                matmuls = (f", MFU {100 * result['mfu']:.0f}%; {report.linear_layers_summary(result)}"
+                matmuls = (f", MFU {100 * result['mfu']:.0f}%; {summary.linear_layers_summary(result)}"
                            if "linear_layers_share" in result else "")
                 print(f"    median {result['median_s']:.2f} s/step, peak {result['peak_mem_mb']:.0f} MB{matmuls}{once}",
                       flush=True)
             finished.append(result)
-    report.add_ratios(finished)
-    goals = report.targets(finished, peaks, args.device)
+    summary.add_ratios(finished)
+    goals = summary.targets(finished, peaks, args.device)
     print()
-    print(report.table(finished))
+    print(summary.table(finished))
     print("\nMFU: useful model FLOP/s over the best measured matmul peak (see README); "
           "x TRL / x naive: pairs/s over the best run of that peer.\n"
           "Linear layers alone: the decoder's linear layers (forward and backward) timed by themselves at "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rm_lightning.pair_packing import lay_out_pairs
+from rm_lightning.perf.packed_pairs import lay_out_pairs
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def distinct_rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
     """(real tokens, leading tokens shared with the pair's chosen row) of every row; chosen rows share 0."""
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1).tolist()
-    skipped, _, _ = lay_out_pairs(torch.split(batch["input_ids"][mask], lengths), share_prefix=True)
+    skipped, _, _ = lay_out_pairs(torch.split(batch["input_ids"][mask], lengths))
     return list(zip(lengths, skipped))
 
 

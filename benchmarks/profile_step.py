@@ -27,9 +27,9 @@ from benchmarks.backward_nodes import BackwardNodeClock  # noqa: E402
 from benchmarks.batches import BATCH_PAIRS  # noqa: E402
 from benchmarks.bench_step import RM_TYPES, VARIANTS  # noqa: E402
 from benchmarks.measure import synchronize  # noqa: E402
-from rm_lightning.backbones import BUNDLED_MODEL  # noqa: E402
+from rm_lightning.models.backbones import BUNDLED_MODEL  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
-from rm_lightning.host_memory import keep_freed_memory  # noqa: E402
+from rm_lightning.perf.host_memory import keep_freed_memory  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402

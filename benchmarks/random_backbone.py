@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from rm_lightning.backbones import ensure_bundled_model_cached  # noqa: E402
+from rm_lightning.models.backbones import ensure_bundled_model_cached  # noqa: E402
 from rm_lightning.errors import BackboneError  # noqa: E402
 
 # config fields changed from the tokenizer folder's own config ("as-is" keeps it: SmolLM2-135M by default)

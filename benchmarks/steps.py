@@ -10,14 +10,15 @@ reference model on every step instead of reading cached reference log-probs.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-from typing import Callable
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
 
 import torch
 
-from rm_lightning.loss import bradley_terry_loss
-from rm_lightning.module import DECODER_LAYOUTS
-from rm_lightning.pair_packing import packed_hidden_states
+from benchmarks.bucketed import bucketed_hidden_states
+from rm_lightning.models.loss import bradley_terry_loss
+from rm_lightning.perf import packed_pairs
+from rm_lightning.perf.layouts import DECODER_LAYOUTS
 
 
 def autocast(device: str, precision: str):
@@ -52,26 +53,42 @@ class TrainingStep:
         self.phases.append({"forward": forward - start, "backward": backward - forward, "optimizer": end - backward})
 
 
-# the module's decoder layouts, plus "unshared": packed, but each row's prompt computed for itself
-LAYOUTS = (*DECODER_LAYOUTS, "unshared")
+# the module's decoder layouts, plus two only the benchmark runs: "bucketed" (``benchmarks/bucketed.py``)
+# and "unshared", packed but with each row's prompt computed for itself
+LAYOUTS = (*DECODER_LAYOUTS, "bucketed", "unshared")
+
+
+@contextmanager
+def prefixes_unshared() -> Iterator[None]:
+    """Pack rows without sharing a pair's common prefix, as a padded batch computes it: the padding saving alone."""
+    shared = packed_pairs.common_prefix_length
+    packed_pairs.common_prefix_length = lambda a, b: 0
+    try:
+        yield
+    finally:
+        packed_pairs.common_prefix_length = shared
 
 
 def use_decoder_layout(module, layout: str) -> None:
     """Run ``module`` with one of ``LAYOUTS``, whatever it was built with.
 
-    The module's own layouts go through its own ``hidden_states``. ``unshared`` packs the real
-    tokens but computes a pair's prompt twice, as a padded batch does, so the padding saving
-    can be told apart from the shared-prefix one; no module option does that, so it replaces
-    ``hidden_states`` on the instance.
+    The module's own layouts go through its own ``hidden_states``. The two benchmark-only ones
+    replace ``hidden_states`` on the instance (the reference pass of an IM-RM goes through it too).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown decoder layout {layout!r}; expected one of {LAYOUTS}")
-    module.__dict__.pop("hidden_states", None)  # an earlier "unshared"
-    module.hparams.decoder_layout = "packed" if layout == "unshared" else layout
-    if layout == "unshared":
-        def hidden_states(batch, decoder=None):
-            return packed_hidden_states(module.decoder if decoder is None else decoder, batch, share_prefix=False)
-        module.hidden_states = hidden_states
+    module.__dict__.pop("hidden_states", None)  # an earlier benchmark-only layout
+    module.hparams.decoder_layout = layout if layout in DECODER_LAYOUTS else "packed"
+    if layout in DECODER_LAYOUTS:
+        return
+
+    def hidden_states(batch, decoder=None):
+        decoder = module.decoder if decoder is None else decoder
+        if layout == "bucketed":
+            return bucketed_hidden_states(decoder, batch)
+        with prefixes_unshared():
+            return packed_pairs.packed_hidden_states(decoder, batch)
+    module.hidden_states = hidden_states
 
 
 def our_loss(module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:

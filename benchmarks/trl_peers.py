@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.batches import BatchSpec, batch_pairs, chat_encoder
 from benchmarks.measure import PeakMemory, synchronize
-from rm_lightning.backbones import BUNDLED_MODEL, TINY_BACKBONES, ensure_bundled_model_cached, load_backbone
+from rm_lightning.models.backbones import BUNDLED_MODEL, TINY_BACKBONES, ensure_bundled_model_cached, load_backbone
 from rm_lightning.errors import RMLightningError
 
 

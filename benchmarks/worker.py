@@ -31,9 +31,9 @@ from benchmarks.flops import ModelShape, decoder_linear_shapes, distinct_tokens,
 from benchmarks.measure import MIB, PeakMemory, linear_layers_seconds, median, time_steps  # noqa: E402
 from benchmarks import steps as bench_steps  # noqa: E402
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM  # noqa: E402
-from rm_lightning.backbones import load_backbone  # noqa: E402
+from rm_lightning.models.backbones import load_backbone  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
-from rm_lightning.host_memory import keep_freed_memory  # noqa: E402
+from rm_lightning.perf.host_memory import keep_freed_memory  # noqa: E402
 from rm_lightning.pairs import PairCollator  # noqa: E402
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary

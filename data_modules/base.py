@@ -15,19 +15,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from rm_lightning.errors import DataError
-from rm_lightning.pairs import EncodedPairs, LengthBucketSampler, PreferencePair
-
-SHIFT_TAGS = ("in_distribution", "token_shift", "domain_shift")
+from rm_lightning.pairs import EncodedPairs, LengthBucketSampler, PreferencePair, check_shift_tag
 
 
 @dataclass
 class EvalSet:
+    """A named eval set's pairs and how it relates to the training data (``rm_lightning.pairs.SHIFT_TAGS``)."""
+
     pairs: list[PreferencePair]
     tag: str = "in_distribution"
 
     def __post_init__(self):
-        if self.tag not in SHIFT_TAGS:
-            raise DataError(f"unknown shift tag {self.tag!r}; expected one of {', '.join(SHIFT_TAGS)}")
+        check_shift_tag(self.tag)
 
 
 class PreferenceDataModule(L.LightningDataModule):

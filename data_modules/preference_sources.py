@@ -15,10 +15,9 @@ from typing import Callable, Literal, Optional
 
 from data_modules.jsonl import read_jsonl
 from rm_lightning.errors import DataError
-from rm_lightning.pairs import PreferencePair, check_text_fields
+from rm_lightning.pairs import PreferencePair, ShiftTag, check_text_fields
 
 HubName = Literal["ultrafeedback", "rewardmath", "rewardbench_math", "rewardbench_code"]
-ShiftTag = Literal["in_distribution", "token_shift", "domain_shift"]
 
 # The authors' rule: drop UltraFeedback prompts that contain "translate" or "translation" in any case
 # (so also "Translated", "translations"), because the translated eval sets would otherwise test a

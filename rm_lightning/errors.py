@@ -1,9 +1,11 @@
-"""One exception family, so the CLI can turn any bad input into a single readable line."""
+"""One exception family and one way out: bad input ends in a single ``error: ...`` line and exit status 2."""
 
 from __future__ import annotations
 
 import sys
 from typing import Callable
+
+USER_ERROR_STATUS = 2
 
 
 class RMLightningError(Exception):
@@ -18,10 +20,32 @@ class BackboneError(RMLightningError):
     """A backbone name or path that cannot be loaded."""
 
 
+def user_error_behind(err: BaseException | None) -> RMLightningError | None:
+    """The bad-input error behind ``err``, if any: libraries (jsonargparse, Lightning) wrap errors raised
+    in our ``__init__``s and hooks, so the cause chain is searched."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, RMLightningError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def print_user_error(err: RMLightningError) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return USER_ERROR_STATUS
+
+
 def exit_status(main: Callable[..., int | None], *args) -> int:
-    """A script's exit status from ``main(*args)``: bad input shown as one ``error:`` line and status 2."""
+    """A command's exit status from ``main(*args)``: bad input shown as one ``error:`` line and status 2.
+
+    Every entry point (``cli.py``, sweep, report, prepare, the benchmark scripts) ends through here.
+    """
     try:
         return main(*args) or 0
-    except RMLightningError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        cause = user_error_behind(err)
+        if cause is None:
+            raise
+        return print_user_error(cause)

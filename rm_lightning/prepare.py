@@ -1,20 +1,8 @@
-"""``python -m rm_lightning.prepare``: convert and cache the bundled model (part of the set-up command).
+"""``python -m rm_lightning.prepare``: the command; its code is ``rm_lightning.experiments.prepare``."""
 
-Doing it at install time keeps the first training run, and every test, free of the one-off
-GGUF dequantization.
-"""
+import sys
 
-import time
-
-from rm_lightning.backbones import BUNDLED_MODEL, ensure_bundled_model_cached, load_backbone
-
-
-def main() -> None:
-    began = time.perf_counter()
-    folder = ensure_bundled_model_cached()
-    load_backbone(BUNDLED_MODEL)
-    print(f"[rm-lightning] {BUNDLED_MODEL} ready in {folder} ({time.perf_counter() - began:.1f} s)")
-
+from rm_lightning.experiments.prepare import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
 import pytest
 
 from rm_lightning import BackboneError
-from rm_lightning.backbones import load_backbone
+from rm_lightning.models.backbones import load_backbone
 from rm_lightning.pairs import chat_formatter
 
 

@@ -14,7 +14,7 @@ from conftest import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT))  # benchmarks/ is a folder of scripts, not an installed package
 
-from benchmarks import report  # noqa: E402
+from benchmarks import summary as report  # noqa: E402
 from benchmarks.batches import (  # noqa: E402
     PERSONA_MAX_PAIRS, ULTRAFEEDBACK_FILE, BatchSpec, encoded_batch, padding_fraction, select_padding_heavy_rows,
 )
@@ -25,7 +25,7 @@ from benchmarks.steps import (  # noqa: E402
 )
 from benchmarks.random_backbone import write_random_backbone  # noqa: E402
 from rm_lightning import ExplicitRM, ImplicitRM  # noqa: E402
-from rm_lightning.backbones import load_backbone, tiny_llama  # noqa: E402
+from rm_lightning.models.backbones import load_backbone, tiny_llama  # noqa: E402
 from rm_lightning.errors import BackboneError, DataError  # noqa: E402
 from rm_lightning.pairs import EncodedPair, PairCollator  # noqa: E402
 

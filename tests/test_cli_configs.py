@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from rm_lightning import cli
 from conftest import PROJECT_ROOT, tiny_override
 
 PERSONA_CONFIGS = ["configs/exrm_persona.yaml", "configs/imrm_persona.yaml", "configs/exgrm_persona.yaml"]

@@ -3,12 +3,11 @@
 import lightning as L
 import torch
 
+from conftest import edge_case_pairs, loss_and_grads
 from rm_lightning import ExplicitRM, ImplicitRM
-from rm_lightning.compiled_layers import compile_decoder_layers, is_compiled
-from rm_lightning.pair_packing import packed_hidden_states
-from rm_lightning.sharding import decoder_layers
-from test_packing import loss_and_grads  # tests/ is on the path, as for conftest
-from test_pair_packing import edge_case_pairs
+from rm_lightning.perf.compiled_layers import compile_decoder_layers, is_compiled
+from rm_lightning.perf.packed_pairs import packed_hidden_states
+from rm_lightning.perf.sharding import decoder_layers
 
 
 def test_compiled_layers_match_eager_on_batches_of_two_lengths():

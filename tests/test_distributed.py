@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair
-from rm_lightning.module import is_repeated_batch
+from rm_lightning.pairs import is_repeated_batch
 from rm_lightning.pairs import LengthBucketSampler
-from rm_lightning.sharding import is_sharded, shard_reward_module
+from rm_lightning.perf.sharding import is_sharded, shard_reward_module
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4

@@ -1,6 +1,5 @@
 """Hamiltonian-cycle data (paper §3.2): generator, verifier, data module, generation check, configs."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -14,20 +13,12 @@ from data_modules.hamiltonian import (
     EDGE_SEP, EXTRA_TOKENS, SEP, HamiltonianCycleDataModule, cycle_edges, format_prompt, format_vertex_sequence,
     generate_instance, generate_instances, is_hamiltonian_cycle, parse_prompt, parse_vertex_sequence,
 )
-from rm_lightning import ImplicitRM
+from rm_lightning import ImplicitRM, cli
 from rm_lightning.callbacks import GenerationCheck
 from rm_lightning.callbacks.generation_check import decode_response, encode_prefix, sample_responses
 from rm_lightning.errors import DataError, RMLightningError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_cli():
-    """cli.py is a script at the project root, not part of the installed packages."""
-    spec = importlib.util.spec_from_file_location("rm_lightning_cli", PROJECT_ROOT / "cli.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -222,7 +213,7 @@ data:
 def test_cli_fit_runs_each_hamcycle_config_on_a_tiny_model(config, tmp_path, monkeypatch):
     monkeypatch.setenv("RM_LIGHTNING_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("sys.argv", ["cli.py"])
-    load_cli().main(["fit", "--config", str(PROJECT_ROOT / "configs" / config), "--config", str(tiny_hamcycle_override(tmp_path))])
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs" / config), "--config", str(tiny_hamcycle_override(tmp_path))])
     run_dirs = list(tmp_path.glob("lightning_logs/version_*"))
     assert len(run_dirs) == 1
     metrics = (run_dirs[0] / "metrics.csv").read_text()
@@ -249,7 +240,7 @@ trainer:
     - class_path: rm_lightning.callbacks.GenerationCheck
       init_args: {num_train_prompts: 2, num_test_prompts: 3, max_new_tokens: 8, every_validation: true}
 """)
-    load_cli().main(["fit", "--config", str(PROJECT_ROOT / "configs" / "imrm_hamcycle.yaml"),
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs" / "imrm_hamcycle.yaml"),
                      "--config", str(tiny_hamcycle_override(tmp_path)), "--config", str(every_epoch)])
     report = json.loads(next(tmp_path.glob("lightning_logs/version_*/generation_check.json")).read_text())
     assert [check["step"] for check in report["history"]] == [2, 4]  # none repeated at the end of fit

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-import cli
+from rm_lightning import cli
 from conftest import PROJECT_ROOT
-from rm_lightning import host_memory
-from rm_lightning.host_memory import OPT_OUT_ENV, keep_freed_memory, why_not_tuned
+from rm_lightning.perf import host_memory
+from rm_lightning.perf.host_memory import OPT_OUT_ENV, keep_freed_memory, why_not_tuned
 
 needs_glibc = pytest.mark.skipif(not host_memory.is_glibc(), reason="the setting is glibc's")
 
@@ -18,7 +18,7 @@ needs_glibc = pytest.mark.skipif(not host_memory.is_glibc(), reason="the setting
 # the tensor is alive, and free bytes the heap keeps after it is gone.
 PROBE = """
 import ctypes, json, torch
-from rm_lightning.host_memory import keep_freed_memory
+from rm_lightning.perf.host_memory import keep_freed_memory
 
 FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
 class MallInfo2(ctypes.Structure):

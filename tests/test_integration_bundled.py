@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-import cli
+from rm_lightning import cli
 from conftest import PROJECT_ROOT
-from rm_lightning.backbones import BUNDLED_MODEL, load_backbone
+from rm_lightning.models.backbones import BUNDLED_MODEL, load_backbone
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def test_short_persona_run_separates_chosen_from_rejected(tmp_path):
         "data:\n  init_args:\n    num_train: 24\n    num_test: 8\n    batch_size: 8\n"
     )
     run = cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/imrm_persona.yaml"), "--config", str(override)])
-    final = run.model.last_eval["original_test_prompts"]
+    final = run.model.eval_sets.last["original_test_prompts"]
     assert final["accuracy"].item() >= 0.9
     assert final["chosen_reward"].item() > final["rejected_reward"].item()
     assert math.isfinite(final["normalized_margin"].item())

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from rm_lightning.loss import bradley_terry_loss
+from rm_lightning.models.loss import bradley_terry_loss
 from rm_lightning.metrics import NormalizedRewardMargin, PairwiseAccuracy
 
 

@@ -7,7 +7,7 @@ import torch
 from data_modules import PersonaDataModule
 from rm_lightning import ExplicitRM, ImplicitRM
 from rm_lightning.errors import RMLightningError
-from rm_lightning.optim_in_backward import allocate_adam_state
+from rm_lightning.perf.optim_in_backward import allocate_adam_state
 
 
 class Recorder(L.Callback):

@@ -3,12 +3,11 @@
 import pytest
 import torch
 
+from conftest import edge_case_pairs, loss_and_grads
 from rm_lightning import ExplicitRM, ImplicitRM
-from rm_lightning.flex_packed_attention import ATTENTION_ENV, packed_attention_kind
-from rm_lightning.packing import padded_hidden_states
-from rm_lightning.pair_packing import PackedPairs, packed_hidden_states, plan_attention_groups
 from rm_lightning.pairs import EncodedPair, PairCollator
-from test_packing import loss_and_grads  # tests/ is on the path, as for conftest
+from rm_lightning.perf.layouts import padded_hidden_states
+from rm_lightning.perf.packed_pairs import PackedPairs, packed_hidden_states, plan_attention_groups
 
 
 def test_layout_runs_a_shared_prefix_once_and_continues_its_positions():
@@ -20,37 +19,15 @@ def test_layout_runs_a_shared_prefix_once_and_continues_its_positions():
     assert packed.shared_tokens == 2
     pad = packed.num_tokens  # batch positions past a row's end read the zero row
     assert packed.gather_index.tolist() == [[0, 1, 2, 3], [4, 5, pad, pad], [0, 1, 6, pad], [7, 8, 9, pad]]
-    unshared = PackedPairs.from_batch(batch, share_prefix=False)
-    assert unshared.num_tokens == 12 and unshared.shared_tokens == 0
 
 
-def edge_case_pairs(vocab: int, seed: int = 0) -> list[EncodedPair]:
-    """Shared prompts of several lengths, a rejected row inside the chosen one, the reverse, identical rows,
-    and a pair with nothing in common."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def tokens(n):
-        return torch.randint(3, vocab - 1, (n,), generator=generator).tolist()
-
-    pairs = []
-    for prompt, chosen, rejected in [(5, 4, 6), (20, 10, 3), (1, 30, 2), (12, 9, 9)]:
-        shared = tokens(prompt)
-        pairs.append(EncodedPair(shared + tokens(chosen), prompt, shared + tokens(rejected), prompt))
-    long = tokens(14)
-    pairs += [EncodedPair(long, 4, long[:9], 4), EncodedPair(long[:6], 4, long, 4), EncodedPair(long, 4, long, 4),
-              EncodedPair(tokens(7), 3, tokens(9), 3)]
-    return pairs
-
-
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_packed_forward_matches_padded_at_real_positions(padding_side, share_prefix):
-    module = ExplicitRM(backbone="tiny-llama", padding_side=padding_side)
+def test_packed_forward_matches_padded_at_real_positions():
+    module = ExplicitRM(backbone="tiny-llama")
     module.model.eval()
     batch = module.collator()(edge_case_pairs(len(module.tokenizer)))
     with torch.no_grad():
         padded = padded_hidden_states(module.decoder, batch)
-        packed = packed_hidden_states(module.decoder, batch, share_prefix=share_prefix)
+        packed = packed_hidden_states(module.decoder, batch)
         padded_again = padded_hidden_states(module.decoder, batch)  # the model still runs padded batches
     real = batch["attention_mask"].bool()
     assert packed.shape == padded.shape
@@ -90,9 +67,11 @@ def test_untrained_imrm_rewards_are_exactly_zero_with_packed_pairs():
         assert torch.equal(module.rewards(batch), torch.zeros(batch["input_ids"].shape[0]))
 
 
-def test_unknown_decoder_layout_is_refused():
-    with pytest.raises(ValueError, match="decoder_layout"):
-        ExplicitRM(backbone="tiny-llama", decoder_layout="ragged")
+@pytest.mark.parametrize("option, value", [("decoder_layout", "ragged"), ("decoder_layout", "bucketed"),
+                                           ("packed_attention", "fast")])
+def test_unknown_layout_or_attention_is_refused(option, value):
+    with pytest.raises(ValueError, match=option):
+        ExplicitRM(backbone="tiny-llama", **{option: value})
 
 
 def test_attention_groups_keep_similar_segments_together():
@@ -103,44 +82,39 @@ def test_attention_groups_keep_similar_segments_together():
     assert plan_attention_groups(sizes, call_cells=10 ** 9) == [sorted(range(6), key=lambda i: sizes[i])]
 
 
-@pytest.fixture
-def flex_attention(monkeypatch):
+def flex_packed_hidden_states(decoder, batch):
     """Packed batches through FlexAttention (opt-in) instead of the grouped grids."""
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    return packed_hidden_states(decoder, batch, attention="flex")
 
 
-def test_flex_attention_states_match_padded(flex_attention):
-    module = ExplicitRM(backbone="tiny-llama")
+def test_flex_attention_states_match_padded():
+    module = ExplicitRM(backbone="tiny-llama", packed_attention="flex")
     module.model.eval()
     batch = module.collator()(edge_case_pairs(len(module.tokenizer)))
-    assert PackedPairs.from_batch(batch).block_mask is not None
+    assert PackedPairs.from_batch(batch, attention="flex").block_mask is not None
+    assert PackedPairs.from_batch(batch).block_mask is None
     with torch.no_grad():
         padded = padded_hidden_states(module.decoder, batch)
-        packed = packed_hidden_states(module.decoder, batch)
+        packed = module.hidden_states(batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on a CPU")
-def test_flex_attention_gradients_match_padded_on_cuda(flex_attention):
+def test_flex_attention_gradients_match_padded_on_cuda():
     module = ImplicitRM(backbone="tiny-llama", reference="none", beta=1.0).to("cuda")
     batch = PairCollator(module.tokenizer.pad_token_id)(edge_case_pairs(len(module.tokenizer), seed=1))
     batch = {key: value.to("cuda") for key, value in batch.items()}
     padded_loss, padded_grads = loss_and_grads(module, batch, padded_hidden_states)
-    packed_loss, packed_grads = loss_and_grads(module, batch, packed_hidden_states)
+    packed_loss, packed_grads = loss_and_grads(module, batch, flex_packed_hidden_states)
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
-def test_packed_attention_is_grouped_unless_flex_is_asked_for(monkeypatch):
-    monkeypatch.delenv(ATTENTION_ENV, raising=False)
-    assert packed_attention_kind() == "grouped"
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
-    assert packed_attention_kind() == "flex"
-    monkeypatch.setenv(ATTENTION_ENV, "fast")
-    with pytest.raises(ValueError, match=ATTENTION_ENV):
-        packed_attention_kind()
+def test_packed_attention_is_a_recorded_option_grouped_by_default():
+    assert ExplicitRM(backbone="tiny-llama").hparams.packed_attention == "grouped"
+    assert ExplicitRM(backbone="tiny-llama", packed_attention="flex").hparams.packed_attention == "flex"
 
 
 def test_attention_plan_is_as_cheap_as_an_exhaustive_search():

@@ -7,7 +7,7 @@ import types
 import pytest
 import yaml
 
-import cli
+from rm_lightning import cli
 from conftest import PROJECT_ROOT, tiny_override
 from data_modules import EvalSetSource, PairSource, RealWorldDataModule
 from data_modules.preference_sources import (HUB_DATASETS, is_translation_prompt, load_hub_pairs, load_jsonl_pairs,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rm_lightning.errors import RMLightningError
-from rm_lightning.report import (collect, compare, main, mean_rows, overall_win_rates, pairwise_win_rates,
+from rm_lightning.experiments.report import (collect, compare, main, mean_rows, overall_win_rates, pairwise_win_rates,
                                  write_report)
 
 

@@ -19,8 +19,7 @@ def encoded(module, pairs=PAIRS):
     return module.pair_encoder().encode_all(pairs)[0]
 
 
-def batch_of(module, pairs, padding_side="right"):
-    module.hparams.padding_side = padding_side
+def batch_of(module, pairs):
     return module.collator()(encoded(module, pairs))
 
 
@@ -121,16 +120,14 @@ def test_generative_rm_cross_entropy_option():
 
 
 @pytest.mark.parametrize("module_class", [ExplicitRM, ImplicitRM, ExplicitGenerativeRM])
-def test_rewards_ignore_padding_side_and_batch_composition(module_class, tmp_path):
+def test_rewards_ignore_batch_composition(module_class, tmp_path):
     kwargs = {ImplicitRM: {"reference_cache_dir": str(tmp_path)}, ExplicitRM: {"head_init": "normal"}}.get(module_class, {})
     module = module_class(backbone="tiny-llama-chat", **kwargs).eval()
     perturb(module, seed=1)
-    right = module.rewards(batch_of(module, PAIRS, "right"))
-    left = module.rewards(batch_of(module, PAIRS, "left"))
-    assert torch.allclose(right, left, rtol=1e-4, atol=1e-6)
+    together = module.rewards(batch_of(module, PAIRS))
     for index in range(len(PAIRS)):
         alone = module.rewards(batch_of(module, [PAIRS[index]]))
-        assert torch.allclose(alone, right[[index, index + len(PAIRS)]], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(alone, together[[index, index + len(PAIRS)]], rtol=1e-4, atol=1e-6)
 
 
 def test_explicit_rm_never_computes_vocabulary_logits(monkeypatch):

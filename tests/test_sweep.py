@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import textwrap
 from pathlib import Path
@@ -11,8 +10,9 @@ import pytest
 import yaml
 
 from rm_lightning.errors import RMLightningError
-from rm_lightning.report import collect
-from rm_lightning.sweep import DEFAULT_CLI, check_rm_types, command, is_finished, load_grid, main, plan_runs
+from rm_lightning.experiments.report import collect
+from rm_lightning import cli
+from rm_lightning.experiments.sweep import check_rm_types, command, is_finished, load_grid, main, plan_runs
 
 REPO = Path(__file__).resolve().parent.parent
 IMRM_CONFIG = REPO / "configs" / "imrm_persona.yaml"
@@ -78,9 +78,6 @@ def test_finished_means_a_readable_finished_results_file(tmp_path):
 
 def _print_config(capsys, monkeypatch, config: Path, rm_type: str) -> dict:
     monkeypatch.setattr("sys.argv", ["cli.py"])
-    spec = importlib.util.spec_from_file_location("rm_cli_under_test", DEFAULT_CLI)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     with pytest.raises(SystemExit) as exited:
         cli.main(["fit", "--config", str(config), "--model", rm_type, "--model.init_args.backbone", "tiny-llama",
                   "--print_config"])
@@ -104,7 +101,7 @@ def test_results_writer_after_fit_and_test_without_cli(tmp_path):
 
     from data_modules import PersonaDataModule
     from rm_lightning import ExplicitRM
-    from rm_lightning.results import ResultsWriter
+    from rm_lightning.callbacks import ResultsWriter
 
     L.seed_everything(3, verbose=False)
     module, data = ExplicitRM(backbone="tiny-llama-chat"), PersonaDataModule(num_train=4, num_test=2, batch_size=4)

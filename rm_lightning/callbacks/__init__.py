@@ -1,4 +1,8 @@
+"""What a run records: margin history (TensorBoard, CSV, PNG), generation checks and results.json."""
+
 from rm_lightning.callbacks.generation_check import GenerationCheck
 from rm_lightning.callbacks.margin_history import MarginHistory
+from rm_lightning.callbacks.results import ResultsWriter
+from rm_lightning.callbacks.run_directory import run_dir
 
-__all__ = ["GenerationCheck", "MarginHistory"]
+__all__ = ["GenerationCheck", "MarginHistory", "ResultsWriter", "run_dir"]

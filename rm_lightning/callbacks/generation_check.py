@@ -7,8 +7,6 @@ from the reward module's language model and asks the datamodule whether it is co
 
 from __future__ import annotations
 
-import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -19,8 +17,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from rm_lightning.callbacks.margin_history import run_dir
+from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.errors import RMLightningError
+from rm_lightning.files import write_json_atomically
+from rm_lightning.models.implicit import ImplicitRM
+from rm_lightning.pairs.contract import VerifiableData
 
 SPLITS = ("train", "test")
 
@@ -62,10 +63,10 @@ class GenerationCheck(L.Callback):
             raise RMLightningError("GenerationCheck does not support FSDP sharding yet (generate() bypasses the "
                                    "FSDP hooks); run the check on one process or with DDP")
         datamodule = trainer.datamodule
-        if not (hasattr(datamodule, "generation_prompts") and hasattr(datamodule, "verify")):
+        if not isinstance(datamodule, VerifiableData):
             raise RMLightningError(f"GenerationCheck needs a datamodule with generation_prompts() and verify(); "
                                    f"{type(datamodule).__name__} has not both")
-        if not hasattr(pl_module, "beta"):
+        if not isinstance(pl_module, ImplicitRM):
             rank_zero_warn(f"GenerationCheck on {type(pl_module).__name__}: its LM head is not what training "
                            f"optimizes; the check is meant for IM-RMs.")
         run_dir(trainer)  # collective: resolve the run directory on every rank now
@@ -114,10 +115,7 @@ class GenerationCheck(L.Callback):
         settings = {"max_new_tokens": self.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                     "seed": self.seed, "prompts": self.prompt_counts}
         payload = {"settings": settings, "latest": self.history[-1], "history": self.history}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        staging.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(staging, path)
+        write_json_atomically(path, payload)
 
 
 @torch.no_grad()

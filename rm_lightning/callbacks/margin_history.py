@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-TRAIN_KEYS = ("train/chosen_reward", "train/rejected_reward", "train/margin", "train/loss", "train/accuracy")
-EVAL_KEYS = ("accuracy", "normalized_margin", "chosen_reward", "rejected_reward", "margin", "loss")
-CSV_COLUMNS = ("step", "epoch", "set", "split") + EVAL_KEYS
+from rm_lightning.callbacks.run_directory import run_dir
+from rm_lightning.files import save_figure_atomically, write_csv_atomically
+from rm_lightning.metrics.keys import EVAL_METRICS, TRAIN_METRICS, TRAIN_SET, train_key
+
+CSV_COLUMNS = ("step", "epoch", "set", "split") + EVAL_METRICS
 
 
 class MarginHistory(L.Callback):
@@ -34,11 +34,11 @@ class MarginHistory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
-        if all(key in metrics for key in TRAIN_KEYS[:3]):
-            row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "set": "train", "split": "train"}
-            for key in TRAIN_KEYS:
-                if key in metrics:
-                    row[key.split("/", 1)[1]] = float(metrics[key])
+        if all(train_key(name) in metrics for name in ("chosen_reward", "rejected_reward", "margin")):
+            row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "set": TRAIN_SET, "split": TRAIN_SET}
+            for name in TRAIN_METRICS:
+                if train_key(name) in metrics:
+                    row[name] = float(metrics[train_key(name)])
             self.rows.append(row)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -51,9 +51,9 @@ class MarginHistory(L.Callback):
 
     def _record_eval(self, trainer, pl_module, split: str) -> None:
         experiment = _tensorboard(trainer)
-        for name, values in getattr(pl_module, "last_eval", {}).items():
+        for name, values in pl_module.eval_sets.last.items():
             row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "set": name, "split": split}
-            row.update({key: float(values[key]) for key in EVAL_KEYS if key in values})
+            row.update({key: float(values[key]) for key in EVAL_METRICS if key in values})
             self.rows.append(row)
             margins = values.get("margins")
             if experiment is not None and margins is not None and margins.numel() and trainer.is_global_zero:
@@ -66,12 +66,12 @@ class MarginHistory(L.Callback):
     @rank_zero_only
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        write_csv_atomically(directory / f"{self.filename}.csv", self.rows)
+        write_csv_atomically(directory / f"{self.filename}.csv", self.rows, CSV_COLUMNS)
         plot_history(self.rows, directory / f"{self.filename}.png")
 
     @rank_zero_only
     def _print_final(self, pl_module) -> None:
-        last = getattr(pl_module, "last_eval", {})
+        last = pl_module.eval_sets.last
         if not last:
             return
         print(f"\nfinal evaluation ({type(pl_module).__name__})")
@@ -79,20 +79,6 @@ class MarginHistory(L.Callback):
         for name, v in last.items():
             print(f"  {name:<32} {float(v['accuracy']):>9.3f} {float(v['normalized_margin']):>13.3f} "
                   f"{float(v['chosen_reward']):>10.4f} {float(v['rejected_reward']):>11.4f}")
-
-
-def run_dir(trainer) -> Path:
-    """The logger's version directory (where TensorBoard events go), else the root dir.
-
-    ``trainer.log_dir`` is a collective call (rank 0 broadcasts its version), so the first call
-    must happen on every rank: callbacks call this in ``setup``, and the answer is kept on the
-    trainer for the rank-0-only writers that ask later.
-    """
-    cached = getattr(trainer, "_rm_lightning_run_dir", None)
-    if cached is None:
-        cached = Path(trainer.log_dir or trainer.default_root_dir)
-        trainer._rm_lightning_run_dir = cached
-    return cached
 
 
 def _tensorboard(trainer):
@@ -103,15 +89,6 @@ def _tensorboard(trainer):
     return None
 
 
-def write_csv_atomically(path: Path, rows: list[dict]) -> None:
-    staging = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    with open(staging, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(staging, path)
-
-
 def plot_history(rows: list[dict], path: Path) -> None:
     """Two panels over training steps: normalized margin and accuracy, one line per set."""
     import matplotlib
@@ -120,15 +97,15 @@ def plot_history(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_margin, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    sets = sorted({r["set"] for r in rows if r["split"] != "train"})
-    train = [r for r in rows if r["split"] == "train"]
+    sets = sorted({r["set"] for r in rows if r["split"] != TRAIN_SET})
+    train = [r for r in rows if r["split"] == TRAIN_SET]
     if train:
         ax_margin.plot([r["step"] for r in train], [r.get("margin", math.nan) for r in train],
                        color="0.7", lw=1, label="train batch (raw margin)")
         ax_acc.plot([r["step"] for r in train], [r.get("accuracy", math.nan) for r in train],
                     color="0.7", lw=1, label="train batch")
     for name in sets:
-        points = [r for r in rows if r["set"] == name and r["split"] != "train"]
+        points = [r for r in rows if r["set"] == name and r["split"] != TRAIN_SET]
         steps = [r["step"] for r in points]
         ax_margin.plot(steps, [r.get("normalized_margin", math.nan) for r in points], marker="o", label=name)
         ax_acc.plot(steps, [r.get("accuracy", math.nan) for r in points], marker="o", label=name)
@@ -137,7 +114,5 @@ def plot_history(rows: list[dict], path: Path) -> None:
     ax_acc.axhline(0.5, color="0.5", ls=":", lw=1)
     ax_acc.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    staging = path.with_suffix(f".tmp{os.getpid()}.png")
-    fig.savefig(staging, dpi=110)
+    save_figure_atomically(fig, path)
     plt.close(fig)
-    os.replace(staging, path)

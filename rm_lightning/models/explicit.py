@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rm_lightning.module import RewardModule
+from rm_lightning.models.reward_module import RewardModule
 
 
 class ExplicitRM(RewardModule):
@@ -17,12 +17,9 @@ class ExplicitRM(RewardModule):
         pooling: ``last``: hidden state of the last real token (the paper's EX-RM);
             ``mean_response``: mean over response tokens (the paper's ablation).
         head_init: ``normal`` (default; std = the backbone's initializer range, like Hugging
-            Face's sequence-classification head) or ``zeros``. On Persona with SmolLM2-135M (lr
-            1e-5, 3 epochs, reading the newline that ends the templated turn) a normal head gave
-            paraphrased test accuracy 0.49 -> 0.84 -> 0.96 over the epochs, a zero head 0.18
-            after the first: with a zero head the backbone gets no gradient until the head has
-            grown, so the head fits the untrained features, which at that token rank paraphrases
-            backwards.
+            Face's sequence-classification head) or ``zeros``. A zero head passes no gradient to
+            the backbone until it has grown, so it first fits the untrained features; on Persona
+            that generalized worse to paraphrases than a normal head.
     """
 
     def __init__(self, pooling: Literal["last", "mean_response"] = "last",

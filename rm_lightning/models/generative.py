@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 
 from rm_lightning.errors import BackboneError
-from rm_lightning.loss import bradley_terry_loss
-from rm_lightning.module import RewardModule
+from rm_lightning.models.loss import bradley_terry_loss
+from rm_lightning.models.reward_module import RewardModule
 
 VERIFICATION_TEMPLATE = "Question: {prompt}\nAnswer: {response}\nVerification: Is the answer correct (Yes/No)?"
 

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from lightning.pytorch.utilities import rank_zero_warn
 
-from rm_lightning.backbones import cache_dir, load_backbone
-from rm_lightning.logprobs import response_token_logps, sum_per_row
-from rm_lightning.module import RewardModule
-from rm_lightning.pairs import EncodedPairs
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap hash of a model's weights (names, shapes and the first values of every tensor)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)[:64].float().cpu()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(flat.numpy().tobytes())
-    return digest.hexdigest()
+from rm_lightning.models import reference_cache
+from rm_lightning.models.backbones import cache_dir, load_backbone
+from rm_lightning.models.logprobs import response_token_logps, sum_per_row
+from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.pairs.contract import preference_data_of
+from rm_lightning.pairs.records import EncodedPairs
 
 
 class ImplicitRM(RewardModule):
@@ -56,7 +43,7 @@ class ImplicitRM(RewardModule):
         self.beta, self.reference, self.cache_reference = beta, reference, cache_reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_dir() / "reference_logps"
         self.logprob_chunk_size = logprob_chunk_size
-        self._initial_fingerprint = weights_fingerprint(self.model) if reference == "frozen" else ""
+        self._initial_fingerprint = reference_cache.weights_fingerprint(self.model) if reference == "frozen" else ""
         self._reference_holder: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
         if reference == "frozen" and not cache_reference:
             self._reference_holder.append(self._frozen(copy.deepcopy(self.model)))
@@ -105,9 +92,9 @@ class ImplicitRM(RewardModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.reference == "frozen" and self.cache_reference and hasattr(datamodule, "encoded_sets"):
-            for dataset in datamodule.encoded_sets().values():
+        data = preference_data_of(self._trainer)
+        if self.reference == "frozen" and self.cache_reference and data is not None:
+            for dataset in data.encoded_sets().values():
                 self.attach_reference_logps(dataset)
 
     def attach_reference_logps(self, dataset: EncodedPairs, batch_size: int = 16) -> None:
@@ -115,42 +102,14 @@ class ImplicitRM(RewardModule):
         if not len(dataset) or all(p.reference_logps is not None for p in dataset.pairs):
             return
         precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true"))
-        # the decoder layout too: layouts agree only up to float rounding, and the policy's log-probs
-        # at the initial weights must equal the reference's exactly
-        identity = f"{self._initial_fingerprint}|{dataset.fingerprint()}|{precision}|{self.hparams.decoder_layout}"
-        key = hashlib.sha256(identity.encode()).hexdigest()
-        path = self.reference_cache_dir / f"{key[:32]}.pt"
-        if path.is_file():
-            values = torch.load(path)
-            rank_zero_info(f"IM-RM: reference log-probs of '{dataset.name}' read from {path}")
-        else:
-            values = self._reference_pass(dataset, batch_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(values, staging)
-            os.replace(staging, path)
-        for pair, (chosen, rejected) in zip(dataset.pairs, values.tolist()):
-            pair.reference_logps = (chosen, rejected)
+        layout = f"{self.hparams.decoder_layout}|{self.hparams.packed_attention}"
+        path = reference_cache.cache_path(self.reference_cache_dir, self._initial_fingerprint, dataset, precision,
+                                          layout)
+        reference_cache.attach(dataset, reference_cache.load_or_compute(
+            path, dataset, lambda: reference_cache.reference_pass(self, self._pristine_or_reference(), dataset,
+                                                                  batch_size)))
 
-    @torch.no_grad()
-    def _reference_pass(self, dataset: EncodedPairs, batch_size: int) -> torch.Tensor:
-        pristine = weights_fingerprint(self.model) == self._initial_fingerprint
-        model = self.model if pristine else self.reference_model()
-        trainer = getattr(self, "_trainer", None)
-        device = trainer.strategy.root_device if trainer is not None else self.device
-        # a factory, entered once per batch: the precision plugin's autocast contexts are single-use
-        context = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
-        was_training, original_device = model.training, next(model.parameters()).device
-        model.eval().to(device)
-        collate = self.collator()
-        loader = DataLoader(dataset.pairs, batch_size=batch_size, collate_fn=collate)
-        values = []
-        show = trainer is None or trainer.is_global_zero
-        for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
-            with context():
-                hidden = self.hidden_states(batch, decoder=model.base_model)
-                chosen, rejected = self.response_logps(hidden, batch, model=model).double().cpu().chunk(2)
-            values.append(torch.stack([chosen, rejected], dim=1))
-        model.train(was_training).to(original_device)
-        return torch.cat(values)
+    def _pristine_or_reference(self) -> torch.nn.Module:
+        """The policy itself while its weights are still the initial ones (no second model in memory)."""
+        pristine = reference_cache.weights_fingerprint(self.model) == self._initial_fingerprint
+        return self.model if pristine else self.reference_model()

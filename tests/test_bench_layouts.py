@@ -1,12 +1,14 @@
-"""Length-bucketed forward: same hidden states and gradients as the padded forward, less padding."""
+"""The benchmark's own decoder layouts: length buckets and unshared packing match the padded forward."""
 
-import pytest
 import torch
 
+from benchmarks.bucketed import bucketed_hidden_states, plan_length_buckets
+from benchmarks.steps import prefixes_unshared
+from conftest import edge_case_pairs, loss_and_grads, ragged_pairs
 from rm_lightning import ExplicitRM, ImplicitRM
-from rm_lightning.loss import bradley_terry_loss
 from rm_lightning.pairs import EncodedPair, PairCollator
-from rm_lightning.packing import bucketed_hidden_states, padded_hidden_states, plan_length_buckets
+from rm_lightning.perf.layouts import padded_hidden_states
+from rm_lightning.perf.packed_pairs import PackedPairs, packed_hidden_states
 
 
 def test_plan_keeps_similar_lengths_together_and_splits_ragged_ones():
@@ -22,22 +24,10 @@ def test_plan_with_no_overhead_gives_one_group_per_distinct_length():
     assert [sorted(g) for g in groups] == [[0, 2], [3], [1]]
 
 
-def ragged_pairs(vocab: int, seed: int = 0) -> list[EncodedPair]:
-    generator = torch.Generator().manual_seed(seed)
-    lengths = [(6, 9), (40, 37), (8, 12), (45, 7)]
-    pairs = []
-    for chosen_len, rejected_len in lengths:
-        chosen = torch.randint(3, vocab - 1, (chosen_len,), generator=generator).tolist()
-        rejected = torch.randint(3, vocab - 1, (rejected_len,), generator=generator).tolist()
-        pairs.append(EncodedPair(chosen, 3, rejected, 3))
-    return pairs
-
-
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_bucketed_forward_matches_padded_at_real_positions(padding_side):
-    module = ExplicitRM(backbone="tiny-llama", padding_side=padding_side)
+def test_bucketed_forward_matches_padded_at_real_positions():
+    module = ExplicitRM(backbone="tiny-llama")
     module.model.eval()
-    batch = PairCollator(module.tokenizer.pad_token_id, padding_side)(ragged_pairs(len(module.tokenizer)))
+    batch = PairCollator(module.tokenizer.pad_token_id)(ragged_pairs(len(module.tokenizer)))
     with torch.no_grad():
         padded = padded_hidden_states(module.decoder, batch)
         bucketed = bucketed_hidden_states(module.decoder, batch, overhead_tokens=0)
@@ -45,15 +35,6 @@ def test_bucketed_forward_matches_padded_at_real_positions(padding_side):
     assert bucketed.shape == padded.shape
     torch.testing.assert_close(bucketed[real], padded[real], atol=1e-5, rtol=1e-4)
     assert torch.all(bucketed[~real] == 0)
-
-
-def loss_and_grads(module, batch, hidden_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The Bradley-Terry loss of ``module`` on ``batch`` with the decoder run by ``hidden_fn``, and its gradients."""
-    module.zero_grad()
-    chosen, rejected = module.compute_rewards(hidden_fn(module.decoder, batch), batch).chunk(2)
-    loss = bradley_terry_loss(chosen, rejected)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in module.model.named_parameters() if p.grad is not None}
 
 
 def test_bucketed_rewards_and_gradients_match_padded():
@@ -66,3 +47,22 @@ def test_bucketed_rewards_and_gradients_match_padded():
     for name, grad in padded_grads.items():
         torch.testing.assert_close(bucketed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
 
+
+def test_unshared_packing_runs_every_row_whole():
+    batch = PairCollator(0)([EncodedPair([5, 6, 7, 8], 2, [5, 6, 9], 2), EncodedPair([4, 3], 1, [7, 3, 2], 1)])
+    with prefixes_unshared():
+        unshared = PackedPairs.from_batch(batch)
+    assert unshared.num_tokens == 12 and unshared.shared_tokens == 0
+    assert PackedPairs.from_batch(batch).shared_tokens == 2  # shared again outside the context
+
+
+def test_unshared_packed_forward_matches_padded_at_real_positions():
+    module = ExplicitRM(backbone="tiny-llama")
+    module.model.eval()
+    batch = module.collator()(edge_case_pairs(len(module.tokenizer)))
+    with torch.no_grad(), prefixes_unshared():
+        padded = padded_hidden_states(module.decoder, batch)
+        packed = packed_hidden_states(module.decoder, batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-4)
+    assert torch.all(packed[~real] == 0)

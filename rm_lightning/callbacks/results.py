@@ -7,7 +7,6 @@ files into the paper's tables and win rates.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,7 +19,10 @@ import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
-from rm_lightning.callbacks.margin_history import EVAL_KEYS, run_dir
+from rm_lightning.callbacks.run_directory import run_dir
+from rm_lightning.files import write_json_atomically
+from rm_lightning.metrics.keys import EVAL_METRICS
+from rm_lightning.pairs.contract import preference_data_of
 
 RESULTS_FILENAME = "results.json"
 FORMAT_VERSION = 1
@@ -30,7 +32,7 @@ VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "rm-lightning")
 class ResultsWriter(L.Callback):
     """Write ``results.json`` at the end of ``fit`` and after ``test``.
 
-    The metrics are the module's ``last_eval`` (the last evaluation that ran); nothing extra is
+    The metrics are the module's ``eval_sets.last`` (the last evaluation that ran); nothing extra is
     evaluated, so the file says where they come from (``eval_source``, ``eval_step``): if the
     last validation ran before the final step, ``eval_step < global_step`` shows it. An
     interrupted or crashed fit never reaches ``on_fit_end``, so it leaves no finished file.
@@ -38,10 +40,13 @@ class ResultsWriter(L.Callback):
     Args:
         dirpath: where to write; default: the run directory (the logger's version directory).
         filename: file name, ``results.json`` by default.
+        config_name: the experiment's name, which reports group runs by; the CLI sets it to the stem
+            of the first config file given (default: that of the first config file it parsed).
     """
 
-    def __init__(self, dirpath: Optional[str] = None, filename: str = RESULTS_FILENAME):
-        self.dirpath, self.filename = dirpath, filename
+    def __init__(self, dirpath: Optional[str] = None, filename: str = RESULTS_FILENAME,
+                 config_name: Optional[str] = None):
+        self.dirpath, self.filename, self.config_name = dirpath, filename, config_name
         self._started = time.monotonic()
         self._eval_source, self._eval_step = None, None
 
@@ -65,12 +70,13 @@ class ResultsWriter(L.Callback):
 
     @rank_zero_only
     def write(self, trainer, pl_module, stage: str) -> None:
-        write_json_atomically(self.path(trainer), self.record(trainer, pl_module, stage))
+        write_json_atomically(self.path(trainer), _plain(self.record(trainer, pl_module, stage)))
 
     def record(self, trainer, pl_module, stage: str) -> dict[str, Any]:
         config, config_files = resolved_config(trainer, pl_module)
         datamodule = getattr(trainer, "datamodule", None)
-        tags = getattr(datamodule, "eval_set_tags", {}) or {}
+        data = preference_data_of(trainer)
+        tags = data.eval_set_tags if data is not None else {}
         return {
             "format_version": FORMAT_VERSION,
             "status": "finished",
@@ -79,14 +85,14 @@ class ResultsWriter(L.Callback):
             "rm_class_path": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "backbone": pl_module.hparams.get("backbone"),
             "datamodule": type(datamodule).__name__ if datamodule is not None else None,
-            "config_name": Path(config_files[0]).stem if config_files else None,
+            "config_name": self.config_name or (Path(config_files[0]).stem if config_files else None),
             "config_files": config_files,
             "seed": global_seed(),
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "eval_source": self._eval_source,
             "eval_step": self._eval_step,
-            "eval_sets": eval_set_metrics(getattr(pl_module, "last_eval", {}), tags),
+            "eval_sets": eval_set_metrics(pl_module.eval_sets.last, tags),
             "wall_time_s": round(time.monotonic() - self._started, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_dir": str(self.path(trainer).parent.resolve()),
@@ -102,7 +108,7 @@ def eval_set_metrics(last_eval: dict[str, dict], tags: dict[str, str]) -> dict[s
         entry: dict[str, Any] = {"shift_tag": tags.get(name)}
         margins = values.get("margins")
         entry["num_pairs"] = int(margins.numel()) if margins is not None else None
-        for key in EVAL_KEYS:
+        for key in EVAL_METRICS:
             if key in values:
                 entry[key] = finite_or_none(float(values[key]))
         sets[name] = entry
@@ -172,10 +178,3 @@ def _source_tree_version() -> Optional[str]:
         return tomllib.loads(pyproject.read_text())["project"]["version"]
     except (OSError, KeyError, tomllib.TOMLDecodeError):
         return None
-
-
-def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    staging.write_text(json.dumps(_plain(record), indent=2, allow_nan=False) + "\n")
-    os.replace(staging, path)

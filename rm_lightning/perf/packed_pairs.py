@@ -16,8 +16,8 @@ padded grids, one per group of similar-sized segments, and runs one masked atten
 otherwise it hands over to the model's own implementation, so the same model still runs padded
 batches (and a gradient-checkpointed layer recomputes with the same function and layout). Only
 the attention grids are padded: the matmuls, nearly all of the FLOPs, run on the packed row. On
-a GPU, FlexAttention can run the packed row without grids (``rm_lightning.flex_packed_attention``,
-opt-in: not faster there overall). The layout is planned on the CPU in a few vectorized steps,
+a GPU, FlexAttention can run the packed row without grids (``rm_lightning.perf.flex_attention``,
+the ``packed_attention: flex`` option). The layout is planned on the CPU in a few vectorized steps,
 since on a GPU hundreds of small device operations per batch kept the GPU waiting.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import torch
@@ -34,12 +35,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from rm_lightning.flex_packed_attention import (
-    ATTENTION_ENV, flex_packed_attention, packed_attention_kind, packed_block_mask,
-)
-from rm_lightning.packing import cheapest_runs
+from rm_lightning.perf.flex_attention import flex_packed_attention, packed_block_mask
 
 PACKED_PREFIX = "rm_packed_"
+# How packed attention runs: padded grids per group of similar segments, or one FlexAttention call
+# over the packed row (CUDA only for training: FlexAttention has no backward on a CPU).
+AttentionKind = Literal["grouped", "flex"]
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class PackedPairs:
     rejected suffix) with the keys they may see (the chosen sequence; the shared prefix and the
     suffix): gathered from the packed row into padded grids, one per group of segments of
     similar size (``plan_attention_groups``), or, opted into on a GPU, in one FlexAttention
-    call over the packed row with a block mask (``rm_lightning.flex_packed_attention``).
+    call over the packed row with a block mask (``rm_lightning.perf.flex_attention``).
     """
 
     input_ids: torch.Tensor  # [1, N]
@@ -80,7 +82,7 @@ class PackedPairs:
         return int((self.gather_index < self.num_tokens).sum()) - self.num_tokens
 
     @classmethod
-    def from_batch(cls, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> "PackedPairs":
+    def from_batch(cls, batch: dict[str, torch.Tensor], attention: AttentionKind = "grouped") -> "PackedPairs":
         """The layout of a collated batch, placed on the batch's device.
 
         Worked out on the CPU, whatever the batch's device: it is hundreds of small steps (a
@@ -95,14 +97,16 @@ class PackedPairs:
         lengths = mask.sum(dim=1).tolist()
         row_ids = torch.split(batch["input_ids"].cpu()[mask], lengths)
         row_positions = torch.split(batch["position_ids"].cpu()[mask], lengths)
-        skipped, row_index, segments = lay_out_pairs(row_ids, share_prefix)
+        skipped, row_index, segments = lay_out_pairs(row_ids)
         ids = torch.cat([tokens[skip:] for tokens, skip in zip(row_ids, skipped)])
         positions = torch.cat([row[skip:] for row, skip in zip(row_positions, skipped)])
         gather_index = torch.full((rows, width), len(ids), dtype=torch.long)
         gather_index[mask] = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(row_index), dtype=np.int64,
                                                           count=sum(lengths)))
         packed = ids[None].to(device), positions[None].to(device), gather_index.to(device)
-        if packed_attention_kind() == "flex":
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"packed attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if attention == "flex":
             return cls(*packed, [], None, packed_block_mask(segments, len(ids), device))
         groups, output_index = segment_tensors(segments, positions, device)
         return cls(*packed, groups, output_index.to(device))
@@ -117,7 +121,7 @@ class PackedPairs:
         return states[self.gather_index]
 
 
-def lay_out_pairs(row_ids: list[torch.Tensor], share_prefix: bool):
+def lay_out_pairs(row_ids: list[torch.Tensor]):
     """The packed order of a pair batch's rows, as plain lists.
 
     The packed row is every row in batch order, each from its first token not already computed:
@@ -126,8 +130,7 @@ def lay_out_pairs(row_ids: list[torch.Tensor], share_prefix: bool):
     and the attention segments as (query positions, key positions).
     """
     pairs = len(row_ids) // 2
-    skipped = [0] * pairs + [common_prefix_length(row_ids[p], row_ids[pairs + p]) if share_prefix else 0
-                             for p in range(pairs)]
+    skipped = [0] * pairs + [common_prefix_length(row_ids[p], row_ids[pairs + p]) for p in range(pairs)]
     starts, offset = [], 0
     for tokens, skip in zip(row_ids, skipped):
         starts.append(offset)
@@ -140,6 +143,27 @@ def lay_out_pairs(row_ids: list[torch.Tensor], share_prefix: bool):
         row_index[pairs + p] = row_index[p][:skipped[pairs + p]] + suffix
         segments.append((suffix, row_index[pairs + p]))
     return skipped, row_index, [(queries, keys) for queries, keys in segments if queries]
+
+
+def cheapest_runs(count: int, run_costs: Callable[[int], np.ndarray]) -> list[tuple[int, int]]:
+    """Split ``0..count`` into contiguous runs ``[start, end)`` whose summed cost is smallest.
+
+    ``run_costs(end)[start]`` is the cost of the run ``[start, end)``, for every ``start < end``;
+    it is called for ``end = 1, 2, ..., count`` in that order, so it may carry state from one
+    ``end`` to the next. Vectorized over starts: a GPU-sized batch has hundreds of items, and a
+    Python double loop over them took longer than the training step it plans.
+    """
+    best = np.zeros(count + 1)  # best[end]: cost of covering the first `end` items
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        totals = best[:end] + run_costs(end)
+        cut[end] = int(totals.argmin())  # the first of equal costs
+        best[end] = totals[cut[end]]
+    runs, end = [], count
+    while end > 0:
+        runs.append((cut[end], end))
+        end = cut[end]
+    return runs[::-1]
 
 
 # One more attention call costs about as much as this many (query, key) cells of a group's grid.
@@ -241,7 +265,7 @@ def packed_pair_attention(base: str):
                                                  scaling=scaling, **kwargs)
         if packed_pairs.block_mask is not None:
             if dropout:
-                raise ValueError(f"FlexAttention has no attention dropout ({dropout}); set {ATTENTION_ENV}=grouped")
+                raise ValueError(f"FlexAttention has no attention dropout ({dropout}); use packed_attention: grouped")
             return flex_packed_attention(query, key, value, packed_pairs.block_mask, scaling), None
         repeats = getattr(module, "num_key_value_groups", 1)
         return grouped_segment_attention(query, key, value, packed_pairs, repeats, scaling, dropout), None
@@ -290,10 +314,10 @@ def enable_packed_attention(config) -> None:
 
 
 def packed_hidden_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor],
-                         share_prefix: bool = True) -> torch.Tensor:
+                         attention: AttentionKind = "grouped") -> torch.Tensor:
     """Final hidden states [rows, width, hidden] from one packed decoder call."""
     enable_packed_attention(decoder.config)
-    packed = PackedPairs.from_batch(batch, share_prefix=share_prefix)
+    packed = PackedPairs.from_batch(batch, attention=attention)
     hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                      packed_pairs=packed).last_hidden_state
     return packed.unpack(hidden)

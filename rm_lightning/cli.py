@@ -1,0 +1,135 @@
+"""The rm-lightning command line: ``rm-lightning fit --config configs/imrm_persona.yaml``.
+
+The same CLI runs as ``python cli.py`` (the repo's script), ``python -m rm_lightning`` and the
+``rm-lightning`` console script. It is LightningCLI with the reward module and the data module
+given by class path in YAML, plus three things of its own:
+
+* ``compose:`` in a config file lists other config files (paths relative to it) that are merged
+  first, in order, exactly as if each had been given with ``--config`` before it. An experiment
+  file composes a trainer, a model and a data block and adds only what is its own.
+* A run writes under ``runs/<name of the first --config file>`` unless ``trainer.default_root_dir``
+  says otherwise, and results.json names that config.
+* Bad input (a missing file, a malformed record, an unknown backbone) ends in one ``error:``
+  line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from data_modules.base import PreferenceDataModule
+from rm_lightning.callbacks import MarginHistory, ResultsWriter
+from rm_lightning.errors import RMLightningError, exit_status, print_user_error, user_error_behind
+from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.perf.host_memory import keep_freed_memory
+
+COMPOSE_KEY = "compose"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+RUNS_ROOT = Path("runs")
+
+
+class RewardCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(MarginHistory, "margin_history")
+        parser.add_lightning_class_args(ResultsWriter, "results")
+        # consumed before parsing (``expand_composed_configs``); accepted in files, never dumped
+        parser.add_argument(f"--{COMPOSE_KEY}", type=Optional[list[str]], default=None, help=argparse.SUPPRESS)
+
+
+def main(args: list[str] | None = None) -> RewardCLI | None:
+    """Run the CLI on ``args`` (default: the command line); bad input raises ``SystemExit(2)`` after one line."""
+    keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
+    try:
+        args = with_run_defaults(expand_composed_configs(list(sys.argv[1:] if args is None else args)))
+        return RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         save_config_kwargs={"overwrite": True}, args=args)
+    except Exception as err:
+        cause = user_error_behind(err)
+        if cause is None:
+            raise
+        raise SystemExit(print_user_error(cause)) from None
+
+
+def console_main() -> int:
+    """The ``rm-lightning`` console script."""
+    return exit_status(lambda: main() and 0)
+
+
+# --- composed config files -------------------------------------------------------------------------
+
+
+def expand_composed_configs(args: list[str]) -> list[str]:
+    """Replace every ``--config FILE`` by the files ``FILE`` composes (recursively), then ``FILE`` itself."""
+    expanded, position = [], 0
+    while position < len(args):
+        arg = args[position]
+        if arg in ("--config", "-c") and position + 1 < len(args):
+            expanded += config_arguments(Path(args[position + 1]))
+            position += 2
+        elif arg.startswith("--config="):
+            expanded += config_arguments(Path(arg.split("=", 1)[1]))
+            position += 1
+        else:
+            expanded.append(arg)
+            position += 1
+    return expanded
+
+
+def config_arguments(path: Path, including: tuple[Path, ...] = ()) -> list[str]:
+    """``--config`` arguments for ``path``: each file it composes, in order, then ``path``."""
+    arguments = []
+    for entry in composed_files(path):
+        if entry.resolve() in including + (path.resolve(),):
+            raise RMLightningError(f"{path}: '{COMPOSE_KEY}' includes {entry}, which includes {path} again")
+        arguments += config_arguments(entry, including + (path.resolve(),))
+    return arguments + ["--config", str(path)]
+
+
+def composed_files(path: Path) -> list[Path]:
+    """The files listed under ``compose:`` in ``path`` (a YAML mapping), resolved against its folder."""
+    if not path.is_file():
+        return []  # not a file (a YAML string, or a missing path): jsonargparse reports it
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return []  # jsonargparse reports it, with the line
+    entries = content.get(COMPOSE_KEY) if isinstance(content, dict) else None
+    if entries is None:
+        return []
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise RMLightningError(f"{path}: '{COMPOSE_KEY}' must be a list of config file paths, got {entries!r}")
+    files = [path.parent / entry for entry in entries]
+    for entry, file in zip(entries, files):
+        if not file.is_file():
+            raise RMLightningError(f"{path}: '{COMPOSE_KEY}' names {entry!r}, but {file} is not a file")
+    return files
+
+
+def with_run_defaults(args: list[str]) -> list[str]:
+    """Give a run named by its first config file its default directory and results name.
+
+    Inserted right after the subcommand, so that every config file and option after it wins.
+    """
+    subcommand = next((i for i, arg in enumerate(args) if arg in SUBCOMMANDS), None)
+    user_configs = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")]
+    if subcommand is None or not user_configs:
+        return args
+    name = first_experiment_name(args)
+    defaults = ["--trainer.default_root_dir", str(RUNS_ROOT / name), "--results.config_name", name]
+    return args[:subcommand + 1] + defaults + args[subcommand + 1:]
+
+
+def first_experiment_name(args: list[str]) -> str:
+    """The stem of the first config file that is not composed by another one: the experiment."""
+    configs = [Path(args[i + 1]) for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")]
+    composed = {file.resolve() for config in configs for file in composed_files(config)}
+    experiments = [config for config in configs if config.resolve() not in composed]
+    return (experiments or configs)[0].stem

@@ -1,0 +1,339 @@
+"""Run a grid of ``cli.py fit`` runs: configs x RM types x backbones x seeds, resumable.
+
+    python -m rm_lightning.sweep configs/sweeps/persona_small.yaml [--out DIR] [--dry-run]
+
+Every run gets its own directory ``<out>/<config stem>/<RM class name>/<backbone>/seed<k>/``
+holding its logs, ``run.log`` (stdout and stderr) and ``results.json``. A run counts as done
+only when ``results.json`` says ``"status": "finished"``, so re-running the same command skips
+finished runs and restarts interrupted ones from scratch. Each run is a separate process: a
+crash, a bad override or an out-of-memory error fails that run only.
+
+Grid file keys (lists; ``overrides`` and ``rm_type_overrides`` optional):
+
+    configs: [configs/exrm_persona.yaml]      # relative to the working dir or to the grid file
+    rm_types: [rm_lightning.ExplicitRM, rm_lightning.ImplicitRM]   # model class paths
+    backbones: [smollm2-135m-instruct]
+    seeds: [0, 1]                             # seed_everything and the data module's shuffling seed
+    overrides: ["--trainer.max_epochs 1"]     # extra cli.py arguments for every run
+    rm_type_overrides:                        # extra arguments for runs of one RM type only
+      rm_lightning.ImplicitRM: ["--model.init_args.beta 0.01"]
+
+The RM type is switched with ``--model <class path>``; init args the new class does not take
+(``beta`` of a config written for IM-RM, say) are dropped by the parser, shared ones are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from rm_lightning.callbacks.results import RESULTS_FILENAME
+from rm_lightning.errors import RMLightningError, exit_status
+
+GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides")
+REQUIRED_KEYS = ("configs", "rm_types", "backbones", "seeds")
+LOG_FILENAME = "run.log"
+CLI_MODULE = "rm_lightning"  # ``python -m rm_lightning`` runs the same CLI as ``cli.py``
+
+
+@dataclass(frozen=True)
+class Grid:
+    path: Path
+    configs: list[Path]
+    rm_types: list[str]
+    backbones: list[str]
+    seeds: list[int]
+    overrides: list[str] = field(default_factory=list)
+    rm_type_overrides: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Run:
+    config: Path
+    rm_type: str
+    backbone: str
+    seed: int
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.stem}/{class_name(self.rm_type)}/{path_component(self.backbone)}/seed{self.seed}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / LOG_FILENAME
+
+
+@dataclass
+class Outcome:
+    run: Run
+    status: str  # finished (ran now), skipped (finished earlier), failed, interrupted, planned (dry run)
+    elapsed_s: float = 0.0
+    reason: str = ""
+
+
+# --- the grid file ---------------------------------------------------------------------------------
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid YAML; every problem names the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RMLightningError(f"sweep grid file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RMLightningError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise RMLightningError(f"{path}: expected a mapping with keys {', '.join(REQUIRED_KEYS)}")
+    unknown = set(raw) - set(GRID_KEYS)
+    if unknown:
+        raise RMLightningError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(GRID_KEYS)}")
+    for key in REQUIRED_KEYS:
+        if not isinstance(raw.get(key), list) or not raw[key]:
+            raise RMLightningError(f"{path}: '{key}' must be a non-empty list")
+    seeds = raw["seeds"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise RMLightningError(f"{path}: 'seeds' must be integers, got {seeds}")
+    for key in ("rm_types", "backbones"):
+        if not all(isinstance(v, str) and v for v in raw[key]):
+            raise RMLightningError(f"{path}: '{key}' must be non-empty strings, got {raw[key]}")
+    rm_type_overrides = raw.get("rm_type_overrides") or {}
+    if not isinstance(rm_type_overrides, dict):
+        raise RMLightningError(f"{path}: 'rm_type_overrides' must map an RM class path to a list of arguments")
+    for rm_type in rm_type_overrides:
+        if rm_type not in raw["rm_types"]:
+            raise RMLightningError(f"{path}: 'rm_type_overrides' names {rm_type!r}, which is not in 'rm_types'")
+    return Grid(
+        path=path,
+        configs=[_resolve_config(path, c) for c in raw["configs"]],
+        rm_types=list(raw["rm_types"]),
+        backbones=list(raw["backbones"]),
+        seeds=list(seeds),
+        overrides=_split_arguments(path, "overrides", raw.get("overrides") or []),
+        rm_type_overrides={k: _split_arguments(path, f"rm_type_overrides.{k}", v or [])
+                           for k, v in rm_type_overrides.items()},
+    )
+
+
+def _resolve_config(grid_path: Path, config) -> Path:
+    if not isinstance(config, str):
+        raise RMLightningError(f"{grid_path}: 'configs' entries must be paths, got {config!r}")
+    for candidate in (Path(config), grid_path.parent / config):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise RMLightningError(f"{grid_path}: config {config!r} not found (relative to {Path.cwd()} "
+                           f"or to {grid_path.parent})")
+
+
+def _split_arguments(grid_path: Path, key: str, items) -> list[str]:
+    """Each entry may hold several shell words (``"--trainer.max_steps 2"``) or just one."""
+    if not isinstance(items, list):
+        raise RMLightningError(f"{grid_path}: '{key}' must be a list of command-line arguments")
+    arguments = []
+    for item in items:
+        if not isinstance(item, (str, int, float)):
+            raise RMLightningError(f"{grid_path}: '{key}' entry {item!r} is not a command-line argument")
+        arguments.extend(shlex.split(str(item)) if isinstance(item, str) else [str(item)])
+    return arguments
+
+
+def check_rm_types(grid: Grid) -> None:
+    """Fail before any run starts when an RM type does not import or is not a RewardModule."""
+    from rm_lightning.models.reward_module import RewardModule
+
+    for class_path in grid.rm_types:
+        module_name, _, name = class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name) if module_name else None
+        except (ImportError, AttributeError):
+            cls = None
+        if not (isinstance(cls, type) and issubclass(cls, RewardModule)):
+            raise RMLightningError(f"{grid.path}: rm_types entry {class_path!r} is not an importable "
+                                   f"RewardModule subclass (give a class path such as rm_lightning.ExplicitRM)")
+
+
+# --- planning --------------------------------------------------------------------------------------
+
+def class_name(class_path: str) -> str:
+    return class_path.rpartition(".")[2]
+
+
+def path_component(name: str) -> str:
+    """A backbone name or path as one directory name (``org/model`` -> ``org__model``)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "__", name).strip("_.") or "backbone"
+
+
+def plan_runs(grid: Grid, out: Path) -> list[Run]:
+    """Every run of the grid. The RM type varies fastest, so runs that are compared with each
+    other finish close together and a report of a half-done sweep already has complete pairs."""
+    runs = [Run(config, rm_type, backbone, seed,
+                out / config.stem / class_name(rm_type) / path_component(backbone) / f"seed{seed}")
+            for config, backbone, seed, rm_type in itertools.product(grid.configs, grid.backbones, grid.seeds,
+                                                                     grid.rm_types)]
+    seen: dict[Path, Run] = {}
+    for run in runs:
+        if run.directory in seen:
+            raise RMLightningError(f"{grid.path}: two grid points share the run directory {run.directory} "
+                                   f"(config stems, RM class names or backbone names collide)")
+        seen[run.directory] = run
+    return runs
+
+
+def command(run: Run, grid: Grid, cli: Optional[Path] = None) -> list[str]:
+    """The ``fit`` command of one run (``python -m rm_lightning``, or the script ``cli``); the logger and
+    results.json write into its directory."""
+    directory = str(run.directory)
+    launcher = [sys.executable, str(cli)] if cli is not None else [sys.executable, "-m", CLI_MODULE]
+    return [
+        *launcher, "fit", "--config", str(run.config),
+        "--model", run.rm_type, "--model.init_args.backbone", run.backbone,
+        "--seed_everything", str(run.seed), "--data.init_args.seed", str(run.seed),
+        *grid.overrides, *grid.rm_type_overrides.get(run.rm_type, []),
+        "--trainer.default_root_dir", directory,
+        "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir", directory,
+        "--trainer.logger.init_args.name", "", "--trainer.logger.init_args.version", "",
+        "--results.dirpath", directory,
+    ]
+
+
+# --- state and execution ---------------------------------------------------------------------------
+
+def is_finished(directory: Path) -> bool:
+    """True when the run left a readable results.json with status finished."""
+    try:
+        return json.loads((directory / RESULTS_FILENAME).read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def previous_arguments(run: Run) -> Optional[list[str]]:
+    """The arguments (without the interpreter) a finished run was launched with, from run.log."""
+    try:
+        with open(run.log_path) as log:
+            first_line = log.readline()
+    except OSError:
+        return None
+    return shlex.split(first_line[2:])[1:] if first_line.startswith("$ ") else None
+
+
+def launch(run: Run, arguments: list[str]) -> Outcome:
+    """Run one training process from a clean directory, stdout and stderr into run.log."""
+    if run.directory.exists():
+        shutil.rmtree(run.directory)
+    run.directory.mkdir(parents=True)
+    started = time.monotonic()
+    with open(run.log_path, "w") as log:
+        log.write(f"$ {shlex.join(arguments)}\n\n")
+        log.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        returncode = subprocess.run(arguments, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    elapsed = time.monotonic() - started
+    if returncode != 0:
+        return Outcome(run, "failed", elapsed, f"exit code {returncode}")
+    if not is_finished(run.directory):
+        return Outcome(run, "failed", elapsed, f"exit code 0 but no finished {RESULTS_FILENAME}")
+    return Outcome(run, "finished", elapsed)
+
+
+def run_sweep(grid: Grid, out: Path, cli: Optional[Path] = None, dry_run: bool = False,
+              echo: Callable[[str], None] = print) -> list[Outcome]:
+    """Run (or, with ``dry_run``, list) every unfinished run of the grid, one after another."""
+    runs = plan_runs(grid, out)
+    outcomes: list[Outcome] = []
+    width = len(str(len(runs)))
+    for index, run in enumerate(runs, 1):
+        prefix = f"[{index:>{width}}/{len(runs)}]"
+        arguments = command(run, grid, cli)
+        if is_finished(run.directory):
+            reason = "finished earlier"
+            if previous_arguments(run) not in (None, arguments[1:]):
+                reason += f", with other arguments (first line of {run.log_path}); delete the directory to rerun"
+            outcomes.append(Outcome(run, "skipped", reason=reason))
+            echo(f"{prefix} skip      {run.name} ({reason})")
+            continue
+        if dry_run:
+            outcomes.append(Outcome(run, "planned"))
+            echo(f"{prefix} would run {run.name}\n    {shlex.join(arguments)}")
+            continue
+        restart = " (restarting an unfinished run)" if run.directory.exists() else ""
+        echo(f"{prefix} start     {run.name}{restart}")
+        try:
+            outcome = launch(run, arguments)
+        except KeyboardInterrupt:
+            outcomes.append(Outcome(run, "interrupted", reason="interrupted by the user"))
+            echo(f"{prefix} interrupted {run.name}")
+            break
+        outcomes.append(outcome)
+        detail = f" ({outcome.reason}; log: {run.log_path})" if outcome.status == "failed" else ""
+        echo(f"{prefix} {outcome.status:<9} {run.name} in {format_seconds(outcome.elapsed_s)}{detail}")
+    return outcomes
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    """A table of every run's status, failures with their log file, then the counts."""
+    name_width = max([len(o.run.name) for o in outcomes] + [3])
+    lines = [f"{'run':<{name_width}}  {'status':<11}  {'time':>9}  note"]
+    for o in outcomes:
+        note = f"{o.reason}; log: {o.run.log_path}" if o.status in ("failed", "interrupted") else o.reason
+        time_text = format_seconds(o.elapsed_s) if o.elapsed_s else "-"
+        lines.append(f"{o.run.name:<{name_width}}  {o.status:<11}  {time_text:>9}  {note}".rstrip())
+    counts = {s: sum(o.status == s for o in outcomes)
+              for s in ("finished", "skipped", "failed", "interrupted", "planned")}
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("finished", "skipped", "failed")))
+    return "\n".join(lines)
+
+
+def default_out(grid_path: Path) -> Path:
+    return Path("runs") / "sweeps" / grid_path.stem
+
+
+def run(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rm_lightning.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("grid", help="grid YAML (configs, rm_types, backbones, seeds, overrides)")
+    parser.add_argument("--out", help="sweep directory (default: runs/sweeps/<grid file stem>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
+    parser.add_argument("--cli", help="a cli.py-like script to launch instead of `python -m rm_lightning`")
+    args = parser.parse_args(argv)
+    grid = load_grid(args.grid)
+    cli = Path(args.cli) if args.cli else None
+    if cli is not None and not cli.is_file():
+        raise RMLightningError(f"--cli: no script at {cli}")
+    check_rm_types(grid)
+    out = Path(args.out or default_out(grid.path)).resolve()
+    print(f"sweep {grid.path} -> {out}")
+    started = time.monotonic()
+    outcomes = run_sweep(grid, out, cli, dry_run=args.dry_run)
+    print(f"\nsummary ({format_seconds(time.monotonic() - started)})\n{summary(outcomes)}")
+    if any(o.status == "interrupted" for o in outcomes):
+        return 130
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command's exit status; bad input is one ``error:`` line and status 2."""
+    return exit_status(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

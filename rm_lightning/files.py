@@ -1,0 +1,62 @@
+"""Every file rm-lightning writes is written atomically: staged beside its target, then renamed.
+
+A crash, a full disk or Ctrl-C while writing leaves the previous file (or none), never half a
+file, and a reader never sees a partial one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+
+@contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        if staging.exists():
+            staging.unlink()
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(staging_path)``, then move the staged file into place."""
+    with staged(path) as staging:
+        write(staging)
+    return Path(path)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    return write_atomically(path, lambda staging: staging.write_text(text))
+
+
+def write_json_atomically(path: str | os.PathLike, record: Any) -> Path:
+    """Strict JSON (no NaN): callers turn non-finite floats into null first."""
+    return write_text_atomically(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Rows as CSV with the given columns (missing values and None as empty cells)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def write_csv_atomically(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str]) -> Path:
+    return write_text_atomically(path, csv_text(rows, columns))
+
+
+def save_figure_atomically(figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    return write_atomically(path, lambda staging: figure.savefig(staging, dpi=dpi))

@@ -1,0 +1,182 @@
+"""``RewardModule``: the training steps every RM type shares, so a new type only says how rewards are computed."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from rm_lightning.metrics.eval_sets import EvalSets, is_repeated_eval_batch
+from rm_lightning.metrics.keys import train_key
+from rm_lightning.metrics.pairwise import PairwiseAccuracy
+from rm_lightning.models.backbones import load_backbone
+from rm_lightning.models.loss import bradley_terry_loss
+from rm_lightning.pairs.collation import PairCollator
+from rm_lightning.pairs.contract import preference_data_of
+from rm_lightning.pairs.encoding import PairEncoder, chat_formatter
+from rm_lightning.perf.checkpointing import autocast_weight_cache, enable_activation_checkpointing
+from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hidden_states
+from rm_lightning.perf.model_setup import prepare_model
+from rm_lightning.perf.optim_in_backward import backward_optimizer
+from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind
+
+OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def adam_1e5(params: Iterable) -> torch.optim.Optimizer:
+    """Default optimizer: Adam at lr 1e-5, fused (one kernel for every parameter, much faster on a CPU)."""
+    return torch.optim.Adam(params, lr=1e-5, fused=True)
+
+
+class RewardModule(L.LightningModule):
+    """A reward model on a causal-LM backbone, trained with the Bradley-Terry loss.
+
+    Chosen and rejected responses go through the backbone in one concatenated forward
+    (rows 0..B-1 chosen, B..2B-1 rejected). Subclasses implement ``compute_rewards`` and may
+    override ``format_texts`` (how a prompt and response become text) or ``pair_loss``.
+
+    Args:
+        backbone: hub id, local directory, ``smollm2-135m-instruct`` or ``tiny-llama[-chat]``.
+        optimizer: called with the parameters; from YAML, e.g. ``class_path: torch.optim.Adam``.
+        lr_scheduler: optional, called with the optimizer; stepped every optimizer step.
+        activation_checkpointing: recompute decoder layers in backward to save memory.
+        extra_tokens: tokens to add to the tokenizer (embeddings resized), e.g. ``<sep>``.
+        decoder_layout: ``packed`` (default): one decoder call over the batch's real tokens, each
+            pair's common prefix computed once (``rm_lightning.perf.packed_pairs``); ``padded``: the
+            plain padded forward, for backbones whose attention cannot be packed. Both give the
+            same hidden states up to float rounding.
+        packed_attention: ``grouped`` (default) or ``flex`` (FlexAttention; CUDA only for training).
+        optimizer_in_backward: step each parameter in backward as soon as its gradient is
+            complete, and free that gradient (``rm_lightning.perf.optim_in_backward``): less
+            memory, the same updates; one process, no gradient accumulation or clipping.
+        compile_layers: ``torch.compile`` each decoder layer when the trainer sets the model up
+            (``rm_lightning.perf.compiled_layers``).
+    """
+
+    def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
+                 lr_scheduler: Optional[SchedulerFactory] = None, activation_checkpointing: bool = False,
+                 extra_tokens: list[str] = [], decoder_layout: DecoderLayout = "packed",
+                 packed_attention: AttentionKind = "grouped", optimizer_in_backward: bool = False,
+                 compile_layers: bool = False):
+        super().__init__()
+        for name, value, allowed in (("decoder_layout", decoder_layout, DECODER_LAYOUTS),
+                                     ("packed_attention", packed_attention, ATTENTION_KINDS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.train_accuracy = PairwiseAccuracy(dist_sync_on_step=True)  # the global batch's accuracy
+        self.eval_sets = EvalSets()
+        if activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+
+    # --- what a subclass implements -----------------------------------------------------------
+
+    def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rewards [2B] from the final hidden states [2B, T, H] of the concatenated batch."""
+        raise NotImplementedError
+
+    def format_texts(self, prompt: str, response: str) -> tuple[str, str]:
+        """(prompt, response) -> (prefix, response suffix); the chat template by default."""
+        if not hasattr(self, "_chat_formatter"):
+            self._chat_formatter = chat_formatter(self.tokenizer)
+        return self._chat_formatter(prompt, response)
+
+    def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, chosen rewards, rejected rewards) of a batch; the Bradley-Terry loss by default."""
+        chosen, rejected = self.rewards(batch).chunk(2)
+        return bradley_terry_loss(chosen, rejected), chosen, rejected
+
+    # --- text to rewards --------------------------------------------------------------------------
+
+    def pair_encoder(self, max_prompt_tokens: int | None = 512, max_response_tokens: int | None = 512,
+                     truncate: bool = False) -> PairEncoder:
+        return PairEncoder(self.tokenizer, self.format_texts, max_prompt_tokens, max_response_tokens, truncate)
+
+    def collator(self) -> PairCollator:
+        return PairCollator(self.tokenizer.pad_token_id)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer without its LM head (e.g. ``LlamaModel``), so no vocab logits are computed."""
+        return self.model.base_model
+
+    def hidden_states(self, batch: dict[str, torch.Tensor], decoder: nn.Module | None = None) -> torch.Tensor:
+        """Final hidden states of ``decoder`` (default: the policy's) on ``batch``.
+
+        A frozen reference goes through the same path as the policy, so that identical weights
+        give bit-identical log-probs (an untrained IM-RM's rewards are exactly 0).
+        """
+        return decoder_hidden_states(self.decoder if decoder is None else decoder, batch,
+                                     self.hparams.decoder_layout, self.hparams.packed_attention)
+
+    def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.compute_rewards(self.hidden_states(batch), batch)
+
+    def run_pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``pair_loss`` as training and evaluation run it (autocast's weight cache off under checkpointing)."""
+        with autocast_weight_cache(enabled=not self.hparams.activation_checkpointing):
+            return self.pair_loss(batch)
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        data = preference_data_of(self._trainer)
+        names = data.eval_set_names if data is not None and data.eval_set_names else self.eval_sets.names or ["eval"]
+        self.eval_sets.configure(names, data.eval_every_n_epochs if data is not None else {}, self.device)
+
+    def configure_model(self) -> None:
+        prepare_model(self, self.hparams.compile_layers)
+
+    def training_step(self, batch, batch_idx):
+        loss, chosen, rejected = self.run_pair_loss(batch)
+        self.train_accuracy(chosen, rejected)
+        size = chosen.numel()
+        self.log(train_key("loss"), loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks
+        self.log(train_key("accuracy"), self.train_accuracy, prog_bar=True, batch_size=size)
+        self.log_dict({train_key("chosen_reward"): chosen.detach().float().mean(),
+                       train_key("rejected_reward"): rejected.detach().float().mean(),
+                       train_key("margin"): (chosen - rejected).detach().float().mean()},
+                      batch_size=size, sync_dist=True)
+        return loss
+
+    def _eval_step(self, batch, batch_idx: int, dataloader_idx: int) -> None:
+        name = self.eval_sets.name_of(dataloader_idx)
+        if not self.eval_sets.is_due(name, self._trainer):
+            return
+        loss, chosen, rejected = self.run_pair_loss(batch)  # every rank runs every step: FSDP gathers collectively
+        if not is_repeated_eval_batch(self._trainer, batch_idx, dataloader_idx):
+            self.eval_sets.update(name, chosen, rejected, loss)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, batch_idx, dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch, batch_idx, dataloader_idx)
+
+    def _log_eval_sets(self, stage: str) -> None:
+        self.eval_sets.compute(self._trainer)
+        # already reduced over ranks by the metrics; sync_dist states that (a no-op mean)
+        self.log_dict(self.eval_sets.scalars(stage), add_dataloader_idx=False, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_sets("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_sets("test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer_in_backward:
+            optimizer = backward_optimizer(self, params, self.optimizer_factory)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}

@@ -1,0 +1,72 @@
+"""What a preference pair is, as text and as token ids, and the shift tags that place an eval set."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal, Sequence, get_args
+
+from torch.utils.data import Dataset
+
+from rm_lightning.errors import DataError
+
+# How an eval set relates to the training data (paper §5.2): the same distribution, the same
+# content in other tokens (paraphrase, translation), or another domain (math, code).
+ShiftTag = Literal["in_distribution", "token_shift", "domain_shift"]
+SHIFT_TAGS: tuple[str, ...] = get_args(ShiftTag)
+
+
+def check_shift_tag(tag: str) -> str:
+    if tag not in SHIFT_TAGS:
+        raise DataError(f"unknown shift tag {tag!r}; expected one of {', '.join(SHIFT_TAGS)}")
+    return tag
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of one pair. ``*_start`` is the index of the first response token."""
+
+    chosen_ids: list[int]
+    chosen_start: int
+    rejected_ids: list[int]
+    rejected_start: int
+    reference_logps: tuple[float, float] | None = None  # filled by the IM-RM reference cache
+
+    def __len__(self) -> int:
+        return max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+class EncodedPairs(Dataset):
+    """A named, already tokenized set of pairs (tokenized once in the data module's ``setup``)."""
+
+    def __init__(self, name: str, pairs: list[EncodedPair], tag: str = "in_distribution", dropped: int = 0):
+        self.name, self.pairs, self.tag, self.dropped = name, pairs, check_shift_tag(tag), dropped
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> EncodedPair:
+        return self.pairs[index]
+
+    def fingerprint(self) -> str:
+        """Hash of the token ids: the data half of the reference-cache key."""
+        digest = hashlib.sha256()
+        for pair in self.pairs:
+            digest.update(repr((pair.chosen_ids, pair.chosen_start, pair.rejected_ids, pair.rejected_start)).encode())
+        return digest.hexdigest()
+
+
+def check_text_fields(record: dict, fields: Sequence[str], where: str) -> None:
+    """Fail with the location when a record lacks a field or holds a non-string in it."""
+    for name in fields:
+        if name not in record:
+            raise DataError(f"{where}: missing field '{name}' (has: {', '.join(sorted(record)) or 'nothing'})")
+        if not isinstance(record[name], str):
+            raise DataError(f"{where}: field '{name}' must be a string, got {type(record[name]).__name__}")

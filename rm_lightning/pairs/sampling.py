@@ -1,0 +1,64 @@
+"""Batches of similar length, dealt whole to each process."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Sequence
+
+from torch.utils.data import DistributedSampler
+
+
+class LengthBucketSampler(DistributedSampler):
+    """Yield indices so that consecutive ``batch_size`` blocks have similar lengths.
+
+    Compute then follows real tokens rather than the longest row of a random batch. Indices are
+    shuffled, cut into pools of ``pool_batches`` batches, sorted by length inside each pool and
+    split into batches, whose order is shuffled again (seed + epoch). Whole batches are dealt to
+    ranks, so it is its own distributed sampler (Lightning leaves a ``DistributedSampler`` alone);
+    the one short batch, if any, stays last so a ``DataLoader(batch_size=...)`` cuts the same blocks.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 pool_batches: int = 50, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.lengths, self.batch_size, self.pool_batches = list(lengths), batch_size, pool_batches
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches for the current epoch."""
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        pool = self.batch_size * self.pool_batches
+        if not self.shuffle:
+            pool = len(order) or 1
+        ordered = []
+        for begin in range(0, len(order), pool):
+            ordered += sorted(order[begin:begin + pool], key=lambda i: self.lengths[i])
+        batches = [ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size)]
+        short = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        if self.shuffle:
+            rng.shuffle(batches)
+        batches += short
+        per_rank = -(-len(batches) // self.num_replicas)
+        batches += batches[: per_rank * self.num_replicas - len(batches)]  # equal step counts on all ranks
+        return batches[self.rank::self.num_replicas]
+
+    def is_repeated(self, step: int) -> bool:
+        """Whether this rank's ``step``-th batch is one of the copies dealt after the real batches."""
+        real_batches = -(-len(self.lengths) // self.batch_size)
+        return self.num_replicas > 1 and step * self.num_replicas + self.rank >= real_batches
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([index for batch in self.batches() for index in batch])
+
+    def __len__(self) -> int:
+        return sum(len(batch) for batch in self.batches())
+
+
+def is_repeated_batch(sampler, step: int) -> bool:
+    """Whether this rank's ``step``-th batch only pads the rank to an equal step count.
+
+    Evaluation leaves such copies out of the metrics, so every pair counts once, as in a 1-process run.
+    """
+    return isinstance(sampler, LengthBucketSampler) and sampler.is_repeated(step)

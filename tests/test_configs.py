@@ -1,0 +1,130 @@
+"""Composable configs: every experiment resolves to the settings it had before the split into blocks,
+twins differ only in their model, and ``compose:`` merges like ``--config`` given several times."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+from rm_lightning import cli
+from rm_lightning.cli import expand_composed_configs, first_experiment_name, with_run_defaults
+from rm_lightning.errors import RMLightningError
+
+CONFIGS = PROJECT_ROOT / "configs"
+SNAPSHOTS = Path(__file__).parent / "fixtures" / "resolved_configs_6723d7e"
+EXPERIMENTS = sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+# what the module's default optimizer, ``adam_1e5``, is: the configs before the split spelled it out
+DEFAULT_OPTIMIZER = "rm_lightning.models.reward_module.adam_1e5"
+ADAM_1E5 = {"class_path": "torch.optim.Adam", "init_args": {
+    "lr": 1.0e-05, "betas": [0.9, 0.999], "eps": 1.0e-08, "weight_decay": 0.0, "amsgrad": False, "foreach": None,
+    "maximize": False, "capturable": False, "differentiable": False, "fused": True, "decoupled_weight_decay": False}}
+
+
+def resolve(capsys, *configs: Path) -> dict:
+    arguments = ["fit"] + [arg for config in configs for arg in ("--config", str(config))] + ["--print_config"]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(arguments)
+    assert exited.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def as_before(resolved: dict, experiment: str) -> dict:
+    """Today's resolved config in the terms of 6723d7e: the options added since at the behaviour they
+    replace (``packed_attention: grouped`` was the default without the environment variable; results
+    named after the first config file), and the default optimizer as the Adam it is."""
+    model = resolved["model"]["init_args"]
+    assert model.pop("packed_attention") == "grouped"
+    assert resolved["results"].pop("config_name") == experiment
+    if model["optimizer"] == DEFAULT_OPTIMIZER:
+        model["optimizer"] = ADAM_1E5
+    return resolved
+
+
+def snapshot(name: str) -> dict:
+    before = yaml.safe_load((SNAPSHOTS / f"{name}.yaml").read_text())
+    assert before["model"]["init_args"].pop("padding_side") == "right"  # an option removed: rewards never depended on it
+    return before
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_resolves_to_its_settings_before_the_split(experiment, capsys):
+    assert as_before(resolve(capsys, CONFIGS / f"{experiment}.yaml"), experiment) == snapshot(experiment)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_strategy_overlay_resolves_as_before(strategy, capsys):
+    resolved = resolve(capsys, CONFIGS / "imrm_persona.yaml", CONFIGS / "trainer" / f"{strategy}.yaml")
+    assert as_before(resolved, "imrm_persona") == snapshot(f"imrm_persona+{strategy}")
+
+
+def without_model_and_comments(path: Path) -> dict:
+    config = yaml.safe_load(path.read_text())
+    config["compose"] = [entry for entry in config["compose"] if not entry.startswith("model/")]
+    return config
+
+
+@pytest.mark.parametrize("experiment", ["persona", "hamcycle", "ultrafeedback", "rewardmath"])
+def test_twins_differ_only_in_the_model_they_name(experiment):
+    twins = sorted(CONFIGS.glob(f"*_{experiment}.yaml"))
+    assert len(twins) >= 2
+    models = [next(e for e in yaml.safe_load(t.read_text())["compose"] if e.startswith("model/")) for t in twins]
+    assert len(set(models)) == len(twins)
+    shared = [without_model_and_comments(t) for t in twins]
+    if experiment == "hamcycle":  # the IM-RM's generation check: its policy is what it would generate with
+        imrm = twins.index(CONFIGS / "imrm_hamcycle.yaml")
+        callbacks = shared[imrm]["trainer"].pop("callbacks")
+        assert [c["class_path"] for c in callbacks] == ["rm_lightning.callbacks.GenerationCheck"]
+    assert all(config == shared[0] for config in shared)
+
+
+def test_compose_is_never_written_back(capsys, tmp_path):
+    printed = resolve(capsys, CONFIGS / "exrm_persona.yaml")
+    assert "compose" not in printed
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_composed_files_merge_in_order_before_the_file_itself(tmp_path, capsys):
+    write(tmp_path / "blocks" / "model.yaml", "model: {class_path: rm_lightning.ImplicitRM, init_args: {beta: 0.2}}\n")
+    write(tmp_path / "blocks" / "more.yaml", "model: {init_args: {beta: 0.3, backbone: tiny-llama}}\n")
+    experiment = write(tmp_path / "exp.yaml", "compose: [blocks/model.yaml, blocks/more.yaml]\n"
+                                              "model: {init_args: {logprob_chunk_size: 7}}\n")
+    assert expand_composed_configs(["fit", "--config", str(experiment)]) == [
+        "fit", "--config", str(tmp_path / "blocks" / "model.yaml"), "--config", str(tmp_path / "blocks" / "more.yaml"),
+        "--config", str(experiment)]
+    model = resolve(capsys, experiment)["model"]
+    assert model["class_path"] == "rm_lightning.ImplicitRM"
+    assert (model["init_args"]["beta"], model["init_args"]["backbone"]) == (0.3, "tiny-llama")
+    assert model["init_args"]["logprob_chunk_size"] == 7
+
+
+def test_a_run_is_named_after_its_first_experiment_config(tmp_path):
+    block = write(tmp_path / "trainer" / "cpu.yaml", "trainer: {devices: 1}\n")
+    experiment = write(tmp_path / "my_run.yaml", "compose: [trainer/cpu.yaml]\n")
+    overlay = write(tmp_path / "overlay.yaml", "trainer: {max_epochs: 1}\n")
+    args = expand_composed_configs(["fit", "--config", str(experiment), "--config", str(overlay)])
+    assert first_experiment_name(args) == "my_run" and args[2] == str(block)
+    assert with_run_defaults(args)[:5] == ["fit", "--trainer.default_root_dir", str(Path("runs") / "my_run"),
+                                           "--results.config_name", "my_run"]
+    assert with_run_defaults(["fit", "--help"]) == ["fit", "--help"]
+
+
+@pytest.mark.parametrize("compose, message", [
+    ("[missing.yaml]", "'compose' names 'missing.yaml', but"),
+    ("{a: 1}", "'compose' must be a list of config file paths"),
+    ("[exp.yaml]", "includes"),
+])
+def test_bad_compose_ends_in_one_line(tmp_path, capsys, compose, message):
+    experiment = write(tmp_path / "exp.yaml", f"compose: {compose}\n")
+    with pytest.raises(RMLightningError, match=message):
+        expand_composed_configs(["fit", "--config", str(experiment)])
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["fit", "--config", str(experiment)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(experiment) in err[0]
