@@ -36,7 +36,7 @@ def tiny_override(tmp_path: Path, **extra) -> Path:
         "data:",
         "  init_args:",
         f"    batch_size: {extra.get('batch_size', 4)}",
-        f"    eval_batch_size: 16",
+        "    eval_batch_size: 16",
     ]
     if extra.get("reference_cache_dir"):
         lines.insert(lines.index("  init_args:") + 1, f"    reference_cache_dir: {extra['reference_cache_dir']}")

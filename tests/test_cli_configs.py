@@ -1,8 +1,6 @@
 """The shipped configs run end to end (tiny model) and bad input ends in one clear line."""
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -82,31 +80,32 @@ def test_eval_every_n_epochs_evaluates_a_set_at_its_epochs_and_the_last(tmp_path
     assert epochs("original_train_prompts") == [2]
 
 
-def run_cli(*args: str, cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
+def error_line(capsys, *args: str) -> str:
+    """The one ``error:`` line ``cli.main(args)`` ends with (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(list(args))
+    assert exited.value.code == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
     return lines[0]
 
 
-def test_bad_inputs_end_in_one_clear_line(tmp_path):
+def test_bad_inputs_end_in_one_clear_line(tmp_path, capsys):
     override = tiny_override(tmp_path)
-    base = ["fit", "--config", "configs/exrm_persona.yaml", "--config", str(override)]
-    missing = error_line(run_cli(*base, "--data.init_args.source", "anthropic",
-                                 "--data.init_args.path", str(tmp_path / "nope.jsonl")))
+    base = ["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override)]
+    missing = error_line(capsys, *base, "--data.init_args.source", "anthropic",
+                         "--data.init_args.path", str(tmp_path / "nope.jsonl"))
     assert "data file not found" in missing and "nope.jsonl" in missing
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "q", "answer_matching_behavior": " Yes"}\n[1, 2]\n')
-    assert "broken.jsonl:2" in error_line(run_cli(*base, "--data.init_args.source", "anthropic",
-                                                  "--data.init_args.path", str(broken)))
-    backbone = error_line(run_cli(*base, "--model.init_args.backbone", str(tmp_path / "no-model")))
+    assert "broken.jsonl:2" in error_line(capsys, *base, "--data.init_args.source", "anthropic",
+                                          "--data.init_args.path", str(broken))
+    backbone = error_line(capsys, *base, "--model.init_args.backbone", str(tmp_path / "no-model"))
     assert "cannot load backbone" in backbone
-    schedule = error_line(run_cli(*base, "--data.init_args.eval_every_n_epochs", '{"paraphrased": 2}'))
+    schedule = error_line(capsys, *base, "--data.init_args.eval_every_n_epochs", '{"paraphrased": 2}')
     assert "eval_every_n_epochs" in schedule and "'paraphrased'" in schedule and "paraphrased_test_prompts" in schedule
-    unknown_source = run_cli(*base, "--data.init_args.source", "wikipedia")
-    assert unknown_source.returncode != 0 and "source" in unknown_source.stderr
+    with pytest.raises(SystemExit) as unknown_source:
+        cli.main([*base, "--data.init_args.source", "wikipedia"])
+    assert unknown_source.value.code != 0 and "source" in capsys.readouterr().err
     assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.csv"))

@@ -1,6 +1,7 @@
 """``compile_layers``: compiled decoder layers give eager's losses and gradients, and a fit compiles them."""
 
 import lightning as L
+import pytest
 import torch
 
 from conftest import edge_case_pairs, loss_and_grads
@@ -8,6 +9,8 @@ from rm_lightning import ExplicitRM, ImplicitRM
 from rm_lightning.perf.compiled_layers import compile_decoder_layers, is_compiled
 from rm_lightning.perf.packed_pairs import packed_hidden_states
 from rm_lightning.perf.sharding import decoder_layers
+
+pytestmark = pytest.mark.slow  # torch.compile: a C++ compiler run per graph
 
 
 def test_compiled_layers_match_eager_on_batches_of_two_lengths():

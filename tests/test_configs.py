@@ -43,7 +43,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
 
 def snapshot(name: str) -> dict:
     before = yaml.safe_load((SNAPSHOTS / f"{name}.yaml").read_text())
-    assert before["model"]["init_args"].pop("padding_side") == "right"  # an option removed: rewards never depended on it
+    # an option removed since: rewards never depended on it
+    assert before["model"]["init_args"].pop("padding_side") == "right"
     return before
 
 

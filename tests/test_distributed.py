@@ -25,15 +25,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import PROJECT_ROOT
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair
-from rm_lightning.pairs import is_repeated_batch
-from rm_lightning.pairs import LengthBucketSampler
+from rm_lightning.metrics.keys import EVAL_METRICS as EVAL_KEYS
+from rm_lightning.pairs import LengthBucketSampler, is_repeated_batch
 from rm_lightning.perf.sharding import is_sharded, shard_reward_module
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 STEPS_PER_EPOCH = 4  # 16 training pairs, 2 per rank and 2 ranks
-EVAL_KEYS = ("accuracy", "normalized_margin", "chosen_reward", "rejected_reward", "margin", "loss")
 
 
 # --- running cli.py ------------------------------------------------------------------------------
@@ -124,6 +123,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return logs
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_processes_matches_one_process(runs):
     reference_train, reference_evals = read_history(runs["reference"])
     train, evals = read_history(runs["fsdp_first_epoch"])
@@ -133,6 +133,7 @@ def test_fsdp_on_two_processes_matches_one_process(runs):
     assert_evals_match(evals[STEPS_PER_EPOCH], reference_evals[STEPS_PER_EPOCH])
 
 
+@pytest.mark.slow
 def test_resume_from_sharded_checkpoint_continues_like_an_uninterrupted_run(runs):
     checkpoint = runs["checkpoint"]
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per process
@@ -145,6 +146,7 @@ def test_resume_from_sharded_checkpoint_continues_like_an_uninterrupted_run(runs
     assert_evals_match(evals[2 * STEPS_PER_EPOCH], reference_evals[2 * STEPS_PER_EPOCH])
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(runs):
     reference_train, reference_evals = read_history(runs["reference"])
     train, evals = read_history(runs["ddp"])
@@ -153,6 +155,7 @@ def test_ddp_on_two_processes_matches_one_process(runs):
         assert_evals_match(evals[step], reference_evals[step])
 
 
+@pytest.mark.slow
 def test_ranks_share_one_reference_cache_file_per_dataset(runs):
     """Both ranks compute the reference log-probs and publish them with an atomic rename: one
     file per distinct dataset (train and original_train_prompts are the same pairs), no leftovers."""

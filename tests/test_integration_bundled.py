@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from rm_lightning import cli
 from conftest import PROJECT_ROOT
+from rm_lightning import cli
 from rm_lightning.models.backbones import BUNDLED_MODEL, load_backbone
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_bundled_model_loads_offline_and_knows_english():

@@ -87,6 +87,7 @@ def flex_packed_hidden_states(decoder, batch):
     return packed_hidden_states(decoder, batch, attention="flex")
 
 
+@pytest.mark.slow  # FlexAttention is compiled
 def test_flex_attention_states_match_padded():
     module = ExplicitRM(backbone="tiny-llama", packed_attention="flex")
     module.model.eval()

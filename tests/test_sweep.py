@@ -134,6 +134,7 @@ CRASHING_MODULE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_tiny_sweep_resumes_and_survives_a_failing_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "user_rms.py").write_text(CRASHING_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))

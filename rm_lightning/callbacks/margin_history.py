@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from rm_lightning.callbacks.run_directory import run_dir

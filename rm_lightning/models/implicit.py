@@ -76,7 +76,8 @@ class ImplicitRM(RewardModule):
         """The frozen initial model, loaded only when a batch has no cached reference log-probs."""
         if not self._reference_holder:
             rank_zero_warn("IM-RM: a batch without cached reference log-probs; loading the reference model.")
-            self._reference_holder.append(self._frozen(load_backbone(self.hparams.backbone, extra_tokens=self.hparams.extra_tokens)[0]))
+            model = load_backbone(self.hparams.backbone, extra_tokens=self.hparams.extra_tokens)[0]
+            self._reference_holder.append(self._frozen(model))
         reference = self._reference_holder[0]
         if reference.device != self.device:
             reference.to(self.device)

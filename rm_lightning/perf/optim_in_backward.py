@@ -29,9 +29,8 @@ def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
 
     Adam creates its moments lazily. Stepped from backward hooks, that happens in the middle of
     the first backward, interleaved with activations freed a moment later; the allocator then
-    keeps the holes between them, and on CPU the peak resident memory of the following steps
-    is 100-200 MB higher for a 135M model (``benchmarks/``). Allocated before training, the
-    moments sit together. The updates are unchanged: Adam only initializes state it finds empty.
+    keeps the holes between them, and on CPU the peak resident memory of the following steps is
+    higher. Allocated before training, the moments sit together. The updates are unchanged: Adam only initializes state it finds empty.
     Other optimizers keep their lazy state.
     """
     if not isinstance(optimizer, torch.optim.Adam):

@@ -236,9 +236,10 @@ CPU_MATH_ATTENTION_MAX_BYTES = 256 * 2 ** 20
 def segment_attention(query, key, value, mask, scaling: float | None, dropout: float) -> torch.Tensor:
     """Masked attention over [segments, heads, slots, dim]; on a CPU in fp32 with an explicit softmax.
 
-    Measured on a 2-core CPU with SmolLM2-135M on a Persona batch: torch's CPU SDPA kernel runs
-    bf16 at under half its fp32 speed, and for these short segments its fp32 backward is slower
-    than matmul, softmax and matmul; this choice took an EX-RM step from 2.4 s to 1.8 s.
+    torch's CPU SDPA kernel runs bf16 slower than fp32, and for these short segments its fp32
+    backward is slower than matmul, softmax and matmul (``benchmarks/README.md``), so short
+    segments take the explicit path and only large grids, where its smaller saved state pays,
+    take the kernel.
     """
     if query.device.type != "cpu":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
