@@ -69,11 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch threads in each variant's process (default: torch's choice, one per core)")
     parser.add_argument("--host-memory", choices=("kept", "default"), default="kept",
                         help="kept: every variant's process keeps freed host memory for reuse, as cli.py does "
-                             "(rm_lightning/host_memory.py); default: glibc's own behaviour")
+                             "(rm_lightning/perf/host_memory.py); default: glibc's own behaviour")
+    parser.add_argument("--peak-budget", type=float, default=1.0,
+                        help="seconds one matmul of the peak probe may take: its size grows until then; "
+                             "smaller probes read a lower peak (MFU is then overstated)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed to one variant")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.peak_budget <= 0:
+        parser.error("--steps must be >= 1, --warmup >= 0 and --peak-budget > 0")
     if not 1 <= args.pairs <= (PERSONA_MAX_PAIRS if "persona" in args.batches else 10 ** 6):
         parser.error(f"--pairs must be between 1 and {PERSONA_MAX_PAIRS} (the persona batch's prompts)")
     if args.threads is not None and args.threads < 1:
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
           f"backbone {args.backbone}, {args.pairs} pairs a batch; freed host memory "
           f"{'kept for reuse' if args.host_memory == 'kept' else 'handled by glibc defaults'} in every variant",
           flush=True)
-    peaks = {p: matmul_peak_gflops(args.device, p)["gflops"] for p in ("fp32", "bf16")}
+    peaks = {p: matmul_peak_gflops(args.device, p, budget_s=args.peak_budget)["gflops"] for p in ("fp32", "bf16")}
     precisions = choose_precisions(args.precision, peaks)
     wants_trl = any(v.startswith("trl") for v in args.variants or VARIANTS)
     if wants_trl and not args.skip_trl and trl_missing():

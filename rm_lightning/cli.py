@@ -46,9 +46,11 @@ def main(args: list[str] | None = None) -> RewardCLI | None:
     """Run the CLI on ``args`` (default: the command line); bad input raises ``SystemExit(2)`` after one line."""
     keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
     try:
-        args = with_run_defaults(expand_composed_configs(list(sys.argv[1:] if args is None else args)))
+        expanded = with_run_defaults(expand_composed_configs(list(sys.argv[1:] if args is None else args)))
+        if args is None:  # from the shell: LightningCLI reads sys.argv, and warns when given both
+            sys.argv[1:] = expanded
         return RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         save_config_kwargs={"overwrite": True}, args=args)
+                         save_config_kwargs={"overwrite": True}, args=None if args is None else expanded)
     except Exception as err:
         cause = user_error_behind(err)
         if cause is None:

@@ -173,7 +173,8 @@ def test_one_command_runs_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
     command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "bench_step.py"), "--backbone", "tiny-llama-chat",
                "--rm", "exrm", "--batches", "persona", "--variants", "ours", "naive", "--steps", "1", "--warmup", "0",
-               "--precision", "fp32", "--skip-trl", "--pairs", "12", "--out", str(out)]  # fp32: bf16 only where it pays
+               "--precision", "fp32",  # fp32: bf16 only where it pays
+               "--skip-trl", "--pairs", "12", "--peak-budget", "0.02", "--out", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "Targets:" in completed.stdout and "12 pairs a batch" in completed.stdout
@@ -275,5 +276,12 @@ def test_profile_command_times_backward_nodes_without_the_profiler():
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "backward by autograd node over 2 steps" in completed.stdout
     assert "backward, wall clock" in completed.stdout
-    refused = subprocess.run(command + ["--device", "cuda"], capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "--backward-nodes times a CPU backward" in refused.stderr
+
+
+def test_backward_nodes_refuse_a_gpu_and_a_trace(capsys):
+    from benchmarks.profile_step import parse_args
+
+    for extra in (["--device", "cuda"], ["--trace", "trace.json"]):
+        with pytest.raises(SystemExit) as refused:
+            parse_args(["--backward-nodes", *extra])
+        assert refused.value.code == 2 and "--backward-nodes times a CPU backward" in capsys.readouterr().err

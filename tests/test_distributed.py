@@ -1,6 +1,6 @@
 """Multi-process training: FSDP2 (ModelParallelStrategy) and DDP on 2 CPU processes over gloo.
 
-The subprocess tests run ``cli.py`` as a user would, with ``configs/trainer/fsdp.yaml`` or
+The multi-process runs go through ``cli.py`` as a user would, with ``configs/trainer/fsdp.yaml`` or
 ``ddp.yaml`` (Lightning launches the second process itself), and read per-step losses and eval
 metrics from ``margin_history.csv``. For a 1-process run to be comparable, it must see the same
 global batches in the same order. The sampler's shuffle depends on the number of batches, so
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import PROJECT_ROOT
-from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair
+from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair, cli
 from rm_lightning.metrics.keys import EVAL_METRICS as EVAL_KEYS
 from rm_lightning.pairs import LengthBucketSampler, is_repeated_batch
 from rm_lightning.perf.sharding import is_sharded, shard_reward_module
@@ -68,18 +68,32 @@ data:
     return path
 
 
-def run_cli(run_dir: Path, configs: list[Path], *extra: str) -> Path:
-    """Run ``cli.py fit`` and return the run's log directory (where margin_history.csv is)."""
-    command = [sys.executable, "cli.py", "fit", "--config", "configs/imrm_persona.yaml"]
+def cli_arguments(run_dir: Path, configs: list[Path], *extra: str) -> list[str]:
+    arguments = ["fit", "--config", str(PROJECT_ROOT / "configs/imrm_persona.yaml")]
     for config in configs:
-        command += ["--config", str(config)]
-    command += ["--trainer.default_root_dir", str(run_dir), *extra]
+        arguments += ["--config", str(config)]
+    return arguments + ["--trainer.default_root_dir", str(run_dir), *extra]
+
+
+def log_dir_of(run_dir: Path) -> Path:
+    (log_dir,) = list(run_dir.glob("lightning_logs/version_*"))
+    return log_dir
+
+
+def run_in_process(run_dir: Path, configs: list[Path], *extra: str) -> Path:
+    """``cli.py fit`` of a 1-process run, in this process; returns the run's log directory."""
+    cli.main(cli_arguments(run_dir, configs, *extra))
+    return log_dir_of(run_dir)
+
+
+def run_cli(run_dir: Path, configs: list[Path], *extra: str) -> Path:
+    """Run ``cli.py fit`` (which launches its own processes) and return the run's log directory."""
+    command = [sys.executable, "cli.py", *cli_arguments(run_dir, configs, *extra)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    (log_dir,) = list(run_dir.glob("lightning_logs/version_*"))
-    return log_dir
+    return log_dir_of(run_dir)
 
 
 def read_history(log_dir: Path) -> tuple[list[dict], dict[int, dict[str, dict]]]:
@@ -114,7 +128,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("distributed_runs")
     experiment = write_experiment(root)
     fsdp, ddp = PROJECT_ROOT / "configs/trainer/fsdp.yaml", PROJECT_ROOT / "configs/trainer/ddp.yaml"
-    logs = {"reference": run_cli(root / "reference", [experiment], "--trainer.accumulate_grad_batches", "2")}
+    logs = {"reference": run_in_process(root / "reference", [experiment], "--trainer.accumulate_grad_batches", "2")}
     logs["fsdp_first_epoch"] = run_cli(root / "fsdp_first", [fsdp, experiment], "--trainer.max_epochs", "1")
     (checkpoint,) = list((logs["fsdp_first_epoch"] / "checkpoints").glob("*.ckpt"))
     logs["fsdp_resumed"] = run_cli(root / "fsdp_resumed", [fsdp, experiment], "--ckpt_path", str(checkpoint))

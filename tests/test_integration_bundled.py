@@ -30,6 +30,8 @@ def test_short_persona_run_separates_chosen_from_rejected(tmp_path):
         "model:\n  init_args:\n"
         f"    reference_cache_dir: {tmp_path / 'ref'}\n"
         "data:\n  init_args:\n    num_train: 24\n    num_test: 8\n    batch_size: 8\n"
+        # one paraphrase per side: those sets are evaluated but not asserted on here
+        "    paraphrased_chosen_tokens: [certainly]\n    paraphrased_rejected_tokens: [nope]\n"
     )
     run = cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/imrm_persona.yaml"), "--config", str(override)])
     final = run.model.eval_sets.last["original_test_prompts"]

@@ -1,9 +1,16 @@
-"""Reward models: the shared ``RewardModule``, the three RM types, the loss, log-probs and backbones."""
+"""Reward models: the shared ``RewardModule``, the three RM types, the loss, log-probs and backbones.
 
-from rm_lightning.models.explicit import ExplicitRM
-from rm_lightning.models.generative import ExplicitGenerativeRM
-from rm_lightning.models.implicit import ImplicitRM
-from rm_lightning.models.loss import bradley_terry_loss
-from rm_lightning.models.reward_module import RewardModule
+Names are imported on first use (see ``rm_lightning/__init__.py``): ``models.backbones`` alone
+needs no Lightning.
+"""
 
-__all__ = ["ExplicitRM", "ExplicitGenerativeRM", "ImplicitRM", "RewardModule", "bradley_terry_loss"]
+from rm_lightning.lazy import lazy_exports
+
+_EXPORTS = {
+    "ExplicitRM": "rm_lightning.models.explicit", "ExplicitGenerativeRM": "rm_lightning.models.generative",
+    "ImplicitRM": "rm_lightning.models.implicit", "RewardModule": "rm_lightning.models.reward_module",
+    "bradley_terry_loss": "rm_lightning.models.loss",
+}
+__all__ = list(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
