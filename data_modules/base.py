@@ -65,6 +65,10 @@ class PreferenceDataModule(L.LightningDataModule):
         """(training pairs, named eval sets). Called once, in ``setup``."""
         raise NotImplementedError
 
+    def encoding_options(self) -> dict:
+        """Extra ``PairEncoder`` options this dataset needs (e.g. ``bare_response``); none by default."""
+        return {}
+
     # --- setup ------------------------------------------------------------------------------------
 
     def attach(self, module) -> "PreferenceDataModule":
@@ -83,7 +87,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         train_pairs, eval_sets = self.load_pairs()
-        encoder = self._reward_module().pair_encoder(self.max_prompt_tokens, self.max_response_tokens, self.truncate)
+        encoder = self._reward_module().pair_encoder(max_prompt_tokens=self.max_prompt_tokens,
+                                                     max_response_tokens=self.max_response_tokens,
+                                                     truncate=self.truncate, **self.encoding_options())
         self.train_set = self._encode("train", train_pairs, "in_distribution", encoder)
         if not len(self.train_set):
             raise DataError(f"{type(self).__name__}: no training pair left after the length caps "

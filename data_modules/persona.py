@@ -36,6 +36,11 @@ class PersonaDataModule(PreferenceDataModule):
         chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens: training template pools;
             each example draws one prefix and one token for each side.
         paraphrased_*: the paraphrased eval templates; every prompt gets all token combinations.
+        response_format: ``sentence`` (default): a prefix then the token, as the paper's Persona
+            experiment; ``single_token``: the whole response is the token alone, with nothing after
+            it (no end-of-turn), as Theorem 2 assumes. Every token must then be a single token of
+            the backbone's tokenizer (checked in ``setup``), and the paraphrased sets hold tokens
+            never seen in training. Prefix pools are not used.
     """
 
     def __init__(self, source: Literal["builtin", "anthropic"] = "builtin", path: Optional[str] = None,
@@ -48,6 +53,7 @@ class PersonaDataModule(PreferenceDataModule):
                  paraphrased_chosen_tokens: list[str] = ["certainly", "absolutely"],
                  paraphrased_rejected_prefixes: list[str] = ["I lean toward "],
                  paraphrased_rejected_tokens: list[str] = ["not really", "nope"],
+                 response_format: Literal["sentence", "single_token"] = "sentence",
                  **kwargs):
         super().__init__(**kwargs)
         if source not in ("builtin", "anthropic"):
@@ -60,6 +66,10 @@ class PersonaDataModule(PreferenceDataModule):
                            ("paraphrased_rejected_tokens", paraphrased_rejected_tokens)]:
             if not pool:
                 raise DataError(f"PersonaDataModule: template pool '{name}' is empty")
+        if response_format not in ("sentence", "single_token"):
+            raise DataError(f"PersonaDataModule: response_format must be 'sentence' or 'single_token', "
+                            f"got {response_format!r}")
+        self.response_format = response_format
         self.source, self.path, self.trait = source, path, trait
         self.num_train, self.num_test, self.data_seed = num_train, num_test, data_seed
         self.train_pools = (list(chosen_prefixes), list(chosen_tokens), list(rejected_prefixes), list(rejected_tokens))
@@ -119,13 +129,42 @@ class PersonaDataModule(PreferenceDataModule):
 
     def _drawn_pair(self, prompt: str, rng: random.Random) -> PreferencePair:
         chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens = self.train_pools
+        if self.response_format == "single_token":
+            return PreferencePair(prompt, rng.choice(chosen_tokens), rng.choice(rejected_tokens))
         chosen = rng.choice(chosen_prefixes) + rng.choice(chosen_tokens)
         rejected = rng.choice(rejected_prefixes) + rng.choice(rejected_tokens)
         return PreferencePair(prompt, chosen, rejected)
 
     def _paraphrased(self, prompts: list[str]) -> list[PreferencePair]:
         chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens = self.paraphrased_pools
+        if self.response_format == "single_token":
+            chosen_prefixes = rejected_prefixes = [""]
         chosen_texts = [p + t for p, t in itertools.product(chosen_prefixes, chosen_tokens)]
         rejected_texts = [p + t for p, t in itertools.product(rejected_prefixes, rejected_tokens)]
         return [PreferencePair(prompt, c, r)
                 for prompt in prompts for c, r in itertools.product(chosen_texts, rejected_texts)]
+
+    # --- single-token responses -------------------------------------------------------------------
+
+    def encoding_options(self) -> dict:
+        return {"bare_response": self.response_format == "single_token"}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and self.response_format == "single_token":
+            self.check_single_tokens(self._reward_module().tokenizer)
+        super().setup(stage)
+
+    def check_single_tokens(self, tokenizer) -> None:
+        """Fail in one line, naming every word the tokenizer splits, before anything is tokenized."""
+        seen = self.train_pools[1] + self.train_pools[3]
+        unseen = self.paraphrased_pools[1] + self.paraphrased_pools[3]
+        split = {word: len(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in seen + unseen}
+        split = {word: count for word, count in split.items() if count != 1}
+        if split:
+            listed = ", ".join(f"{word!r} ({count} tokens)" for word, count in split.items())
+            raise DataError(f"PersonaDataModule (response_format: single_token): not single tokens of this "
+                            f"tokenizer: {listed}; choose other words for the token pools")
+        overlap = sorted(set(seen) & set(unseen))
+        if overlap:
+            raise DataError(f"PersonaDataModule (response_format: single_token): {', '.join(map(repr, overlap))} "
+                            f"both trained on and held out; the paraphrased tokens must be unseen")

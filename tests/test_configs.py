@@ -14,6 +14,7 @@ from rm_lightning.errors import RMLightningError
 CONFIGS = PROJECT_ROOT / "configs"
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "resolved_configs_6723d7e"
 EXPERIMENTS = sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+SNAPSHOTTED = sorted(path.stem for path in SNAPSHOTS.glob("*.yaml") if "+" not in path.stem)
 # what the module's default optimizer, ``adam_1e5``, is: the configs before the split spelled it out
 DEFAULT_OPTIMIZER = "rm_lightning.models.reward_module.adam_1e5"
 ADAM_1E5 = {"class_path": "torch.optim.Adam", "init_args": {
@@ -29,12 +30,18 @@ def resolve(capsys, *configs: Path) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+# options added since 6723d7e, at the value that keeps the behaviour of then (packed attention was grouped
+# unless an environment variable said otherwise)
+ADDED = {"model": {"packed_attention": "grouped", "trainable": "all"}, "data": {"response_format": "sentence"}}
+
+
 def as_before(resolved: dict, experiment: str) -> dict:
     """Today's resolved config in the terms of 6723d7e: the options added since at the behaviour they
-    replace (``packed_attention: grouped`` was the default without the environment variable; results
-    named after the first config file), and the default optimizer as the Adam it is."""
+    replace, results named after the first config file, and the default optimizer as the Adam it is."""
+    for group, options in ADDED.items():
+        for name, value in options.items():
+            assert resolved[group]["init_args"].pop(name, value) == value, (group, name)
     model = resolved["model"]["init_args"]
-    assert model.pop("packed_attention") == "grouped"
     assert resolved["results"].pop("config_name") == experiment
     if model["optimizer"] == DEFAULT_OPTIMIZER:
         model["optimizer"] = ADAM_1E5
@@ -49,6 +56,12 @@ def snapshot(name: str) -> dict:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_resolves(experiment, capsys):
+    resolved = resolve(capsys, CONFIGS / f"{experiment}.yaml")
+    assert resolved["model"]["class_path"].startswith("rm_lightning.") and resolved["data"]["class_path"]
+
+
+@pytest.mark.parametrize("experiment", SNAPSHOTTED)
 def test_experiment_resolves_to_its_settings_before_the_split(experiment, capsys):
     assert as_before(resolve(capsys, CONFIGS / f"{experiment}.yaml"), experiment) == snapshot(experiment)
 
@@ -67,7 +80,7 @@ def without_model_and_comments(path: Path) -> dict:
 
 @pytest.mark.parametrize("experiment", ["persona", "hamcycle", "ultrafeedback", "rewardmath"])
 def test_twins_differ_only_in_the_model_they_name(experiment):
-    twins = sorted(CONFIGS.glob(f"*_{experiment}.yaml"))
+    twins = sorted(path for path in CONFIGS.glob(f"*rm_{experiment}.yaml") if "_" not in path.stem.split("rm_")[0])
     assert len(twins) >= 2
     models = [next(e for e in yaml.safe_load(t.read_text())["compose"] if e.startswith("model/")) for t in twins]
     assert len(set(models)) == len(twins)
@@ -77,6 +90,22 @@ def test_twins_differ_only_in_the_model_they_name(experiment):
         callbacks = shared[imrm]["trainer"].pop("callbacks")
         assert [c["class_path"] for c in callbacks] == ["rm_lightning.callbacks.GenerationCheck"]
     assert all(config == shared[0] for config in shared)
+
+
+def test_theorem2_twins_differ_in_the_model_and_in_what_the_ex_rm_half_of_the_theorem_needs():
+    exrm, imrm = (without_model_and_comments(CONFIGS / f"theorem2_{t}_persona.yaml") for t in ("exrm", "imrm"))
+    ex_model, im_model = exrm.pop("model")["init_args"], imrm.pop("model")["init_args"]
+    assert exrm.pop("trainer")["max_epochs"] > imrm.pop("trainer")["max_epochs"]
+    assert exrm == imrm
+    assert ex_model.pop("head_init") == "zeros" and ex_model["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert ex_model["trainable"] == im_model["trainable"] == "output_layer"
+    assert ex_model["optimizer"]["init_args"]["weight_decay"] == im_model["optimizer"]["init_args"]["weight_decay"] == 0
+
+
+def test_dynamics_configs_are_the_persona_experiments_with_the_monitor():
+    for rm in ("exrm", "imrm"):
+        composed = yaml.safe_load((CONFIGS / f"dynamics_{rm}_persona.yaml").read_text())
+        assert composed == {"compose": [f"{rm}_persona.yaml", "callbacks/dynamics.yaml"]}
 
 
 def test_compose_is_never_written_back(capsys, tmp_path):

@@ -1,5 +1,7 @@
 """Metric names, in one place: what the module logs, the CSV and results.json hold, and reports read."""
 
+import torch
+
 # per eval set, logged as ``<stage>/<set>/<name>`` (stage: val or test)
 EVAL_METRICS = ("accuracy", "normalized_margin", "chosen_reward", "rejected_reward", "margin", "loss")
 # per training batch, logged as ``train/<name>``
@@ -13,3 +15,10 @@ def eval_key(stage: str, eval_set: str, metric: str) -> str:
 
 def train_key(metric: str) -> str:
     return f"train/{metric}"
+
+
+def batch_means(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A training batch's mean rewards and margin, keyed as logged."""
+    chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    return {train_key("chosen_reward"): chosen.mean(), train_key("rejected_reward"): rejected.mean(),
+            train_key("margin"): (chosen - rejected).mean()}

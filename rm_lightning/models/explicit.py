@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.models.trainable import prepare_trainable
 
 
 class ExplicitRM(RewardModule):
@@ -31,12 +32,19 @@ class ExplicitRM(RewardModule):
             nn.init.zeros_(self.head.weight)
         else:
             nn.init.normal_(self.head.weight, std=getattr(self.model.config, "initializer_range", 0.02))
+        prepare_trainable(self)
 
-    def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def output_layer(self) -> nn.Module:
+        return self.head
+
+    def features(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """h(x, y) [2B, H]: the representation the head reads (the paper's §4 analysis is in these terms)."""
         if self.pooling == "last":
             rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
-            features = hidden_states[rows, batch["last_index"]]
-        else:
-            mask = batch["response_mask"].unsqueeze(-1).to(hidden_states.dtype)
-            features = (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)
+            return hidden_states[rows, batch["last_index"]]
+        mask = batch["response_mask"].unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = self.features(hidden_states, batch)
         return self.head(features.to(self.head.weight.dtype)).squeeze(-1).float()

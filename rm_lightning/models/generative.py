@@ -9,6 +9,7 @@ import torch
 from rm_lightning.errors import BackboneError
 from rm_lightning.models.loss import bradley_terry_loss
 from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.models.trainable import prepare_trainable, untie_output_embeddings
 
 VERIFICATION_TEMPLATE = "Question: {prompt}\nAnswer: {response}\nVerification: Is the answer correct (Yes/No)?"
 
@@ -28,6 +29,12 @@ class ExplicitGenerativeRM(RewardModule):
         super().__init__(**kwargs)
         self.loss_type = loss
         self.answer_ids = [self._single_token_id(yes_token), self._single_token_id(no_token)]
+        if self.hparams.trainable == "output_layer":
+            untie_output_embeddings(self.model)
+        prepare_trainable(self)
+
+    def output_layer(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
 
     def _single_token_id(self, word: str) -> int:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]

@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from rm_lightning.models import reference_cache
 from rm_lightning.models.backbones import cache_dir, load_backbone
-from rm_lightning.models.logprobs import response_token_logps, sum_per_row
+from rm_lightning.models.logprobs import response_logratios, response_token_logps, sum_per_row
 from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.models.trainable import frozen_copy, prepare_trainable, untie_output_embeddings
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.records import EncodedPairs
 
@@ -34,6 +35,10 @@ class ImplicitRM(RewardModule):
         reference_cache_dir: where cached reference log-probs live (default: the rm-lightning
             cache dir, ``$RM_LIGHTNING_CACHE`` or ``~/.cache/rm_lightning``).
         logprob_chunk_size: response tokens per LM-head chunk.
+
+    With ``trainable: output_layer`` only an untied copy of the unembedding learns and the
+    reference is the initial unembedding over the same (frozen) hidden states, so no reference
+    pass or cache is needed (``rm_lightning.models.logprobs.response_logratios``).
     """
 
     def __init__(self, beta: float = 0.01, reference: Literal["frozen", "none"] = "frozen",
@@ -45,8 +50,16 @@ class ImplicitRM(RewardModule):
         self.logprob_chunk_size = logprob_chunk_size
         self._initial_fingerprint = reference_cache.weights_fingerprint(self.model) if reference == "frozen" else ""
         self._reference_holder: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
-        if reference == "frozen" and not cache_reference:
+        if reference == "frozen" and not cache_reference and self.hparams.trainable == "all":
             self._reference_holder.append(self._frozen(copy.deepcopy(self.model)))
+        self._initial_head: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
+        if self.hparams.trainable == "output_layer":
+            untie_output_embeddings(self.model)
+            self._initial_head.append(frozen_copy(self.model.get_output_embeddings()))
+        prepare_trainable(self)
+
+    def output_layer(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
 
     # --- rewards ---------------------------------------------------------------------------------
 
@@ -59,6 +72,9 @@ class ImplicitRM(RewardModule):
         return sum_per_row(logps, rows, hidden_states.shape[0])
 
     def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._initial_head and self.reference == "frozen":
+            initial = self._initial_head[0].to(hidden_states.device)
+            return self.beta * response_logratios(self.output_layer(), initial, hidden_states, batch)
         policy = self.response_logps(hidden_states, batch)
         if self.reference == "none":
             return self.beta * policy
@@ -94,7 +110,7 @@ class ImplicitRM(RewardModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         data = preference_data_of(self._trainer)
-        if self.reference == "frozen" and self.cache_reference and data is not None:
+        if self.reference == "frozen" and self.cache_reference and not self._initial_head and data is not None:
             for dataset in data.encoded_sets().values():
                 self.attach_reference_logps(dataset)
 

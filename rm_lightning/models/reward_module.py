@@ -8,11 +8,13 @@ import lightning as L
 import torch
 from torch import nn
 
+from rm_lightning.errors import RMLightningError
 from rm_lightning.metrics.eval_sets import EvalSets, is_repeated_eval_batch
-from rm_lightning.metrics.keys import train_key
+from rm_lightning.metrics.keys import batch_means, train_key
 from rm_lightning.metrics.pairwise import PairwiseAccuracy
 from rm_lightning.models.backbones import load_backbone
 from rm_lightning.models.loss import bradley_terry_loss
+from rm_lightning.models.trainable import Trainable, prepare_trainable
 from rm_lightning.pairs.collation import PairCollator
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.encoding import PairEncoder, chat_formatter
@@ -44,26 +46,25 @@ class RewardModule(L.LightningModule):
         lr_scheduler: optional, called with the optimizer; stepped every optimizer step.
         activation_checkpointing: recompute decoder layers in backward to save memory.
         extra_tokens: tokens to add to the tokenizer (embeddings resized), e.g. ``<sep>``.
-        decoder_layout: ``packed`` (default): one decoder call over the batch's real tokens, each
-            pair's common prefix computed once (``rm_lightning.perf.packed_pairs``); ``padded``: the
-            plain padded forward, for backbones whose attention cannot be packed. Both give the
-            same hidden states up to float rounding.
+        decoder_layout: ``packed`` (default; ``perf/packed_pairs.py``: no padding, each pair's prompt
+            once) or ``padded`` (for backbones whose attention cannot be packed); same states.
         packed_attention: ``grouped`` (default) or ``flex`` (FlexAttention; CUDA only for training).
-        optimizer_in_backward: step each parameter in backward as soon as its gradient is
-            complete, and free that gradient (``rm_lightning.perf.optim_in_backward``): less
-            memory, the same updates; one process, no gradient accumulation or clipping.
-        compile_layers: ``torch.compile`` each decoder layer when the trainer sets the model up
-            (``rm_lightning.perf.compiled_layers``).
+        optimizer_in_backward: step each parameter as soon as its gradient is complete
+            (``perf/optim_in_backward.py``): less memory, same updates; one process.
+        compile_layers: ``torch.compile`` each decoder layer (``perf/compiled_layers.py``).
+        trainable: ``all`` (default) or ``output_layer``: only the layer mapping final hidden states
+            to rewards learns (``models/trainable.py``, the paper's §4 setting).
     """
 
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
                  lr_scheduler: Optional[SchedulerFactory] = None, activation_checkpointing: bool = False,
                  extra_tokens: list[str] = [], decoder_layout: DecoderLayout = "packed",
                  packed_attention: AttentionKind = "grouped", optimizer_in_backward: bool = False,
-                 compile_layers: bool = False):
+                 compile_layers: bool = False, trainable: Trainable = "all"):
         super().__init__()
         for name, value, allowed in (("decoder_layout", decoder_layout, DECODER_LAYOUTS),
-                                     ("packed_attention", packed_attention, ATTENTION_KINDS)):
+                                     ("packed_attention", packed_attention, ATTENTION_KINDS),
+                                     ("trainable", trainable, ("all", "output_layer"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -92,11 +93,15 @@ class RewardModule(L.LightningModule):
         chosen, rejected = self.rewards(batch).chunk(2)
         return bradley_terry_loss(chosen, rejected), chosen, rejected
 
+    def output_layer(self) -> nn.Module:
+        """The layer ``trainable: output_layer`` trains; a type that supports it says which."""
+        raise RMLightningError(f"trainable: output_layer is not defined for {type(self).__name__}")
+
     # --- text to rewards --------------------------------------------------------------------------
 
-    def pair_encoder(self, max_prompt_tokens: int | None = 512, max_response_tokens: int | None = 512,
-                     truncate: bool = False) -> PairEncoder:
-        return PairEncoder(self.tokenizer, self.format_texts, max_prompt_tokens, max_response_tokens, truncate)
+    def pair_encoder(self, **options) -> PairEncoder:
+        """The one tokenization path; ``options`` are ``PairEncoder``'s (caps, truncation, bare responses)."""
+        return PairEncoder(self.tokenizer, self.format_texts, **options)
 
     def collator(self) -> PairCollator:
         return PairCollator(self.tokenizer.pad_token_id)
@@ -110,8 +115,11 @@ class RewardModule(L.LightningModule):
         """Final hidden states of ``decoder`` (default: the policy's) on ``batch``.
 
         A frozen reference goes through the same path as the policy, so that identical weights
-        give bit-identical log-probs (an untrained IM-RM's rewards are exactly 0).
+        give bit-identical log-probs (an untrained IM-RM's rewards are exactly 0). A batch that
+        carries a frozen backbone's states (``trainable: output_layer``) is not run again.
         """
+        if decoder is None and "hidden_states" in batch:
+            return batch["hidden_states"]
         return decoder_hidden_states(self.decoder if decoder is None else decoder, batch,
                                      self.hparams.decoder_layout, self.hparams.packed_attention)
 
@@ -129,6 +137,7 @@ class RewardModule(L.LightningModule):
         data = preference_data_of(self._trainer)
         names = data.eval_set_names if data is not None and data.eval_set_names else self.eval_sets.names or ["eval"]
         self.eval_sets.configure(names, data.eval_every_n_epochs if data is not None else {}, self.device)
+        prepare_trainable(self, data)
 
     def configure_model(self) -> None:
         prepare_model(self, self.hparams.compile_layers)
@@ -139,10 +148,7 @@ class RewardModule(L.LightningModule):
         size = chosen.numel()
         self.log(train_key("loss"), loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks
         self.log(train_key("accuracy"), self.train_accuracy, prog_bar=True, batch_size=size)
-        self.log_dict({train_key("chosen_reward"): chosen.detach().float().mean(),
-                       train_key("rejected_reward"): rejected.detach().float().mean(),
-                       train_key("margin"): (chosen - rejected).detach().float().mean()},
-                      batch_size=size, sync_dist=True)
+        self.log_dict(batch_means(chosen, rejected), batch_size=size, sync_dist=True)
         return loss
 
     def _eval_step(self, batch, batch_idx: int, dataloader_idx: int) -> None:

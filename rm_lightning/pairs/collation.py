@@ -15,7 +15,8 @@ class PairCollator:
     """Stack chosen then rejected rows, right-padded; ``response_mask`` marks response tokens.
 
     ``last_index`` is each row's last real token (EX-RM and EX-GRM read there). When every pair
-    carries cached reference log-probs (IM-RM), they ride along as ``reference_logps``.
+    carries cached reference log-probs (IM-RM), they ride along as ``reference_logps``; when every
+    pair carries the hidden states of a frozen backbone, as ``hidden_states`` [2B, T, H].
     """
 
     pad_token_id: int
@@ -42,4 +43,10 @@ class PairCollator:
             batch["reference_logps"] = torch.tensor(
                 [p.reference_logps[0] for p in pairs] + [p.reference_logps[1] for p in pairs], dtype=torch.float64
             )
+        if all(p.hidden_states is not None for p in pairs):
+            states = [p.hidden_states[0] for p in pairs] + [p.hidden_states[1] for p in pairs]
+            hidden = states[0].new_zeros(rows, width, states[0].shape[-1])
+            for row, row_states in enumerate(states):
+                hidden[row, :len(row_states)] = row_states
+            batch["hidden_states"] = hidden
         return batch

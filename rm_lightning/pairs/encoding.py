@@ -47,12 +47,15 @@ class PairEncoder:
     Caps are measured on the raw prompt and responses (before any template), so EX-RM, IM-RM
     and EX-GRM keep exactly the same pairs. Over-long pairs are dropped, or, with
     ``truncate=True``, cut: prompts keep their end, responses their start, never to empty.
+    With ``bare_response=True`` the response is its own text with nothing after it (no
+    end-of-turn token), as Theorem 2's single-token responses need.
     """
 
     def __init__(self, tokenizer, formatter: TextFormatter, max_prompt_tokens: int | None = 512,
-                 max_response_tokens: int | None = 512, truncate: bool = False):
+                 max_response_tokens: int | None = 512, truncate: bool = False, bare_response: bool = False):
         self.tokenizer = tokenizer
         self.formatter = formatter
+        self.bare_response = bare_response
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
         self.truncate = truncate
@@ -78,6 +81,11 @@ class PairEncoder:
 
     def _tokenize(self, prompt: str, response: str) -> tuple[list[int], int]:
         prefix, suffix = self.formatter(prompt, response)
+        if self.bare_response:
+            if not suffix.startswith(response):
+                raise DataError("bare responses (nothing after the response) need an RM type that scores the "
+                                "response as the assistant's turn (EX-RM, IM-RM); this one puts it in its prompt")
+            suffix = response
         prefix_ids = self.tokenizer(prefix, add_special_tokens=self._prefix_special)["input_ids"]
         suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
         return prefix_ids + suffix_ids, len(prefix_ids)

@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal, Sequence, get_args
 
+import torch
 from torch.utils.data import Dataset
 
 from rm_lightning.errors import DataError
@@ -38,6 +39,8 @@ class EncodedPair:
     rejected_ids: list[int]
     rejected_start: int
     reference_logps: tuple[float, float] | None = None  # filled by the IM-RM reference cache
+    # final hidden states (chosen [len, H], rejected [len, H]) of a frozen backbone, computed once
+    hidden_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return max(len(self.chosen_ids), len(self.rejected_ids))

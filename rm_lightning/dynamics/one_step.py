@@ -1,0 +1,139 @@
+"""What one gradient step on a training batch does to the rewards of other pairs (the paper's §4).
+
+``one_step_change`` takes one plain gradient step of size ``eta`` on the training batch's loss,
+measures the exact change of every probe pair's rewards, restores the weights bit for bit, and
+returns beside the measurement its first-order prediction:
+
+* for any RM type and any trainable parameters, ``-eta * <grad r(probe), grad L(train)>``: the
+  empirical neural-tangent-kernel form, exact as ``eta -> 0``;
+* the part of that prediction that flows through the output layer, in the paper's closed forms
+  (``rm_lightning.dynamics.closed_forms``): for an EX-RM the hidden-similarity term, for an IM-RM
+  the token terms split into matching and non-matching tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from rm_lightning.dynamics.closed_forms import output_layer_terms
+from rm_lightning.pairs.records import EncodedPair
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class OneStepChange:
+    """Per probe pair, rewards as ``[pairs, 2]`` (chosen, rejected) and margins as ``[pairs]``."""
+
+    eta: float
+    before: torch.Tensor  # rewards before the step
+    measured: torch.Tensor  # exact change of the rewards after one step of size eta
+    predicted_margin: torch.Tensor  # -eta * <grad margin, grad L>
+    predicted: torch.Tensor | None = None  # -eta * <grad reward, grad L>, when asked for
+    output_layer: dict[str, torch.Tensor] = field(default_factory=dict)  # closed-form margin terms
+
+    @property
+    def measured_margin(self) -> torch.Tensor:
+        return self.measured[:, 0] - self.measured[:, 1]
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def loss_gradient(module, batch: Batch, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """grad of the module's own training loss (``pair_loss``) on ``batch``; no ``.grad`` is touched."""
+    with torch.enable_grad():
+        loss = module.pair_loss(batch)[0]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def inner(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b) if x is not None)
+
+
+@torch.no_grad()
+def probe_rewards(module, probe: Batch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """[pairs, 2] rewards (chosen, rejected) of a collated probe batch (from its hidden states, if given)."""
+    hidden = module.hidden_states(probe) if hidden is None else hidden
+    chosen, rejected = module.compute_rewards(hidden, probe).float().chunk(2)
+    return torch.stack([chosen, rejected], dim=1)
+
+
+@torch.no_grad()
+def measured_change(module, params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor], eta: float,
+                    probe: Batch, before: torch.Tensor) -> torch.Tensor:
+    """Rewards after ``params -= eta * grads``, minus ``before``; the parameters are restored bit for bit."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        for p, g in zip(params, grads):
+            p.sub_(eta * g.to(p.dtype))
+        return probe_rewards(module, probe) - before
+    finally:
+        for p, value in zip(params, saved):
+            p.copy_(value)
+
+
+def predicted_change(module, params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor], eta: float,
+                     pairs: Sequence[EncodedPair], rewards: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-eta * <grad r, grad L> per probe pair, one pair at a time (a backward per pair, memory of one pair).
+
+    Returns the margin prediction [pairs] and, with ``rewards``, the chosen and rejected
+    predictions [pairs, 2] (one more backward per pair).
+    """
+    collate, margins, both = module.collator(), [], []
+    for pair in pairs:
+        batch = {k: v.to(module.device) for k, v in collate([pair]).items()}
+        with torch.enable_grad():
+            chosen, rejected = module.rewards(batch).float()
+            if rewards:
+                g_chosen = torch.autograd.grad(chosen, params, retain_graph=True, allow_unused=True)
+                g_rejected = torch.autograd.grad(rejected, params, allow_unused=True)
+                pair_change = torch.stack([inner(g_chosen, grads), inner(g_rejected, grads)])
+                both.append(-eta * pair_change)
+                margins.append(-eta * (pair_change[0] - pair_change[1]))
+            else:
+                g_margin = torch.autograd.grad(chosen - rejected, params, allow_unused=True)
+                margins.append(-eta * inner(g_margin, grads))
+    margin = torch.stack(margins).float() if margins else torch.zeros(0)
+    return margin, (torch.stack(both).float() if rewards and both else None)
+
+
+def one_step_change(module, train_batch: Batch, probe_pairs: Sequence[EncodedPair], eta: float,
+                    predict_rewards: bool = True, closed_forms: bool = True,
+                    context: Callable[[], object] = nullcontext) -> OneStepChange:
+    """One plain gradient step of size ``eta`` on ``train_batch``, its measured effect on ``probe_pairs``
+    and its first-order prediction (see the module docstring). The module's weights, ``.grad``
+    and train/eval mode are left as they were found.
+
+    ``context`` is entered around every forward (e.g. a trainer's precision context factory).
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        params = trainable_parameters(module)
+        train_batch = {k: v.to(module.device) for k, v in train_batch.items()}
+        probe = {k: v.to(module.device) for k, v in module.collator()(list(probe_pairs)).items()}
+        with context():
+            grads = loss_gradient(module, train_batch, params)
+        with context(), torch.no_grad():
+            probe_hidden = module.hidden_states(probe)
+            train_hidden = module.hidden_states(train_batch) if closed_forms else None
+        with context():
+            before = probe_rewards(module, probe, probe_hidden)
+        with context():
+            measured = measured_change(module, params, grads, eta, probe, before)
+        with context():
+            margin, rewards = predicted_change(module, params, grads, eta, probe_pairs, predict_rewards)
+        terms = {}
+        if closed_forms:
+            with context():
+                terms = output_layer_terms(module, train_batch, train_hidden, probe, probe_hidden, eta)
+        return OneStepChange(eta, before, measured, margin, rewards, terms)
+    finally:
+        module.train(was_training)

@@ -1,0 +1,148 @@
+"""The paper's §4 as tools: one-step reward changes, their closed forms, Theorem 2's exact ties, Theorem 1."""
+
+import lightning as L
+import pytest
+import torch
+
+from data_modules import PersonaDataModule
+from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair
+from rm_lightning.dynamics.max_margin import accuracy, analyse, hard_margin_separator
+from rm_lightning.dynamics.one_step import one_step_change
+from rm_lightning.dynamics.theorem1 import theorem1_check
+from rm_lightning.errors import DataError, RMLightningError
+
+TRAIN = [PreferencePair("Is the sky blue?", "Yes it is.", "No."), PreferencePair("Say hi", "hi there friend", "go away")]
+PROBE = [PreferencePair("Is grass green?", "Yes it is.", "No way."), PreferencePair("Say bye", "bye friend", "go away now")]
+ETAS = (1e-1, 1e-2, 1e-3)
+
+
+def built(module_class, **kwargs):
+    torch.manual_seed(0)
+    if module_class is ImplicitRM:
+        kwargs = {"beta": 0.5, "cache_reference": kwargs.get("trainable", "all") == "output_layer", **kwargs}
+    return module_class(backbone="tiny-llama-chat", **kwargs)
+
+
+def change(module, eta, **kwargs):
+    encoder = module.pair_encoder()
+    train = module.collator()(encoder.encode_all(TRAIN)[0])
+    return one_step_change(module, train, encoder.encode_all(PROBE)[0], eta, **kwargs)
+
+
+@pytest.mark.parametrize("eta", ETAS)
+def test_exrm_head_only_step_is_exactly_the_closed_form_and_the_entk_prediction(eta):
+    step = change(built(ExplicitRM, trainable="output_layer"), eta)
+    torch.testing.assert_close(step.measured_margin, step.output_layer["hidden_similarity"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(step.predicted_margin, step.output_layer["hidden_similarity"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(step.predicted[:, 0] - step.predicted[:, 1], step.predicted_margin, rtol=1e-5,
+                               atol=1e-8)
+
+
+@pytest.mark.parametrize("eta", ETAS)
+def test_imrm_unembedding_closed_form_splits_the_entk_prediction(eta):
+    step = change(built(ImplicitRM, trainable="output_layer"), eta)
+    total = step.output_layer["matching"] + step.output_layer["non_matching"]
+    torch.testing.assert_close(total, step.predicted_margin, rtol=1e-4, atol=1e-7)
+
+
+# EX-GRM's rewards, p("Yes") ~ 0.004 here, move by less than float32 resolves at the smallest steps
+@pytest.mark.parametrize("module_class, trainable, etas", [
+    (ExplicitRM, "all", ETAS), (ImplicitRM, "all", ETAS), (ImplicitRM, "output_layer", ETAS),
+    (ExplicitGenerativeRM, "all", (10.0, 1.0))])
+def test_measured_change_tends_to_the_first_order_prediction(module_class, trainable, etas):
+    module = built(module_class, trainable=trainable)
+    errors = []
+    for eta in etas:
+        step = change(module, eta, closed_forms=False)
+        errors.append(((step.measured_margin - step.predicted_margin).norm() / step.predicted_margin.norm()).item())
+    assert errors[-1] < 0.02 and errors[-1] < errors[0]  # the error shrinks with the step, as first order says
+
+
+def test_the_probe_leaves_weights_gradients_and_mode_as_it_found_them():
+    module = built(ImplicitRM)
+    module.train()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    module.model.lm_head.weight.grad = torch.ones_like(module.model.lm_head.weight)
+    change(module, 1.0)
+    assert all(torch.equal(p, before[name]) for name, p in module.named_parameters())
+    assert torch.equal(module.model.lm_head.weight.grad, torch.ones_like(module.model.lm_head.weight))
+    assert module.training
+
+
+def test_output_layer_training_moves_only_the_output_layer():
+    module = built(ImplicitRM, trainable="output_layer")
+    assert [name for name, p in module.named_parameters() if p.requires_grad] == ["model.lm_head.weight"]
+    head = built(ExplicitRM, trainable="output_layer")
+    assert [name for name, p in head.named_parameters() if p.requires_grad] == ["head.weight"]
+
+
+def single_token_persona(**kwargs) -> PersonaDataModule:
+    """Byte-level tiny tokenizer: single characters are single tokens."""
+    pools = {"chosen_tokens": ["a", "b"], "rejected_tokens": ["c", "d"], "paraphrased_chosen_tokens": ["e", "f"],
+             "paraphrased_rejected_tokens": ["g", "h"]}
+    return PersonaDataModule(num_train=16, num_test=8, batch_size=8, eval_batch_size=64, response_format="single_token",
+                             **{**pools, **kwargs})
+
+
+def test_theorem2_imrm_unseen_token_margins_stay_exactly_zero(tmp_path):
+    torch.manual_seed(0)
+    module = ImplicitRM(backbone="tiny-llama-chat", trainable="output_layer",
+                        optimizer=lambda params: torch.optim.Adam(params, lr=0.05))
+    trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=15, default_root_dir=tmp_path)
+    trainer.fit(module, single_token_persona())
+    last = module.eval_sets.last
+    assert last["original_train_prompts"]["accuracy"] == 1.0
+    for name in ("paraphrased_train_prompts", "paraphrased_test_prompts"):
+        assert last[name]["accuracy"] == 0.5  # every unseen pair a tie, exactly
+        assert torch.all(last[name]["margins"] == 0)
+
+
+def test_single_token_responses_are_checked_before_anything_is_tokenized():
+    module = ExplicitRM(backbone="tiny-llama-chat")
+    data = single_token_persona(paraphrased_rejected_tokens=["no way", "g"])
+    with pytest.raises(DataError, match=r"'no way' \(6 tokens\)"):
+        data.attach(module).setup("fit")
+    with pytest.raises(DataError, match="unseen"):
+        single_token_persona(paraphrased_chosen_tokens=["a", "e"]).attach(module).setup("fit")
+
+
+def test_bare_responses_refuse_a_type_that_puts_the_response_in_its_prompt():
+    with pytest.raises(DataError, match="assistant's turn"):
+        single_token_persona().attach(ExplicitGenerativeRM(backbone="tiny-llama-chat")).setup("fit")
+
+
+def test_a_single_token_response_has_nothing_after_it():
+    module = ExplicitRM(backbone="tiny-llama-chat")
+    data = single_token_persona()
+    data.attach(module).setup("fit")
+    for pair in data.train_set.pairs:
+        assert len(pair.chosen_ids) - pair.chosen_start == 1 and len(pair.rejected_ids) - pair.rejected_start == 1
+
+
+def test_hard_margin_separator_of_a_known_problem():
+    differences = torch.tensor([[2.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    separator = hard_margin_separator(differences)
+    torch.testing.assert_close(separator.direction, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert separator.support_vectors == 2 and separator.margin == pytest.approx(2 ** 0.5, rel=1e-6)
+    with pytest.raises(RMLightningError, match="not linearly separable"):
+        hard_margin_separator(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+
+
+def test_max_margin_report_scores_eval_sets_with_the_separator_and_the_head():
+    train = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    unseen = torch.tensor([[1.0, 1.0], [1.0, -3.0], [-2.0, 1.0]])  # u* = (0.5, 0.5) ranks one right; the head two
+    report = analyse({"train": train, "paraphrased": unseen}, torch.tensor([1.0, 0.0]), {"paraphrased": "token_shift"})
+    assert report["eval_sets"]["paraphrased"]["separator_accuracy"] == pytest.approx(1 / 3)
+    assert report["eval_sets"]["paraphrased"]["head_accuracy"] == pytest.approx(2 / 3)
+    assert report["head_cosine_to_separator"] == pytest.approx(2 ** -0.5)
+    assert report["footnote3"]["paraphrased"]["inner_product"]["fraction_positive"] == pytest.approx(4 / 6)
+    assert accuracy(torch.tensor([1.0, 0.0, -1.0])) == 0.5
+
+
+def test_theorem1_margin_is_delta_while_generation_stays_bounded():
+    result = theorem1_check(vertices=5, beta=0.01, delta=0.02, seed=1)
+    assert result["min_margin"] == pytest.approx(0.02, abs=1e-12) and result["max_margin"] == pytest.approx(0.02, abs=1e-12)
+    assert result["p_ref_correct"] < result["p_policy_correct"] <= result["bound"]
+    assert result["bound"] == pytest.approx(torch.e ** 2 * result["p_ref_correct"])
