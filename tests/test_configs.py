@@ -55,7 +55,7 @@ def snapshot(name: str) -> dict:
     return before
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", sorted(set(EXPERIMENTS) - set(SNAPSHOTTED)))  # the others: below
 def test_every_experiment_resolves(experiment, capsys):
     resolved = resolve(capsys, CONFIGS / f"{experiment}.yaml")
     assert resolved["model"]["class_path"].startswith("rm_lightning.") and resolved["data"]["class_path"]

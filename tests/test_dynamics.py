@@ -1,11 +1,14 @@
 """The paper's §4 as tools: one-step reward changes, their closed forms, Theorem 2's exact ties, Theorem 1."""
 
+import csv
+
 import lightning as L
 import pytest
 import torch
 
 from data_modules import PersonaDataModule
-from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair
+from conftest import PROJECT_ROOT, tiny_override
+from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair, cli
 from rm_lightning.dynamics.max_margin import accuracy, analyse, hard_margin_separator
 from rm_lightning.dynamics.one_step import one_step_change
 from rm_lightning.dynamics.theorem1 import theorem1_check
@@ -146,3 +149,31 @@ def test_theorem1_margin_is_delta_while_generation_stays_bounded():
     assert result["min_margin"] == pytest.approx(0.02, abs=1e-12) and result["max_margin"] == pytest.approx(0.02, abs=1e-12)
     assert result["p_ref_correct"] < result["p_policy_correct"] <= result["bound"]
     assert result["bound"] == pytest.approx(torch.e ** 2 * result["p_ref_correct"])
+
+
+def test_monitor_logs_every_eval_set_at_step_zero_and_every_n_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    override = tiny_override(tmp_path, max_steps=5, reference_cache_dir=tmp_path / "ref")
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/dynamics_imrm_persona.yaml"), "--config", str(override),
+              "--data.init_args.num_train", "20", "--data.init_args.num_test", "4",
+              "--trainer.callbacks.init_args.every_n_steps", "2", "--trainer.callbacks.init_args.probe_pairs", "3"])
+    (run,) = tmp_path.glob("lightning_logs/version_*")
+    rows = list(csv.DictReader(open(run / "dynamics.csv")))
+    sets = {"original_train_prompts", "original_test_prompts", "paraphrased_train_prompts", "paraphrased_test_prompts"}
+    assert {(int(r["step"]), r["set"]) for r in rows} == {(step, name) for step in (0, 2, 4) for name in sets}
+    assert all(r["matching"] and r["non_matching"] and not r["hidden_similarity"] for r in rows)  # IM-RM terms
+    assert (run / "dynamics.png").stat().st_size > 1000
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert {f"dynamics/{name}/{key}" for name in sets for key in ("real_margin_change", "ntk_margin_change", "matching")} \
+        <= set(events.Tags()["scalars"])
+
+
+def test_monitor_refuses_several_processes():
+    from types import SimpleNamespace
+
+    from rm_lightning.dynamics import DynamicsMonitor
+
+    with pytest.raises(RMLightningError, match="needs one process"):
+        DynamicsMonitor().setup(SimpleNamespace(world_size=2), None, "fit")
