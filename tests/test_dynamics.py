@@ -10,7 +10,7 @@ from data_modules import PersonaDataModule
 from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair, cli
 from rm_lightning.dynamics.max_margin import accuracy, analyse, hard_margin_separator
-from rm_lightning.dynamics.one_step import one_step_change
+from rm_lightning.dynamics.one_step import one_step_change, one_step_changes
 from rm_lightning.dynamics.theorem1 import theorem1_check
 from rm_lightning.errors import DataError, RMLightningError
 
@@ -46,6 +46,17 @@ def test_imrm_unembedding_closed_form_splits_the_entk_prediction(eta):
     step = change(built(ImplicitRM, trainable="output_layer"), eta)
     total = step.output_layer["matching"] + step.output_layer["non_matching"]
     torch.testing.assert_close(total, step.predicted_margin, rtol=1e-4, atol=1e-7)
+
+
+def test_probe_sets_sharing_one_training_gradient_change_as_each_alone():
+    module = built(ImplicitRM)
+    encoder = module.pair_encoder()
+    train = module.collator()(encoder.encode_all(TRAIN)[0])
+    probes = encoder.encode_all(PROBE)[0]
+    shared = one_step_changes(module, train, {"first": probes[:1], "second": probes[1:]}, 1e-2)
+    for name, pairs in (("first", probes[:1]), ("second", probes[1:])):
+        alone = one_step_change(module, train, pairs, 1e-2)
+        torch.testing.assert_close(shared[name].measured, alone.measured, rtol=0, atol=0)
 
 
 # EX-GRM's rewards, p("Yes") ~ 0.004 here, move by less than float32 resolves at the smallest steps

@@ -3,6 +3,6 @@
 separator an EX-RM head tends to (``max_margin``), and Theorem 1 checked exactly (``theorem1``)."""
 
 from rm_lightning.dynamics.monitor import DynamicsMonitor
-from rm_lightning.dynamics.one_step import OneStepChange, one_step_change
+from rm_lightning.dynamics.one_step import OneStepChange, one_step_change, one_step_changes
 
-__all__ = ["DynamicsMonitor", "OneStepChange", "one_step_change"]
+__all__ = ["DynamicsMonitor", "OneStepChange", "one_step_change", "one_step_changes"]

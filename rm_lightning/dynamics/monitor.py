@@ -2,7 +2,7 @@
 
 At step 0 and every N optimizer steps, on a fixed seeded probe subset of each eval set, it
 records the margin change the real optimizer step produced, and beside it the first-order
-analysis of one plain gradient step on the same training batch (``one_step.one_step_change``):
+analysis of one plain gradient step on the same training batch (``one_step.one_step_changes``):
 the eNTK prediction for every RM type, the EX-RM's hidden-similarity term, the IM-RM's
 matching- and non-matching-token terms. Logged to TensorBoard as ``dynamics/<set>/<quantity>``
 (means over the probe pairs), written to ``dynamics.csv`` and plotted in ``dynamics.png``.
@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from rm_lightning.callbacks.run_directory import run_dir
-from rm_lightning.dynamics.one_step import one_step_change, probe_rewards
+from rm_lightning.dynamics.one_step import one_step_changes, probe_rewards
 from rm_lightning.errors import RMLightningError
 from rm_lightning.files import save_figure_atomically, write_csv_atomically
 from rm_lightning.pairs.contract import preference_data_of
@@ -103,8 +103,8 @@ class DynamicsMonitor(L.Callback):
         eta = self.eta if self.eta is not None else trainer.optimizers[0].param_groups[0]["lr"]
         context = trainer.precision_plugin.forward_context
         before, rows = {}, {}
-        for name, pairs in self.probes.items():
-            change = one_step_change(pl_module, batch, pairs, eta, predict_rewards=False, context=context)
+        changes = one_step_changes(pl_module, batch, self.probes, eta, predict_rewards=False, context=context)
+        for name, change in changes.items():
             before[name] = change.before
             rows[name] = {"sgd_margin_change": change.measured_margin.mean().item(),
                           "ntk_margin_change": change.predicted_margin.mean().item(),

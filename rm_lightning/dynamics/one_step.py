@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -113,27 +113,46 @@ def one_step_change(module, train_batch: Batch, probe_pairs: Sequence[EncodedPai
 
     ``context`` is entered around every forward (e.g. a trainer's precision context factory).
     """
+    return one_step_changes(module, train_batch, {"probe": probe_pairs}, eta, predict_rewards, closed_forms,
+                            context)["probe"]
+
+
+def one_step_changes(module, train_batch: Batch, probe_sets: Mapping[str, Sequence[EncodedPair]], eta: float,
+                     predict_rewards: bool = True, closed_forms: bool = True,
+                     context: Callable[[], object] = nullcontext) -> dict[str, OneStepChange]:
+    """``one_step_change`` for several named probe sets, sharing the training batch's gradient and
+    hidden states (the costly part of a check after the probes' own backward passes)."""
     was_training = module.training
     module.eval()
     try:
         params = trainable_parameters(module)
         train_batch = {k: v.to(module.device) for k, v in train_batch.items()}
-        probe = {k: v.to(module.device) for k, v in module.collator()(list(probe_pairs)).items()}
         with context():
             grads = loss_gradient(module, train_batch, params)
         with context(), torch.no_grad():
-            probe_hidden = module.hidden_states(probe)
             train_hidden = module.hidden_states(train_batch) if closed_forms else None
-        with context():
-            before = probe_rewards(module, probe, probe_hidden)
-        with context():
-            measured = measured_change(module, params, grads, eta, probe, before)
-        with context():
-            margin, rewards = predicted_change(module, params, grads, eta, probe_pairs, predict_rewards)
-        terms = {}
-        if closed_forms:
-            with context():
-                terms = output_layer_terms(module, train_batch, train_hidden, probe, probe_hidden, eta)
-        return OneStepChange(eta, before, measured, margin, rewards, terms)
+        return {name: probe_change(module, params, grads, train_batch, train_hidden, pairs, eta, predict_rewards,
+                                   context)
+                for name, pairs in probe_sets.items()}
     finally:
         module.train(was_training)
+
+
+def probe_change(module, params, grads, train_batch: Batch, train_hidden: torch.Tensor | None,
+                 probe_pairs: Sequence[EncodedPair], eta: float, predict_rewards: bool,
+                 context: Callable[[], object]) -> OneStepChange:
+    """The step's measured and predicted effect on one probe set, given the training gradient."""
+    probe = {k: v.to(module.device) for k, v in module.collator()(list(probe_pairs)).items()}
+    with context(), torch.no_grad():
+        probe_hidden = module.hidden_states(probe)
+    with context():
+        before = probe_rewards(module, probe, probe_hidden)
+    with context():
+        measured = measured_change(module, params, grads, eta, probe, before)
+    with context():
+        margin, rewards = predicted_change(module, params, grads, eta, probe_pairs, predict_rewards)
+    terms = {}
+    if train_hidden is not None:
+        with context():
+            terms = output_layer_terms(module, train_batch, train_hidden, probe, probe_hidden, eta)
+    return OneStepChange(eta, before, measured, margin, rewards, terms)
