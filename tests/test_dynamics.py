@@ -10,7 +10,9 @@ from data_modules import PersonaDataModule
 from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair, cli
 from rm_lightning.dynamics.max_margin import accuracy, analyse, hard_margin_separator
-from rm_lightning.dynamics.one_step import one_step_change, one_step_changes
+from rm_lightning.dynamics.one_step import (loss_gradient, one_step_change, one_step_changes,
+                                            predicted_by_backward, predicted_by_forward_mode,
+                                            trainable_parameters)
 from rm_lightning.dynamics.theorem1 import theorem1_check
 from rm_lightning.errors import DataError, RMLightningError
 
@@ -46,6 +48,19 @@ def test_imrm_unembedding_closed_form_splits_the_entk_prediction(eta):
     step = change(built(ImplicitRM, trainable="output_layer"), eta)
     total = step.output_layer["matching"] + step.output_layer["non_matching"]
     torch.testing.assert_close(total, step.predicted_margin, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("module_class", [ExplicitRM, ImplicitRM, ExplicitGenerativeRM])
+def test_forward_mode_prediction_equals_a_backward_pass_per_pair(module_class):
+    module = built(module_class)
+    encoder = module.pair_encoder()
+    train = module.collator()(encoder.encode_all(TRAIN)[0])
+    probes = encoder.encode_all(PROBE)[0]
+    params = trainable_parameters(module)
+    grads = loss_gradient(module, train, params)
+    forward = predicted_by_forward_mode(module, params, grads, 1e-2, probes)
+    _, backward = predicted_by_backward(module, params, grads, 1e-2, probes, rewards=True)
+    torch.testing.assert_close(forward, backward, rtol=1e-4, atol=1e-9)
 
 
 def test_probe_sets_sharing_one_training_gradient_change_as_each_alone():

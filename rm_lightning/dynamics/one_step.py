@@ -5,7 +5,8 @@ measures the exact change of every probe pair's rewards, restores the weights bi
 returns beside the measurement its first-order prediction:
 
 * for any RM type and any trainable parameters, ``-eta * <grad r(probe), grad L(train)>``: the
-  empirical neural-tangent-kernel form, exact as ``eta -> 0``;
+  empirical neural-tangent-kernel form, exact as ``eta -> 0``; computed as the derivative of the
+  probe rewards along ``-eta * grad L`` in one forward-mode pass (a backward per pair as fallback);
 * the part of that prediction that flows through the output layer, in the paper's closed forms
   (``rm_lightning.dynamics.closed_forms``): for an EX-RM the hidden-similarity term, for an IM-RM
   the token terms split into matching and non-matching tokens.
@@ -13,6 +14,7 @@ returns beside the measurement its first-order prediction:
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -81,11 +83,57 @@ def measured_change(module, params: Sequence[torch.nn.Parameter], grads: Sequenc
 
 def predicted_change(module, params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor], eta: float,
                      pairs: Sequence[EncodedPair], rewards: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-eta * <grad r, grad L> per probe pair, one pair at a time (a backward per pair, memory of one pair).
+    """-eta * <grad r, grad L> for every probe pair: the margin prediction [pairs] and, with ``rewards``,
+    the chosen and rejected predictions [pairs, 2].
 
-    Returns the margin prediction [pairs] and, with ``rewards``, the chosen and rejected
-    predictions [pairs, 2] (one more backward per pair).
+    One forward-mode pass over the whole probe batch (the derivative of every reward along -grad L)
+    where the model's operations support forward-mode differentiation; otherwise a backward pass
+    per pair, which costs a full parameter gradient each.
     """
+    try:
+        both = predicted_by_forward_mode(module, params, grads, eta, pairs)
+    except (RuntimeError, NotImplementedError) as error:
+        warn_once(f"dynamics: forward-mode differentiation failed ({str(error).splitlines()[0][:120]}); "
+                  f"predicting with one backward pass per probe pair instead")
+        return predicted_by_backward(module, params, grads, eta, pairs, rewards)
+    return both[:, 0] - both[:, 1], (both if rewards else None)
+
+
+class RewardsOf(torch.nn.Module):
+    """A reward module seen as a function of its parameters, for ``torch.func.functional_call``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.module.rewards(batch).float()
+
+
+def predicted_by_forward_mode(module, params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor],
+                              eta: float, pairs: Sequence[EncodedPair]) -> torch.Tensor:
+    """[pairs, 2]: the directional derivative of every probe reward along -eta * grad L (a JVP)."""
+    import torch.autograd.forward_ad as forward_ad
+    from torch.func import functional_call
+
+    probe = {k: v.to(module.device) for k, v in module.collator()(list(pairs)).items()}
+    wrapper = RewardsOf(module)
+    direction = {id(p): -eta * g.to(p.dtype) for p, g in zip(params, grads)}
+    named = [(name, p) for name, p in wrapper.named_parameters() if id(p) in direction]
+    if len(named) != len(params):
+        raise RuntimeError("some trainable parameters are not parameters of the module")
+    with torch.no_grad(), forward_ad.dual_level():
+        duals = {name: forward_ad.make_dual(p.detach(), direction[id(p)]) for name, p in named}
+        derivative = forward_ad.unpack_dual(functional_call(wrapper, duals, (probe,), strict=False)).tangent
+    if derivative is None:  # no reward depends on the trainable parameters
+        derivative = torch.zeros(2 * len(pairs))
+    chosen, rejected = derivative.float().chunk(2)
+    return torch.stack([chosen, rejected], dim=1)
+
+
+def predicted_by_backward(module, params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor], eta: float,
+                          pairs: Sequence[EncodedPair], rewards: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``predicted_change`` one pair at a time (a backward per pair, memory of one pair)."""
     collate, margins, both = module.collator(), [], []
     for pair in pairs:
         batch = {k: v.to(module.device) for k, v in collate([pair]).items()}
@@ -102,6 +150,15 @@ def predicted_change(module, params: Sequence[torch.nn.Parameter], grads: Sequen
                 margins.append(-eta * inner(g_margin, grads))
     margin = torch.stack(margins).float() if margins else torch.zeros(0)
     return margin, (torch.stack(both).float() if rewards and both else None)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def one_step_change(module, train_batch: Batch, probe_pairs: Sequence[EncodedPair], eta: float,
