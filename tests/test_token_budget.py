@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import edge_case_pairs, loss_and_grads, ragged_pairs
+from test_distributed import one_rank_mesh  # noqa: F401  (a fixture)
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM
 from rm_lightning.errors import RMLightningError
 from rm_lightning.perf import token_budget as auto
@@ -243,3 +244,30 @@ def test_auto_resolves_once_and_switches_checkpointing_on_when_a_pair_would_not_
     budget = module.token_budget()
     assert module.checkpointing and module.model.is_gradient_checkpointing
     assert budget == module.token_budget() == module.resolved_token_budget
+
+
+def test_probe_is_sized_on_the_longest_pair_within_bounds():
+    assert auto.probe_response_tokens(1000) == ((500 - auto.PROBE_PROMPT_TOKENS) // 2, 500 - auto.PROBE_PROMPT_TOKENS)
+    assert auto.probe_response_tokens(10 ** 6) == auto.probe_response_tokens(auto.PROBE_MAX_PAIR_TOKENS)
+    assert auto.probe_response_tokens(None) == auto.probe_response_tokens(auto.PROBE_DEFAULT_PAIR_TOKENS)
+
+
+def test_sharded_module_accumulates_micro_batches_like_the_unsharded_whole_batch(one_rank_mesh):
+    """FSDP2 (one rank): several forwards and backwards per step reduce into the same gradients."""
+    from rm_lightning.perf.sharding import shard_reward_module
+
+    torch.manual_seed(0)
+    plain = ExplicitRM(backbone="tiny-llama")
+    torch.manual_seed(0)
+    sharded = shard_reward_module(ExplicitRM(backbone="tiny-llama"), one_rank_mesh)
+    batch = plain.collator()(pairs_of_all_lengths(len(plain.tokenizer)))
+    whole_loss, whole_grads = loss_and_grads(plain, batch, lambda decoder, b: plain.hidden_states(b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss, _ = split_loss_and_grads(sharded, batch, budget=60)
+    assert abs(float(loss - whole_loss)) <= 1e-5 * abs(float(whole_loss))
+    parameters = dict(sharded.model.named_parameters())
+    for name, expected in whole_grads.items():
+        grad = parameters[name].grad
+        grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        assert relative_error(grad, expected) <= 1e-5, name

@@ -7,10 +7,12 @@ The budget is the room left for activations divided by what one token's activati
   what training is yet to allocate (a gradient and two Adam moments per trainable parameter,
   ``OPTIMIZER_COPIES``), less a margin (``MARGIN_FRACTION`` of it, and at least
   ``MARGIN_MIN_BYTES``) for the allocator, the data and the Python heap.
-* a token's cost is measured once, at the first batch: two small probe forwards of one pair
-  each (no backward) under the run's precision, counting the bytes of every tensor autograd
-  saves for backward (parameters excluded); the difference over the difference in tokens is the
-  cost per token. Backward needs more than forward saved, briefly (the gradients of a layer's
+* a token's cost is measured once, at the first batch: two probe forwards of one pair each (no
+  backward; the data's longest pair and half of it, at most ``PROBE_MAX_PAIR_TOKENS``) under the
+  run's precision, counting the bytes of every tensor autograd saves for backward (parameters
+  excluded); the difference over the difference in tokens is the cost per token. Attention
+  grows with a pair's length, so sizing the probe on the longest pair makes that the cost of the
+  costliest tokens. Backward needs more than forward saved, briefly (the gradients of a layer's
   activations, an attention grid, a chunk of logits): ``BACKWARD_FACTOR`` covers that.
 * activation checkpointing keeps only every decoder layer's input and recomputes one layer at a
   time: per token, layers x hidden size x bytes per value, plus twice one layer's share of the
@@ -41,8 +43,9 @@ MARGIN_FRACTION = 0.1
 MARGIN_MIN_BYTES = 512 * 2 ** 20
 # a gradient and two Adam moments for every trainable parameter, allocated at the first backward and step
 OPTIMIZER_COPIES = 3
-PROBE_TOKENS = (64, 128)  # per response; each probe pair runs 2 x (prompt + response) tokens
 PROBE_PROMPT_TOKENS = 16
+PROBE_DEFAULT_PAIR_TOKENS = 288  # without data to size the probe on
+PROBE_MAX_PAIR_TOKENS = 2048
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
@@ -188,6 +191,13 @@ def probe_batch(module, response_tokens: int) -> dict[str, torch.Tensor]:
     return {key: value.to(module.device) for key, value in module.collator()([pair]).items()}
 
 
+def probe_response_tokens(longest_pair: Optional[int]) -> tuple[int, int]:
+    """Response lengths of the two probe pairs: pairs of about half the longest pair's tokens and all of them."""
+    pair = min(longest_pair or PROBE_DEFAULT_PAIR_TOKENS, PROBE_MAX_PAIR_TOKENS)
+    large = max(pair // 2 - PROBE_PROMPT_TOKENS, 16)
+    return large // 2, large
+
+
 def measured_bytes_per_token(module) -> float:
     """Saved activation bytes per token of ``module``'s own loss, from two probe pairs, checkpointing off."""
     checkpointed = module.checkpointing
@@ -197,7 +207,7 @@ def measured_bytes_per_token(module) -> float:
         with torch.inference_mode(False), torch.enable_grad():
             sizes = [(2 * (PROBE_PROMPT_TOKENS + n),
                       saved_activation_bytes(module, lambda n=n: module.run_pair_loss(probe_batch(module, n))))
-                     for n in PROBE_TOKENS]
+                     for n in probe_response_tokens(module._longest_pair_tokens)]
     finally:
         if checkpointed:
             set_checkpointing(module.model, True)
