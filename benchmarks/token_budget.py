@@ -54,7 +54,8 @@ def measure(args, budget: str) -> dict:
     results = json.loads(next(root.rglob("results.json")).read_text())
     times, losses = step_times_and_losses(next(root.rglob("events.out.tfevents.*")).parent)
     chosen = re.search(r"token_budget auto: .*", log)
-    return {"budget": budget, "max_rss_gib": round(max_rss_kib / 2 ** 20, 2), "results_peak": results.get("peak_memory"),
+    return {"budget": budget, "max_rss_gib": round(max_rss_kib / 2 ** 20, 2),
+            "results_peak": results.get("peak_memory"),
             "step_s": [round(t, 1) for t in times], "s_per_pair": [round(t / args.batch, 2) for t in times],
             "losses": [round(v, 5) for v in losses], "auto": chosen.group(0) if chosen else None,
             "wall_s": results.get("wall_time_s"), "log": str(root / "run.log")}

@@ -271,3 +271,10 @@ def test_sharded_module_accumulates_micro_batches_like_the_unsharded_whole_batch
         grad = parameters[name].grad
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         assert relative_error(grad, expected) <= 1e-5, name
+
+
+def test_pending_memory_is_gradients_adam_moments_and_the_fixed_transients():
+    module = ImplicitRM(backbone="tiny-llama", reference="none", logprob_chunk_size=64)
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    logits_chunk = 64 * module.model.config.vocab_size * 4
+    assert auto.pending_training_bytes(module) == auto.OPTIMIZER_COPIES * trainable + 3 * logits_chunk

@@ -153,6 +153,10 @@ class RewardModule(L.LightningModule):
 
     # --- micro-batches within the token budget ----------------------------------------------------
 
+    def fixed_transient_bytes(self) -> int:
+        """Memory a step briefly needs whatever its tokens (``token_budget: auto`` keeps it free); none here."""
+        return 0
+
     def token_budget(self) -> Optional[int]:
         """The budget in tokens per forward (``auto`` is resolved here, once, at the first batch)."""
         if self.hparams.token_budget == "auto" and self.resolved_token_budget is None:
@@ -237,8 +241,9 @@ class RewardModule(L.LightningModule):
         self.eval_sets.configure(names, data.eval_every_n_epochs if data is not None else {}, self.device)
         prepare_trainable(self, data)
         if data is not None and self.hparams.token_budget == "auto":
-            self._longest_pair_tokens = max((max(encoded_pair_tokens(p, self.hparams.decoder_layout) for p in dataset.pairs)
-                                             for dataset in data.encoded_sets().values() if len(dataset)), default=None)
+            layout = self.hparams.decoder_layout
+            pairs = (pair for dataset in data.encoded_sets().values() for pair in dataset.pairs)
+            self._longest_pair_tokens = max((encoded_pair_tokens(pair, layout) for pair in pairs), default=None)
 
     def configure_model(self) -> None:
         prepare_model(self, self.hparams.compile_layers)

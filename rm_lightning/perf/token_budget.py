@@ -153,8 +153,10 @@ def free_memory_bytes(device: torch.device, memory_limit: Optional[int]) -> tupl
 
 def pending_training_bytes(module) -> int:
     """Gradients and Adam moments not allocated yet: ``OPTIMIZER_COPIES`` copies of every trainable
-    parameter without a gradient (this process's shard, under FSDP)."""
-    total = 0
+    parameter without a gradient (this process's shard, under FSDP), and the module's transient
+    buffers whose size does not depend on the tokens (``fixed_transient_bytes``, e.g. a chunk of
+    IM-RM's vocabulary logits)."""
+    total = module.fixed_transient_bytes()
     for param in module.parameters():
         if param.requires_grad and param.grad is None:
             local = param.to_local() if hasattr(param, "to_local") else param
