@@ -195,17 +195,17 @@ def test_available_memory_is_read_from_meminfo():
 
 
 def test_budget_is_the_room_after_state_and_margin_over_the_cost_per_token():
-    choice = auto.choose_token_budget(free_bytes=11 * GIB, pending_bytes=1 * GIB, bytes_per_token=2 ** 20,
+    choice = auto.choose_token_budget(free_bytes=21 * GIB, pending_bytes=1 * GIB, bytes_per_token=2 ** 20,
                                       checkpointed_bytes_per_token=2 ** 16, longest_pair=1000)
-    room = 10 * GIB - int(auto.MARGIN_FRACTION * 10 * GIB)
+    room = 20 * GIB - int(auto.MARGIN_FRACTION * 20 * GIB)  # 10% is above the minimum margin
     assert choice.room_bytes == room and not choice.checkpointing
     assert choice.tokens == room // int(2 ** 20 * auto.BACKWARD_FACTOR)
 
 
 def test_small_room_keeps_the_minimum_margin():
-    choice = auto.choose_token_budget(free_bytes=2 * GIB, pending_bytes=0, bytes_per_token=2 ** 20,
+    choice = auto.choose_token_budget(free_bytes=3 * GIB, pending_bytes=0, bytes_per_token=2 ** 20,
                                       checkpointed_bytes_per_token=2 ** 16, longest_pair=None)
-    assert choice.room_bytes == 2 * GIB - auto.MARGIN_MIN_BYTES
+    assert choice.room_bytes == 3 * GIB - auto.MARGIN_MIN_BYTES
 
 
 def test_checkpointing_only_when_the_longest_pair_would_not_fit_without_it():
@@ -214,7 +214,7 @@ def test_checkpointing_only_when_the_longest_pair_would_not_fit_without_it():
     assert not fits.checkpointing and fits.tokens >= 1000
     too_long = auto.choose_token_budget(**args, longest_pair=fits.tokens + 1)
     assert too_long.checkpointing
-    assert too_long.tokens == too_long.room_bytes // int(2 ** 16 * auto.BACKWARD_FACTOR) > fits.tokens
+    assert too_long.tokens == too_long.room_bytes // int(2 ** 16 * auto.CHECKPOINTED_FACTOR) > fits.tokens
     assert auto.choose_token_budget(**args, longest_pair=10, checkpointing=True).checkpointing  # as configured
 
 

@@ -16,8 +16,8 @@ The budget is the room left for activations divided by what one token's activati
   activations, an attention grid, a chunk of logits): ``BACKWARD_FACTOR`` covers that.
 * activation checkpointing keeps only every decoder layer's input and recomputes one layer at a
   time: per token, layers x hidden size x bytes per value, plus twice one layer's share of the
-  measured cost. It is switched on only when even the data's longest pair would not fit
-  without it.
+  measured cost, times ``CHECKPOINTED_FACTOR``. It is switched on only when even the data's
+  longest pair would not fit without it.
 
 ``choose_token_budget`` is the arithmetic alone, given those inputs; ``resolve_auto_budget``
 gathers them for a reward module and says in one line what it chose.
@@ -36,11 +36,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from rm_lightning.errors import RMLightningError
 
-# what backward needs at its peak relative to what forward saved (measured on SmolLM2-135M,
-# fp32, CPU: benchmarks/README.md, "Token budget")
+# what a step needs at its peak per token relative to the estimate, without and with activation
+# checkpointing (SmolLM2-135M, fp32, CPU, UltraFeedback: about 1.1 and 1.7; benchmarks/README.md, "Token budget")
 BACKWARD_FACTOR = 1.5
+CHECKPOINTED_FACTOR = 2.0
+# the allocator's fragmentation, the data, Lightning and the Python heap: about 1 GiB above weights,
+# gradients and Adam state in the same measurements
 MARGIN_FRACTION = 0.1
-MARGIN_MIN_BYTES = 512 * 2 ** 20
+MARGIN_MIN_BYTES = 2 ** 30
 # a gradient and two Adam moments for every trainable parameter, allocated at the first backward and step
 OPTIMIZER_COPIES = 3
 PROBE_PROMPT_TOKENS = 16
@@ -90,7 +93,7 @@ class BudgetChoice:
         why = "activation checkpointing on: the longest pair would not fit without it" if self.checkpointing else \
             "activation checkpointing as configured"
         longest = f", longest pair {self.longest_pair} tokens" if self.longest_pair else ""
-        return (f"token_budget auto: {self.tokens} tokens per micro-batch ({gib(self.room_bytes)} for activations "
+        return (f"token_budget auto: {self.tokens} tokens per micro-batch ({gib(self.room_bytes)} left for activations "
                 f"of {source}, {self.bytes_per_token / 2 ** 10:.0f} KiB per token{longest}; {why})")
 
 
@@ -110,7 +113,7 @@ def choose_token_budget(free_bytes: int, pending_bytes: int, bytes_per_token: fl
                                f"{gib(pending_bytes)} still to be allocated for gradients and optimizer state); "
                                "raise model.init_args.memory_limit or set a token_budget")
     full = bytes_per_token * BACKWARD_FACTOR
-    checkpointed = checkpointed_bytes_per_token * BACKWARD_FACTOR
+    checkpointed = checkpointed_bytes_per_token * CHECKPOINTED_FACTOR
     if not checkpointing and longest_pair is not None and math.floor(room / full) < longest_pair:
         checkpointing = True
     per_token = checkpointed if checkpointing else full
@@ -145,10 +148,12 @@ def free_memory_bytes(device: torch.device, memory_limit: Optional[int]) -> tupl
     if device.type == "cuda":
         if memory_limit is not None:
             return memory_limit - torch.cuda.memory_reserved(device), f"memory_limit {gib(memory_limit)}"
-        return torch.cuda.mem_get_info(device)[0], f"free memory of {torch.cuda.get_device_name(device)}"
+        free = torch.cuda.mem_get_info(device)[0]
+        return free, f"{gib(free)} free on {torch.cuda.get_device_name(device)}"
     if memory_limit is not None:
         return memory_limit - resident_bytes(), f"memory_limit {gib(memory_limit)}"
-    return meminfo_available_bytes(), "available host memory"
+    available = meminfo_available_bytes()
+    return available, f"{gib(available)} available host memory"
 
 
 def pending_training_bytes(module) -> int:
