@@ -278,3 +278,28 @@ def test_pending_memory_is_gradients_adam_moments_and_the_fixed_transients():
     trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     logits_chunk = 64 * module.model.config.vocab_size * 4
     assert auto.pending_training_bytes(module) == auto.OPTIMIZER_COPIES * trainable + 3 * logits_chunk
+
+
+def test_evaluation_in_micro_batches_gives_the_whole_batches_metrics():
+    from data_modules import PersonaDataModule
+
+    metrics = {}
+    for budget in (None, 300):  # persona pairs are 160-210 tokens here, eval batches of 8 several micro-batches
+        torch.manual_seed(0)
+        module = ExplicitRM(backbone="tiny-llama-chat", token_budget=budget)
+        forwards = []
+        run_pair_loss = module.run_pair_loss
+        module.run_pair_loss = lambda batch: forwards.append(batch["input_ids"].shape[0] // 2) or run_pair_loss(batch)
+        data = PersonaDataModule(num_train=4, num_test=4, batch_size=4, eval_batch_size=8)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.validate(module, datamodule=data, verbose=False)
+        assert max(forwards) == 8 if budget is None else max(forwards) < 8
+        metrics[budget] = {name: {key: float(value) for key, value in values.items() if value.numel() == 1}
+                           for name, values in module.eval_sets.last.items()}
+    assert metrics[300].keys() == metrics[None].keys() and metrics[None]
+    for name, values in metrics[None].items():
+        for key, value in values.items():
+            # rewards agree to float rounding (different packings); a normalized margin of near-equal rewards amplifies it
+            assert metrics[300][name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
