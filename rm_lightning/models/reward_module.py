@@ -246,6 +246,11 @@ class RewardModule(L.LightningModule):
             self._longest_pair_tokens = max((encoded_pair_tokens(pair, layout) for pair in pairs), default=None)
 
     def configure_model(self) -> None:
+        if self.device_mesh is not None and self.hparams.token_budget is not None:
+            # FSDP2 itself accumulates micro-batches exactly (tests/test_token_budget.py, one rank), but
+            # two-process runs through Lightning's ModelParallelStrategy drifted from the unsplit run's losses
+            raise RMLightningError("token_budget is not supported under ModelParallelStrategy (FSDP) yet; use DDP "
+                                   "(configs/trainer/ddp.yaml) or set model.init_args.token_budget: null")
         prepare_model(self, self.hparams.compile_layers)
 
     def training_step(self, batch, batch_idx):
