@@ -32,12 +32,20 @@ def resolve(capsys, *configs: Path) -> dict:
 
 # options added since 6723d7e, at the value that keeps the behaviour of then (packed attention was grouped
 # unless an environment variable said otherwise)
-ADDED = {"model": {"packed_attention": "grouped", "trainable": "all"}, "data": {"response_format": "sentence"}}
+ADDED = {"model": {"packed_attention": "grouped", "trainable": "all", "token_budget": None, "memory_limit": None},
+         "data": {"response_format": "sentence"}}
+# options set on purpose since then, per experiment: the UltraFeedback runs size their micro-batches to the
+# machine's memory (a batch that fits runs whole, so what they compute is unchanged)
+CHANGED = {"exrm_ultrafeedback": {"model": {"token_budget": "auto"}},
+           "imrm_ultrafeedback": {"model": {"token_budget": "auto"}}}
 
 
 def as_before(resolved: dict, experiment: str) -> dict:
     """Today's resolved config in the terms of 6723d7e: the options added since at the behaviour they
     replace, results named after the first config file, and the default optimizer as the Adam it is."""
+    for group, options in CHANGED.get(experiment, {}).items():
+        for name, value in options.items():
+            assert resolved[group]["init_args"].pop(name) == value, (experiment, group, name)
     for group, options in ADDED.items():
         for name, value in options.items():
             assert resolved[group]["init_args"].pop(name, value) == value, (group, name)

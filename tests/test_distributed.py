@@ -170,6 +170,21 @@ def test_ddp_on_two_processes_matches_one_process(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp"])  # FSDP refuses a token budget (reward_module.configure_model)
+def test_token_budget_on_two_processes_matches_one_process(runs, strategy):
+    """Batches split into micro-batches (eval batches too) give the unsplit one-process run's losses and metrics."""
+    root = runs["reference_cache"].parent
+    log_dir = run_cli(root / f"{strategy}_budget", [PROJECT_ROOT / f"configs/trainer/{strategy}.yaml",
+                                                   root / "experiment.yaml"],
+                      "--trainer.max_epochs", "1", "--model.init_args.token_budget", "350")  # pairs of 160-210 tokens
+    reference_train, reference_evals = read_history(runs["reference"])
+    train, evals = read_history(log_dir)
+    expected = step_losses(reference_train, micro_batches=2)[:STEPS_PER_EPOCH]
+    assert step_losses(train) == pytest.approx(expected, abs=TOLERANCE)
+    assert_evals_match(evals[STEPS_PER_EPOCH], reference_evals[STEPS_PER_EPOCH])
+
+
+@pytest.mark.slow
 def test_ranks_share_one_reference_cache_file_per_dataset(runs):
     """Both ranks compute the reference log-probs and publish them with an atomic rename: one
     file per distinct dataset (train and original_train_prompts are the same pairs), no leftovers."""

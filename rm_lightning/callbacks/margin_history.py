@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from rm_lightning.callbacks.peak_memory import describe, peak_memory
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.files import save_figure_atomically, write_csv_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS, TRAIN_METRICS, TRAIN_SET, train_key
@@ -21,7 +22,7 @@ class MarginHistory(L.Callback):
     Scalars are logged by the module; this callback adds a histogram of margins per eval set
     to TensorBoard and, at the end of fit, writes ``margin_history.csv`` and
     ``margin_history.png`` (margin and accuracy over steps, one line per eval set) to the run
-    directory, and prints the final metrics of every eval set.
+    directory, and prints the final metrics of every eval set and the run's peak memory.
     """
 
     def __init__(self, filename: str = "margin_history"):
@@ -60,7 +61,7 @@ class MarginHistory(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(run_dir(trainer))
-        self._print_final(pl_module)
+        self._print_final(pl_module, peak_memory(trainer))  # collective: every rank measures
 
     @rank_zero_only
     def write(self, directory: Path) -> None:
@@ -69,15 +70,17 @@ class MarginHistory(L.Callback):
         plot_history(self.rows, directory / f"{self.filename}.png")
 
     @rank_zero_only
-    def _print_final(self, pl_module) -> None:
+    def _print_final(self, pl_module, peaks: dict) -> None:
         last = pl_module.eval_sets.last
         if not last:
+            print(f"\n{describe(peaks)}")
             return
         print(f"\nfinal evaluation ({type(pl_module).__name__})")
         print(f"  {'eval set':<32} {'accuracy':>9} {'norm. margin':>13} {'chosen r':>10} {'rejected r':>11}")
         for name, v in last.items():
             print(f"  {name:<32} {float(v['accuracy']):>9.3f} {float(v['normalized_margin']):>13.3f} "
                   f"{float(v['chosen_reward']):>10.4f} {float(v['rejected_reward']):>11.4f}")
+        print(f"  {describe(peaks)}")
 
 
 def _tensorboard(trainer):

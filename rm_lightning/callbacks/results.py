@@ -19,6 +19,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
+from rm_lightning.callbacks.peak_memory import peak_memory
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.files import write_json_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS
@@ -49,6 +50,7 @@ class ResultsWriter(L.Callback):
         self.dirpath, self.filename, self.config_name = dirpath, filename, config_name
         self._started = time.monotonic()
         self._eval_source, self._eval_step = None, None
+        self._peak_memory: Optional[dict] = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._started = time.monotonic()
@@ -60,9 +62,11 @@ class ResultsWriter(L.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._eval_source, self._eval_step = "test", trainer.global_step
+        self._peak_memory = peak_memory(trainer)  # collective: every rank, before the rank-0 write
         self.write(trainer, pl_module, stage="test")
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._peak_memory = peak_memory(trainer)
         self.write(trainer, pl_module, stage="fit")
 
     def path(self, trainer) -> Path:
@@ -94,6 +98,8 @@ class ResultsWriter(L.Callback):
             "eval_step": self._eval_step,
             "eval_sets": eval_set_metrics(pl_module.eval_sets.last, tags),
             "wall_time_s": round(time.monotonic() - self._started, 3),
+            # the run's peak resident memory (and peak CUDA memory on a GPU), the largest over its processes
+            "peak_memory": self._peak_memory or peak_memory(),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_dir": str(self.path(trainer).parent.resolve()),
             "versions": package_versions(),

@@ -61,6 +61,10 @@ class ImplicitRM(RewardModule):
     def output_layer(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
 
+    def fixed_transient_bytes(self) -> int:
+        """A chunk of fp32 vocabulary logits, alive in forward and again (recomputed, with its gradient) in backward."""
+        return 3 * self.logprob_chunk_size * self.model.config.vocab_size * 4
+
     # --- rewards ---------------------------------------------------------------------------------
 
     def response_logps(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor],

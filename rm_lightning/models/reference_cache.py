@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from rm_lightning.files import write_atomically
 from rm_lightning.pairs.records import EncodedPairs
+from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -62,7 +63,9 @@ def load_or_compute(path: Path, dataset: EncodedPairs, compute) -> torch.Tensor:
 @torch.no_grad()
 def reference_pass(module, model: torch.nn.Module, dataset: EncodedPairs, batch_size: int) -> torch.Tensor:
     """[pairs, 2] float64 response log-probs of ``model`` on ``dataset``, in ``module``'s layout and
-    under its trainer's precision (the reference of the policy's own forward)."""
+    under its trainer's precision (the reference of the policy's own forward), each batch in
+    micro-batches within the module's token budget when it has one (``auto`` is resolved only at
+    the first training batch, so this pass runs whole batches then)."""
     trainer = getattr(module, "_trainer", None)
     device = trainer.strategy.root_device if trainer is not None else module.device
     # a factory, entered once per batch: the precision plugin's autocast contexts are single-use
@@ -74,9 +77,16 @@ def reference_pass(module, model: torch.nn.Module, dataset: EncodedPairs, batch_
     show = trainer is None or trainer.is_global_zero
     for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
         batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
-        with context():
-            hidden = module.hidden_states(batch, decoder=model.base_model)
-            chosen, rejected = module.response_logps(hidden, batch, model=model).double().cpu().chunk(2)
-        values.append(torch.stack([chosen, rejected], dim=1))
+        layout = module.hparams.decoder_layout
+        plan = plan_micro_batches(pair_tokens(batch, layout), getattr(module, "resolved_token_budget", None),
+                                  padded=layout == "padded")
+        batch_values = torch.empty(batch["input_ids"].shape[0] // 2, 2, dtype=torch.float64)
+        for members in plan:
+            micro = select_pairs(batch, members)
+            with context():
+                hidden = module.hidden_states(micro, decoder=model.base_model)
+                chosen, rejected = module.response_logps(hidden, micro, model=model).double().cpu().chunk(2)
+            batch_values[members] = torch.stack([chosen, rejected], dim=1)
+        values.append(batch_values)
     model.train(was_training).to(original_device)
     return torch.cat(values)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import warnings
+from typing import Callable, Iterable, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -20,9 +21,13 @@ from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.encoding import PairEncoder, chat_formatter
 from rm_lightning.perf.checkpointing import autocast_weight_cache, enable_activation_checkpointing
 from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hidden_states
+from rm_lightning.perf.micro_batches import (encoded_pair_tokens, pair_tokens, plan_micro_batches, select_pairs,
+                                             spread_to_count)
 from rm_lightning.perf.model_setup import prepare_model
 from rm_lightning.perf.optim_in_backward import backward_optimizer
 from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind
+from rm_lightning.perf.sharding import is_sharded
+from rm_lightning.perf.token_budget import check_token_budget, parse_memory_limit, resolve_auto_budget
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -54,27 +59,42 @@ class RewardModule(L.LightningModule):
         compile_layers: ``torch.compile`` each decoder layer (``perf/compiled_layers.py``).
         trainable: ``all`` (default) or ``output_layer``: only the layer mapping final hidden states
             to rewards learns (``models/trainable.py``, the paper's §4 setting).
+        token_budget: most tokens one forward runs (``perf/micro_batches.py``): a larger batch
+            runs as micro-batches of whole pairs with gradients accumulated, the same update as
+            the whole batch's; ``auto`` picks it from ``memory_limit`` (``perf/token_budget.py``);
+            null (default) runs every batch whole.
+        memory_limit: what ``token_budget: auto`` may fill, in bytes or as ``"12GB"``/``"12GiB"``;
+            default: the host's available memory on a CPU, the device's free memory on a GPU.
     """
 
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
                  lr_scheduler: Optional[SchedulerFactory] = None, activation_checkpointing: bool = False,
                  extra_tokens: list[str] = [], decoder_layout: DecoderLayout = "packed",
                  packed_attention: AttentionKind = "grouped", optimizer_in_backward: bool = False,
-                 compile_layers: bool = False, trainable: Trainable = "all"):
+                 compile_layers: bool = False, trainable: Trainable = "all",
+                 token_budget: Optional[Union[int, Literal["auto"]]] = None,
+                 memory_limit: Optional[Union[int, str]] = None):
         super().__init__()
         for name, value, allowed in (("decoder_layout", decoder_layout, DECODER_LAYOUTS),
                                      ("packed_attention", packed_attention, ATTENTION_KINDS),
                                      ("trainable", trainable, ("all", "output_layer"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_token_budget(token_budget, optimizer_in_backward)
+        self.memory_limit_bytes = parse_memory_limit(memory_limit)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.train_accuracy = PairwiseAccuracy(dist_sync_on_step=True)  # the global batch's accuracy
         self.eval_sets = EvalSets()
+        self.checkpointing = activation_checkpointing  # token_budget: auto may switch it on
         if activation_checkpointing:
             enable_activation_checkpointing(self.model)
+        # the budget in tokens: the option's, or what ``auto`` chose at the first batch
+        self.resolved_token_budget: Optional[int] = token_budget if isinstance(token_budget, int) else None
+        self._longest_pair_tokens: Optional[int] = None  # in the data, for ``auto``; set in setup
+        self._zeroed_for_micro_batches = False
 
     # --- what a subclass implements -----------------------------------------------------------
 
@@ -128,8 +148,90 @@ class RewardModule(L.LightningModule):
 
     def run_pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``pair_loss`` as training and evaluation run it (autocast's weight cache off under checkpointing)."""
-        with autocast_weight_cache(enabled=not self.hparams.activation_checkpointing):
+        with autocast_weight_cache(enabled=not self.checkpointing):
             return self.pair_loss(batch)
+
+    # --- micro-batches within the token budget ----------------------------------------------------
+
+    def fixed_transient_bytes(self) -> int:
+        """Memory a step briefly needs whatever its tokens (``token_budget: auto`` keeps it free); none here."""
+        return 0
+
+    def token_budget(self) -> Optional[int]:
+        """The budget in tokens per forward (``auto`` is resolved here, once, at the first batch)."""
+        if self.hparams.token_budget == "auto" and self.resolved_token_budget is None:
+            self.resolved_token_budget = resolve_auto_budget(self)
+        return self.resolved_token_budget
+
+    def micro_batch_plan(self, batch: dict[str, torch.Tensor]) -> list[list[int]]:
+        """Pair indices per micro-batch; one micro-batch of every pair when the batch fits the budget.
+
+        Sharded (FSDP), every process runs as many micro-batches as the one that needs most, since
+        each forward and backward gathers and reduces collectively.
+        """
+        budget = self.token_budget()
+        pairs = batch["input_ids"].shape[0] // 2
+        if budget is None:
+            return [list(range(pairs))]
+        tokens = pair_tokens(batch, self.hparams.decoder_layout)
+        plan = plan_micro_batches(tokens, budget, padded=self.hparams.decoder_layout == "padded")
+        for members in plan:
+            if len(members) == 1 and tokens[members[0]] > budget:
+                warnings.warn(f"token_budget {budget}: a pair of {tokens[members[0]]} tokens runs alone, over the "
+                              "budget", stacklevel=2)
+        if is_sharded(self) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            count = torch.tensor(len(plan), device=self.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            plan = spread_to_count(plan, int(count))
+        return plan
+
+    def micro_batched_pair_loss(self, batch: dict[str, torch.Tensor],
+                                backward: Optional[Callable[[torch.Tensor], None]] = None):
+        """``run_pair_loss`` of the whole batch, run as micro-batches within the token budget.
+
+        Each micro-batch's loss (a mean over its pairs) is weighted by its share of the batch's
+        pairs, so the weighted sum is the whole batch's mean. Training passes ``backward``: every
+        micro-batch but the last is backward-ed at once (its activations freed before the next
+        forward), and the returned loss has the whole batch's value with the last micro-batch's
+        graph, for Lightning's own backward. Rewards come back detached, in the batch's pair order.
+        """
+        plan = self.micro_batch_plan(batch)
+        if len(plan) == 1 and len(plan[0]) == batch["input_ids"].shape[0] // 2:
+            return self.run_pair_loss(batch)
+        pairs = batch["input_ids"].shape[0] // 2
+        total, last, chosen_parts, rejected_parts = 0.0, None, [], []
+        for position, members in enumerate(plan):
+            # an empty micro-batch (FSDP: fewer pairs than the other processes' micro-batches) runs
+            # one pair at weight 0, so that this process joins the collectives
+            loss, chosen, rejected = self.run_pair_loss(select_pairs(batch, members or [0]))
+            weighted = loss * (len(members) / pairs)
+            if backward is not None and position < len(plan) - 1:
+                backward(weighted)
+            total = total + weighted.detach()
+            last = weighted
+            if members:
+                chosen_parts.append(chosen.detach())
+                rejected_parts.append(rejected.detach())
+        order = torch.tensor([i for members in plan for i in members], device=chosen_parts[0].device)
+        chosen, rejected = torch.empty_like(torch.cat(chosen_parts)), torch.empty_like(torch.cat(rejected_parts))
+        chosen[order], rejected[order] = torch.cat(chosen_parts), torch.cat(rejected_parts)
+        return last + (total - last.detach()), chosen, rejected
+
+    def _backward_micro_batch(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Backward of one micro-batch's weighted loss as Lightning's own backward runs it: scaled for
+        gradient accumulation, through the strategy and precision plugin, outside autocast.
+
+        Lightning zeroes gradients after ``training_step`` and before its backward, which would
+        drop these; so at the first batch of an accumulation they are zeroed here, before the first
+        micro-batch's backward, and ``optimizer_zero_grad`` skips that step's zeroing.
+        """
+        trainer = self._trainer
+        first_to_accumulate = batch_idx % trainer.accumulate_grad_batches == 0  # as Lightning decides
+        if first_to_accumulate and not self._zeroed_for_micro_batches:
+            self.zero_grad(set_to_none=True)
+            self._zeroed_for_micro_batches = True
+        with torch.autocast(self.device.type, enabled=False):
+            trainer.strategy.backward(loss / trainer.accumulate_grad_batches, None)
 
     # --- Lightning hooks --------------------------------------------------------------------------
 
@@ -138,12 +240,22 @@ class RewardModule(L.LightningModule):
         names = data.eval_set_names if data is not None and data.eval_set_names else self.eval_sets.names or ["eval"]
         self.eval_sets.configure(names, data.eval_every_n_epochs if data is not None else {}, self.device)
         prepare_trainable(self, data)
+        if data is not None and self.hparams.token_budget == "auto":
+            layout = self.hparams.decoder_layout
+            pairs = (pair for dataset in data.encoded_sets().values() for pair in dataset.pairs)
+            self._longest_pair_tokens = max((encoded_pair_tokens(pair, layout) for pair in pairs), default=None)
 
     def configure_model(self) -> None:
+        if self.device_mesh is not None and self.hparams.token_budget is not None:
+            # FSDP2 itself accumulates micro-batches exactly (tests/test_token_budget.py, one rank), but
+            # two-process runs through Lightning's ModelParallelStrategy drifted from the unsplit run's losses
+            raise RMLightningError("token_budget is not supported under ModelParallelStrategy (FSDP) yet; use DDP "
+                                   "(configs/trainer/ddp.yaml) or set model.init_args.token_budget: null")
         prepare_model(self, self.hparams.compile_layers)
 
     def training_step(self, batch, batch_idx):
-        loss, chosen, rejected = self.run_pair_loss(batch)
+        loss, chosen, rejected = self.micro_batched_pair_loss(
+            batch, backward=lambda part: self._backward_micro_batch(part, batch_idx))
         self.train_accuracy(chosen, rejected)
         size = chosen.numel()
         self.log(train_key("loss"), loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks
@@ -155,7 +267,8 @@ class RewardModule(L.LightningModule):
         name = self.eval_sets.name_of(dataloader_idx)
         if not self.eval_sets.is_due(name, self._trainer):
             return
-        loss, chosen, rejected = self.run_pair_loss(batch)  # every rank runs every step: FSDP gathers collectively
+        # every rank runs every step (and as many micro-batches): FSDP gathers collectively
+        loss, chosen, rejected = self.micro_batched_pair_loss(batch)
         if not is_repeated_eval_batch(self._trainer, batch_idx, dataloader_idx):
             self.eval_sets.update(name, chosen, rejected, loss)
 
@@ -175,6 +288,12 @@ class RewardModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_sets("test")
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self._zeroed_for_micro_batches:  # zeroed before this batch's first micro-batch backward
+            self._zeroed_for_micro_batches = False
+            return
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

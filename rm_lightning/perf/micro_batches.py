@@ -1,0 +1,124 @@
+"""A pair batch split into micro-batches of whole pairs, each within a token budget.
+
+Activation memory grows with the tokens a forward runs, so a batch of long pairs can need many
+times the memory of an average one. With ``token_budget`` set, ``RewardModule`` runs a batch
+whose tokens exceed the budget as several micro-batches, forward and backward in turn, each
+loss weighted by its share of the batch's pairs: the accumulated gradients and the logged loss
+are those of the whole batch (the mean over all its pairs), and the peak follows the budget,
+not the longest batch in the data.
+
+A pair's tokens are what the decoder runs for it: in the packed layout its chosen row plus the
+rejected row's suffix after their common prefix (``perf/packed_pairs.py``); in the padded layout
+both rows padded to the micro-batch's longest row. Pairs are packed first-fit in decreasing
+order of tokens, so a batch needs few micro-batches. A pair over the budget runs alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rm_lightning.perf.layouts import DecoderLayout
+
+
+def pair_tokens(batch: dict[str, torch.Tensor], layout: DecoderLayout = "packed") -> list[int]:
+    """Tokens the decoder runs for each pair of a collated batch (rows 0..B-1 chosen, B..2B-1 rejected).
+
+    Packed: chosen length + rejected length - their common prefix. Padded: twice the longer row
+    (a padded micro-batch runs every row at its longest row's width).
+    """
+    mask = batch["attention_mask"].bool()
+    pairs = mask.shape[0] // 2
+    lengths = mask.sum(dim=1)
+    chosen, rejected = lengths[:pairs], lengths[pairs:]
+    if layout == "padded":
+        return (2 * torch.maximum(chosen, rejected)).tolist()
+    ids = batch["input_ids"]
+    same = (ids[:pairs] == ids[pairs:]) & mask[:pairs] & mask[pairs:]
+    shared = same.int().cumprod(dim=1).sum(dim=1)
+    return (chosen + rejected - shared).tolist()
+
+
+def encoded_pair_tokens(pair, layout: DecoderLayout = "packed") -> int:
+    """``pair_tokens`` of one ``EncodedPair``, before collation."""
+    chosen, rejected = pair.chosen_ids, pair.rejected_ids
+    if layout == "padded":
+        return 2 * max(len(chosen), len(rejected))
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    return len(chosen) + len(rejected) - shared
+
+
+def plan_micro_batches(tokens: list[int], budget: int | None, padded: bool = False) -> list[list[int]]:
+    """Pair indices per micro-batch, every micro-batch within ``budget`` tokens unless it is one pair.
+
+    First-fit decreasing: pairs by decreasing tokens, each into the first micro-batch it fits.
+    Packed micro-batches cost the sum of their pairs' tokens; padded ones (``padded``) their pair
+    count times their first (longest) pair's. ``budget`` None: one micro-batch, the whole batch.
+    """
+    whole = len(tokens) * max(tokens, default=0) if padded else sum(tokens)
+    if budget is None or whole <= budget or len(tokens) <= 1:
+        return [list(range(len(tokens)))]
+    order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for index in order:
+        for slot, members in enumerate(bins):
+            cost = (len(members) + 1) * tokens[members[0]] if padded else used[slot] + tokens[index]
+            if cost <= budget:
+                members.append(index)
+                used[slot] = cost
+                break
+        else:
+            bins.append([index])
+            used.append(tokens[index])
+    return [sorted(members) for members in bins]
+
+
+def spread_to_count(plan: list[list[int]], count: int) -> list[list[int]]:
+    """``plan`` as exactly ``count`` micro-batches, for processes that must run the same number of
+    forwards (FSDP gathers and reduces collectively in each).
+
+    The micro-batch with the most pairs is halved until there are ``count`` of them; a batch with
+    fewer pairs than ``count`` gets empty micro-batches (the caller runs those as a zero-weight
+    pair, so it still takes part in the collectives).
+    """
+    plan = [list(members) for members in plan]
+    if count < len(plan):
+        raise ValueError(f"cannot spread {len(plan)} micro-batches over {count}")
+    while len(plan) < count:
+        largest = max(range(len(plan)), key=lambda i: len(plan[i]))
+        members = plan[largest]
+        if len(members) <= 1:
+            plan.append([])
+            continue
+        half = len(members) // 2
+        plan[largest:largest + 1] = [members[:half], members[half:]]
+    return plan
+
+
+# keys of a collated pair batch with one entry per row, and which of them also run along the row
+ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "last_index", "reference_logps",
+            "hidden_states")
+WIDTH_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "hidden_states")
+
+
+def select_pairs(batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The sub-batch of the pairs ``indices``: their chosen then rejected rows, cut to their longest row.
+
+    Every key of ``batch`` must be one ``PairCollator`` writes (``ROW_KEYS``): a key this function
+    does not know how to split would silently stay whole.
+    """
+    unknown = set(batch) - set(ROW_KEYS)
+    if unknown:
+        raise ValueError(f"cannot split a pair batch with keys {sorted(unknown)}; known: {ROW_KEYS}")
+    pairs = batch["input_ids"].shape[0] // 2
+    index = torch.tensor(list(indices) + [pairs + i for i in indices], dtype=torch.long)
+    width = int(batch["attention_mask"][index.to(batch["attention_mask"].device)].sum(dim=1).max())
+    selected = {}
+    for key, value in batch.items():
+        rows = value[index.to(value.device)]
+        selected[key] = rows[:, :width] if key in WIDTH_KEYS else rows
+    return selected
