@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import EncodedPairs, LengthBucketSampler, PreferencePair, check_shift_tag
+from rm_lightning.settings import check_eval_every_n_epochs, check_options
 
 
 @dataclass
@@ -50,9 +51,10 @@ class PreferenceDataModule(L.LightningDataModule):
                  max_response_tokens: Optional[int] = 512, truncate: bool = False, length_bucketing: bool = True,
                  seed: int = 0, num_workers: int = 0, eval_every_n_epochs: dict[str, int] = {}):
         super().__init__()
-        for name, every in eval_every_n_epochs.items():
-            if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-                raise DataError(f"eval_every_n_epochs.{name}: expected a whole number >= 1, got {every!r}")
+        check_options("data", {"batch_size": batch_size, "eval_batch_size": eval_batch_size,
+                               "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens,
+                               "num_workers": num_workers})
+        check_eval_every_n_epochs("data.eval_every_n_epochs", eval_every_n_epochs)
         self.eval_every_n_epochs = dict(eval_every_n_epochs)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_prompt_tokens, self.max_response_tokens, self.truncate = max_prompt_tokens, max_response_tokens, truncate

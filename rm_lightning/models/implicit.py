@@ -16,6 +16,7 @@ from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import frozen_copy, prepare_trainable, untie_output_embeddings
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.records import EncodedPairs
+from rm_lightning.settings import check_options
 
 
 class ImplicitRM(RewardModule):
@@ -44,6 +45,7 @@ class ImplicitRM(RewardModule):
     def __init__(self, beta: float = 0.01, reference: Literal["frozen", "none"] = "frozen",
                  cache_reference: bool = True, reference_cache_dir: Optional[str] = None,
                  logprob_chunk_size: int = 2048, **kwargs):
+        check_options("model", {"beta": beta, "logprob_chunk_size": logprob_chunk_size})  # before the model loads
         super().__init__(**kwargs)
         self.beta, self.reference, self.cache_reference = beta, reference, cache_reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_dir() / "reference_logps"

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from rm_lightning.errors import RMLightningError
+from rm_lightning.errors import RMLightningError, SettingError
 from rm_lightning.metrics.eval_sets import EvalSets, is_repeated_eval_batch
 from rm_lightning.metrics.keys import batch_means, train_key
 from rm_lightning.metrics.pairwise import PairwiseAccuracy
@@ -66,7 +66,7 @@ class RewardModule(L.LightningModule):
                                      ("packed_attention", packed_attention, ATTENTION_KINDS),
                                      ("trainable", trainable, ("all", "output_layer"))):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise SettingError(f"model.{name}: expected one of {', '.join(allowed)}, got {value!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
