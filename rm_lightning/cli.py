@@ -12,6 +12,12 @@ given by class path in YAML, plus three things of its own:
 * Bad input (a missing file, a malformed record, an unknown backbone, an option out of range, a
   misspelt option) ends in one ``error:`` line and exit status 2; every setting is checked
   (``rm_lightning.settings``) before any class is built, so before a model loads.
+* Runs never share a directory (``callbacks/run_directory.py``): a run claims a fresh
+  ``version_N`` atomically and holds it with a lock file; a start that fails before training
+  leaves no directory behind.
+* With ``trainer.enable_checkpointing: true`` (the shipped configs) and no checkpoint callback of
+  its own, a run keeps one ``checkpoints/last.ckpt``, refreshed every epoch; ``--ckpt_path last``
+  resumes the newest run under ``trainer.default_root_dir`` from it.
 * ``null`` given on the command line means null, also for a field of a dataclass inside a
   data module's arguments (jsonargparse turns it into the string "None" there).
 """
@@ -19,6 +25,7 @@ given by class path in YAML, plus three things of its own:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from argparse import ArgumentError
@@ -26,11 +33,13 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
-from rm_lightning.errors import RMLightningError, exit_status, print_user_error, user_error_behind
+from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
+from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.perf.host_memory import keep_freed_memory
 from rm_lightning.settings import check_config
@@ -41,8 +50,9 @@ RUNS_ROOT = Path("runs")
 
 
 class RewardCLI(LightningCLI):
-    def __init__(self, *args, null_options: tuple[str, ...] = (), **kwargs):
+    def __init__(self, *args, null_options: tuple[str, ...] = (), claims: Optional[list] = None, **kwargs):
         self.null_options = null_options
+        self.claims = claims if claims is not None else []
         # parse errors raise (one line, below) instead of printing the whole usage first
         kwargs["parser_kwargs"] = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}}
         super().__init__(*args, **kwargs)
@@ -59,19 +69,48 @@ class RewardCLI(LightningCLI):
         for option in self.null_options:
             if option in config and config[option] == "None":
                 config[option] = None
+        if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True):
+            config["ckpt_path"] = str(newest_last_checkpoint(config.get("trainer.default_root_dir") or "."))
         check_config(config.as_dict(), self.subcommand)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_checkpointing") is True and not any(
+                isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, last_checkpoint()]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            claim = claim_logger_directory(trainer.logger)  # spawned ranks > 0 follow rank 0's directory
+            if claim is not None:
+                self.claims.append(claim)
+        return trainer
+
+
+def last_checkpoint() -> ModelCheckpoint:
+    """Only ``checkpoints/last.ckpt``, replaced at every epoch's end: enough to resume, one file on disk.
+
+    The one "top-k" checkpoint of an unmonitored ModelCheckpoint is the newest, so naming it ``last``
+    gives exactly that file (Lightning's ``save_last`` writes a second file, or nothing without top-k).
+    """
+    return ModelCheckpoint(filename="last", save_top_k=1, save_last=False, enable_version_counter=False)
+
+
+def newest_last_checkpoint(root: str) -> Path:
+    """``last.ckpt`` of the newest run (highest version) under ``root/lightning_logs``."""
+    pattern = "lightning_logs/version_*/checkpoints/last.ckpt"
+    found = [p for p in Path(root).glob(pattern) if p.parent.parent.name.removeprefix("version_").isdigit()]
+    if not found:
+        raise SettingError(f"ckpt_path: 'last' found no {Path(root) / pattern}; give the checkpoint's path")
+    return max(found, key=lambda p: int(p.parent.parent.name.removeprefix("version_")))
 
 
 def main(args: list[str] | None = None) -> RewardCLI | None:
     """Run the CLI on ``args`` (default: the command line); bad input raises ``SystemExit(2)`` after one line."""
     keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
+    claims: list[RunClaim] = []
     try:
-        expanded = with_run_defaults(expand_composed_configs(list(sys.argv[1:] if args is None else args)))
-        if args is None:  # from the shell: LightningCLI reads sys.argv, and warns when given both
-            sys.argv[1:] = expanded
-        return RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         save_config_kwargs={"overwrite": True}, args=None if args is None else expanded,
-                         null_options=null_options(expanded))
+        return _run(args, claims)
     except ArgumentError as err:
         raise SystemExit(print_user_error(RMLightningError(one_line(str(err))))) from None
     except Exception as err:
@@ -79,6 +118,23 @@ def main(args: list[str] | None = None) -> RewardCLI | None:
         if cause is None:
             raise
         raise SystemExit(print_user_error(cause)) from None
+
+
+def _run(args: list[str] | None, claims: list) -> RewardCLI:
+    try:
+        expanded = with_run_defaults(expand_composed_configs(list(sys.argv[1:] if args is None else args)))
+        if args is None:  # from the shell: LightningCLI reads sys.argv, and warns when given both
+            sys.argv[1:] = expanded
+        cli = RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        save_config_kwargs={"overwrite": True}, args=None if args is None else expanded,
+                        null_options=null_options(expanded), claims=claims)
+    except BaseException:
+        for claim in claims:  # Ctrl-C and failures keep what the run wrote; an unused start is removed
+            claim.release_after_failed_start()
+        raise
+    for claim in claims:
+        claim.release()
+    return cli
 
 
 def one_line(message: str, limit: int = 400) -> str:

@@ -43,6 +43,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
             assert resolved[group]["init_args"].pop(name, value) == value, (group, name)
     model = resolved["model"]["init_args"]
     assert resolved["results"].pop("config_name") == experiment
+    # issue 16: every shipped run keeps checkpoints/last.ckpt (before, only the DDP/FSDP overlays kept a checkpoint)
+    assert resolved["trainer"].pop("enable_checkpointing") is True
     if model["optimizer"] == DEFAULT_OPTIMIZER:
         model["optimizer"] = ADAM_1E5
     return resolved
@@ -52,6 +54,7 @@ def snapshot(name: str) -> dict:
     before = yaml.safe_load((SNAPSHOTS / f"{name}.yaml").read_text())
     # an option removed since: rewards never depended on it
     assert before["model"]["init_args"].pop("padding_side") == "right"
+    before["trainer"].pop("enable_checkpointing")
     return before
 
 

@@ -1,0 +1,181 @@
+"""Nothing lost, nothing silently wrong: results that survive faults, run directories that never collide,
+exact determinism and resume. Tiny model, in-process (``cli.main``), seconds each."""
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from conftest import PROJECT_ROOT, tiny_override
+from rm_lightning import cli
+from rm_lightning.callbacks import margin_history
+from rm_lightning.callbacks.run_directory import LOCK_FILENAME, RunClaim, claim_version, holder_of
+from rm_lightning.errors import SettingError
+
+EXRM = str(PROJECT_ROOT / "configs" / "exrm_persona.yaml")
+SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false"]
+
+
+class InterruptAt(L.Callback):
+    """Ctrl-C as Lightning sees it: a KeyboardInterrupt out of a training step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(autouse=True)
+def sigint_restored():
+    """Lightning ignores SIGINT after a KeyboardInterrupt (for its shutdown); give pytest its Ctrl-C back."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+def fit(root: Path, *args: str, max_epochs: int = 2, max_steps: int = -1, interrupt_at: int | None = None) -> int:
+    """``fit`` of the Persona EX-RM on the tiny model under ``root``; the exit status (0 when it returned)."""
+    root.mkdir(parents=True, exist_ok=True)
+    override = tiny_override(root, max_epochs=max_epochs, max_steps=max_steps)
+    extra = []
+    if interrupt_at is not None:
+        callback = root / "interrupt.yaml"
+        callback.write_text(f"trainer:\n  callbacks:\n    - class_path: test_faults.InterruptAt\n"
+                            f"      init_args: {{step: {interrupt_at}}}\n")
+        extra = ["--config", str(callback)]
+    try:
+        cli.main(["fit", "--config", EXRM, "--config", str(override), *extra, *SMALL, *args])
+    except SystemExit as exited:
+        return exited.code
+    return 0
+
+
+def versions(root: Path) -> list[Path]:
+    return sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def metrics(record: dict) -> dict:
+    return {name: {k: v for k, v in values.items()} for name, values in record["eval_sets"].items()}
+
+
+# --- results that survive faults -----------------------------------------------------------------
+
+
+def test_max_steps_mid_epoch_evaluates_the_final_weights(tmp_path):
+    assert fit(tmp_path, "--data.init_args.num_train", "16", max_epochs=2, max_steps=3) == 0
+    record = results(versions(tmp_path)[0])
+    assert record["status"] == "finished" and record["global_step"] == 3 and record["eval_step"] == 3
+    assert set(record["eval_sets"]) == {"original_train_prompts", "original_test_prompts",
+                                        "paraphrased_train_prompts", "paraphrased_test_prompts"}
+
+
+def test_a_fit_without_evaluation_is_not_evaluated_not_finished(tmp_path):
+    assert fit(tmp_path, "--trainer.limit_val_batches", "0", max_epochs=1) == 0
+    record = results(versions(tmp_path)[0])
+    assert record["status"] == "not_evaluated" and record["eval_sets"] == {}
+
+
+def test_ctrl_c_keeps_the_history_the_last_evaluation_and_says_interrupted(tmp_path):
+    assert fit(tmp_path, max_epochs=3, interrupt_at=3) == 1  # 2 steps an epoch: mid second epoch
+    run = versions(tmp_path)[0]
+    record = results(run)
+    assert record["status"] == "interrupted" and record["reason"] == "KeyboardInterrupt"
+    assert record["global_step"] == 3 and record["eval_step"] == 2 and record["eval_sets"]
+    rows = (run / "margin_history.csv").read_text().splitlines()
+    assert len([row for row in rows if ",train,train," in row]) == 3
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_plot_that_cannot_be_written_is_a_warning_and_results_are_kept(tmp_path, monkeypatch):
+    def disk_full(rows, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(margin_history, "plot_history", disk_full)
+    with pytest.warns(UserWarning, match="could not write .*margin_history.png"):
+        assert fit(tmp_path, max_epochs=1) == 0
+    run = versions(tmp_path)[0]
+    assert results(run)["status"] == "finished" and (run / "margin_history.csv").is_file()
+    assert not (run / "margin_history.png").exists()
+
+
+def test_shipped_configs_keep_only_the_last_checkpoint(tmp_path):
+    assert fit(tmp_path, max_epochs=2) == 0
+    assert sorted(p.name for p in (versions(tmp_path)[0] / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+# --- determinism and resume ------------------------------------------------------------------------
+
+
+def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
+    assert fit(tmp_path / "a", max_epochs=2) == 0 and fit(tmp_path / "b", max_epochs=2) == 0
+    first, second = (results(versions(tmp_path / name)[0]) for name in ("a", "b"))
+    assert first["status"] == second["status"] == "finished"
+    assert metrics(first) == metrics(second)
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
+    assert fit(tmp_path / "whole", max_epochs=3) == 0
+    assert fit(tmp_path / "cut", max_epochs=3, interrupt_at=3) == 1
+    assert fit(tmp_path / "cut", "--ckpt_path", "last", max_epochs=3) == 0
+    whole, (cut, resumed) = results(versions(tmp_path / "whole")[0]), versions(tmp_path / "cut")
+    assert results(cut)["status"] == "interrupted"
+    assert results(resumed)["status"] == "finished" and results(resumed)["global_step"] == whole["global_step"] == 6
+    assert metrics(results(resumed)) == metrics(whole)
+
+
+def test_resuming_with_no_checkpoint_is_one_line(tmp_path, capsys):
+    assert fit(tmp_path, "--ckpt_path", "last") == 2
+    assert "ckpt_path: 'last' found no" in capsys.readouterr().err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+# --- run directories that never collide ----------------------------------------------------------
+
+
+def test_runs_under_one_root_take_different_versions(tmp_path):
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)  # another run's, still empty
+    assert fit(tmp_path, max_epochs=1) == 0
+    assert [p.name for p in versions(tmp_path)] == ["version_0", "version_1"]
+    assert not list((tmp_path / "lightning_logs" / "version_0").iterdir())
+    assert (versions(tmp_path)[1] / "results.json").is_file()
+    assert not (versions(tmp_path)[1] / LOCK_FILENAME).exists()  # released at the end
+
+
+def test_concurrent_claims_get_distinct_versions(tmp_path):
+    claimed: list[int] = []
+    threads = [threading.Thread(target=lambda: claimed.append(claim_version(tmp_path))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == list(range(8))
+
+
+def test_a_directory_held_by_a_live_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    held = tmp_path / "run"
+    held.mkdir()
+    (held / LOCK_FILENAME).write_text(f"{os.getppid()}\n")  # the live process that started pytest
+    with pytest.raises(SettingError, match=f"run directory {held} is in use by process {os.getppid()}"):
+        RunClaim(held, created=False)
+    (held / LOCK_FILENAME).write_text("999999999\n")  # no such process
+    assert holder_of(held) is None
+    claim = RunClaim(held, created=False)
+    assert holder_of(held) == os.getpid()
+    claim.release()
+    assert not (held / LOCK_FILENAME).exists()
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    """A data error found in setup (after the trainer made its directory) removes that directory."""
+    status = fit(tmp_path, "--data.init_args.eval_every_n_epochs", '{"no_such_set": 2}', max_epochs=1)
+    assert status == 2 and "no eval set named 'no_such_set'" in capsys.readouterr().err
+    assert versions(tmp_path) == []
