@@ -5,16 +5,19 @@ import json
 import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import cli
 from rm_lightning.callbacks import margin_history
 from rm_lightning.callbacks.run_directory import LOCK_FILENAME, RunClaim, claim_version, holder_of
 from rm_lightning.errors import SettingError
+from rm_lightning.models import reference_cache
 
 EXRM = str(PROJECT_ROOT / "configs" / "exrm_persona.yaml")
 SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false"]
@@ -179,3 +182,75 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):
     status = fit(tmp_path, "--data.init_args.eval_every_n_epochs", '{"no_such_set": 2}', max_epochs=1)
     assert status == 2 and "no eval set named 'no_such_set'" in capsys.readouterr().err
     assert versions(tmp_path) == []
+
+
+# --- a reference cache that checks itself --------------------------------------------------------
+
+
+def imrm_and_train_set(cache_dir: Path):
+    """A fresh untrained tiny IM-RM (the same weights every call) and its tokenized 8 training pairs."""
+    from data_modules import PersonaDataModule
+    from rm_lightning import ImplicitRM
+
+    module = ImplicitRM(backbone="tiny-llama-chat", reference_cache_dir=str(cache_dir))
+    data = PersonaDataModule(num_train=8, num_test=4)
+    data.attach(module).setup("fit")
+    return module, data.train_set
+
+
+def untrained_rewards(module, dataset):
+    module.attach_reference_logps(dataset)
+    return module.rewards(module.collator()(dataset.pairs))
+
+
+def flip_a_bit(path: Path) -> None:
+    stored = torch.load(path, weights_only=True)
+    stored["values"][3, 1] = torch.tensor(stored["values"][3, 1].item() * (1 + 2 ** -40), dtype=torch.float64)
+    torch.save(stored, path)
+
+
+def other_entry_of_the_same_shape(path: Path) -> None:
+    stored = torch.load(path, weights_only=True)
+    identity = {**stored["identity"], "tokens": "0" * 64}
+    torch.save(reference_cache.entry(identity, stored["values"] - 0.3), path)
+
+
+CORRUPTIONS = {
+    "one bit flipped": (flip_a_bit, "contents do not match their checksum"),
+    "another entry of the same shape": (other_entry_of_the_same_shape, "computed from other tokens"),
+    "truncated": (lambda path: path.write_bytes(path.read_bytes()[:100]), "unreadable"),
+    "empty": (lambda path: path.write_bytes(b""), "unreadable"),
+    "bare tensor of an old format": (lambda path: torch.save(torch.zeros(8, 2, dtype=torch.float64), path),
+                                     "not a reference cache entry"),
+    "a pickled object": (lambda path: torch.save({"identity": threading.Lock}, path), "unreadable"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_bad_cache_file_is_named_in_one_line_and_recomputed(corruption, tmp_path):
+    module, dataset = imrm_and_train_set(tmp_path)
+    assert torch.equal(untrained_rewards(module, dataset), torch.zeros(2 * len(dataset)))
+    [path] = tmp_path.glob("*.pt")
+    corrupt, reason = CORRUPTIONS[corruption]
+    corrupt(path)
+    module, dataset = imrm_and_train_set(tmp_path)
+    with pytest.warns(UserWarning) as warned:
+        rewards = untrained_rewards(module, dataset)
+    messages = [str(w.message) for w in warned if "reference cache" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert f"IM-RM reference cache {path}: {reason}" in messages[0] and messages[0].endswith("recomputing it")
+    assert torch.equal(rewards, torch.zeros(2 * len(dataset)))  # exactly 0 before training: the right reference
+    module, dataset = imrm_and_train_set(tmp_path)  # the recomputed file is whole again and read silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(untrained_rewards(module, dataset), torch.zeros(2 * len(dataset)))
+
+
+def test_an_unwritable_cache_folder_means_computing_in_memory_with_one_warning(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    module, dataset = imrm_and_train_set(blocker)
+    with pytest.warns(UserWarning, match=f"IM-RM reference cache folder {blocker} cannot be written") as warned:
+        assert torch.equal(untrained_rewards(module, dataset), torch.zeros(2 * len(dataset)))
+    assert len([w for w in warned if "cannot be written" in str(w.message)]) == 1
+    assert blocker.read_text().startswith("a file")

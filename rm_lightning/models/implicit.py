@@ -122,11 +122,10 @@ class ImplicitRM(RewardModule):
             return
         precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true"))
         layout = f"{self.hparams.decoder_layout}|{self.hparams.packed_attention}"
-        path = reference_cache.cache_path(self.reference_cache_dir, self._initial_fingerprint, dataset, precision,
-                                          layout)
+        identity = reference_cache.cache_identity(self._initial_fingerprint, dataset, precision, layout)
         reference_cache.attach(dataset, reference_cache.load_or_compute(
-            path, dataset, lambda: reference_cache.reference_pass(self, self._pristine_or_reference(), dataset,
-                                                                  batch_size)))
+            self.reference_cache_dir, identity, dataset,
+            lambda: reference_cache.reference_pass(self, self._pristine_or_reference(), dataset, batch_size)))
 
     def _pristine_or_reference(self) -> torch.nn.Module:
         """The policy itself while its weights are still the initial ones (no second model in memory)."""
