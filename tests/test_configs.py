@@ -32,7 +32,8 @@ def resolve(capsys, *configs: Path) -> dict:
 
 # options added since 6723d7e, at the value that keeps the behaviour of then (packed attention was grouped
 # unless an environment variable said otherwise)
-ADDED = {"model": {"packed_attention": "grouped", "trainable": "all"}, "data": {"response_format": "sentence"}}
+ADDED = {"model": {"packed_attention": "grouped", "trainable": "all"},
+         "data": {"response_format": "sentence", "invalid_pairs": "drop"}}
 
 
 def as_before(resolved: dict, experiment: str) -> dict:

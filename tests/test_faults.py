@@ -254,3 +254,69 @@ def test_an_unwritable_cache_folder_means_computing_in_memory_with_one_warning(t
         assert torch.equal(untrained_rewards(module, dataset), torch.zeros(2 * len(dataset)))
     assert len([w for w in warned if "cannot be written" in str(w.message)]) == 1
     assert blocker.read_text().startswith("a file")
+
+
+# --- data checks with file:line ------------------------------------------------------------------
+
+PAIRS_WITH_PROBLEMS = [
+    {"prompt": "p1", "chosen": "a", "rejected": "b"},
+    {"prompt": "p2", "chosen": "same", "rejected": "same"},  # line 2: identical
+    {"prompt": "  ", "chosen": "a", "rejected": "b"},  # line 3: empty prompt
+    {"prompt": "p1", "chosen": "a", "rejected": "b"},  # line 4: a duplicate of line 1
+    {"prompt": "p4", "chosen": "x", "rejected": "\t"},  # line 5: whitespace-only response
+    {"prompt": "p5", "chosen": "c", "rejected": "d"},
+]
+
+
+def jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def realworld_fit_args(tmp_path: Path, train: Path, eval_set: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(PROJECT_ROOT / "configs" / "exrm_ultrafeedback.yaml"),
+            "--config", str(tiny_override(tmp_path, max_steps=1)),
+            "--data.init_args.train", json.dumps({"path": str(train), "hub": None, "limit": None}),
+            "--data.init_args.eval_sets", json.dumps({"held_out": {"path": str(eval_set)}}),
+            "--trainer.enable_progress_bar", "false", *extra]
+
+
+def test_problem_pairs_are_dropped_and_counted_in_the_summary(tmp_path, capsys):
+    from data_modules import RealWorldDataModule
+    from rm_lightning import ExplicitRM
+
+    train = jsonl(tmp_path / "train.jsonl", PAIRS_WITH_PROBLEMS)
+    data = RealWorldDataModule(train={"path": str(train)}, eval_sets={"held_out": {"path": str(train)}})
+    data.attach(ExplicitRM(backbone="tiny-llama")).setup("fit")
+    assert len(data.train_set) == 3 and data.train_set.screened == {"identical": 1, "empty": 2, "duplicate": 1}
+    row = next(line for line in data.summary().splitlines() if line.strip().startswith("train "))
+    assert row.split()[2:] == ["3", "0", "1", "2", "1"]  # kept, too long, identical, empty, duplicates
+
+
+@pytest.mark.parametrize("line, message", [
+    (2, "chosen and rejected responses are identical"),
+    (3, "empty or whitespace-only prompt"),
+    (5, "empty or whitespace-only rejected"),
+])
+def test_invalid_pairs_fail_names_the_file_and_line(line, message, tmp_path, capsys):
+    records = [PAIRS_WITH_PROBLEMS[0], PAIRS_WITH_PROBLEMS[line - 1]]
+    train = jsonl(tmp_path / "train.jsonl", records)
+    good = jsonl(tmp_path / "good.jsonl", PAIRS_WITH_PROBLEMS[:1])
+    with pytest.raises(SystemExit) as exited:
+        cli.main(realworld_fit_args(tmp_path, train, good, "--data.init_args.invalid_pairs", "fail"))
+    err = [row for row in capsys.readouterr().err.splitlines() if row.startswith("error:")]
+    assert exited.value.code == 2 and len(err) == 1
+    assert f"{train}:2: {message}" in err[0]
+    assert versions(tmp_path) == []
+
+
+def test_undecodable_bytes_name_the_line_and_the_expected_encoding(tmp_path, capsys):
+    train = tmp_path / "latin1.jsonl"
+    train.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+                      b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(SystemExit) as exited:
+        cli.main(realworld_fit_args(tmp_path, train, train))
+    err = [row for row in capsys.readouterr().err.splitlines() if row.startswith("error:")]
+    assert exited.value.code == 2 and len(err) == 1
+    assert f"{train}:2: not UTF-8 text (byte 0xe9" in err[0] and "must be UTF-8 encoded" in err[0]
+    assert versions(tmp_path) == []
