@@ -24,14 +24,14 @@ SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "-
 
 
 class InterruptAt(L.Callback):
-    """Ctrl-C as Lightning sees it: a KeyboardInterrupt out of a training step."""
+    """Ctrl-C as Lightning sees it (a KeyboardInterrupt out of a training step), or a crash there."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, crash: bool = False):
+        self.step, self.crash = step, crash
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            raise KeyboardInterrupt
+            raise RuntimeError("boom") if self.crash else KeyboardInterrupt
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,8 @@ def sigint_restored():
     signal.signal(signal.SIGINT, handler)
 
 
-def fit(root: Path, *args: str, max_epochs: int = 2, max_steps: int = -1, interrupt_at: int | None = None) -> int:
+def fit(root: Path, *args: str, max_epochs: int = 2, max_steps: int = -1, interrupt_at: int | None = None,
+        crash: bool = False) -> int:
     """``fit`` of the Persona EX-RM on the tiny model under ``root``; the exit status (0 when it returned)."""
     root.mkdir(parents=True, exist_ok=True)
     override = tiny_override(root, max_epochs=max_epochs, max_steps=max_steps)
@@ -50,7 +51,7 @@ def fit(root: Path, *args: str, max_epochs: int = 2, max_steps: int = -1, interr
     if interrupt_at is not None:
         callback = root / "interrupt.yaml"
         callback.write_text(f"trainer:\n  callbacks:\n    - class_path: test_faults.InterruptAt\n"
-                            f"      init_args: {{step: {interrupt_at}}}\n")
+                            f"      init_args: {{step: {interrupt_at}, crash: {str(crash).lower()}}}\n")
         extra = ["--config", str(callback)]
     try:
         cli.main(["fit", "--config", EXRM, "--config", str(override), *extra, *SMALL, *args])
@@ -97,6 +98,15 @@ def test_ctrl_c_keeps_the_history_the_last_evaluation_and_says_interrupted(tmp_p
     rows = (run / "margin_history.csv").read_text().splitlines()
     assert len([row for row in rows if ",train,train," in row]) == 3
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_crash_mid_training_keeps_the_history_and_says_failed(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, max_epochs=3, interrupt_at=3, crash=True)
+    run = versions(tmp_path)[0]
+    record = results(run)
+    assert record["status"] == "failed" and record["reason"] == "RuntimeError: boom" and record["eval_step"] == 2
+    assert (run / "margin_history.csv").is_file() and not (run / LOCK_FILENAME).exists()
 
 
 def test_a_plot_that_cannot_be_written_is_a_warning_and_results_are_kept(tmp_path, monkeypatch):
@@ -320,3 +330,54 @@ def test_undecodable_bytes_name_the_line_and_the_expected_encoding(tmp_path, cap
     assert exited.value.code == 2 and len(err) == 1
     assert f"{train}:2: not UTF-8 text (byte 0xe9" in err[0] and "must be UTF-8 encoded" in err[0]
     assert versions(tmp_path) == []
+
+
+# --- sweeps: children die with the sweep, held directories are left alone -------------------------
+
+
+def test_a_sweep_child_has_its_own_group_and_is_stopped_with_the_sweep(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from rm_lightning.experiments import sweep
+
+    started = tmp_path / "group"
+    real_wait = subprocess.Popen.wait
+
+    def interrupted_wait(self, timeout=None):
+        if timeout is None:  # the sweep waiting for its child: Ctrl-C arrives once the child runs
+            while not started.exists():
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+        return real_wait(self, timeout)
+
+    children = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        children.append(real_popen(*args, **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted_wait)
+    monkeypatch.setattr(sweep.subprocess, "Popen", recording_popen)
+    child_code = (f"import os, pathlib, time; pathlib.Path({str(started)!r}).write_text(str(os.getpgrp())); "
+                  f"time.sleep(60)")
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_child([sys.executable, "-c", child_code], grace_s=10)
+    [child] = children
+    assert int(started.read_text()) == child.pid != os.getpgrp()  # its own process group
+    assert child.poll() is not None  # and it did not outlive the sweep
+
+
+def test_a_sweep_leaves_a_directory_held_by_a_live_process_alone(tmp_path):
+    from rm_lightning.experiments import sweep
+
+    held = tmp_path / "run"
+    held.mkdir()
+    (held / LOCK_FILENAME).write_text(f"{os.getppid()}\n")
+    (held / "results.json").write_text("{}")
+    run = sweep.Run(Path("exrm_persona.yaml"), "rm_lightning.ExplicitRM", "tiny-llama", 0, held)
+    outcome = sweep.launch(run, ["false"])
+    assert outcome.status == "failed" and f"in use by the live process {os.getppid()}" in outcome.reason
+    assert (held / "results.json").read_text() == "{}"
