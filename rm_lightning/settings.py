@@ -203,6 +203,6 @@ def check_config(config: dict[str, Any], subcommand: Optional[str] = None) -> No
 def check_ckpt_path(ckpt_path: Any, subcommand: Optional[str]) -> None:
     if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
         return
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():  # a file, or a folder (a sharded FSDP checkpoint)
         raise SettingError(f"ckpt_path: no checkpoint file at {ckpt_path} (give a .ckpt file, or 'last' to resume "
                            f"from the run's last.ckpt)")
