@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import EncodedPairs, LengthBucketSampler, PreferencePair, check_shift_tag
 from rm_lightning.pairs.screening import INVALID_PAIR_POLICIES, InvalidPairs, screen_pairs
-from rm_lightning.settings import check_eval_every_n_epochs, check_options
+from rm_lightning.settings import check_eval_every_n_epochs, check_options, check_validation_fits_an_epoch
 
 
 @dataclass
@@ -112,6 +112,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder, self.invalid_pairs)
                           for name, s in eval_sets.items()}
         rank_zero_info(self.summary())
+        if self.trainer is not None and stage in (None, "fit"):
+            check_validation_fits_an_epoch(self.trainer, len(self.train_dataloader()))
 
     @staticmethod
     def _encode(name: str, pairs: list[PreferencePair], tag: str, encoder, invalid_pairs: str = "drop") -> EncodedPairs:

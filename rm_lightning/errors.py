@@ -51,5 +51,5 @@ def exit_status(main: Callable[..., int | None], *args) -> int:
         return print_user_error(cause)
 
 
-class SettingError(RMLightningError):
+class SettingError(RMLightningError, ValueError):
     """An option outside its allowed range (checked before any model is loaded)."""

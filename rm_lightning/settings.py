@@ -206,3 +206,17 @@ def check_ckpt_path(ckpt_path: Any, subcommand: Optional[str]) -> None:
     if not Path(ckpt_path).exists():  # a file, or a folder (a sharded FSDP checkpoint)
         raise SettingError(f"ckpt_path: no checkpoint file at {ckpt_path} (give a .ckpt file, or 'last' to resume "
                            f"from the run's last.ckpt)")
+
+
+def check_validation_fits_an_epoch(trainer, batches_per_epoch: int) -> None:
+    """A whole-number ``val_check_interval`` must fit in an epoch (Lightning finds out only after the
+    reference pass). Called by the data module once it knows the number of batches, before the model's setup."""
+    interval, limit = trainer.val_check_interval, trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches_per_epoch = min(batches_per_epoch, limit)
+    elif isinstance(limit, float):
+        batches_per_epoch = int(batches_per_epoch * limit)
+    if _is_int(interval) and trainer.check_val_every_n_epoch is not None and interval > batches_per_epoch:
+        raise SettingError(f"trainer.val_check_interval: {interval} is more than the {batches_per_epoch} training "
+                           f"batches of an epoch; expected at most {batches_per_epoch}, a fraction in (0, 1], or "
+                           f"trainer.check_val_every_n_epoch null to count batches across epochs")

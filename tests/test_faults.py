@@ -68,6 +68,12 @@ def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+def train_steps(run: Path) -> list[int]:
+    """The steps of the training rows of a run's margin_history.csv (a row after each optimizer step)."""
+    rows = (run / "margin_history.csv").read_text().splitlines()
+    return [int(row.split(",")[0]) for row in rows if ",train,train," in row]
+
+
 def metrics(record: dict) -> dict:
     return {name: {k: v for k, v in values.items()} for name, values in record["eval_sets"].items()}
 
@@ -95,8 +101,7 @@ def test_ctrl_c_keeps_the_history_the_last_evaluation_and_says_interrupted(tmp_p
     record = results(run)
     assert record["status"] == "interrupted" and record["reason"] == "KeyboardInterrupt"
     assert record["global_step"] == 3 and record["eval_step"] == 2 and record["eval_sets"]
-    rows = (run / "margin_history.csv").read_text().splitlines()
-    assert len([row for row in rows if ",train,train," in row]) == 3
+    assert train_steps(run) == [1, 2, 3]
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -136,12 +141,13 @@ def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
 
 
 def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
-    assert fit(tmp_path / "whole", max_epochs=3) == 0
-    assert fit(tmp_path / "cut", max_epochs=3, interrupt_at=3) == 1
-    assert fit(tmp_path / "cut", "--ckpt_path", "last", max_epochs=3) == 0
+    assert fit(tmp_path / "whole", max_epochs=2) == 0
+    assert fit(tmp_path / "cut", max_epochs=2, interrupt_at=3) == 1  # in the second epoch; last.ckpt: the first's
+    assert fit(tmp_path / "cut", "--ckpt_path", "last", max_epochs=2) == 0
     whole, (cut, resumed) = results(versions(tmp_path / "whole")[0]), versions(tmp_path / "cut")
     assert results(cut)["status"] == "interrupted"
-    assert results(resumed)["status"] == "finished" and results(resumed)["global_step"] == whole["global_step"] == 6
+    assert results(resumed)["status"] == "finished" and results(resumed)["global_step"] == whole["global_step"] == 4
+    assert train_steps(resumed) == [3, 4]  # it went on from the first epoch's checkpoint, not from scratch
     assert metrics(results(resumed)) == metrics(whole)
 
 

@@ -134,3 +134,16 @@ def test_python_callers_get_the_same_checks():
 def test_a_folder_is_a_backbone(tmp_path):
     check_backbone_name(str(tmp_path))
     assert Path(tmp_path).is_dir()
+
+
+def test_a_validation_interval_longer_than_an_epoch_is_one_line_before_the_reference_pass(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from rm_lightning.models import implicit
+
+    def no_reference_pass(*args, **kwargs):
+        raise AssertionError("the reference pass ran before the schedule was checked")
+    monkeypatch.setattr(implicit.ImplicitRM, "attach_reference_logps", no_reference_pass)
+    line = one_error_line(capsys, ["fit", "--config", IMRM, "--config", str(tiny_override(tmp_path)),
+                                   "--data.init_args.num_train", "8", "--trainer.val_check_interval", "5"])
+    assert "trainer.val_check_interval: 5 is more than the 2 training batches of an epoch" in line
+    assert not list((tmp_path / "lightning_logs").glob("version_*"))
