@@ -266,7 +266,8 @@ def test_an_unwritable_cache_folder_means_computing_in_memory_with_one_warning(t
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache folder should be")
     module, dataset = imrm_and_train_set(blocker)
-    with pytest.warns(UserWarning, match=f"IM-RM reference cache folder {blocker} cannot be written") as warned:
+    expected = f"IM-RM reference cache folder {blocker} cannot be written \\(it is a file\\)"
+    with pytest.warns(UserWarning, match=expected) as warned:
         assert torch.equal(untrained_rewards(module, dataset), torch.zeros(2 * len(dataset)))
     assert len([w for w in warned if "cannot be written" in str(w.message)]) == 1
     assert blocker.read_text().startswith("a file")

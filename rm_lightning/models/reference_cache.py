@@ -124,7 +124,8 @@ _WARNED_DIRECTORIES: set[str] = set()
 def warn_unwritable_once(directory: Path, err: OSError) -> None:
     if str(directory) not in _WARNED_DIRECTORIES:
         _WARNED_DIRECTORIES.add(str(directory))
-        rank_zero_warn(f"IM-RM reference cache folder {directory} cannot be written ({err.strerror or err}); "
+        why = "it is a file" if directory.is_file() else err.strerror or str(err)
+        rank_zero_warn(f"IM-RM reference cache folder {directory} cannot be written ({why}); "
                        f"reference log-probs are computed in memory for this run only")
 
 
