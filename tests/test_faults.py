@@ -89,6 +89,12 @@ def test_max_steps_mid_epoch_evaluates_the_final_weights(tmp_path):
                                         "paraphrased_train_prompts", "paraphrased_test_prompts"}
 
 
+def test_a_time_limit_evaluates_the_weights_it_stops_at(tmp_path):
+    assert fit(tmp_path, "--data.init_args.num_train", "64", "--trainer.max_time", "00:00:00:01", max_epochs=1) == 0
+    record = results(versions(tmp_path)[0])
+    assert record["status"] == "finished" and record["eval_step"] == record["global_step"] > 0
+
+
 def test_a_fit_without_evaluation_is_not_evaluated_not_finished(tmp_path):
     assert fit(tmp_path, "--trainer.limit_val_batches", "0", max_epochs=1) == 0
     record = results(versions(tmp_path)[0])

@@ -1,6 +1,7 @@
 """Every setting is checked before any expensive work: one ``error:`` line naming the option, exit status 2,
 no model loaded and nothing written."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,15 @@ def test_a_validation_interval_longer_than_an_epoch_is_one_line_before_the_refer
                                    "--data.init_args.num_train", "8", "--trainer.val_check_interval", "5"])
     assert "trainer.val_check_interval: 5 is more than the 2 training batches of an epoch" in line
     assert not list((tmp_path / "lightning_logs").glob("version_*"))
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, capsys, no_model_load, monkeypatch):
+    """Read-only folders cannot be made for a test run as root, so the permission answer is given."""
+    from rm_lightning import settings
+
+    access = os.access
+    monkeypatch.setattr(settings.os, "access", lambda path, mode, **kwargs: False if Path(path) == tmp_path and
+                        mode & os.W_OK else access(path, mode, **kwargs))
+    line = one_error_line(capsys, ["fit", "--config", EXRM, "--config", str(tiny_override(tmp_path)),
+                                   "--trainer.default_root_dir", str(tmp_path / "runs")])
+    assert line == f"error: trainer.default_root_dir: {tmp_path / 'runs'} is not writable (in {tmp_path})"
