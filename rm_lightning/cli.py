@@ -71,7 +71,7 @@ class RewardCLI(LightningCLI):
                 config[option] = None
         if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True):
             config["ckpt_path"] = str(newest_last_checkpoint(config.get("trainer.default_root_dir") or "."))
-        check_config(config.as_dict(), self.subcommand)
+        check_config(config.as_dict())
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         configured = config.get("callbacks") or []

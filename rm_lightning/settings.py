@@ -16,7 +16,7 @@ import math
 import os
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from rm_lightning.errors import SettingError
 
@@ -180,7 +180,7 @@ def init_args(block: Any) -> dict[str, Any]:
     return {}
 
 
-def check_config(config: dict[str, Any], subcommand: Optional[str] = None) -> None:
+def check_config(config: dict[str, Any]) -> None:
     """Check a parsed CLI config (one subcommand's) before any class is built."""
     from rm_lightning.models.backbones import check_backbone_name
 
@@ -197,10 +197,10 @@ def check_config(config: dict[str, Any], subcommand: Optional[str] = None) -> No
     results = config.get("results") or {}
     if results.get("dirpath"):
         check_writable_folder("results.dirpath", results["dirpath"])
-    check_ckpt_path(config.get("ckpt_path"), subcommand)
+    check_ckpt_path(config.get("ckpt_path"))
 
 
-def check_ckpt_path(ckpt_path: Any, subcommand: Optional[str]) -> None:
+def check_ckpt_path(ckpt_path: Any) -> None:
     if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
         return
     if not Path(ckpt_path).exists():  # a file, or a folder (a sharded FSDP checkpoint)
