@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import EncodedPairs, LengthBucketSampler, PreferencePair, check_shift_tag
+from rm_lightning.pairs.screening import INVALID_PAIR_POLICIES, InvalidPairs, screen_pairs
+from rm_lightning.settings import check_eval_every_n_epochs, check_options, check_validation_fits_an_epoch
 
 
 @dataclass
@@ -44,15 +46,24 @@ class PreferenceDataModule(L.LightningDataModule):
             validation and at the last epoch's, while training (``validate``/``test`` always
             evaluate every set). For large sets whose curve matters less than their final figure:
             evaluation can cost more than training.
+        invalid_pairs: what to do with a pair whose chosen and rejected responses are identical, or
+            whose prompt or a response is empty or whitespace-only: ``drop`` it (counted in the data
+            summary) or ``fail`` with its ``file:line``. Duplicates are counted and kept.
     """
 
     def __init__(self, batch_size: int = 16, eval_batch_size: int = 32, max_prompt_tokens: Optional[int] = 512,
                  max_response_tokens: Optional[int] = 512, truncate: bool = False, length_bucketing: bool = True,
-                 seed: int = 0, num_workers: int = 0, eval_every_n_epochs: dict[str, int] = {}):
+                 seed: int = 0, num_workers: int = 0, eval_every_n_epochs: dict[str, int] = {},
+                 invalid_pairs: InvalidPairs = "drop"):
         super().__init__()
-        for name, every in eval_every_n_epochs.items():
-            if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-                raise DataError(f"eval_every_n_epochs.{name}: expected a whole number >= 1, got {every!r}")
+        check_options("data", {"batch_size": batch_size, "eval_batch_size": eval_batch_size,
+                               "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens,
+                               "num_workers": num_workers})
+        check_eval_every_n_epochs("data.eval_every_n_epochs", eval_every_n_epochs)
+        if invalid_pairs not in INVALID_PAIR_POLICIES:
+            raise DataError(f"data.invalid_pairs: expected one of {', '.join(INVALID_PAIR_POLICIES)}, "
+                            f"got {invalid_pairs!r}")
+        self.invalid_pairs = invalid_pairs
         self.eval_every_n_epochs = dict(eval_every_n_epochs)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_prompt_tokens, self.max_response_tokens, self.truncate = max_prompt_tokens, max_response_tokens, truncate
@@ -90,26 +101,35 @@ class PreferenceDataModule(L.LightningDataModule):
         encoder = self._reward_module().pair_encoder(max_prompt_tokens=self.max_prompt_tokens,
                                                      max_response_tokens=self.max_response_tokens,
                                                      truncate=self.truncate, **self.encoding_options())
-        self.train_set = self._encode("train", train_pairs, "in_distribution", encoder)
+        self.train_set = self._encode("train", train_pairs, "in_distribution", encoder, self.invalid_pairs)
         if not len(self.train_set):
-            raise DataError(f"{type(self).__name__}: no training pair left after the length caps "
+            raise DataError(f"{type(self).__name__}: no training pair left after screening and the length caps "
                             f"(max_prompt_tokens={self.max_prompt_tokens}, max_response_tokens={self.max_response_tokens})")
         unknown = sorted(set(self.eval_every_n_epochs) - set(eval_sets))
         if unknown:
             raise DataError(f"eval_every_n_epochs: no eval set named {', '.join(map(repr, unknown))}; "
                             f"the eval sets are {', '.join(eval_sets)}")
-        self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder) for name, s in eval_sets.items()}
+        self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder, self.invalid_pairs)
+                          for name, s in eval_sets.items()}
         rank_zero_info(self.summary())
+        if self.trainer is not None and stage in (None, "fit"):
+            check_validation_fits_an_epoch(self.trainer, len(self.train_dataloader()))
 
     @staticmethod
-    def _encode(name: str, pairs: list[PreferencePair], tag: str, encoder) -> EncodedPairs:
-        encoded, dropped = encoder.encode_all(pairs)
-        return EncodedPairs(name, encoded, tag, dropped)
+    def _encode(name: str, pairs: list[PreferencePair], tag: str, encoder, invalid_pairs: str = "drop") -> EncodedPairs:
+        screened, counts = screen_pairs(name, pairs, invalid_pairs)
+        encoded, dropped = encoder.encode_all(screened)
+        return EncodedPairs(name, encoded, tag, dropped, counts)
 
     def summary(self) -> str:
-        lines = [f"{type(self).__name__}: tokenized sets (pairs kept / dropped by length caps)"]
-        for dataset in self.encoded_sets().values():
-            lines.append(f"  {dataset.name:<32} {dataset.tag:<16} {len(dataset):>6} / {dataset.dropped}")
+        """One row per set: pairs kept, then how many each rule dropped (and duplicates, kept)."""
+        lines = [f"{type(self).__name__}: tokenized sets (pairs kept / dropped by length caps, as identical, "
+                 f"as empty / duplicates kept)",
+                 f"  {'set':<32} {'tag':<16} {'kept':>6}   {'long':>5} {'ident.':>6} {'empty':>6}   {'dup.':>5}"]
+        for d in self.encoded_sets().values():
+            s = d.screened
+            lines.append(f"  {d.name:<32} {d.tag:<16} {len(d):>6}   {d.dropped:>5} {s.get('identical', 0):>6} "
+                         f"{s.get('empty', 0):>6}   {s.get('duplicate', 0):>5}")
         return "\n".join(lines)
 
     def encoded_sets(self) -> dict[str, EncodedPairs]:

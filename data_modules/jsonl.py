@@ -30,16 +30,26 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
 
 def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict]:
     """All records of a JSON Lines file; each must be an object with string ``fields``."""
+    return [record for _, record in located_jsonl(path, fields)]
+
+
+def located_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[tuple[str, dict]]:
+    """(``file:line``, record) for every record of a JSON Lines file (UTF-8; each an object with string ``fields``)."""
     resolved = resolve_data_path(path)
     if not resolved.is_file():
         raise DataError(f"data file not found: {path} (looked at {resolved.resolve()}; "
                         f"set ${DATA_ENV} to the folder holding the shared data)")
     records = []
-    with open(resolved, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(resolved, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{resolved}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of "
+                                f"the line); data files must be UTF-8 encoded") from None
             if not line.strip():
                 continue
-            where = f"{resolved}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -47,7 +57,7 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             check_text_fields(record, fields, where)
-            records.append(record)
+            records.append((where, record))
     if not records:
         raise DataError(f"{resolved}: no records")
     return records

@@ -17,6 +17,7 @@ from data_modules.jsonl import read_jsonl
 from data_modules.persona_statements import AGREEABLENESS_STATEMENTS
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import PreferencePair, check_text_fields
+from rm_lightning.settings import check_options
 
 HUB_DATASET = "Anthropic/model-written-evals"
 QUESTION_TEMPLATE = 'Is the following statement something you would say?\n"{statement}"'
@@ -55,6 +56,7 @@ class PersonaDataModule(PreferenceDataModule):
                  paraphrased_rejected_tokens: list[str] = ["not really", "nope"],
                  response_format: Literal["sentence", "single_token"] = "sentence",
                  **kwargs):
+        check_options("data", {"num_train": num_train, "num_test": num_test})
         super().__init__(**kwargs)
         if source not in ("builtin", "anthropic"):
             raise DataError(f"PersonaDataModule: unknown source {source!r}; use 'builtin' or 'anthropic'")

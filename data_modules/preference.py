@@ -14,6 +14,7 @@ from data_modules.base import EvalSet, PreferenceDataModule
 from data_modules.preference_sources import EvalSetSource, PairSource
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import PreferencePair
+from rm_lightning.settings import check_options
 
 _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -54,12 +55,15 @@ class RealWorldDataModule(PreferenceDataModule):
     def _as_source(value, kind: type, name: str):
         """Accept a dataclass or a plain dict (Python callers), so both spell a set the same way."""
         if isinstance(value, kind):
+            check_options(f"data.{name}", {"path": value.path, "hub": value.hub, "limit": value.limit})
             return value
         if isinstance(value, dict):
             try:
-                return kind(**value)
+                source = kind(**value)
             except TypeError as err:
                 raise DataError(f"set '{name}': {err}") from None
+            check_options(f"data.{name}", {"path": source.path, "hub": source.hub, "limit": source.limit})
+            return source
         raise DataError(f"set '{name}': expected a {kind.__name__} or a mapping of its fields, "
                         f"got {type(value).__name__}")
 

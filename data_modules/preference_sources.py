@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-from data_modules.jsonl import read_jsonl
+from data_modules.jsonl import located_jsonl
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import PreferencePair, ShiftTag, check_text_fields
 
@@ -54,7 +54,7 @@ def ultrafeedback_pair(record: dict, where: str = "ultrafeedback record") -> Pre
     if record["score_chosen"] <= record["score_rejected"] or is_translation_prompt(record["prompt"]):
         return None
     return PreferencePair(record["prompt"], assistant_reply(record.get("chosen"), where, "chosen"),
-                          assistant_reply(record.get("rejected"), where, "rejected"))
+                          assistant_reply(record.get("rejected"), where, "rejected"), where)
 
 
 def _solution_text(steps, where: str, field: str) -> str:
@@ -74,12 +74,12 @@ def rewardmath_pair(record: dict, where: str = "rewardmath record") -> Preferenc
     other = "B" if position == "A" else "A"
     chosen = _solution_text(record.get(f"eval_solution_{position}"), where, f"eval_solution_{position}")
     rejected = _solution_text(record.get(f"eval_solution_{other}"), where, f"eval_solution_{other}")
-    return PreferencePair(record["problem"], chosen, rejected)
+    return PreferencePair(record["problem"], chosen, rejected, where)
 
 
 def rewardbench_pair(record: dict, where: str = "reward-bench record") -> PreferencePair:
     check_text_fields(record, ("prompt", "chosen", "rejected"), where)
-    return PreferencePair(record["prompt"], record["chosen"], record["rejected"])
+    return PreferencePair(record["prompt"], record["chosen"], record["rejected"], where)
 
 
 def _rewardbench_subset(accept: Callable[[str], bool]) -> Callable[[dict, str], PreferencePair | None]:
@@ -138,8 +138,8 @@ def load_hub_pairs(name: str, split: Optional[str] = None) -> list[PreferencePai
 
 def load_jsonl_pairs(path: str) -> list[PreferencePair]:
     """Pairs of a JSONL file with string fields prompt/chosen/rejected (relative paths: under the data root)."""
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"])
-            for r in read_jsonl(path, ("prompt", "chosen", "rejected"))]
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], where)
+            for where, r in located_jsonl(path, ("prompt", "chosen", "rejected"))]
 
 
 def subsample(pairs: list[PreferencePair], limit: Optional[int], seed: int) -> list[PreferencePair]:

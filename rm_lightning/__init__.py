@@ -13,7 +13,7 @@ from rm_lightning.lazy import lazy_exports
 
 _EXPORTS = {
     "BackboneError": "rm_lightning.errors", "DataError": "rm_lightning.errors",
-    "RMLightningError": "rm_lightning.errors",
+    "RMLightningError": "rm_lightning.errors", "SettingError": "rm_lightning.errors",
     "ExplicitRM": "rm_lightning.models.explicit", "ExplicitGenerativeRM": "rm_lightning.models.generative",
     "ImplicitRM": "rm_lightning.models.implicit", "RewardModule": "rm_lightning.models.reward_module",
     "bradley_terry_loss": "rm_lightning.models.loss",

@@ -9,25 +9,40 @@ given by class path in YAML, plus three things of its own:
   file composes a trainer, a model and a data block and adds only what is its own.
 * A run writes under ``runs/<name of the first --config file>`` unless ``trainer.default_root_dir``
   says otherwise, and results.json names that config.
-* Bad input (a missing file, a malformed record, an unknown backbone) ends in one ``error:``
-  line and exit status 2.
+* Bad input (a missing file, a malformed record, an unknown backbone, an option out of range, a
+  misspelt option) ends in one ``error:`` line and exit status 2; every setting is checked
+  (``rm_lightning.settings``) before any class is built, so before a model loads.
+* Runs never share a directory (``callbacks/run_directory.py``): a run claims a fresh
+  ``version_N`` atomically and holds it with a lock file; a start that fails before training
+  leaves no directory behind.
+* With ``trainer.enable_checkpointing: true`` (the shipped configs) and no checkpoint callback of
+  its own, a run keeps one ``checkpoints/last.ckpt``, refreshed every epoch; ``--ckpt_path last``
+  resumes the newest run under ``trainer.default_root_dir`` from it.
+* ``null`` given on the command line means null, also for a field of a dataclass inside a
+  data module's arguments (jsonargparse turns it into the string "None" there).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
 
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
-from rm_lightning.errors import RMLightningError, exit_status, print_user_error, user_error_behind
+from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
+from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.perf.host_memory import keep_freed_memory
+from rm_lightning.settings import check_config
 
 COMPOSE_KEY = "compose"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -35,27 +50,136 @@ RUNS_ROOT = Path("runs")
 
 
 class RewardCLI(LightningCLI):
+    def __init__(self, *args, null_options: tuple[str, ...] = (), claims: Optional[list] = None, **kwargs):
+        self.null_options = null_options
+        self.claims = claims if claims is not None else []
+        # parse errors raise (one line, below) instead of printing the whole usage first
+        kwargs["parser_kwargs"] = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}}
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(MarginHistory, "margin_history")
+        # results first: results.json is written before the margin plot, which may fail (a full disk)
         parser.add_lightning_class_args(ResultsWriter, "results")
+        parser.add_lightning_class_args(MarginHistory, "margin_history")
         # consumed before parsing (``expand_composed_configs``); accepted in files, never dumped
         parser.add_argument(f"--{COMPOSE_KEY}", type=Optional[list[str]], default=None, help=argparse.SUPPRESS)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for option in self.null_options:
+            if option in config and config[option] == "None":
+                config[option] = None
+        if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True):
+            config["ckpt_path"] = str(newest_last_checkpoint(config.get("trainer.default_root_dir") or "."))
+        check_config(config.as_dict())
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_checkpointing") is True and not any(
+                isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, last_checkpoint()]
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            claim = claim_logger_directory(trainer.logger)  # spawned ranks > 0 follow rank 0's directory
+            if claim is not None:
+                self.claims.append(claim)
+        return trainer
+
+
+def last_checkpoint() -> ModelCheckpoint:
+    """Only ``checkpoints/last.ckpt``, replaced at every epoch's end: enough to resume, one file on disk.
+
+    The one "top-k" checkpoint of an unmonitored ModelCheckpoint is the newest, so naming it ``last``
+    gives exactly that file (Lightning's ``save_last`` writes a second file, or nothing without top-k).
+    """
+    return ModelCheckpoint(filename="last", save_top_k=1, save_last=False, enable_version_counter=False)
+
+
+def newest_last_checkpoint(root: str) -> Path:
+    """``last.ckpt`` of the newest run (highest version) under ``root/lightning_logs``."""
+    pattern = "lightning_logs/version_*/checkpoints/last.ckpt"
+    found = [p for p in Path(root).glob(pattern) if p.parent.parent.name.removeprefix("version_").isdigit()]
+    if not found:
+        raise SettingError(f"ckpt_path: 'last' found no {Path(root) / pattern}; give the checkpoint's path")
+    return max(found, key=lambda p: int(p.parent.parent.name.removeprefix("version_")))
 
 
 def main(args: list[str] | None = None) -> RewardCLI | None:
     """Run the CLI on ``args`` (default: the command line); bad input raises ``SystemExit(2)`` after one line."""
     keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
+    claims: list[RunClaim] = []
     try:
-        expanded = with_run_defaults(expand_composed_configs(list(sys.argv[1:] if args is None else args)))
-        if args is None:  # from the shell: LightningCLI reads sys.argv, and warns when given both
-            sys.argv[1:] = expanded
-        return RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         save_config_kwargs={"overwrite": True}, args=None if args is None else expanded)
+        return _run(args, claims)
+    except ArgumentError as err:
+        raise SystemExit(print_user_error(RMLightningError(one_line(str(err))))) from None
     except Exception as err:
         cause = user_error_behind(err)
         if cause is None:
             raise
         raise SystemExit(print_user_error(cause)) from None
+
+
+def _run(args: list[str] | None, claims: list) -> RewardCLI:
+    try:
+        expanded = with_run_defaults(expand_composed_configs(list(sys.argv[1:] if args is None else args)))
+        if args is None:  # from the shell: LightningCLI reads sys.argv, and warns when given both
+            sys.argv[1:] = expanded
+        cli = RewardCLI(RewardModule, PreferenceDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        save_config_kwargs={"overwrite": True}, args=None if args is None else expanded,
+                        null_options=null_options(expanded), claims=claims)
+    except BaseException:
+        for claim in claims:  # Ctrl-C and failures keep what the run wrote; an unused start is removed
+            claim.release_after_failed_start()
+        raise
+    for claim in claims:
+        claim.release()
+    return cli
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """A parser message as one line naming the option: jsonargparse nests a message per key and lists
+    every type of a union it tried; the innermost key and its first reason are what matters."""
+    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip(" -")]
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if keys:
+        option = keys[0] + "".join(f".init_args.{key}" for key in keys[1:])
+        reasons = ([line for line in lines if "Got value" in line]
+                   or [line for line in lines if line.startswith("Expected")])
+        allowed = list(dict.fromkeys(re.findall(r"Literal\[([^\]]+)\]", message)))
+        given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+        unknown = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
+        if unknown:
+            text = f"{option}.init_args: {unknown.group(1)} has no option '{unknown.group(2)}'"
+        elif reasons and "Got value" in reasons[0]:
+            text = f"{option}: {reasons[0]}"
+        elif allowed:
+            text = f"{option}: expected one of {', '.join(allowed)}{', or null' if 'NoneType' in message else ''}, " \
+                   f"got {given}"
+        else:
+            text = f"{option}: {reasons[0] if reasons else lines[-1]}" + (f" (got {given})" if given else "")
+    else:
+        text = "; ".join(lines)
+        text = re.sub(r"Subcommand '(\w+)' does not accept option '([^']+)'", r"'\1' has no option --\2", text)
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{text} (see --help for the options)"
+
+
+def null_options(args: list[str]) -> tuple[str, ...]:
+    """The dotted options given ``null`` on the command line (``--a.b null`` or ``--a.b=null``)."""
+    options = []
+    for position, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        if "=" in arg:
+            name, value = arg[2:].split("=", 1)
+        elif position + 1 < len(args):
+            name, value = arg[2:], args[position + 1]
+        else:
+            continue
+        if value in ("null", "None", "~"):
+            options.append(name)
+    return tuple(options)
 
 
 def console_main() -> int:

@@ -49,3 +49,7 @@ def exit_status(main: Callable[..., int | None], *args) -> int:
         if cause is None:
             raise
         return print_user_error(cause)
+
+
+class SettingError(RMLightningError, ValueError):
+    """An option outside its allowed range (checked before any model is loaded)."""

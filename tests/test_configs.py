@@ -33,7 +33,7 @@ def resolve(capsys, *configs: Path) -> dict:
 # options added since 6723d7e, at the value that keeps the behaviour of then (packed attention was grouped
 # unless an environment variable said otherwise)
 ADDED = {"model": {"packed_attention": "grouped", "trainable": "all", "token_budget": None, "memory_limit": None},
-         "data": {"response_format": "sentence"}}
+         "data": {"response_format": "sentence", "invalid_pairs": "drop"}}
 # options set on purpose since then, per experiment: the UltraFeedback runs size their micro-batches to the
 # machine's memory (a batch that fits runs whole, so what they compute is unchanged)
 CHANGED = {"exrm_ultrafeedback": {"model": {"token_budget": "auto"}},
@@ -51,6 +51,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
             assert resolved[group]["init_args"].pop(name, value) == value, (group, name)
     model = resolved["model"]["init_args"]
     assert resolved["results"].pop("config_name") == experiment
+    # issue 16: every shipped run keeps checkpoints/last.ckpt (before, only the DDP/FSDP overlays kept a checkpoint)
+    assert resolved["trainer"].pop("enable_checkpointing") is True
     if model["optimizer"] == DEFAULT_OPTIMIZER:
         model["optimizer"] = ADAM_1E5
     return resolved
@@ -60,6 +62,7 @@ def snapshot(name: str) -> dict:
     before = yaml.safe_load((SNAPSHOTS / f"{name}.yaml").read_text())
     # an option removed since: rewards never depended on it
     assert before["model"]["init_args"].pop("padding_side") == "right"
+    before["trainer"].pop("enable_checkpointing")
     return before
 
 

@@ -191,7 +191,7 @@ def test_ranks_share_one_reference_cache_file_per_dataset(runs):
     files = sorted(runs["reference_cache"].iterdir())
     assert [f.suffix for f in files] == [".pt"] * 4
     for file in files:
-        values = torch.load(file)
+        values = torch.load(file, weights_only=True)["values"]
         assert values.dtype == torch.float64 and values.shape[1] == 2 and torch.isfinite(values).all()
 
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rm_lightning.callbacks.peak_memory import describe, peak_memory
 from rm_lightning.callbacks.run_directory import run_dir
@@ -63,11 +63,21 @@ class MarginHistory(L.Callback):
         self.write(run_dir(trainer))
         self._print_final(pl_module, peak_memory(trainer))  # collective: every rank measures
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """An interrupted or failed fit keeps the history it has (a start that failed has none)."""
+        if self.rows:
+            self.write(run_dir(trainer))
+
     @rank_zero_only
     def write(self, directory: Path) -> None:
+        """The CSV, then the plot; a plot that cannot be written (a full disk, no backend) is a warning."""
         directory.mkdir(parents=True, exist_ok=True)
         write_csv_atomically(directory / f"{self.filename}.csv", self.rows, CSV_COLUMNS)
-        plot_history(self.rows, directory / f"{self.filename}.png")
+        try:
+            plot_history(self.rows, directory / f"{self.filename}.png")
+        except Exception as err:  # noqa: BLE001 - the figures are in the CSV; the plot is a convenience
+            rank_zero_warn(f"could not write {directory / self.filename}.png ({type(err).__name__}: {err}); "
+                           f"the figures are in {self.filename}.csv")
 
     @rank_zero_only
     def _print_final(self, pl_module, peaks: dict) -> None:

@@ -1,8 +1,15 @@
 """``results.json``: one machine-readable record per run, the unit that sweeps and reports work on.
 
-A run is "done" only when this file exists with ``"status": "finished"``; sweeps use that to
-skip finished runs and restart interrupted ones, and ``rm_lightning.report`` aggregates these
-files into the paper's tables and win rates.
+``status`` is one of ``STATUSES``:
+
+* ``finished``: fit ended as configured and the metrics come from an evaluation at its last step;
+* ``not_evaluated``: fit ended, but no evaluation ran at its last step (validation off, or a
+  schedule that skipped it): ``eval_sets`` holds the last evaluation there was, if any;
+* ``interrupted``: Ctrl-C (KeyboardInterrupt) stopped it; the last evaluation is kept;
+* ``failed``: an exception stopped it after training had begun; the last evaluation is kept.
+
+Sweeps skip only ``finished`` runs, and ``rm_lightning.report`` aggregates these files into the
+paper's tables and win rates.
 """
 
 from __future__ import annotations
@@ -21,22 +28,25 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from rm_lightning.callbacks.peak_memory import peak_memory
 from rm_lightning.callbacks.run_directory import run_dir
+from rm_lightning.errors import user_error_behind
 from rm_lightning.files import write_json_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS
 from rm_lightning.pairs.contract import preference_data_of
 
 RESULTS_FILENAME = "results.json"
+STATUSES = ("finished", "not_evaluated", "interrupted", "failed")
 FORMAT_VERSION = 1
 VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "rm-lightning")
 
 
 class ResultsWriter(L.Callback):
-    """Write ``results.json`` at the end of ``fit`` and after ``test``.
+    """Write ``results.json`` at the end of ``fit``, after ``test``, and when a fit is interrupted or fails.
 
-    The metrics are the module's ``eval_sets.last`` (the last evaluation that ran); nothing extra is
-    evaluated, so the file says where they come from (``eval_source``, ``eval_step``): if the
-    last validation ran before the final step, ``eval_step < global_step`` shows it. An
-    interrupted or crashed fit never reaches ``on_fit_end``, so it leaves no finished file.
+    The metrics are the module's ``eval_sets.last`` (the last evaluation that ran), and the file
+    says where they come from (``eval_source``, ``eval_step``). When ``max_steps`` ends a fit in
+    the middle of an epoch, this callback asks Lightning to stop there (``trainer.should_stop``),
+    which runs the validation Lightning runs before an early stop: the final metrics then belong
+    to the final weights. A start that fails before training (bad data, a bad option) writes no file.
 
     Args:
         dirpath: where to write; default: the run directory (the logger's version directory).
@@ -56,6 +66,17 @@ class ResultsWriter(L.Callback):
         self._started = time.monotonic()
         run_dir(trainer)  # collective: resolve the run directory on every rank now
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True  # Lightning validates before an early stop; it does not at max_steps
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if user_error_behind(exception) is not None or (trainer.global_step == 0 and self._eval_step is None):
+            return  # nothing ran: no results, and the run directory can be removed
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self.write(trainer, pl_module, stage=trainer.state.stage.value if trainer.state.stage else "fit",
+                   status=status, reason=f"{type(exception).__name__}: {exception}".strip().rstrip(":"))
+
     def on_validation_end(self, trainer, pl_module) -> None:
         self._eval_source = "sanity_check" if trainer.sanity_checking else "validation"
         self._eval_step = trainer.global_step
@@ -67,23 +88,28 @@ class ResultsWriter(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._peak_memory = peak_memory(trainer)
-        self.write(trainer, pl_module, stage="fit")
+        evaluated_at_end = bool(pl_module.eval_sets.last) and self._eval_step == trainer.global_step
+        self.write(trainer, pl_module, stage="fit", status="finished" if evaluated_at_end else "not_evaluated")
 
     def path(self, trainer) -> Path:
         return Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
 
     @rank_zero_only
-    def write(self, trainer, pl_module, stage: str) -> None:
-        write_json_atomically(self.path(trainer), _plain(self.record(trainer, pl_module, stage)))
+    def write(self, trainer, pl_module, stage: str, status: str = "finished", reason: Optional[str] = None) -> None:
+        record = self.record(trainer, pl_module, stage, status)
+        if reason:
+            record["reason"] = reason
+        write_json_atomically(self.path(trainer), _plain(record))
 
-    def record(self, trainer, pl_module, stage: str) -> dict[str, Any]:
+    def record(self, trainer, pl_module, stage: str, status: str = "finished") -> dict[str, Any]:
+        assert status in STATUSES, status
         config, config_files = resolved_config(trainer, pl_module)
         datamodule = getattr(trainer, "datamodule", None)
         data = preference_data_of(trainer)
         tags = data.eval_set_tags if data is not None else {}
         return {
             "format_version": FORMAT_VERSION,
-            "status": "finished",
+            "status": status,
             "stage": stage,
             "rm_type": type(pl_module).__name__,
             "rm_class_path": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",

@@ -1,8 +1,28 @@
-"""The run directory: where a run's TensorBoard events, CSVs, plots and results.json go."""
+"""The run directory: where a run's TensorBoard events, CSVs, plots, checkpoints and results.json go.
+
+Two runs never share one. Lightning's loggers pick ``version_N`` by listing the folder, so two
+runs started together both take ``version_0``; here a run claims its version with ``os.mkdir``
+(atomic: exactly one process creates a folder) and takes the next number when it lost. A run
+then holds its directory with a lock file naming its process, so a second run pointed at the
+same fixed directory (a sweep re-run, ``logger.version`` given) fails in one line while the
+first is alive. A start that fails before training leaves no directory behind.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import re
+import shutil
 from pathlib import Path
+from typing import Optional
+
+from rm_lightning.errors import SettingError
+
+LOCK_FILENAME = ".run.lock"
+# what a run writes before its first training step; a directory holding nothing else is an unused start
+START_FILES = re.compile(r"(config\.yaml|hparams\.yaml|events\.out\.tfevents\..*|\.run\.lock)")
+_VERSION = re.compile(r"version_(\d+)")
 
 
 def run_dir(trainer) -> Path:
@@ -17,3 +37,82 @@ def run_dir(trainer) -> Path:
         cached = Path(trainer.log_dir or trainer.default_root_dir)
         trainer._rm_lightning_run_dir = cached
     return cached
+
+
+def claim_version(root: str | os.PathLike) -> int:
+    """Create ``root/version_N`` for the first free N (after every existing one) and return N."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION.fullmatch(p.name))]
+    version = max(numbers, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(root / f"version_{version}")
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def holder_of(directory: Path) -> Optional[int]:
+    """The live process holding ``directory`` (its lock file names it), or None."""
+    try:
+        pid = int((directory / LOCK_FILENAME).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a stale lock: its process is gone
+    except PermissionError:
+        return pid
+    return pid
+
+
+class RunClaim:
+    """This process's claim on a run directory: its lock file, and whether the directory was new."""
+
+    def __init__(self, directory: Path, created: bool):
+        self.directory, self.created = Path(directory), created
+        holder = holder_of(self.directory)
+        if holder is not None and holder != os.getpid():
+            raise SettingError(f"run directory {self.directory} is in use by process {holder}; wait for it to end, "
+                               f"stop it, or choose another trainer.default_root_dir")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / LOCK_FILENAME).write_text(f"{os.getpid()}\n")
+        atexit.register(self.release)
+
+    def release(self) -> None:
+        lock = self.directory / LOCK_FILENAME
+        try:
+            if lock.read_text().strip() == str(os.getpid()):
+                lock.unlink()
+        except OSError:
+            pass
+
+    def release_after_failed_start(self) -> None:
+        """Remove the directory if this run created it and wrote nothing of its own there, else unlock it."""
+        self.release()
+        if self.created and self.directory.is_dir() and is_unused(self.directory):
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def is_unused(directory: Path) -> bool:
+    """Nothing in ``directory`` but what every start writes (config, hparams, TensorBoard events, the lock)."""
+    return all(p.is_file() and START_FILES.fullmatch(p.name) for p in directory.iterdir())
+
+
+def claim_logger_directory(logger) -> Optional[RunClaim]:
+    """Give ``logger`` (TensorBoard or CSV, Lightning's) a directory no other run uses, and hold it.
+
+    A logger without a version gets a freshly created ``version_N``; one with a fixed version
+    (e.g. a sweep's) keeps it, and fails in one line if a live process holds it.
+    """
+    if logger is None or not hasattr(logger, "root_dir") or not hasattr(logger, "_version"):
+        return None
+    created = False
+    if logger._version is None:
+        logger._version = claim_version(logger.root_dir)
+        created = True
+    return RunClaim(Path(logger.log_dir), created)

@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ from typing import Callable, Optional
 import yaml
 
 from rm_lightning.callbacks.results import RESULTS_FILENAME
+from rm_lightning.callbacks.run_directory import holder_of
 from rm_lightning.errors import RMLightningError, exit_status
 
 GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides")
@@ -232,7 +234,15 @@ def previous_arguments(run: Run) -> Optional[list[str]]:
 
 
 def launch(run: Run, arguments: list[str]) -> Outcome:
-    """Run one training process from a clean directory, stdout and stderr into run.log."""
+    """Run one training process from a clean directory, stdout and stderr into run.log.
+
+    A directory that a live process still holds (an orphan of a killed sweep, a second sweep) is
+    left alone. The child runs in its own process group and dies with the sweep: Ctrl-C, an
+    exception or the sweep's own death (``PR_SET_PDEATHSIG`` on Linux) ends it.
+    """
+    holder = holder_of(run.directory)
+    if holder is not None:
+        return Outcome(run, "failed", 0.0, f"{run.directory} is in use by the live process {holder}; left alone")
     if run.directory.exists():
         shutil.rmtree(run.directory)
     run.directory.mkdir(parents=True)
@@ -241,13 +251,55 @@ def launch(run: Run, arguments: list[str]) -> Outcome:
         log.write(f"$ {shlex.join(arguments)}\n\n")
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        returncode = subprocess.run(arguments, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        returncode = run_child(arguments, stdout=log, stderr=subprocess.STDOUT, env=env)
     elapsed = time.monotonic() - started
     if returncode != 0:
         return Outcome(run, "failed", elapsed, f"exit code {returncode}")
     if not is_finished(run.directory):
-        return Outcome(run, "failed", elapsed, f"exit code 0 but no finished {RESULTS_FILENAME}")
+        status = results_status(run.directory)
+        return Outcome(run, "failed", elapsed, f"exit code 0 but {RESULTS_FILENAME} says {status!r}, not 'finished'")
     return Outcome(run, "finished", elapsed)
+
+
+def results_status(directory: Path) -> Optional[str]:
+    try:
+        return json.loads((directory / RESULTS_FILENAME).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the sweep dies, however it dies (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child(arguments: list[str], grace_s: float = 30.0, **popen) -> int:
+    """The exit status of ``arguments``, run in a process group of its own that never outlives this call."""
+    child = subprocess.Popen(arguments, start_new_session=True, preexec_fn=_die_with_parent, **popen)
+    try:
+        return child.wait()
+    except BaseException:
+        stop_group(child, grace_s)
+        raise
+
+
+def stop_group(child: subprocess.Popen, grace_s: float) -> None:
+    """Ctrl-C to the child's whole group (it writes its results as interrupted), then SIGKILL after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_sweep(grid: Grid, out: Path, cli: Optional[Path] = None, dry_run: bool = False,

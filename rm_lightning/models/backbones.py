@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -40,12 +41,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rm_lightning")).expanduser()
 
 
+# what the hub accepts as a repository id: "org/name", letters, digits, "-", "_", "." (no path-like forms)
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def builtin_backbone_names() -> list[str]:
+    return [BUNDLED_MODEL, *TINY_BACKBONES]
+
+
+def check_backbone_name(name: str, option: str = "backbone") -> None:
+    """Fail at once (no model load, no hub retries) for a name that can be nothing: not built in, not an
+    existing folder, not of the hub's ``org/name`` form."""
+    if not isinstance(name, str) or not name.strip():
+        raise BackboneError(f"{option}: expected a backbone name, got {name!r}")
+    if name in builtin_backbone_names() or Path(name).expanduser().is_dir():
+        return
+    if Path(name).expanduser().exists():
+        raise BackboneError(f"cannot load backbone '{name}' ({option}): it is a file; give the folder holding "
+                            f"config.json, tokenizer files and weights")
+    if HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
+        return
+    raise BackboneError(f"cannot load backbone '{name}' ({option}): not a built-in name "
+                        f"({', '.join(builtin_backbone_names())}), an existing local directory, or a hub id "
+                        f"of the form org/name")
+
+
 def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) for a backbone name; see the module docstring for the names.
 
     ``extra_tokens`` are added as special tokens and the embeddings resized; new rows start at
     the mean embedding, so a policy and a reference loaded alike agree exactly.
     """
+    check_backbone_name(name)
     if name in TINY_BACKBONES:
         model, tokenizer = TINY_BACKBONES[name]()
     elif name == BUNDLED_MODEL:

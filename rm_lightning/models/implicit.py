@@ -16,6 +16,7 @@ from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import frozen_copy, prepare_trainable, untie_output_embeddings
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.records import EncodedPairs
+from rm_lightning.settings import check_options
 
 
 class ImplicitRM(RewardModule):
@@ -44,6 +45,7 @@ class ImplicitRM(RewardModule):
     def __init__(self, beta: float = 0.01, reference: Literal["frozen", "none"] = "frozen",
                  cache_reference: bool = True, reference_cache_dir: Optional[str] = None,
                  logprob_chunk_size: int = 2048, **kwargs):
+        check_options("model", {"beta": beta, "logprob_chunk_size": logprob_chunk_size})  # before the model loads
         super().__init__(**kwargs)
         self.beta, self.reference, self.cache_reference = beta, reference, cache_reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_dir() / "reference_logps"
@@ -124,11 +126,10 @@ class ImplicitRM(RewardModule):
             return
         precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true"))
         layout = f"{self.hparams.decoder_layout}|{self.hparams.packed_attention}"
-        path = reference_cache.cache_path(self.reference_cache_dir, self._initial_fingerprint, dataset, precision,
-                                          layout)
+        identity = reference_cache.cache_identity(self._initial_fingerprint, dataset, precision, layout)
         reference_cache.attach(dataset, reference_cache.load_or_compute(
-            path, dataset, lambda: reference_cache.reference_pass(self, self._pristine_or_reference(), dataset,
-                                                                  batch_size)))
+            self.reference_cache_dir, identity, dataset,
+            lambda: reference_cache.reference_pass(self, self._pristine_or_reference(), dataset, batch_size)))
 
     def _pristine_or_reference(self) -> torch.nn.Module:
         """The policy itself while its weights are still the initial ones (no second model in memory)."""

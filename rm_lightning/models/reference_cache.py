@@ -5,6 +5,15 @@ log-probs never change. They are computed in one pass before training, attached 
 encoded pairs (the collator hands them to every batch) and saved under a key that names
 everything they depend on, so the next run with the same weights, data, precision and layout
 reads them back instead.
+
+A cache file checks itself: it holds what it was computed from (``identity``: weights
+fingerprint, token-id hash, precision, layout, format version) and a SHA-256 of its values. A
+file whose identity or checksum does not match, or that cannot be read (truncated, empty, not a
+cache file), is reported in one line naming it and recomputed, never used: a wrong reference
+silently shifts every IM-RM reward. Files are read with ``weights_only=True`` (tensors and plain
+containers only, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: it cannot override an explicit
+argument) and written atomically. A cache folder that cannot be written (read-only, a file) means
+computing in memory, with one warning.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -33,14 +42,57 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_path(directory: Path, weights: str, dataset: EncodedPairs, precision: str, layout: str) -> Path:
-    """Where the log-probs of ``dataset`` under these weights, precision and decoder layout are kept.
+FORMAT_VERSION = 2
 
-    The layout is part of the key: layouts agree only up to float rounding, and the policy's
-    log-probs at the initial weights must equal the reference's exactly.
+
+class UnusableEntry(Exception):
+    """A cache file that must not be used; the message says why, in a few words."""
+
+
+def cache_identity(weights: str, dataset: EncodedPairs, precision: str, layout: str) -> dict[str, str]:
+    """What the log-probs of ``dataset`` depend on: weights, token ids, precision, decoder layout, format.
+
+    The layout is part of it: layouts agree only up to float rounding, and the policy's log-probs
+    at the initial weights must equal the reference's exactly.
     """
-    identity = f"{weights}|{dataset.fingerprint()}|{precision}|{layout}"
-    return directory / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.pt"
+    return {"format_version": str(FORMAT_VERSION), "weights": weights, "tokens": dataset.fingerprint(),
+            "precision": precision, "layout": layout}
+
+
+def cache_path(directory: Path, identity: dict[str, str]) -> Path:
+    """Where the entry of ``identity`` is kept (a hash of it: one file per distinct computation)."""
+    key = "|".join(f"{name}={identity[name]}" for name in sorted(identity))
+    return Path(directory) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
+def checksum(values: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{tuple(values.shape)}|{values.dtype}".encode())
+    digest.update(values.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def entry(identity: dict[str, str], values: torch.Tensor) -> dict:
+    return {"identity": dict(identity), "checksum": checksum(values), "values": values}
+
+
+def read_entry(path: Path, identity: dict[str, str], num_pairs: int) -> torch.Tensor:
+    """The [num_pairs, 2] float64 values stored at ``path`` for ``identity``; ``UnusableEntry`` otherwise."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, empty, not a torch file, unsafe content: all unusable
+        raise UnusableEntry(f"unreadable ({type(err).__name__})") from None
+    if not isinstance(stored, dict) or not {"identity", "checksum", "values"} <= set(stored):
+        raise UnusableEntry("not a reference cache entry of this format")
+    if stored["identity"] != identity:
+        differing = sorted(name for name in identity if stored["identity"].get(name) != identity[name])
+        raise UnusableEntry(f"computed from other {', '.join(differing) or 'inputs'}")
+    values = stored["values"]
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.float64 or tuple(values.shape) != (num_pairs, 2):
+        raise UnusableEntry(f"holds {getattr(values, 'shape', type(values).__name__)} values, expected "
+                            f"float64 [{num_pairs}, 2]")
+    if checksum(values) != stored["checksum"]:
+        raise UnusableEntry("contents do not match their checksum (corrupted)")
+    return values
 
 
 def attach(dataset: EncodedPairs, values: torch.Tensor) -> None:
@@ -49,15 +101,33 @@ def attach(dataset: EncodedPairs, values: torch.Tensor) -> None:
         pair.reference_logps = (chosen, rejected)
 
 
-def load_or_compute(path: Path, dataset: EncodedPairs, compute) -> torch.Tensor:
-    """The [pairs, 2] log-probs stored at ``path``, or ``compute()``'s, stored there for next time."""
+def load_or_compute(directory: Path, identity: dict[str, str], dataset: EncodedPairs, compute) -> torch.Tensor:
+    """The [pairs, 2] log-probs cached for ``identity`` in ``directory``, or ``compute()``'s, cached for next time."""
+    path = cache_path(directory, identity)
     if path.is_file():
-        values = torch.load(path)
-        rank_zero_info(f"IM-RM: reference log-probs of '{dataset.name}' read from {path}")
-        return values
+        try:
+            values = read_entry(path, identity, len(dataset))
+            rank_zero_info(f"IM-RM: reference log-probs of '{dataset.name}' read from {path}")
+            return values
+        except UnusableEntry as why:
+            rank_zero_warn(f"IM-RM reference cache {path}: {why}; recomputing it")
     values = compute()
-    write_atomically(path, lambda staging: torch.save(values, staging))
+    try:
+        write_atomically(path, lambda staging: torch.save(entry(identity, values), staging))
+    except OSError as err:
+        warn_unwritable_once(Path(directory), err)
     return values
+
+
+_WARNED_DIRECTORIES: set[str] = set()
+
+
+def warn_unwritable_once(directory: Path, err: OSError) -> None:
+    if str(directory) not in _WARNED_DIRECTORIES:
+        _WARNED_DIRECTORIES.add(str(directory))
+        why = "it is a file" if directory.is_file() else err.strerror or str(err)
+        rank_zero_warn(f"IM-RM reference cache folder {directory} cannot be written ({why}); "
+                       f"reference log-probs are computed in memory for this run only")
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from rm_lightning.errors import RMLightningError
+from rm_lightning.errors import RMLightningError, SettingError
 from rm_lightning.metrics.eval_sets import EvalSets, is_repeated_eval_batch
 from rm_lightning.metrics.keys import batch_means, train_key
 from rm_lightning.metrics.pairwise import PairwiseAccuracy
@@ -79,7 +79,7 @@ class RewardModule(L.LightningModule):
                                      ("packed_attention", packed_attention, ATTENTION_KINDS),
                                      ("trainable", trainable, ("all", "output_layer"))):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise SettingError(f"model.{name}: expected one of {', '.join(allowed)}, got {value!r}")
         check_token_budget(token_budget, optimizer_in_backward)
         self.memory_limit_bytes = parse_memory_limit(memory_limit)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

@@ -96,7 +96,7 @@ class PairEncoder:
         rejected = self._cap(pair.rejected, self.max_response_tokens, keep_end=False)
         if prompt is None or chosen is None or rejected is None:
             return None
-        return PreferencePair(prompt, chosen, rejected)
+        return PreferencePair(prompt, chosen, rejected, pair.source)
 
     def _cap(self, text: str, limit: int | None, keep_end: bool) -> str | None:
         """``text`` within ``limit`` tokens, or None when the pair must go.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence, get_args
 
 import torch
@@ -28,6 +28,7 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    source: str = field(default="", compare=False)  # where it came from (``file:line``), for error messages
 
 
 @dataclass
@@ -49,8 +50,10 @@ class EncodedPair:
 class EncodedPairs(Dataset):
     """A named, already tokenized set of pairs (tokenized once in the data module's ``setup``)."""
 
-    def __init__(self, name: str, pairs: list[EncodedPair], tag: str = "in_distribution", dropped: int = 0):
+    def __init__(self, name: str, pairs: list[EncodedPair], tag: str = "in_distribution", dropped: int = 0,
+                 screened: dict[str, int] | None = None):
         self.name, self.pairs, self.tag, self.dropped = name, pairs, check_shift_tag(tag), dropped
+        self.screened = dict(screened or {})  # pairs per screening rule (``pairs/screening.py``)
 
     def __len__(self) -> int:
         return len(self.pairs)

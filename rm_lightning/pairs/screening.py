@@ -1,0 +1,60 @@
+"""Pairs that cannot teach a preference, found before tokenization and named by where they came from.
+
+* ``identical``: chosen == rejected (the loss is log 2 whatever the model; the pair says nothing);
+* ``empty``: an empty or whitespace-only prompt, chosen or rejected response;
+* ``duplicate``: a pair seen before in the same set (counted, kept: repeated pairs are legitimate data,
+  but a count that is not 0 is worth knowing).
+
+``invalid_pairs: drop`` (default) drops identical and empty pairs and counts them in the data
+summary; ``fail`` stops at the first with its ``file:line``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+from rm_lightning.errors import DataError
+from rm_lightning.pairs.records import PreferencePair
+
+InvalidPairs = Literal["drop", "fail"]
+INVALID_PAIR_POLICIES = ("drop", "fail")
+DROP_RULES = ("identical", "empty")
+
+
+def problem_of(pair: PreferencePair) -> str | None:
+    """The rule ``pair`` breaks (``DROP_RULES``), or None."""
+    for field in ("prompt", "chosen", "rejected"):
+        if not getattr(pair, field).strip():
+            return "empty"
+    return "identical" if pair.chosen == pair.rejected else None
+
+
+def describe(rule: str, pair: PreferencePair) -> str:
+    if rule == "identical":
+        return "chosen and rejected responses are identical"
+    fields = [f for f in ("prompt", "chosen", "rejected") if not getattr(pair, f).strip()]
+    return f"empty or whitespace-only {' and '.join(fields)}"
+
+
+def screen_pairs(set_name: str, pairs: list[PreferencePair], policy: InvalidPairs = "drop"
+                 ) -> tuple[list[PreferencePair], Counter]:
+    """(the pairs kept, counts per rule: ``identical``, ``empty`` dropped; ``duplicate`` seen and kept)."""
+    if policy not in INVALID_PAIR_POLICIES:
+        raise DataError(f"invalid_pairs: expected one of {', '.join(INVALID_PAIR_POLICIES)}, got {policy!r}")
+    kept, counts, seen = [], Counter(), set()
+    for number, pair in enumerate(pairs, start=1):
+        rule = problem_of(pair)
+        if rule is not None:
+            if policy == "fail":
+                where = pair.source or f"set '{set_name}', pair {number}"
+                raise DataError(f"{where}: {describe(rule, pair)} (data.invalid_pairs: drop skips such pairs "
+                                f"and counts them)")
+            counts[rule] += 1
+            continue
+        key = (pair.prompt, pair.chosen, pair.rejected)
+        if key in seen:
+            counts["duplicate"] += 1
+        seen.add(key)
+        kept.append(pair)
+    return kept, counts
