@@ -53,8 +53,10 @@ class RewardCLI(LightningCLI):
     def __init__(self, *args, null_options: tuple[str, ...] = (), claims: Optional[list] = None, **kwargs):
         self.null_options = null_options
         self.claims = claims if claims is not None else []
-        # parse errors raise (one line, below) instead of printing the whole usage first
-        kwargs["parser_kwargs"] = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}}
+        # parse errors raise (one line, below) instead of printing the whole usage first; a misspelt
+        # option is an error, not an abbreviation of the one it resembles (--trainer.max_epoch)
+        strict = {"exit_on_error": False, "allow_abbrev": False}
+        kwargs["parser_kwargs"] = {**strict, **{name: dict(strict) for name in SUBCOMMANDS}}
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:

@@ -86,6 +86,12 @@ def test_a_yaml_typo_is_one_line_naming_the_key(tmp_path, capsys, no_model_load)
     assert "'fit' has no option --trainer.max_epoch" in line
 
 
+def test_a_misspelt_command_line_option_is_not_taken_for_the_one_it_abbreviates(tmp_path, capsys, no_model_load):
+    line = one_error_line(capsys, ["fit", "--config", EXRM, "--config", str(tiny_override(tmp_path)),
+                                   "--trainer.max_epoch", "3"])
+    assert "unrecognized arguments: --trainer.max_epoch 3" in line
+
+
 @pytest.mark.parametrize("kind", ["file", "file_parent"])
 def test_a_run_directory_that_cannot_be_a_folder_is_one_line(kind, tmp_path, capsys, no_model_load):
     blocker = tmp_path / "blocker"
