@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Iterable, Literal, Optional, Union
 
 import lightning as L
@@ -21,12 +20,10 @@ from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.encoding import PairEncoder, chat_formatter
 from rm_lightning.perf.checkpointing import autocast_weight_cache, enable_activation_checkpointing
 from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hidden_states
-from rm_lightning.perf.micro_batches import (encoded_pair_tokens, pair_tokens, plan_micro_batches, select_pairs,
-                                             spread_to_count)
+from rm_lightning.perf.micro_batches import encoded_pair_tokens, plan_for, run_in_micro_batches
 from rm_lightning.perf.model_setup import prepare_model
 from rm_lightning.perf.optim_in_backward import backward_optimizer
 from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind
-from rm_lightning.perf.sharding import is_sharded
 from rm_lightning.perf.token_budget import check_token_budget, parse_memory_limit, resolve_auto_budget
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -164,58 +161,14 @@ class RewardModule(L.LightningModule):
         return self.resolved_token_budget
 
     def micro_batch_plan(self, batch: dict[str, torch.Tensor]) -> list[list[int]]:
-        """Pair indices per micro-batch; one micro-batch of every pair when the batch fits the budget.
-
-        Sharded (FSDP), every process runs as many micro-batches as the one that needs most, since
-        each forward and backward gathers and reduces collectively.
-        """
-        budget = self.token_budget()
-        pairs = batch["input_ids"].shape[0] // 2
-        if budget is None:
-            return [list(range(pairs))]
-        tokens = pair_tokens(batch, self.hparams.decoder_layout)
-        plan = plan_micro_batches(tokens, budget, padded=self.hparams.decoder_layout == "padded")
-        for members in plan:
-            if len(members) == 1 and tokens[members[0]] > budget:
-                warnings.warn(f"token_budget {budget}: a pair of {tokens[members[0]]} tokens runs alone, over the "
-                              "budget", stacklevel=2)
-        if is_sharded(self) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            count = torch.tensor(len(plan), device=self.device)
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-            plan = spread_to_count(plan, int(count))
-        return plan
+        """Pair indices per micro-batch within the token budget (``perf/micro_batches.plan_for``)."""
+        return plan_for(self, batch)
 
     def micro_batched_pair_loss(self, batch: dict[str, torch.Tensor],
                                 backward: Optional[Callable[[torch.Tensor], None]] = None):
-        """``run_pair_loss`` of the whole batch, run as micro-batches within the token budget.
-
-        Each micro-batch's loss (a mean over its pairs) is weighted by its share of the batch's
-        pairs, so the weighted sum is the whole batch's mean. Training passes ``backward``: every
-        micro-batch but the last is backward-ed at once (its activations freed before the next
-        forward), and the returned loss has the whole batch's value with the last micro-batch's
-        graph, for Lightning's own backward. Rewards come back detached, in the batch's pair order.
-        """
-        plan = self.micro_batch_plan(batch)
-        if len(plan) == 1 and len(plan[0]) == batch["input_ids"].shape[0] // 2:
-            return self.run_pair_loss(batch)
-        pairs = batch["input_ids"].shape[0] // 2
-        total, last, chosen_parts, rejected_parts = 0.0, None, [], []
-        for position, members in enumerate(plan):
-            # an empty micro-batch (FSDP: fewer pairs than the other processes' micro-batches) runs
-            # one pair at weight 0, so that this process joins the collectives
-            loss, chosen, rejected = self.run_pair_loss(select_pairs(batch, members or [0]))
-            weighted = loss * (len(members) / pairs)
-            if backward is not None and position < len(plan) - 1:
-                backward(weighted)
-            total = total + weighted.detach()
-            last = weighted
-            if members:
-                chosen_parts.append(chosen.detach())
-                rejected_parts.append(rejected.detach())
-        order = torch.tensor([i for members in plan for i in members], device=chosen_parts[0].device)
-        chosen, rejected = torch.empty_like(torch.cat(chosen_parts)), torch.empty_like(torch.cat(rejected_parts))
-        chosen[order], rejected[order] = torch.cat(chosen_parts), torch.cat(rejected_parts)
-        return last + (total - last.detach()), chosen, rejected
+        """``run_pair_loss`` of the whole batch, as micro-batches within the token budget; training passes
+        ``backward`` for every micro-batch but the last (``perf/micro_batches.run_in_micro_batches``)."""
+        return run_in_micro_batches(self, batch, backward)
 
     def _backward_micro_batch(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Backward of one micro-batch's weighted loss as Lightning's own backward runs it: scaled for

@@ -15,9 +15,13 @@ order of tokens, so a batch needs few micro-batches. A pair over the budget runs
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable, Optional
+
 import torch
 
 from rm_lightning.perf.layouts import DecoderLayout
+from rm_lightning.perf.sharding import is_sharded
 
 
 def pair_tokens(batch: dict[str, torch.Tensor], layout: DecoderLayout = "packed") -> list[int]:
@@ -122,3 +126,58 @@ def select_pairs(batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str
         rows = value[index.to(value.device)]
         selected[key] = rows[:, :width] if key in WIDTH_KEYS else rows
     return selected
+
+
+def plan_for(module, batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """A module's pair indices per micro-batch; one micro-batch of every pair when the batch fits the budget.
+
+    Sharded (FSDP), every process runs as many micro-batches as the one that needs most, since
+    each forward and backward gathers and reduces collectively.
+    """
+    budget = module.token_budget()
+    pairs = batch["input_ids"].shape[0] // 2
+    if budget is None:
+        return [list(range(pairs))]
+    tokens = pair_tokens(batch, module.hparams.decoder_layout)
+    plan = plan_micro_batches(tokens, budget, padded=module.hparams.decoder_layout == "padded")
+    for members in plan:
+        if len(members) == 1 and tokens[members[0]] > budget:
+            warnings.warn(f"token_budget {budget}: a pair of {tokens[members[0]]} tokens runs alone, over the "
+                          "budget", stacklevel=2)
+    if is_sharded(module) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        count = torch.tensor(len(plan), device=module.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        plan = spread_to_count(plan, int(count))
+    return plan
+
+def run_in_micro_batches(module, batch: dict[str, torch.Tensor],
+                         backward: Optional[Callable[[torch.Tensor], None]] = None):
+    """A module's ``run_pair_loss`` of the whole batch, run as micro-batches within the token budget.
+
+    Each micro-batch's loss (a mean over its pairs) is weighted by its share of the batch's
+    pairs, so the weighted sum is the whole batch's mean. Training passes ``backward``: every
+    micro-batch but the last is backward-ed at once (its activations freed before the next
+    forward), and the returned loss has the whole batch's value with the last micro-batch's
+    graph, for Lightning's own backward. Rewards come back detached, in the batch's pair order.
+    """
+    plan = module.micro_batch_plan(batch)
+    if len(plan) == 1 and len(plan[0]) == batch["input_ids"].shape[0] // 2:
+        return module.run_pair_loss(batch)
+    pairs = batch["input_ids"].shape[0] // 2
+    total, last, chosen_parts, rejected_parts = 0.0, None, [], []
+    for position, members in enumerate(plan):
+        # an empty micro-batch (FSDP: fewer pairs than the other processes' micro-batches) runs
+        # one pair at weight 0, so that this process joins the collectives
+        loss, chosen, rejected = module.run_pair_loss(select_pairs(batch, members or [0]))
+        weighted = loss * (len(members) / pairs)
+        if backward is not None and position < len(plan) - 1:
+            backward(weighted)
+        total = total + weighted.detach()
+        last = weighted
+        if members:
+            chosen_parts.append(chosen.detach())
+            rejected_parts.append(rejected.detach())
+    order = torch.tensor([i for members in plan for i in members], device=chosen_parts[0].device)
+    chosen, rejected = torch.empty_like(torch.cat(chosen_parts)), torch.empty_like(torch.cat(rejected_parts))
+    chosen[order], rejected[order] = torch.cat(chosen_parts), torch.cat(rejected_parts)
+    return last + (total - last.detach()), chosen, rejected
