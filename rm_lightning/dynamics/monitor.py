@@ -7,8 +7,9 @@ the eNTK prediction for every RM type, the EX-RM's hidden-similarity term, the I
 matching- and non-matching-token terms. Logged to TensorBoard as ``dynamics/<set>/<quantity>``
 (means over the probe pairs), written to ``dynamics.csv`` and plotted in ``dynamics.png``.
 
-It costs a backward pass per probe pair and a few forwards per check, so it is opt-in
-(``configs/callbacks/dynamics.yaml``) and reports its own time at the end of fit.
+Each check costs a gradient of the training batch and a few forwards per eval set (one of them
+forward-mode), so it is opt-in (``configs/callbacks/dynamics.yaml``) and reports its own time at
+the end of fit.
 """
 
 from __future__ import annotations
