@@ -43,23 +43,24 @@ def whole_number(minimum: int, none: bool = False, also: tuple = ()) -> Rule:
     return check
 
 
-def positive_number(none: bool = False) -> Rule:
-    """A finite number > 0."""
+def finite_number(zero_allowed: bool, none: bool) -> Rule:
+    """A finite number > 0 (>= 0 with ``zero_allowed``), or null where ``none``."""
+    bound = ">= 0" if zero_allowed else "> 0"
+
     def check(option: str, value: Any) -> None:
         if value is None and none:
             return
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
-            raise SettingError(f"{option}: expected a finite number > 0{', or null' if none else ''}, got {value!r}")
+        if not _is_number(value) or not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
+            raise SettingError(f"{option}: expected a finite number {bound}{', or null' if none else ''}, got {value!r}")
     return check
+
+
+def positive_number(none: bool = False) -> Rule:
+    return finite_number(zero_allowed=False, none=none)
 
 
 def non_negative_number(none: bool = True) -> Rule:
-    def check(option: str, value: Any) -> None:
-        if value is None and none:
-            return
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
-            raise SettingError(f"{option}: expected a finite number >= 0{', or null' if none else ''}, got {value!r}")
-    return check
+    return finite_number(zero_allowed=True, none=none)
 
 
 def fraction_or_count(minimum_count: int, zero_fraction: bool) -> Rule:
