@@ -1,23 +1,34 @@
-"""Where real-world preference pairs come from (paper §5.2): local JSONL files or the hub.
+"""Where preference pairs come from: local files (JSONL, JSON, Parquet, CSV) or any hub dataset.
 
 A source is a small dataclass (``PairSource``; ``EvalSetSource`` adds a shift tag) so that a
-YAML config can name each set in a line. Hub records are turned into pairs by plain functions
-(``ultrafeedback_pair``, ``rewardmath_pair``, ``rewardbench_pair``), kept separate from the
-download so they can be checked without a network.
+YAML config can name each set in a line. A record becomes a pair by plain functions, kept
+separate from reading and downloading so they can be checked without a network:
+``record_pair`` for any file or hub dataset in either of TRL's preference formats (standard
+prompt/chosen/rejected strings, or conversational lists of role/content turns), with a column
+mapping and an optional per-pair ``margin``; ``ultrafeedback_pair``, ``rewardmath_pair`` and
+``rewardbench_pair`` for the four hub sets of the paper (§5.2), named by a short word.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
 
-from data_modules.jsonl import located_jsonl
+from data_modules.files import located_records
 from rm_lightning.errors import DataError
-from rm_lightning.pairs import PreferencePair, ShiftTag, check_text_fields
+from rm_lightning.pairs import PreferencePair, ShiftTag, Turn, check_text_fields
 
+# The paper's four hub sets, each with its own conversion; any other hub id is read with ``record_pair``.
 HubName = Literal["ultrafeedback", "rewardmath", "rewardbench_math", "rewardbench_code"]
+PairFormat = Literal["auto", "standard", "conversational"]
+PAIR_FORMATS = ("auto", "standard", "conversational")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "margin")  # what ``columns`` may map
+ROLES = ("system", "user", "assistant")
 
 # The authors' rule: drop UltraFeedback prompts that contain "translate" or "translation" in any case
 # (so also "Translated", "translations"), because the translated eval sets would otherwise test a
@@ -88,6 +99,140 @@ def _rewardbench_subset(accept: Callable[[str], bool]) -> Callable[[dict, str], 
     return convert
 
 
+# --- any record -> pair (TRL's standard and conversational preference formats) ---------------------
+
+
+def _column(record: dict, field: str, columns: dict[str, str], where: str, required: bool = True) -> Any:
+    """The value of ``field`` (under its mapped column name), or None when it is absent and not required."""
+    name = columns.get(field, field)
+    mapped = f" (the {field} column)" if name != field else ""
+    if name not in record:
+        if not required:
+            return None
+        raise DataError(f"{where}: missing field '{name}'{mapped} (has: {', '.join(sorted(map(str, record))) or 'nothing'})")
+    if record[name] is None and required:
+        raise DataError(f"{where}: field '{name}'{mapped} is empty")
+    return record[name]
+
+
+def _margin(record: dict, columns: dict[str, str], where: str) -> float | None:
+    """The pair's margin: required when ``columns`` maps ``margin``, else read from a ``margin`` column if any."""
+    value = _column(record, "margin", columns, where, required="margin" in columns)
+    name = columns.get("margin", "margin")
+    if value is None or (isinstance(value, str) and not value.strip() and "margin" not in columns):
+        return None
+    if isinstance(value, bool):
+        raise DataError(f"{where}: field '{name}' must be a number, got {value!r}")
+    try:
+        margin = float(value)  # CSV cells are text
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: field '{name}' must be a number, got {value!r}") from None
+    if not math.isfinite(margin):
+        raise DataError(f"{where}: field '{name}' must be a finite number, got {value!r}")
+    return margin
+
+
+def _turns(value: Any, where: str, name: str, json_cells: bool) -> tuple[Turn, ...]:
+    """A list of ``{"role", "content"}`` messages as turns (a JSON text of one, from a CSV cell, too)."""
+    if json_cells and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: field '{name}' is not a valid JSON list of messages ({err.msg})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{name}' must be a list of {{role, content}} messages, "
+                        f"got {type(value).__name__}")
+    turns = []
+    for index, message in enumerate(value):
+        at = f"{where}: field '{name}', message {index}"
+        if not isinstance(message, dict):
+            raise DataError(f"{at}: expected an object with 'role' and 'content', got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{at}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise DataError(f"{at}: 'content' must be a string, got {type(content).__name__}")
+        turns.append(Turn(role, content))
+    return tuple(turns)
+
+
+def _conversation_pair(prompt: Any, chosen: Any, rejected: Any, where: str, columns: dict[str, str],
+                       json_cells: bool, margin: float | None) -> PreferencePair:
+    """A pair from conversations: explicit (prompt turns + response turns) or implicit (whole conversations).
+
+    Each response is appended to the prompt's turns (a string prompt is one user turn, a string
+    response one assistant turn); the two conversations must then end in an assistant turn (the
+    response) and agree on every turn before it (the prompt), as TRL's implicit-prompt extraction
+    expects. A prompt of one user turn is kept as its text, so it tokenizes as a string prompt does.
+    """
+    def name(field: str) -> str:
+        return columns.get(field, field)
+
+    def as_turns(value: Any, field: str, lone_role: str) -> tuple[Turn, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str) and not (json_cells and value.lstrip().startswith("[")):
+            return (Turn(lone_role, value),)
+        return _turns(value, where, name(field), json_cells)
+
+    context = as_turns(prompt, "prompt", "user")
+    conversations = {}
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        response = as_turns(value, field, "assistant")
+        turns = context + response
+        if not any(turn.role == "assistant" for turn in response):
+            raise DataError(f"{where}: field '{name(field)}' has no assistant turn (the response is the last "
+                            f"assistant turn of the conversation)")
+        if turns[-1].role != "assistant":
+            raise DataError(f"{where}: field '{name(field)}' does not end with an assistant turn (it ends with a "
+                            f"{turns[-1].role} turn; the response is the last assistant turn)")
+        conversations[field] = turns
+    shared, other = conversations["chosen"][:-1], conversations["rejected"][:-1]
+    if shared != other:
+        differ = next((i for i, (a, b) in enumerate(zip(shared, other)) if a != b), min(len(shared), len(other)))
+        raise DataError(f"{where}: fields '{name('chosen')}' and '{name('rejected')}' continue different "
+                        f"conversations (they differ at message {differ}); only the last assistant turn may differ")
+    if not shared:
+        raise DataError(f"{where}: no prompt: the conversation has no turn before the response "
+                        f"(give a '{name('prompt')}' field or whole conversations in chosen/rejected)")
+    text_prompt = shared[0].content if len(shared) == 1 and shared[0].role == "user" else shared
+    return PreferencePair(text_prompt, conversations["chosen"][-1].content, conversations["rejected"][-1].content,
+                          where, margin)
+
+
+def record_pair(record: dict, where: str, columns: Optional[dict[str, str]] = None, format: PairFormat = "auto",
+                json_cells: bool = False) -> PreferencePair:
+    """A pair from one record of a file or hub dataset, in either of TRL's preference formats.
+
+    Args:
+        record: column -> value.
+        where: the record's location (``file:line``, ``file row N``), named by every error.
+        columns: pair field -> the record's column for it (``prompt``, ``chosen``, ``rejected``,
+            ``margin``); unmapped fields use their own name.
+        format: ``standard`` (prompt/chosen/rejected strings), ``conversational`` (lists of
+            role/content messages; the prompt may be absent when chosen/rejected are whole
+            conversations) or ``auto``: conversational when any of the three is a list.
+        json_cells: a string cell holding a JSON list is a list of messages (CSV cells are text).
+    """
+    columns = dict(columns or {})
+    chosen = _column(record, "chosen", columns, where)
+    rejected = _column(record, "rejected", columns, where)
+    prompt = _column(record, "prompt", columns, where, required=format == "standard")
+    margin = _margin(record, columns, where)
+    if format == "auto":
+        listed = (isinstance(v, list) or (json_cells and isinstance(v, str) and v.lstrip().startswith("["))
+                  for v in (prompt, chosen, rejected))
+        format = "conversational" if any(listed) else "standard"
+    if format == "conversational":
+        return _conversation_pair(prompt, chosen, rejected, where, columns, json_cells, margin)
+    if prompt is None:
+        _column(record, "prompt", columns, where)  # a standard pair needs its prompt: say which field is missing
+    names = {field: columns.get(field, field) for field in ("prompt", "chosen", "rejected")}
+    check_text_fields({names[f]: v for f, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))},
+                      list(names.values()), where)
+    return PreferencePair(prompt, chosen, rejected, where, margin)
+
+
 @dataclass(frozen=True)
 class HubDataset:
     """A hub dataset, its default split and how one of its records becomes a pair (None: skip it)."""
@@ -106,28 +251,45 @@ HUB_DATASETS: dict[str, HubDataset] = {
 }
 
 
-def load_hub_rows(dataset_id: str, split: str) -> list[dict]:
+def load_hub_rows(dataset_id: str, split: str, subset: Optional[str] = None) -> list[dict]:
     """Rows of a hub split; any failure (offline, unknown split, no ``datasets``) ends in one DataError line."""
     try:
         from datasets import load_dataset
 
-        rows = load_dataset(dataset_id, split=split)
+        rows = load_dataset(dataset_id, subset, split=split) if subset else load_dataset(dataset_id, split=split)
     except Exception as err:  # noqa: BLE001 - network, hub and package errors all mean "use a local file"
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        raise DataError(f"cannot load hub dataset {dataset_id} (split {split}): {type(err).__name__}"
-                        f"{': ' + reason if reason else ''}; without internet, pass a local JSONL with "
-                        f"prompt/chosen/rejected as `path` instead of `hub`") from None
+        named = f"{dataset_id}{f' ({subset})' if subset else ''}"
+        raise DataError(f"cannot load hub dataset {named} (split {split}): {type(err).__name__}"
+                        f"{': ' + reason if reason else ''}; without internet, pass a local JSONL, JSON, Parquet "
+                        f"or CSV file with prompt/chosen/rejected as `path` instead of `hub`") from None
     return [dict(row) for row in rows]
 
 
-def load_hub_pairs(name: str, split: Optional[str] = None) -> list[PreferencePair]:
-    if name not in HUB_DATASETS:
-        raise DataError(f"unknown hub source {name!r}; expected one of {', '.join(HUB_DATASETS)}")
-    hub = HUB_DATASETS[name]
-    split = split or hub.default_split
+DEFAULT_HUB_SPLIT = "train"  # of a hub dataset other than the four named ones
+
+
+def hub_split(name: str, split: Optional[str]) -> str:
+    return split or (HUB_DATASETS[name].default_split if name in HUB_DATASETS else DEFAULT_HUB_SPLIT)
+
+
+def load_hub_pairs(name: str, split: Optional[str] = None, subset: Optional[str] = None,
+                   columns: Optional[dict[str, str]] = None, format: PairFormat = "auto") -> list[PreferencePair]:
+    """Pairs of one of the four named hub sets (their own conversion), or of any hub dataset id (``record_pair``)."""
+    split = hub_split(name, split)
+    if name in HUB_DATASETS:
+        hub = HUB_DATASETS[name]
+        dataset_id, convert = hub.dataset_id, hub.convert
+    elif "/" in name:
+        dataset_id = name
+        def convert(record: dict, where: str) -> PreferencePair:
+            return record_pair(record, where, columns, format)
+    else:
+        raise DataError(f"unknown hub source {name!r}; expected one of {', '.join(HUB_DATASETS)} or a hub "
+                        f"dataset id (owner/name)")
     pairs = []
-    for number, record in enumerate(load_hub_rows(hub.dataset_id, split), start=1):
-        pair = hub.convert(record, f"{hub.dataset_id}[{split}] row {number}")
+    for number, record in enumerate(load_hub_rows(dataset_id, split, subset), start=1):
+        pair = convert(record, f"{dataset_id}[{split}] row {number}")
         if pair is not None:
             pairs.append(pair)
     return pairs
@@ -136,10 +298,16 @@ def load_hub_pairs(name: str, split: Optional[str] = None) -> list[PreferencePai
 # --- local files -------------------------------------------------------------------------------
 
 
+def load_file_pairs(path: str, columns: Optional[dict[str, str]] = None,
+                    format: PairFormat = "auto") -> list[PreferencePair]:
+    """Pairs of a local JSONL, JSON, Parquet or CSV file (relative paths: as given, else under the data root)."""
+    json_cells = Path(path).suffix.lower() == ".csv"
+    return [record_pair(record, where, columns, format, json_cells) for where, record in located_records(path)]
+
+
 def load_jsonl_pairs(path: str) -> list[PreferencePair]:
     """Pairs of a JSONL file with string fields prompt/chosen/rejected (relative paths: under the data root)."""
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], where)
-            for where, r in located_jsonl(path, ("prompt", "chosen", "rejected"))]
+    return load_file_pairs(path, format="standard")
 
 
 def subsample(pairs: list[PreferencePair], limit: Optional[int], seed: int) -> list[PreferencePair]:
@@ -158,32 +326,68 @@ def subsample(pairs: list[PreferencePair], limit: Optional[int], seed: int) -> l
 
 @dataclass
 class PairSource:
-    """One set of pairs: a local JSONL ``path`` or a ``hub`` dataset (exactly one).
+    """One set of pairs: a local file ``path`` or a ``hub`` dataset (exactly one).
 
     Args:
-        path: JSONL with prompt/chosen/rejected; relative paths are resolved under the data root
+        path: a JSON Lines (``.jsonl``), JSON (``.json``), Parquet (``.parquet``) or CSV (``.csv``)
+            file; relative paths are taken as given when they exist, else under the data root
             (``$RM_LIGHTNING_DATA``, default ``../shared/data``), e.g. ``ultrafeedback/train.jsonl``.
-        hub: ``ultrafeedback`` (filtered as in the paper), ``rewardmath``, ``rewardbench_math``
-            (subset math-prm) or ``rewardbench_code`` (subsets hep-*). Needs internet. The hub has no
-            train/test split for RewardMATH and RewardBench: prefer the prepared local files there.
-        split: hub split; default train_prefs (UltraFeedback), test (RewardMATH), filtered (RewardBench).
+        hub: one of the paper's sets by name: ``ultrafeedback`` (filtered as in the paper),
+            ``rewardmath``, ``rewardbench_math`` (subset math-prm) or ``rewardbench_code`` (subsets
+            hep-*); or any hub dataset id (``owner/name``), read as a file is. Needs internet. The hub
+            has no train/test split for RewardMATH and RewardBench: prefer the prepared local files.
+        split: hub split; default train_prefs (UltraFeedback), test (RewardMATH), filtered
+            (RewardBench), train (any other id).
+        subset: the hub dataset's configuration (``load_dataset``'s ``name``), if it has several.
+        columns: pair field -> the data's column, for ``prompt``, ``chosen``, ``rejected`` and
+            ``margin``, e.g. ``{prompt: question, chosen: good, rejected: bad}``; unmapped fields use
+            their own name. A ``margin`` column (a number per pair, read when present, required when
+            mapped) reaches the loss as ``batch["margin"]``.
+        format: ``standard`` (prompt/chosen/rejected strings), ``conversational`` (TRL's lists of
+            ``{role, content}`` messages: a prompt of any turns and chosen/rejected holding the final
+            assistant turn, or whole conversations sharing their prompt turns) or ``auto`` (default:
+            conversational for a record where any of the three is a list). In a CSV file a
+            conversation is a cell holding its JSON list.
         limit: keep this many pairs, drawn with the data module's ``data_seed``; null keeps all. The
             draw comes before the length caps, so pairs dropped as over-long leave fewer.
     """
 
     path: Optional[str] = None
-    hub: Optional[HubName] = None
+    hub: Optional[str] = None
     split: Optional[str] = None
+    subset: Optional[str] = None
+    columns: Optional[dict[str, str]] = None
+    format: PairFormat = "auto"
     limit: Optional[int] = None
 
     def describe(self) -> str:
-        return self.path if self.path else f"hub:{self.hub}[{self.split or HUB_DATASETS[self.hub].default_split}]"
+        if self.path:
+            return self.path
+        return f"hub:{self.hub}{f'/{self.subset}' if self.subset else ''}[{hub_split(self.hub, self.split)}]"
 
-    def load(self, seed: int = 0) -> list[PreferencePair]:
+    def check(self) -> None:
+        """The source's options, each error naming the option; reading comes later (``load``)."""
         if (self.path is None) == (self.hub is None):
             raise DataError(f"a pair source needs exactly one of `path` or `hub` (got path={self.path!r}, "
                             f"hub={self.hub!r}); an override merges into the config's set, so set the other to null")
-        pairs = load_jsonl_pairs(self.path) if self.path else load_hub_pairs(self.hub, self.split)
+        if self.format not in PAIR_FORMATS:
+            raise DataError(f"format must be one of {', '.join(PAIR_FORMATS)}, got {self.format!r}")
+        unknown = sorted(set(self.columns or {}) - set(PAIR_COLUMNS))
+        if unknown:
+            raise DataError(f"columns: unknown pair field {', '.join(map(repr, unknown))}; the fields are "
+                            f"{', '.join(PAIR_COLUMNS)} (field: column of the data)")
+        if any(not isinstance(column, str) or not column for column in (self.columns or {}).values()):
+            raise DataError(f"columns: every column name must be a non-empty string, got {self.columns!r}")
+        if self.hub in HUB_DATASETS and (self.columns or self.format != "auto"):
+            raise DataError(f"hub {self.hub!r} has its own conversion: `columns` and `format` apply to files and "
+                            f"other hub ids (e.g. hub: {HUB_DATASETS[self.hub].dataset_id})")
+
+    def load(self, seed: int = 0) -> list[PreferencePair]:
+        self.check()
+        if self.path:
+            pairs = load_file_pairs(self.path, self.columns, self.format)
+        else:
+            pairs = load_hub_pairs(self.hub, self.split, self.subset, self.columns, self.format)
         if not pairs:
             raise DataError(f"{self.describe()}: no pairs left after filtering")
         return subsample(pairs, self.limit, seed)

@@ -10,6 +10,7 @@ from rm_lightning.errors import BackboneError
 from rm_lightning.models.loss import bradley_terry_loss
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import prepare_trainable, untie_output_embeddings
+from rm_lightning.pairs import Prompt, conversation_lines
 
 VERIFICATION_TEMPLATE = "Question: {prompt}\nAnswer: {response}\nVerification: Is the answer correct (Yes/No)?"
 
@@ -42,7 +43,16 @@ class ExplicitGenerativeRM(RewardModule):
             raise BackboneError(f"EX-GRM answer word {word!r} is {len(ids)} tokens for this tokenizer; need exactly 1")
         return ids[0]
 
-    def format_texts(self, prompt: str, response: str) -> tuple[str, str]:
+    def format_texts(self, prompt: Prompt, response: str) -> tuple[str, str]:
+        """The verification question as one user turn, with nothing after the generation prompt.
+
+        A conversation's prompt goes into the Question as its turns' ``Role: content`` lines
+        (``System: ...``, ``User: ...``, ``Assistant: ...``, ``User: ...``), so the verifier sees the
+        whole exchange the Answer replies to; a single user turn is its text, as a string prompt is.
+        """
+        if not isinstance(prompt, str):
+            single_user = len(prompt) == 1 and prompt[0].role == "user"
+            prompt = prompt[0].content if single_user else conversation_lines(prompt)
         question = VERIFICATION_TEMPLATE.format(prompt=prompt, response=response)
         return super().format_texts(question, "")
 

@@ -18,6 +18,7 @@ from rm_lightning.models.trainable import Trainable, prepare_trainable
 from rm_lightning.pairs.collation import PairCollator
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.encoding import PairEncoder, chat_formatter
+from rm_lightning.pairs.records import Prompt
 from rm_lightning.perf.checkpointing import autocast_weight_cache, enable_activation_checkpointing
 from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hidden_states
 from rm_lightning.perf.micro_batches import encoded_pair_tokens, plan_for, run_in_micro_batches
@@ -99,8 +100,11 @@ class RewardModule(L.LightningModule):
         """Rewards [2B] from the final hidden states [2B, T, H] of the concatenated batch."""
         raise NotImplementedError
 
-    def format_texts(self, prompt: str, response: str) -> tuple[str, str]:
-        """(prompt, response) -> (prefix, response suffix); the chat template by default."""
+    def format_texts(self, prompt: Prompt, response: str) -> tuple[str, str]:
+        """(prompt, response) -> (prefix, response suffix); the chat template by default.
+
+        ``prompt`` is a string (one user turn) or a conversation (a tuple of ``pairs.Turn``).
+        """
         if not hasattr(self, "_chat_formatter"):
             self._chat_formatter = chat_formatter(self.tokenizer)
         return self._chat_formatter(prompt, response)

@@ -16,7 +16,9 @@ class PairCollator:
 
     ``last_index`` is each row's last real token (EX-RM and EX-GRM read there). When every pair
     carries cached reference log-probs (IM-RM), they ride along as ``reference_logps``; when every
-    pair carries the hidden states of a frozen backbone, as ``hidden_states`` [2B, T, H].
+    pair carries the hidden states of a frozen backbone, as ``hidden_states`` [2B, T, H]; when
+    every pair carries a ``margin`` (a per-pair column of the data), as ``margin`` [B] (float32,
+    one per pair, not per row: the BT loss reads it).
     """
 
     pad_token_id: int
@@ -43,6 +45,8 @@ class PairCollator:
             batch["reference_logps"] = torch.tensor(
                 [p.reference_logps[0] for p in pairs] + [p.reference_logps[1] for p in pairs], dtype=torch.float64
             )
+        if all(p.margin is not None for p in pairs):
+            batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         if all(p.hidden_states is not None for p in pairs):
             states = [p.hidden_states[0] for p in pairs] + [p.hidden_states[1] for p in pairs]
             hidden = states[0].new_zeros(rows, width, states[0].shape[-1])

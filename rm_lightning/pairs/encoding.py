@@ -7,33 +7,59 @@ type sees exactly the same pairs and token boundaries.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from rm_lightning.errors import DataError
-from rm_lightning.pairs.records import EncodedPair, PreferencePair
+from rm_lightning.pairs.records import EncodedPair, PreferencePair, Prompt, Turn
 
-TextFormatter = Callable[[str, str], "tuple[str, str]"]
+TextFormatter = Callable[[Prompt, str], "tuple[str, str]"]
+
+
+def prompt_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """A prompt as chat messages: a string is one user turn, a conversation its turns."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [turn.as_message() for turn in prompt]
+
+
+def conversation_lines(turns: Sequence[Turn]) -> str:
+    """Turns as ``Role: content`` lines (``User: ...``, ``Assistant: ...``), the plain rendering without a template."""
+    return "\n".join(f"{turn.role.capitalize()}: {turn.content}" for turn in turns)
+
+
+def plain_format(prompt: Prompt, response: str) -> tuple[str, str]:
+    """Without a chat template: ``User: <prompt>\nAssistant:`` and `` <response>``.
+
+    A conversation is its turns as ``Role: content`` lines before the final ``Assistant:``, so a
+    one-user-turn conversation renders exactly as its string prompt does.
+    """
+    if isinstance(prompt, str):
+        return f"User: {prompt}\nAssistant:", f" {response}"
+    return f"{conversation_lines(prompt)}\nAssistant:", f" {response}"
 
 
 def chat_formatter(tokenizer) -> TextFormatter:
     """(prompt, response) -> (templated prompt with generation prompt, response suffix).
 
-    With a chat template the response is whatever follows the prompt text in the templated
-    conversation (the paper's definition, and what TRL's chat templating trains on), so it keeps
-    the end-of-turn token and any separator the template puts after it, e.g. SmolLM2's newline
-    after ``<|im_end|>``. That matters for EX-RM, which reads the last token: which token that is
-    changed its paraphrased Persona accuracy by several points. Without a chat template, a plain
-    User:/Assistant: format.
+    The prompt is a string (one user turn) or a conversation of any turns (system, user,
+    assistant, ...); the response is the assistant turn that follows it. With a chat template
+    the response is whatever follows the prompt text in the templated conversation (the paper's
+    definition, and what TRL's chat templating trains on), so it keeps the end-of-turn token and
+    any separator the template puts after it, e.g. SmolLM2's newline after ``<|im_end|>``. That
+    matters for EX-RM, which reads the last token: which token that is changed its paraphrased
+    Persona accuracy by several points. Without a chat template, a plain ``User:``/``Assistant:``
+    format (``plain_format``).
     """
     if not getattr(tokenizer, "chat_template", None):
-        return lambda prompt, response: (f"User: {prompt}\nAssistant:", f" {response}")
+        return plain_format
 
-    def format_with_template(prompt: str, response: str) -> tuple[str, str]:
-        user = [{"role": "user", "content": prompt}]
-        prefix = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    def format_with_template(prompt: Prompt, response: str) -> tuple[str, str]:
+        messages = prompt_messages(prompt)
+        prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if response == "":
             return prefix, ""
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(prefix):  # templates that rewrite earlier turns; fall back to appending
             return prefix, response
         return prefix, full[len(prefix):]
@@ -45,8 +71,11 @@ class PairEncoder:
     """Apply length caps on the raw texts, format, and tokenize a pair.
 
     Caps are measured on the raw prompt and responses (before any template), so EX-RM, IM-RM
-    and EX-GRM keep exactly the same pairs. Over-long pairs are dropped, or, with
-    ``truncate=True``, cut: prompts keep their end, responses their start, never to empty.
+    and EX-GRM keep exactly the same pairs; a conversation's prompt counts the tokens of its
+    turns' contents. Over-long pairs are dropped, or, with ``truncate=True``, cut: prompts keep
+    their end (a conversation loses whole turns from its start first, then never begins with an
+    assistant turn; only a last turn over the cap alone is cut), responses their start, never to
+    empty.
     With ``bare_response=True`` the response is its own text with nothing after it (no
     end-of-turn token), as Theorem 2's single-token responses need.
     """
@@ -77,9 +106,9 @@ class PairEncoder:
             return None
         chosen_ids, chosen_start = self._tokenize(capped.prompt, capped.chosen)
         rejected_ids, rejected_start = self._tokenize(capped.prompt, capped.rejected)
-        return EncodedPair(chosen_ids, chosen_start, rejected_ids, rejected_start)
+        return EncodedPair(chosen_ids, chosen_start, rejected_ids, rejected_start, margin=capped.margin)
 
-    def _tokenize(self, prompt: str, response: str) -> tuple[list[int], int]:
+    def _tokenize(self, prompt: Prompt, response: str) -> tuple[list[int], int]:
         prefix, suffix = self.formatter(prompt, response)
         if self.bare_response:
             if not suffix.startswith(response):
@@ -91,12 +120,33 @@ class PairEncoder:
         return prefix_ids + suffix_ids, len(prefix_ids)
 
     def _apply_caps(self, pair: PreferencePair) -> PreferencePair | None:
-        prompt = self._cap(pair.prompt, self.max_prompt_tokens, keep_end=True)
+        prompt = self._cap_prompt(pair.prompt)
         chosen = self._cap(pair.chosen, self.max_response_tokens, keep_end=False)
         rejected = self._cap(pair.rejected, self.max_response_tokens, keep_end=False)
         if prompt is None or chosen is None or rejected is None:
             return None
-        return PreferencePair(prompt, chosen, rejected, pair.source)
+        return replace(pair, prompt=prompt, chosen=chosen, rejected=rejected)
+
+    def _cap_prompt(self, prompt: Prompt) -> Prompt | None:
+        """A prompt within ``max_prompt_tokens`` (counted on its raw text), or None when the pair must go."""
+        limit = self.max_prompt_tokens
+        if isinstance(prompt, str) or limit is None:
+            return self._cap(prompt, limit, keep_end=True) if isinstance(prompt, str) else prompt
+        turns = list(prompt)
+        counts = [len(self.tokenizer(turn.content, add_special_tokens=False)["input_ids"]) for turn in turns]
+        if sum(counts) <= limit:
+            return prompt
+        if not self.truncate:
+            return None
+        while len(turns) > 1 and (sum(counts) > limit or turns[0].role == "assistant"):
+            turns.pop(0)
+            counts.pop(0)
+        if sum(counts) > limit:  # the last turn alone is over the cap: keep its end
+            content = self._cap(turns[-1].content, limit, keep_end=True)
+            if content is None:
+                return None
+            turns = [Turn(turns[-1].role, content)]
+        return tuple(turns)
 
     def _cap(self, text: str, limit: int | None, keep_end: bool) -> str | None:
         """``text`` within ``limit`` tokens, or None when the pair must go.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, get_args
+from typing import Literal, Sequence, Union, get_args
 
 import torch
 from torch.utils.data import Dataset
@@ -24,11 +24,39 @@ def check_shift_tag(tag: str) -> str:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One message of a conversation (TRL's conversational format: ``{"role": ..., "content": ...}``)."""
+
+    role: str
+    content: str
+
+    def as_message(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+# A prompt is a string (one user turn) or a conversation: a tuple of turns (system/user/assistant...)
+# that the response continues. A tuple keeps pairs hashable (duplicates are counted by value).
+Prompt = Union[str, tuple[Turn, ...]]
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The raw text of a prompt: a string as it is, a conversation's contents one per line."""
+    return prompt if isinstance(prompt, str) else "\n".join(turn.content for turn in prompt)
+
+
+@dataclass(frozen=True)
 class PreferencePair:
-    prompt: str
+    """A prompt (a string, or a conversation of ``Turn`` s) and two responses to it, the first preferred.
+
+    ``margin``: how strongly ``chosen`` is preferred (a per-pair number some datasets carry, e.g.
+    a rating difference); the BT loss reads it as ``batch["margin"]`` when every pair of a batch has one.
+    """
+
+    prompt: Prompt
     chosen: str
     rejected: str
     source: str = field(default="", compare=False)  # where it came from (``file:line``), for error messages
+    margin: float | None = None
 
 
 @dataclass
@@ -42,6 +70,7 @@ class EncodedPair:
     reference_logps: tuple[float, float] | None = None  # filled by the IM-RM reference cache
     # final hidden states (chosen [len, H], rejected [len, H]) of a frozen backbone, computed once
     hidden_states: tuple[torch.Tensor, torch.Tensor] | None = None
+    margin: float | None = None  # the pair's ``PreferencePair.margin``, carried to ``batch["margin"]``
 
     def __len__(self) -> int:
         return max(len(self.chosen_ids), len(self.rejected_ids))

@@ -15,17 +15,22 @@ from collections import Counter
 from typing import Literal
 
 from rm_lightning.errors import DataError
-from rm_lightning.pairs.records import PreferencePair
+from rm_lightning.pairs.records import PreferencePair, prompt_text
 
 InvalidPairs = Literal["drop", "fail"]
 INVALID_PAIR_POLICIES = ("drop", "fail")
 DROP_RULES = ("identical", "empty")
 
 
+def _is_blank(pair: PreferencePair, field: str) -> bool:
+    """Whether a field is empty or whitespace-only (a conversation prompt: all its turns' contents are)."""
+    return not prompt_text(getattr(pair, field)).strip()
+
+
 def problem_of(pair: PreferencePair) -> str | None:
     """The rule ``pair`` breaks (``DROP_RULES``), or None."""
     for field in ("prompt", "chosen", "rejected"):
-        if not getattr(pair, field).strip():
+        if _is_blank(pair, field):
             return "empty"
     return "identical" if pair.chosen == pair.rejected else None
 
@@ -33,7 +38,7 @@ def problem_of(pair: PreferencePair) -> str | None:
 def describe(rule: str, pair: PreferencePair) -> str:
     if rule == "identical":
         return "chosen and rejected responses are identical"
-    fields = [f for f in ("prompt", "chosen", "rejected") if not getattr(pair, f).strip()]
+    fields = [f for f in ("prompt", "chosen", "rejected") if _is_blank(pair, f)]
     return f"empty or whitespace-only {' and '.join(fields)}"
 
 

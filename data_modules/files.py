@@ -1,0 +1,111 @@
+"""Read a local data file of any common format into records, each with where it came from.
+
+JSON Lines (``.jsonl``), JSON (``.json``: an array of objects, or JSON Lines under that name, as
+``datasets`` accepts), Parquet (``.parquet``) and CSV (``.csv``, with a header row). Every record
+comes back with its location (``file:line`` for JSONL and CSV, ``file row N`` for JSON arrays and
+Parquet), so an error about a field names the row that holds it. Nothing here needs a network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from data_modules.jsonl import DATA_ENV, located_jsonl, resolve_data_path
+from rm_lightning.errors import DataError
+
+Located = list[tuple[str, dict]]
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+    """The file ``path`` names (as given, or under the data root), or one DataError line."""
+    resolved = resolve_data_path(path)
+    if not resolved.is_file():
+        raise DataError(f"data file not found: {path} (looked at {resolved.resolve()}; "
+                        f"set ${DATA_ENV} to the folder holding the shared data)")
+    return resolved
+
+
+def located_records(path: str | os.PathLike) -> Located:
+    """(location, record) for every record of a local file, by its suffix (``FILE_SUFFIXES``)."""
+    suffix = Path(path).suffix.lower()
+    readers = {".jsonl": located_jsonl, ".json": located_json, ".parquet": located_parquet, ".csv": located_csv}
+    if suffix not in readers:
+        raise DataError(f"{path}: unknown data file type {suffix or '(no suffix)'!r}; expected one of "
+                        f"{', '.join(FILE_SUFFIXES)}")
+    return readers[suffix](path)
+
+
+def _objects(resolved: Path, rows: list, kind: str) -> Located:
+    """Rows numbered from 1, each checked to be an object (a mapping of column -> value)."""
+    records = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{resolved} row {number}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a {kind} object (column -> value), got {type(row).__name__}")
+        records.append((where, row))
+    if not records:
+        raise DataError(f"{resolved}: no records")
+    return records
+
+
+def located_json(path: str | os.PathLike) -> Located:
+    """A JSON array of objects; a file of one object per line is read as JSON Lines."""
+    resolved = existing_file(path)
+    try:
+        text = resolved.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{resolved}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte {err.start + 1}); "
+                        f"data files must be UTF-8 encoded") from None
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several values: JSON Lines under a .json name
+            return located_jsonl(resolved)
+        raise DataError(f"{resolved}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(content, list):
+        raise DataError(f"{resolved}: expected a JSON array of objects (or one object per line), "
+                        f"got a {type(content).__name__}")
+    return _objects(resolved, content, "JSON")
+
+
+def located_parquet(path: str | os.PathLike) -> Located:
+    """The rows of a Parquet file as Python values (nested lists and structs included)."""
+    resolved = existing_file(path)
+    try:
+        import pyarrow.parquet as parquet
+
+        rows = parquet.read_table(resolved).to_pylist()
+    except ImportError:
+        raise DataError(f"{resolved}: reading Parquet needs pyarrow (installed with `datasets`)") from None
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise DataError(f"{resolved}: not a readable Parquet file ({reason})") from None
+    return _objects(resolved, rows, "Parquet")
+
+
+def located_csv(path: str | os.PathLike) -> Located:
+    """The rows of a CSV file with a header row; each located at the line it starts on."""
+    resolved = existing_file(path)
+    records = []
+    try:
+        with open(resolved, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            start = 2  # the line after the header
+            for row in reader:
+                where = f"{resolved}:{start}"
+                if None in row:
+                    raise DataError(f"{where}: more values than the header's {len(reader.fieldnames)} columns")
+                records.append((where, {name: value for name, value in row.items() if value is not None}))
+                start = reader.line_num + 1
+    except UnicodeDecodeError as err:
+        raise DataError(f"{resolved}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
+                        f"data files must be UTF-8 encoded") from None
+    except csv.Error as err:
+        raise DataError(f"{resolved}: not valid CSV ({err})") from None
+    if not records:
+        raise DataError(f"{resolved}: no records")
+    return records
