@@ -53,7 +53,7 @@ def _objects(resolved: Path, rows: list, kind: str) -> Located:
 
 
 def located_json(path: str | os.PathLike) -> Located:
-    """A JSON array of objects; a file of one object per line is read as JSON Lines."""
+    """A JSON array of objects (or one object); a file of one object per line is read as JSON Lines."""
     resolved = existing_file(path)
     try:
         text = resolved.read_text(encoding="utf-8-sig")
@@ -66,6 +66,8 @@ def located_json(path: str | os.PathLike) -> Located:
         if err.msg == "Extra data":  # several values: JSON Lines under a .json name
             return located_jsonl(resolved)
         raise DataError(f"{resolved}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(content, dict):  # a single object: one line of JSON Lines, or one pretty-printed record
+        content = [content]
     if not isinstance(content, list):
         raise DataError(f"{resolved}: expected a JSON array of objects (or one object per line), "
                         f"got a {type(content).__name__}")

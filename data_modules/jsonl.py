@@ -20,12 +20,16 @@ def data_root() -> Path:
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:
-    """A path as given if it exists (absolute or relative to the working dir), else under ``data_root()``."""
+    """A path as given if it exists (absolute or relative to the working dir), else under ``data_root()``,
+    else under the project folder (its shipped examples, e.g. ``examples/persona_conversations/train.jsonl``,
+    from any working dir)."""
     candidate = Path(path).expanduser()
     if candidate.exists() or candidate.is_absolute():
         return candidate
-    under_root = data_root() / candidate
-    return under_root if under_root.exists() else candidate
+    for root in (data_root(), _PROJECT_ROOT):
+        if (root / candidate).exists():
+            return root / candidate
+    return candidate
 
 
 def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict]:

@@ -40,6 +40,10 @@ CHANGED = {"exrm_ultrafeedback": {"model": {"token_budget": "auto"}},
            "imrm_ultrafeedback": {"model": {"token_budget": "auto"}}}
 
 
+# pair-source options added since (issue 17, any dataset), at the defaults that read files as before
+SOURCE_ADDED = {"subset": None, "columns": None, "format": "auto"}
+
+
 def as_before(resolved: dict, experiment: str) -> dict:
     """Today's resolved config in the terms of 6723d7e: the options added since at the behaviour they
     replace, results named after the first config file, and the default optimizer as the Adam it is."""
@@ -49,6 +53,10 @@ def as_before(resolved: dict, experiment: str) -> dict:
     for group, options in ADDED.items():
         for name, value in options.items():
             assert resolved[group]["init_args"].pop(name, value) == value, (group, name)
+    data = resolved["data"]["init_args"]
+    for source in ([data["train"]] if isinstance(data.get("train"), dict) else []) + list(data.get("eval_sets", {}).values()):
+        for name, value in SOURCE_ADDED.items():
+            assert source.pop(name, value) == value, ("data source", name)
     model = resolved["model"]["init_args"]
     assert resolved["results"].pop("config_name") == experiment
     # issue 16: every shipped run keeps checkpoints/last.ckpt (before, only the DDP/FSDP overlays kept a checkpoint)

@@ -1,0 +1,267 @@
+"""Any dataset (issue 17, item 4): local JSONL/JSON/Parquet/CSV files and any hub id as pair sources, a
+column mapping, TRL's standard and conversational formats (multi-turn prompts through the chat template),
+a per-pair margin carried to the batch, and errors that name the file and row. All offline."""
+
+import csv
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT, tiny_override
+from data_modules.conversational_example import example_records
+from data_modules.preference_sources import PairSource, load_hub_pairs, record_pair
+from rm_lightning import cli
+from rm_lightning.errors import DataError
+from rm_lightning.models.explicit import ExplicitRM
+from rm_lightning.models.generative import ExplicitGenerativeRM
+from rm_lightning.pairs import PairCollator, PairEncoder, PreferencePair, Turn, chat_formatter
+from rm_lightning.pairs.screening import screen_pairs
+from rm_lightning.perf.micro_batches import select_pairs
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+HI = {"role": "user", "content": "Hi"}
+HELLO = {"role": "assistant", "content": "Hello! How can I help?"}
+ASK = {"role": "user", "content": "What is 2+2?"}
+PROMPT = [SYSTEM, HI, HELLO, ASK]
+GOOD, BAD = "It is 4.", "It is 5."
+PROMPT_TURNS = tuple(Turn(m["role"], m["content"]) for m in PROMPT)
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_module():
+    return ExplicitRM(backbone="tiny-llama-chat")
+
+
+# --- one tokenization path: a conversation through the chat template -----------------------------------
+
+
+def test_multi_turn_pair_is_exactly_the_chat_templates_rendering_with_the_response_last(chat_module):
+    tokenizer = chat_module.tokenizer
+    pair = record_pair({"prompt": PROMPT, "chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]}, "row 1")
+    encoded = chat_module.pair_encoder(max_prompt_tokens=None, max_response_tokens=None).encode(pair)
+    for ids, start, response in ((encoded.chosen_ids, encoded.chosen_start, GOOD),
+                                 (encoded.rejected_ids, encoded.rejected_start, BAD)):
+        full = tokenizer.apply_chat_template(PROMPT + [assistant(response)], tokenize=False)
+        prompt = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+        assert ids == tokenizer(full, add_special_tokens=False)["input_ids"]
+        assert start == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert tokenizer.decode(ids[start:]).startswith(response)
+
+
+def test_a_one_user_turn_conversation_tokenizes_as_its_string_prompt(chat_module):
+    encoder = chat_module.pair_encoder()
+    as_text = encoder.encode(PreferencePair("What is 2+2?", GOOD, BAD))
+    as_turns = encoder.encode(record_pair({"prompt": [ASK], "chosen": [assistant(GOOD)],
+                                           "rejected": [assistant(BAD)]}, "row 1"))
+    assert (as_turns.chosen_ids, as_turns.chosen_start) == (as_text.chosen_ids, as_text.chosen_start)
+
+
+def test_without_a_chat_template_turns_render_as_role_lines_before_the_assistant_cue():
+    prefix, suffix = chat_formatter(types.SimpleNamespace(chat_template=None))(PROMPT_TURNS, GOOD)
+    assert prefix == "System: Be brief.\nUser: Hi\nAssistant: Hello! How can I help?\nUser: What is 2+2?\nAssistant:"
+    assert suffix == f" {GOOD}"
+
+
+def test_exgrm_puts_a_multi_turn_prompt_into_its_question_as_role_lines():
+    module = ExplicitGenerativeRM(backbone="tiny-llama")
+    prefix, _ = module.format_texts(PROMPT_TURNS, GOOD)
+    assert "Question: System: Be brief.\nUser: Hi\nAssistant: Hello! How can I help?\nUser: What is 2+2?\n" \
+           f"Answer: {GOOD}\nVerification:" in prefix
+    assert module.format_texts((Turn("user", "Q"),), "A") == module.format_texts("Q", "A")
+
+
+def test_prompt_cap_counts_raw_turn_text_and_truncation_drops_whole_early_turns_never_leaving_an_assistant_first(
+        chat_module):
+    tokenizer = chat_module.tokenizer
+    raw = sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in PROMPT)
+    pair = PreferencePair(PROMPT_TURNS, GOOD, BAD)
+    exact = PairEncoder(tokenizer, chat_module.format_texts, max_prompt_tokens=raw)
+    assert exact.encode(pair) is not None
+    assert PairEncoder(tokenizer, chat_module.format_texts, max_prompt_tokens=raw - 1).encode(pair) is None
+    cut = PairEncoder(tokenizer, chat_module.format_texts, max_prompt_tokens=raw - 1, truncate=True)
+    assert cut._apply_caps(pair).prompt == PROMPT_TURNS[1:]  # the system turn goes first
+    last_two = raw - sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in PROMPT[:2])
+    cut = PairEncoder(tokenizer, chat_module.format_texts, max_prompt_tokens=last_two, truncate=True)
+    assert cut._apply_caps(pair).prompt == PROMPT_TURNS[3:]  # the assistant turn that would open it goes too
+    tiny = PairEncoder(tokenizer, chat_module.format_texts, max_prompt_tokens=3, truncate=True)
+    assert tiny._apply_caps(pair).prompt == (Turn("user", "+2?"),)  # the last turn alone: its end
+
+
+def test_a_conversation_whose_turns_are_all_blank_is_screened_as_empty():
+    pair = PreferencePair((Turn("system", " "), Turn("user", "")), GOOD, BAD)
+    kept, counts = screen_pairs("set", [pair])
+    assert kept == [] and counts["empty"] == 1
+
+
+# --- both of TRL's formats, explicit and implicit prompts ----------------------------------------------
+
+
+def test_implicit_prompt_conversations_split_at_their_shared_turns():
+    pair = record_pair({"chosen": PROMPT + [assistant(GOOD)], "rejected": PROMPT + [assistant(BAD)]}, "row 1")
+    assert pair == PreferencePair(PROMPT_TURNS, GOOD, BAD)
+    single = record_pair({"chosen": [ASK, assistant(GOOD)], "rejected": [ASK, assistant(BAD)]}, "row 1")
+    assert single == PreferencePair("What is 2+2?", GOOD, BAD)
+
+
+def test_standard_and_conversational_records_of_one_file_both_load(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"},
+                                                  {"prompt": PROMPT, "chosen": [assistant(GOOD)],
+                                                   "rejected": [assistant(BAD)]}])
+    assert PairSource(path=str(path)).load() == [PreferencePair("p", "c", "r"), PreferencePair(PROMPT_TURNS, GOOD, BAD)]
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: field 'prompt' must be a string, got list"):
+        PairSource(path=str(path), format="standard").load()
+
+
+# --- any file, column mapping, margin ---------------------------------------------------------------
+
+
+RECORDS = [{"question": PROMPT, "good": [assistant(GOOD)], "bad": [assistant(BAD)], "score": 2.5},
+           {"question": [ASK], "good": [assistant("Four.")], "bad": [assistant("Five.")], "score": 0.5}]
+MAPPED = {"prompt": "question", "chosen": "good", "rejected": "bad", "margin": "score"}
+EXPECTED = [PreferencePair(PROMPT_TURNS, GOOD, BAD, margin=2.5),
+            PreferencePair("What is 2+2?", "Four.", "Five.", margin=0.5)]
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    """``records`` in the file type of ``path``'s suffix (CSV: conversations as JSON text cells)."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, records)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records))
+    elif path.suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet
+
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), path)
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_every_file_type_gives_the_same_pairs_through_a_column_mapping(suffix, tmp_path):
+    path = write_records(tmp_path / f"pairs{suffix}", RECORDS)
+    assert PairSource(path=str(path), columns=MAPPED).load() == EXPECTED
+
+
+@pytest.mark.parametrize("suffix, where", [(".jsonl", ":2"), (".json", " row 2"), (".parquet", " row 2"),
+                                           (".csv", ":2")])
+def test_a_missing_column_is_named_with_the_file_and_row(suffix, where, tmp_path):
+    records = [dict(RECORDS[0]), {key: value for key, value in RECORDS[1].items() if key != "bad"}]
+    if suffix == ".parquet":
+        records[1]["bad"] = None  # a Parquet column is in every row: a missing value is null
+    if suffix == ".csv":  # a CSV column is in every row too (an empty cell is empty text): leave it out of the file
+        records = [{key: value for key, value in record.items() if key != "bad"} for record in records]
+    path = write_records(tmp_path / f"pairs{suffix}", records)
+    problem = "field 'bad' \\(the rejected column\\) is empty" if suffix == ".parquet" else "missing field 'bad'"
+    with pytest.raises(DataError, match=f"pairs\\{suffix}{where}: {problem}"):
+        PairSource(path=str(path), columns=MAPPED).load()
+
+
+def test_a_json_lines_file_named_json_is_read_as_json_lines(tmp_path):
+    path = write_jsonl(tmp_path / "lines.json", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    assert PairSource(path=str(path)).load() == [PreferencePair("p", "c", "r")]
+
+
+def test_margin_column_reaches_the_batch_per_pair_and_micro_batches_split_it(chat_module, tmp_path):
+    path = write_jsonl(tmp_path / "margins.jsonl", [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "margin": m}
+                                                    for i, m in enumerate([0.5, 2.0, 1.0])])
+    pairs = PairSource(path=str(path)).load()
+    encoded, _ = chat_module.pair_encoder().encode_all(pairs)
+    batch = PairCollator(chat_module.tokenizer.pad_token_id)(encoded)
+    assert batch["margin"].dtype == torch.float32 and batch["margin"].tolist() == [0.5, 2.0, 1.0]
+    assert select_pairs(batch, [2, 0])["margin"].tolist() == [1.0, 0.5]
+    without = PairCollator(chat_module.tokenizer.pad_token_id)(encoded[:2] + chat_module.pair_encoder().encode_all(
+        [PreferencePair("p", "c", "r")])[0])
+    assert "margin" not in without  # only when every pair of the batch has one
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": [HI], "chosen": [HI], "rejected": [assistant(BAD)]}, "field 'chosen' has no assistant turn"),
+    ({"chosen": [HI], "rejected": [HI, assistant(BAD)]}, "field 'chosen' has no assistant turn"),
+    ({"chosen": [HI, assistant(GOOD), ASK], "rejected": [HI, assistant(BAD)]},
+     "field 'chosen' does not end with an assistant turn"),
+    ({"chosen": [HI, assistant(GOOD)], "rejected": [ASK, assistant(BAD)]},
+     "fields 'chosen' and 'rejected' continue different conversations \\(they differ at message 0\\)"),
+    ({"chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]}, "no prompt"),
+    ({"prompt": [{"role": "robot", "content": "x"}], "chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]},
+     "field 'prompt', message 0: role must be one of system, user, assistant"),
+    ({"prompt": [{"role": "user", "content": None}], "chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]},
+     "field 'prompt', message 0: 'content' must be a string, got NoneType"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "margin": "high"}, "field 'margin' must be a number"),
+])
+def test_bad_records_fail_with_the_file_line_and_field(record, message, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}, record])
+    with pytest.raises(DataError, match=f"bad\\.jsonl:2: {message}"):
+        PairSource(path=str(path)).load()
+
+
+@pytest.mark.parametrize("source, message", [
+    (PairSource(path="x.txt"), "unknown data file type '.txt'"),
+    (PairSource(path="x.jsonl", format="chat"), "format must be one of auto, standard, conversational"),
+    (PairSource(path="x.jsonl", columns={"question": "q"}), "columns: unknown pair field 'question'"),
+    (PairSource(hub="rewardmath", columns={"prompt": "q"}), "hub 'rewardmath' has its own conversion"),
+])
+def test_bad_source_options_are_named(source, message, tmp_path):
+    if source.path:
+        source.path = str(tmp_path / source.path)
+        Path(source.path).write_text("{}\n")
+    with pytest.raises(DataError, match=message):
+        source.load()
+
+
+def test_any_hub_dataset_id_reads_like_a_file_with_its_subset_split_and_columns(monkeypatch):
+    calls = []
+
+    def load_dataset(dataset_id, name=None, split=None):
+        calls.append((dataset_id, name, split))
+        return RECORDS
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    pairs = load_hub_pairs("someone/prefs", split="test", subset="v2", columns=MAPPED)
+    assert pairs == EXPECTED and calls == [("someone/prefs", "v2", "test")]
+    assert pairs[0].source == "someone/prefs[test] row 1"
+    assert PairSource(hub="someone/prefs", columns=MAPPED).load() == EXPECTED and calls[-1][2] == "train"
+
+
+# --- the shipped example, end to end -------------------------------------------------------------------
+
+
+def test_the_shipped_conversational_example_is_what_its_script_writes_and_loads_as_multi_turn_pairs():
+    folder = PROJECT_ROOT / "examples" / "persona_conversations"
+    for split, records in example_records().items():
+        assert (folder / f"{split}.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)
+        pairs = PairSource(path=str(folder / f"{split}.jsonl"), format="conversational").load()
+        assert len(pairs) == len(records) and all(isinstance(p.prompt, tuple) and len(p.prompt) >= 3 for p in pairs)
+
+
+def test_fit_runs_on_a_conversational_jsonl_file(tmp_path):
+    records = [{"prompt": [SYSTEM, HI, HELLO, {"role": "user", "content": f"What is {i}+{i}?"}],
+                "chosen": [assistant(f"It is {2 * i}.")], "rejected": [assistant(f"It is {2 * i + 1}.")]}
+               for i in range(8)]
+    records += [{"chosen": [HI, assistant("Hello!")], "rejected": [HI, assistant("Go away.")], "margin": 1.0}]
+    train, test = write_jsonl(tmp_path / "train.jsonl", records), write_jsonl(tmp_path / "test.jsonl", records[:4])
+    data = tmp_path / "data.yaml"
+    data.write_text(f"data:\n  init_args:\n    train: {{path: {train}}}\n"
+                    f"    eval_sets:\n      persona_conversations: {{path: {test}}}\n")
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_conversational_example.yaml"),
+              "--config", str(tiny_override(tmp_path, max_steps=2)), "--config", str(data)])
+    run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
+    rows = list(csv.DictReader(open(run / "margin_history.csv")))
+    assert {"train", "persona_conversations"} <= {row["set"] for row in rows}
