@@ -20,7 +20,7 @@ _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class RealWorldDataModule(PreferenceDataModule):
-    """A training source and any number of named eval sets, each a local JSONL or a hub dataset.
+    """A training source and any number of named eval sets, each a local file or a hub dataset.
 
     From YAML::
 
@@ -33,7 +33,8 @@ class RealWorldDataModule(PreferenceDataModule):
               rewardbench_math: {path: rewardbench_math/test.jsonl, tag: domain_shift}
 
     Args:
-        train: the training pairs (``path`` or ``hub``, optional ``limit``).
+        train: the training pairs (``path`` or ``hub``; optional ``columns``, ``format``, ``limit``;
+            see ``PairSource``: JSONL/JSON/Parquet/CSV or any hub id, standard or conversational).
         eval_sets: set name -> source with a shift tag (in_distribution, token_shift, domain_shift).
             Names become metric keys, so they may hold only letters, digits, ``_``, ``.`` and ``-``.
         data_seed: seed of every ``limit`` draw; one seed for all sets keeps aligned files aligned.
