@@ -163,7 +163,9 @@ def _conversation_pair(prompt: Any, chosen: Any, rejected: Any, where: str, colu
     Each response is appended to the prompt's turns (a string prompt is one user turn, a string
     response one assistant turn); the two conversations must then end in an assistant turn (the
     response) and agree on every turn before it (the prompt), as TRL's implicit-prompt extraction
-    expects. A prompt of one user turn is kept as its text, so it tokenizes as a string prompt does.
+    expects. A string prompt beside whole conversations (chosen holds user turns too) is a copy of
+    their first turn, as in UltraFeedback binarized, and TRL ignores it then: so does this. A
+    prompt of one user turn is kept as its text, so it tokenizes as a string prompt does.
     """
     def name(field: str) -> str:
         return columns.get(field, field)
@@ -176,9 +178,12 @@ def _conversation_pair(prompt: Any, chosen: Any, rejected: Any, where: str, colu
         return _turns(value, where, name(field), json_cells)
 
     context = as_turns(prompt, "prompt", "user")
+    responses = {field: as_turns(value, field, "assistant") for field, value in (("chosen", chosen),
+                                                                                ("rejected", rejected))}
+    if len(context) == 1 and isinstance(prompt, str) and any(t.role != "assistant" for t in responses["chosen"]):
+        context = ()  # a text prompt beside whole conversations repeats their prompt (UltraFeedback binarized)
     conversations = {}
-    for field, value in (("chosen", chosen), ("rejected", rejected)):
-        response = as_turns(value, field, "assistant")
+    for field, response in responses.items():
         turns = context + response
         if not any(turn.role == "assistant" for turn in response):
             raise DataError(f"{where}: field '{name(field)}' has no assistant turn (the response is the last "

@@ -116,6 +116,13 @@ def test_implicit_prompt_conversations_split_at_their_shared_turns():
     assert single == PreferencePair("What is 2+2?", GOOD, BAD)
 
 
+def test_a_text_prompt_beside_whole_conversations_is_their_copy_as_in_ultrafeedback_binarized():
+    record = {"prompt": "What is 2+2?", "chosen": [ASK, assistant(GOOD)], "rejected": [ASK, assistant(BAD)]}
+    assert record_pair(record, "row 1") == PreferencePair("What is 2+2?", GOOD, BAD)
+    explicit = {"prompt": "What is 2+2?", "chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]}
+    assert record_pair(explicit, "row 1") == PreferencePair("What is 2+2?", GOOD, BAD)
+
+
 def test_standard_and_conversational_records_of_one_file_both_load(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"},
                                                   {"prompt": PROMPT, "chosen": [assistant(GOOD)],
