@@ -107,22 +107,27 @@ def spread_to_count(plan: list[list[int]], count: int) -> list[list[int]]:
 ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "last_index", "reference_logps",
             "hidden_states")
 WIDTH_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "hidden_states")
+# keys with one entry per pair (the loss's per-pair ``margin``)
+PAIR_KEYS = ("margin",)
 
 
 def select_pairs(batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
     """The sub-batch of the pairs ``indices``: their chosen then rejected rows, cut to their longest row.
 
-    Every key of ``batch`` must be one ``PairCollator`` writes (``ROW_KEYS``): a key this function
-    does not know how to split would silently stay whole.
+    Every key of ``batch`` must be one ``PairCollator`` writes (``ROW_KEYS``, ``PAIR_KEYS``): a key this
+    function does not know how to split would silently stay whole.
     """
-    unknown = set(batch) - set(ROW_KEYS)
+    unknown = set(batch) - set(ROW_KEYS) - set(PAIR_KEYS)
     if unknown:
-        raise ValueError(f"cannot split a pair batch with keys {sorted(unknown)}; known: {ROW_KEYS}")
+        raise ValueError(f"cannot split a pair batch with keys {sorted(unknown)}; known: {ROW_KEYS + PAIR_KEYS}")
     pairs = batch["input_ids"].shape[0] // 2
     index = torch.tensor(list(indices) + [pairs + i for i in indices], dtype=torch.long)
     width = int(batch["attention_mask"][index.to(batch["attention_mask"].device)].sum(dim=1).max())
     selected = {}
     for key, value in batch.items():
+        if key in PAIR_KEYS:
+            selected[key] = value[torch.tensor(list(indices), dtype=torch.long, device=value.device)]
+            continue
         rows = value[index.to(value.device)]
         selected[key] = rows[:, :width] if key in WIDTH_KEYS else rows
     return selected
