@@ -107,15 +107,15 @@ def spread_to_count(plan: list[list[int]], count: int) -> list[list[int]]:
 ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "last_index", "reference_logps",
             "hidden_states")
 WIDTH_KEYS = ("input_ids", "attention_mask", "position_ids", "response_mask", "hidden_states")
-# keys with one entry per pair (the loss's per-pair ``margin``)
+# keys with one entry per pair (not per row): a sub-batch keeps the entries of its pairs
 PAIR_KEYS = ("margin",)
 
 
 def select_pairs(batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
     """The sub-batch of the pairs ``indices``: their chosen then rejected rows, cut to their longest row.
 
-    Every key of ``batch`` must be one ``PairCollator`` writes (``ROW_KEYS``, ``PAIR_KEYS``): a key this
-    function does not know how to split would silently stay whole.
+    Every key of ``batch`` must be one ``PairCollator`` writes (``ROW_KEYS``, ``PAIR_KEYS``): a key
+    this function does not know how to split would silently stay whole.
     """
     unknown = set(batch) - set(ROW_KEYS) - set(PAIR_KEYS)
     if unknown:
@@ -126,7 +126,7 @@ def select_pairs(batch: dict[str, torch.Tensor], indices: list[int]) -> dict[str
     selected = {}
     for key, value in batch.items():
         if key in PAIR_KEYS:
-            selected[key] = value[torch.tensor(list(indices), dtype=torch.long, device=value.device)]
+            selected[key] = value[index[:len(indices)].to(value.device)]
             continue
         rows = value[index.to(value.device)]
         selected[key] = rows[:, :width] if key in WIDTH_KEYS else rows
