@@ -114,8 +114,8 @@ def lora_options(option: str, value: Any) -> None:
         whole_number(1)(f"{option}.r", value["r"])
     if "alpha" in value:
         positive_number()(f"{option}.alpha", value["alpha"])
-    if "dropout" in value:
-        unit_interval_open_right(f"{option}.dropout", value["dropout"])
+    if "dropout" in value and not (_is_number(value["dropout"]) and 0 <= value["dropout"] < 1):
+        raise SettingError(f"{option}.dropout: expected a number in [0, 1), got {value['dropout']!r}")
     target = value.get("target_modules", "all-linear")
     names = [target] if isinstance(target, str) else target
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):

@@ -111,7 +111,7 @@ def test_packed_and_padded_layouts_agree_under_lora():
      "model.lora: LoRA adapts the decoder, trainable: output_layer freezes it"),
     (lambda: ExplicitRM(backbone="tiny-llama", lora={"rank": 4}), "model.lora: unknown key"),
     (lambda: ExplicitRM(backbone="tiny-llama", lora={"r": 0}), "model.lora.r: expected a whole number >= 1"),
-    (lambda: ExplicitRM(backbone="tiny-llama", lora={"dropout": 1.0}), "model.lora.dropout: expected numbers in"),
+    (lambda: ExplicitRM(backbone="tiny-llama", lora={"dropout": 1.0}), r"model.lora.dropout: expected a number in \[0, 1\)"),
 ])
 def test_lora_options_that_make_no_sense_are_refused_in_one_line(build, message):
     with pytest.raises(SettingError, match=message):
