@@ -85,6 +85,44 @@ def probability(option: str, value: Any) -> None:
         raise SettingError(f"{option}: expected a probability in [0, 1], got {value!r}")
 
 
+def label_smoothing(option: str, value: Any) -> None:
+    """cDPO's flipped-label fraction: at 0.5 the loss no longer says which response is better."""
+    if not _is_number(value) or not 0 <= value < 0.5:
+        raise SettingError(f"{option}: expected a number in [0, 0.5), got {value!r}")
+
+
+def one_of(*allowed: str) -> Rule:
+    def check(option: str, value: Any) -> None:
+        if value not in allowed:
+            raise SettingError(f"{option}: expected one of {', '.join(allowed)}, got {value!r}")
+    return check
+
+
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+
+
+def lora_options(option: str, value: Any) -> None:
+    """``lora``: null (full fine-tuning) or a mapping of r, alpha, dropout, target_modules (``models/lora.py``)."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise SettingError(f"{option}: expected null or a mapping with keys {', '.join(LORA_KEYS)}, got {value!r}")
+    unknown = sorted(set(value) - set(LORA_KEYS))
+    if unknown:
+        raise SettingError(f"{option}: unknown key(s) {', '.join(map(str, unknown))}; expected {', '.join(LORA_KEYS)}")
+    if "r" in value:
+        whole_number(1)(f"{option}.r", value["r"])
+    if "alpha" in value:
+        positive_number()(f"{option}.alpha", value["alpha"])
+    if "dropout" in value and not (_is_number(value["dropout"]) and 0 <= value["dropout"] < 1):
+        raise SettingError(f"{option}.dropout: expected a number in [0, 1), got {value['dropout']!r}")
+    target = value.get("target_modules", "all-linear")
+    names = [target] if isinstance(target, str) else target
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise SettingError(f"{option}.target_modules: expected all-linear, a module name or a list of module "
+                           f"names, got {target!r}")
+
+
 def unit_interval_open_right(option: str, value: Any) -> None:
     if value is None:
         return
@@ -104,6 +142,9 @@ OPTION_RULES: dict[str, Rule] = {
     "num_workers": whole_number(0),
     # model
     "beta": positive_number(), "logprob_chunk_size": whole_number(1),
+    # training options (``models/loss.py``, ``models/lora.py``); each RM type checks which ``loss`` it has
+    "center_rewards_coefficient": non_negative_number(none=True), "label_smoothing": label_smoothing,
+    "loss": one_of("bt", "sigmoid", "hinge", "ipo", "yes_no_ce"), "lora": lora_options,
     # optimizer init_args
     "lr": positive_number(), "weight_decay": non_negative_number(), "eps": non_negative_number(),
     "momentum": non_negative_number(), "betas": unit_interval_open_right,
@@ -134,10 +175,10 @@ def check_options(prefix: str, options: dict[str, Any], rules: dict[str, Rule] =
                            f"to null")
     for name, value in options.items():
         option = f"{prefix}.{name}" if prefix else str(name)
-        if isinstance(value, dict):
-            check_options(option, value, rules)
-        elif name in rules:
+        if name in rules:  # a rule may name a mapping (``lora``); other mappings are checked key by key
             rules[name](option, value)
+        elif isinstance(value, dict):
+            check_options(option, value, rules)
 
 
 def check_eval_every_n_epochs(option: str, value: Any) -> None:

@@ -6,8 +6,10 @@ from typing import Literal
 
 import torch
 
-from rm_lightning.errors import BackboneError
-from rm_lightning.models.loss import bradley_terry_loss
+from lightning.pytorch.utilities import rank_zero_warn
+
+from rm_lightning.errors import BackboneError, SettingError
+from rm_lightning.models.loss import preference_loss
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import prepare_trainable, untie_output_embeddings
 from rm_lightning.pairs import Prompt, conversation_lines
@@ -19,14 +21,20 @@ class ExplicitGenerativeRM(RewardModule):
     """Explicit generative RM: the LM head is applied at the last position only.
 
     Args:
-        loss: ``bt``: the shared Bradley-Terry loss on p("Yes") (default, comparable with the
-            other types); ``yes_no_ce``: the authors' cross-entropy, "Yes" for the chosen and
-            "No" for the rejected response.
+        loss: ``bt`` (or ``sigmoid``, TRL's name): the shared Bradley-Terry loss on p("Yes")
+            (default, comparable with the other types; with the margin, centering and label
+            smoothing options); ``yes_no_ce``: the authors' cross-entropy, "Yes" for the chosen
+            and "No" for the rejected response (none of those options apply to it).
         yes_token, no_token: the answer words; each must be a single token.
     """
 
-    def __init__(self, loss: Literal["bt", "yes_no_ce"] = "bt", yes_token: str = "Yes", no_token: str = "No",
-                 **kwargs):
+    def __init__(self, loss: Literal["bt", "sigmoid", "yes_no_ce"] = "bt", yes_token: str = "Yes",
+                 no_token: str = "No", **kwargs):
+        if loss not in ("bt", "sigmoid", "yes_no_ce"):
+            raise SettingError(f"model.loss: expected one of bt, sigmoid, yes_no_ce for an EX-GRM, got {loss!r}")
+        used = [name for name in ("label_smoothing", "center_rewards_coefficient") if kwargs.get(name)]
+        if loss == "yes_no_ce" and used:
+            raise SettingError(f"model.{used[0]}: applies to the bt loss only, not to loss: yes_no_ce")
         super().__init__(**kwargs)
         self.loss_type = loss
         self.answer_ids = [self._single_token_id(yes_token), self._single_token_id(no_token)]
@@ -68,7 +76,9 @@ class ExplicitGenerativeRM(RewardModule):
     def pair_loss(self, batch):
         answer_logps = self.answer_logprobs(self.hidden_states(batch), batch)
         chosen, rejected = answer_logps[:, 0].exp().chunk(2)
-        if self.loss_type == "bt":
-            return bradley_terry_loss(chosen, rejected), chosen, rejected
+        if self.loss_type != "yes_no_ce":
+            return preference_loss(chosen, rejected, batch.get("margin"), self.loss_options()), chosen, rejected
+        if "margin" in batch:
+            rank_zero_warn("EX-GRM loss yes_no_ce ignores the data's per-pair margins; loss: bt uses them")
         yes_chosen, no_rejected = answer_logps[: chosen.numel(), 0], answer_logps[chosen.numel():, 1]
         return -(yes_chosen.mean() + no_rejected.mean()) / 2, chosen, rejected

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from rm_lightning.errors import SettingError
 from rm_lightning.models import reference_cache
 from rm_lightning.models.backbones import cache_dir, load_backbone
 from rm_lightning.models.logprobs import response_logratios, response_token_logps, sum_per_row
+from rm_lightning.models.lora import adapters_disabled
+from rm_lightning.models.loss import LOSS_KINDS, PairLossOptions, check_loss_options
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import frozen_copy, prepare_trainable, untie_output_embeddings
 from rm_lightning.pairs.contract import preference_data_of
@@ -36,6 +40,11 @@ class ImplicitRM(RewardModule):
         reference_cache_dir: where cached reference log-probs live (default: the rm-lightning
             cache dir, ``$RM_LIGHTNING_CACHE`` or ``~/.cache/rm_lightning``).
         logprob_chunk_size: response tokens per LM-head chunk.
+        loss: ``bt`` (default; ``sigmoid``, TRL's name for it), ``hinge`` or ``ipo``: the DPO-family
+            losses in terms of r = beta * log-ratio (``models/loss.py``); label smoothing is bt's only.
+
+    With ``lora`` the reference is the base model itself with its adapters switched off
+    (``models/lora.py``): no copy is held, with or without ``cache_reference``.
 
     With ``trainable: output_layer`` only an untied copy of the unembedding learns and the
     reference is the initial unembedding over the same (frozen) hidden states, so no reference
@@ -44,15 +53,20 @@ class ImplicitRM(RewardModule):
 
     def __init__(self, beta: float = 0.01, reference: Literal["frozen", "none"] = "frozen",
                  cache_reference: bool = True, reference_cache_dir: Optional[str] = None,
-                 logprob_chunk_size: int = 2048, **kwargs):
-        check_options("model", {"beta": beta, "logprob_chunk_size": logprob_chunk_size})  # before the model loads
+                 logprob_chunk_size: int = 2048, loss: Literal["bt", "sigmoid", "hinge", "ipo"] = "bt", **kwargs):
+        check_options("model", {"beta": beta, "logprob_chunk_size": logprob_chunk_size,  # before the model loads
+                                "label_smoothing": kwargs.get("label_smoothing", 0.0)})
+        self.loss_kind = "sigmoid" if loss == "bt" else loss
+        if self.loss_kind not in LOSS_KINDS:
+            raise SettingError(f"model.loss: expected one of bt, {', '.join(LOSS_KINDS)} for an IM-RM, got {loss!r}")
+        check_loss_options("model.loss", self.loss_kind, kwargs.get("label_smoothing", 0.0), beta)
         super().__init__(**kwargs)
         self.beta, self.reference, self.cache_reference = beta, reference, cache_reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_dir() / "reference_logps"
         self.logprob_chunk_size = logprob_chunk_size
         self._initial_fingerprint = reference_cache.weights_fingerprint(self.model) if reference == "frozen" else ""
         self._reference_holder: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
-        if reference == "frozen" and not cache_reference and self.hparams.trainable == "all":
+        if reference == "frozen" and not cache_reference and self.hparams.trainable == "all" and not self.hparams.lora:
             self._reference_holder.append(self._frozen(copy.deepcopy(self.model)))
         self._initial_head: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
         if self.hparams.trainable == "output_layer":
@@ -62,6 +76,9 @@ class ImplicitRM(RewardModule):
 
     def output_layer(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
+
+    def loss_options(self) -> PairLossOptions:
+        return replace(super().loss_options(), kind=self.loss_kind, beta=self.beta)
 
     def fixed_transient_bytes(self) -> int:
         """A chunk of fp32 vocabulary logits, alive in forward and again (recomputed, with its gradient) in backward."""
@@ -90,12 +107,15 @@ class ImplicitRM(RewardModule):
         if "reference_logps" in batch:
             return batch["reference_logps"]
         reference = self.reference_model()
-        with torch.no_grad():
+        with torch.no_grad(), adapters_disabled(reference):
             hidden = self.hidden_states(batch, decoder=reference.base_model)
             return self.response_logps(hidden, batch, model=reference)
 
     def reference_model(self) -> torch.nn.Module:
-        """The frozen initial model, loaded only when a batch has no cached reference log-probs."""
+        """The frozen initial model, loaded only when a batch has no cached reference log-probs;
+        with LoRA the policy itself (run with its adapters disabled)."""
+        if self.hparams.lora:
+            return self.model
         if not self._reference_holder:
             rank_zero_warn("IM-RM: a batch without cached reference log-probs; loading the reference model.")
             model = load_backbone(self.hparams.backbone, extra_tokens=self.hparams.extra_tokens)[0]
@@ -127,9 +147,14 @@ class ImplicitRM(RewardModule):
         precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true"))
         layout = f"{self.hparams.decoder_layout}|{self.hparams.packed_attention}"
         identity = reference_cache.cache_identity(self._initial_fingerprint, dataset, precision, layout)
-        reference_cache.attach(dataset, reference_cache.load_or_compute(
-            self.reference_cache_dir, identity, dataset,
-            lambda: reference_cache.reference_pass(self, self._pristine_or_reference(), dataset, batch_size)))
+
+        def compute():
+            reference = self._pristine_or_reference()
+            with adapters_disabled(reference):  # LoRA: the base model (a no-op without adapters)
+                return reference_cache.reference_pass(self, reference, dataset, batch_size)
+
+        reference_cache.attach(dataset, reference_cache.load_or_compute(self.reference_cache_dir, identity, dataset,
+                                                                        compute))
 
     def _pristine_or_reference(self) -> torch.nn.Module:
         """The policy itself while its weights are still the initial ones (no second model in memory)."""

@@ -28,14 +28,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rm_lightning.files import write_atomically
+from rm_lightning.models.lora import base_state_dict
 from rm_lightning.pairs.records import EncodedPairs
 from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap hash of a model's weights (names, shapes and the first values of every tensor)."""
+    """A cheap hash of a model's weights (names, shapes and the first values of every tensor); of a LoRA
+    model, its base weights' (its reference, shared with the full fine-tuning run's cache)."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in base_state_dict(model).items():
         flat = tensor.detach().reshape(-1)[:64].float().cpu()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(flat.numpy().tobytes())

@@ -13,7 +13,8 @@ from rm_lightning.metrics.eval_sets import EvalSets, is_repeated_eval_batch
 from rm_lightning.metrics.keys import batch_means, train_key
 from rm_lightning.metrics.pairwise import PairwiseAccuracy
 from rm_lightning.models.backbones import load_backbone
-from rm_lightning.models.loss import bradley_terry_loss
+from rm_lightning.models.lora import apply_lora
+from rm_lightning.models.loss import PairLossOptions, preference_loss
 from rm_lightning.models.trainable import Trainable, prepare_trainable
 from rm_lightning.pairs.collation import PairCollator
 from rm_lightning.pairs.contract import preference_data_of
@@ -26,6 +27,7 @@ from rm_lightning.perf.model_setup import prepare_model
 from rm_lightning.perf.optim_in_backward import backward_optimizer
 from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind
 from rm_lightning.perf.token_budget import check_token_budget, parse_memory_limit, resolve_auto_budget
+from rm_lightning.settings import check_options
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -63,6 +65,16 @@ class RewardModule(L.LightningModule):
             null (default) runs every batch whole.
         memory_limit: what ``token_budget: auto`` may fill, in bytes or as ``"12GB"``/``"12GiB"``;
             default: the host's available memory on a CPU, the device's free memory on a GPU.
+        center_rewards_coefficient: adds this times mean((r+ + r-)^2) to the loss (TRL's
+            RewardTrainer option): rewards stay centred on 0; null (default) adds nothing.
+        label_smoothing: eps in [0, 0.5): the robust (cDPO) BT loss
+            -(1-eps) log sigmoid(d) - eps log sigmoid(-d); 0 (default): plain BT.
+        lora: null (default): full fine-tuning; a mapping ``{r, alpha, dropout, target_modules}``
+            (defaults 16, 32, 0.0, ``all-linear``): LoRA adapters through peft, the backbone frozen
+            (``models/lora.py``).
+
+    A batch that carries ``margin`` (one number per pair, in reward units) trains with
+    d = r+ - r- - margin, as TRL's RewardTrainer (``models/loss.py``).
     """
 
     def __init__(self, backbone: str = "smollm2-135m-instruct", optimizer: OptimizerFactory = adam_1e5,
@@ -71,8 +83,11 @@ class RewardModule(L.LightningModule):
                  packed_attention: AttentionKind = "grouped", optimizer_in_backward: bool = False,
                  compile_layers: bool = False, trainable: Trainable = "all",
                  token_budget: Optional[Union[int, Literal["auto"]]] = None,
-                 memory_limit: Optional[Union[int, str]] = None):
+                 memory_limit: Optional[Union[int, str]] = None,
+                 center_rewards_coefficient: Optional[float] = None, label_smoothing: float = 0.0,
+                 lora: Optional[dict] = None):
         super().__init__()
+        check_training_options(center_rewards_coefficient, label_smoothing, lora, trainable)  # before the model loads
         for name, value, allowed in (("decoder_layout", decoder_layout, DECODER_LAYOUTS),
                                      ("packed_attention", packed_attention, ATTENTION_KINDS),
                                      ("trainable", trainable, ("all", "output_layer"))):
@@ -82,6 +97,8 @@ class RewardModule(L.LightningModule):
         self.memory_limit_bytes = parse_memory_limit(memory_limit)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
+        if lora is not None:
+            apply_lora(self.model, lora)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.train_accuracy = PairwiseAccuracy(dist_sync_on_step=True)  # the global batch's accuracy
@@ -110,9 +127,16 @@ class RewardModule(L.LightningModule):
         return self._chat_formatter(prompt, response)
 
     def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, chosen rewards, rejected rewards) of a batch; the Bradley-Terry loss by default."""
+        """(loss, chosen rewards, rejected rewards) of a batch: ``models/loss.preference_loss`` under
+        ``loss_options()``, with the batch's per-pair ``margin`` when it has one."""
         chosen, rejected = self.rewards(batch).chunk(2)
-        return bradley_terry_loss(chosen, rejected), chosen, rejected
+        return preference_loss(chosen, rejected, batch.get("margin"), self.loss_options()), chosen, rejected
+
+    def loss_options(self) -> PairLossOptions:
+        """The loss this module trains with: Bradley-Terry with the ``center_rewards_coefficient`` and
+        ``label_smoothing`` options; a type with loss choices of its own (IM-RM) extends it."""
+        return PairLossOptions(label_smoothing=self.hparams.label_smoothing,
+                               center_rewards_coefficient=self.hparams.center_rewards_coefficient)
 
     def output_layer(self) -> nn.Module:
         """The layer ``trainable: output_layer`` trains; a type that supports it says which."""
@@ -262,3 +286,12 @@ class RewardModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+
+def check_training_options(center_rewards_coefficient, label_smoothing, lora, trainable) -> None:
+    """The loss and LoRA options, one line each, before a backbone is loaded (``rm_lightning.settings``)."""
+    check_options("model", {"center_rewards_coefficient": center_rewards_coefficient,
+                            "label_smoothing": label_smoothing, "lora": lora})
+    if lora is not None and trainable != "all":
+        raise SettingError(f"model.lora: LoRA adapts the decoder, trainable: {trainable} freezes it; use one of "
+                           f"them (lora: null, or trainable: all)")
