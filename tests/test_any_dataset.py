@@ -181,6 +181,13 @@ def test_a_missing_column_is_named_with_the_file_and_row(suffix, where, tmp_path
         PairSource(path=str(path), columns=MAPPED).load()
 
 
+def test_a_csv_cell_that_starts_with_a_bracket_but_is_no_json_list_stays_text(tmp_path):
+    path = write_records(tmp_path / "pairs.csv", [{"prompt": "[INST] hi", "chosen": "c", "rejected": "r"}])
+    assert PairSource(path=str(path)).load() == [PreferencePair("[INST] hi", "c", "r")]
+    with pytest.raises(DataError, match=r"pairs\.csv:2: field 'prompt' is not a valid JSON list of messages"):
+        PairSource(path=str(path), format="conversational").load()
+
+
 def test_a_json_lines_file_named_json_is_read_as_json_lines(tmp_path):
     path = write_jsonl(tmp_path / "lines.json", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
     assert PairSource(path=str(path)).load() == [PreferencePair("p", "c", "r")]
