@@ -109,7 +109,8 @@ def _column(record: dict, field: str, columns: dict[str, str], where: str, requi
     if name not in record:
         if not required:
             return None
-        raise DataError(f"{where}: missing field '{name}'{mapped} (has: {', '.join(sorted(map(str, record))) or 'nothing'})")
+        present = ", ".join(sorted(map(str, record))) or "nothing"
+        raise DataError(f"{where}: missing field '{name}'{mapped} (has: {present})")
     if record[name] is None and required:
         raise DataError(f"{where}: field '{name}'{mapped} is empty")
     return record[name]
@@ -132,13 +133,24 @@ def _margin(record: dict, columns: dict[str, str], where: str) -> float | None:
     return margin
 
 
-def _turns(value: Any, where: str, name: str, json_cells: bool) -> tuple[Turn, ...]:
-    """A list of ``{"role", "content"}`` messages as turns (a JSON text of one, from a CSV cell, too)."""
-    if json_cells and isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
+def _json_cell(value: Any, where: str, name: str, conversational: bool) -> Any:
+    """A text cell holding a JSON list (how a CSV file holds a conversation) as that list; other values as they are.
+
+    A cell that starts with ``[`` but is no JSON list is text, unless the format says conversational.
+    """
+    if not (isinstance(value, str) and value.lstrip().startswith("[")):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        if conversational:
             raise DataError(f"{where}: field '{name}' is not a valid JSON list of messages ({err.msg})") from None
+        return value
+    return parsed if isinstance(parsed, list) else value
+
+
+def _turns(value: Any, where: str, name: str) -> tuple[Turn, ...]:
+    """A list of ``{"role", "content"}`` messages as turns."""
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{name}' must be a list of {{role, content}} messages, "
                         f"got {type(value).__name__}")
@@ -157,7 +169,7 @@ def _turns(value: Any, where: str, name: str, json_cells: bool) -> tuple[Turn, .
 
 
 def _conversation_pair(prompt: Any, chosen: Any, rejected: Any, where: str, columns: dict[str, str],
-                       json_cells: bool, margin: float | None) -> PreferencePair:
+                       margin: float | None) -> PreferencePair:
     """A pair from conversations: explicit (prompt turns + response turns) or implicit (whole conversations).
 
     Each response is appended to the prompt's turns (a string prompt is one user turn, a string
@@ -173,9 +185,9 @@ def _conversation_pair(prompt: Any, chosen: Any, rejected: Any, where: str, colu
     def as_turns(value: Any, field: str, lone_role: str) -> tuple[Turn, ...]:
         if value is None:
             return ()
-        if isinstance(value, str) and not (json_cells and value.lstrip().startswith("[")):
+        if isinstance(value, str):
             return (Turn(lone_role, value),)
-        return _turns(value, where, name(field), json_cells)
+        return _turns(value, where, name(field))
 
     context = as_turns(prompt, "prompt", "user")
     responses = {field: as_turns(value, field, "assistant") for field, value in (("chosen", chosen),
@@ -220,16 +232,17 @@ def record_pair(record: dict, where: str, columns: Optional[dict[str, str]] = No
         json_cells: a string cell holding a JSON list is a list of messages (CSV cells are text).
     """
     columns = dict(columns or {})
-    chosen = _column(record, "chosen", columns, where)
-    rejected = _column(record, "rejected", columns, where)
-    prompt = _column(record, "prompt", columns, where, required=format == "standard")
+    values = {field: _column(record, field, columns, where, required=field != "prompt" or format == "standard")
+              for field in ("prompt", "chosen", "rejected")}
+    if json_cells:
+        values = {field: _json_cell(value, where, columns.get(field, field), format == "conversational")
+                  for field, value in values.items()}
+    prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
     margin = _margin(record, columns, where)
     if format == "auto":
-        listed = (isinstance(v, list) or (json_cells and isinstance(v, str) and v.lstrip().startswith("["))
-                  for v in (prompt, chosen, rejected))
-        format = "conversational" if any(listed) else "standard"
+        format = "conversational" if any(isinstance(v, list) for v in values.values()) else "standard"
     if format == "conversational":
-        return _conversation_pair(prompt, chosen, rejected, where, columns, json_cells, margin)
+        return _conversation_pair(prompt, chosen, rejected, where, columns, margin)
     if prompt is None:
         _column(record, "prompt", columns, where)  # a standard pair needs its prompt: say which field is missing
     names = {field: columns.get(field, field) for field in ("prompt", "chosen", "rejected")}

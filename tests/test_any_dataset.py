@@ -181,6 +181,13 @@ def test_a_missing_column_is_named_with_the_file_and_row(suffix, where, tmp_path
         PairSource(path=str(path), columns=MAPPED).load()
 
 
+def test_a_csv_cell_that_starts_with_a_bracket_but_is_no_json_list_stays_text(tmp_path):
+    path = write_records(tmp_path / "pairs.csv", [{"prompt": "[INST] hi", "chosen": "c", "rejected": "r"}])
+    assert PairSource(path=str(path)).load() == [PreferencePair("[INST] hi", "c", "r")]
+    with pytest.raises(DataError, match=r"pairs\.csv:2: field 'prompt' is not a valid JSON list of messages"):
+        PairSource(path=str(path), format="conversational").load()
+
+
 def test_a_json_lines_file_named_json_is_read_as_json_lines(tmp_path):
     path = write_jsonl(tmp_path / "lines.json", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
     assert PairSource(path=str(path)).load() == [PreferencePair("p", "c", "r")]
@@ -258,17 +265,21 @@ def test_the_shipped_conversational_example_is_what_its_script_writes_and_loads_
         assert len(pairs) == len(records) and all(isinstance(p.prompt, tuple) and len(p.prompt) >= 3 for p in pairs)
 
 
-def test_fit_runs_on_a_conversational_jsonl_file(tmp_path):
+@pytest.mark.parametrize("rm_type", ["ExplicitRM", "ImplicitRM", "ExplicitGenerativeRM"])
+def test_fit_runs_on_a_conversational_jsonl_file(rm_type, tmp_path):
     records = [{"prompt": [SYSTEM, HI, HELLO, {"role": "user", "content": f"What is {i}+{i}?"}],
-                "chosen": [assistant(f"It is {2 * i}.")], "rejected": [assistant(f"It is {2 * i + 1}.")]}
-               for i in range(8)]
-    records += [{"chosen": [HI, assistant("Hello!")], "rejected": [HI, assistant("Go away.")], "margin": 1.0}]
+                "chosen": [assistant(f"It is {2 * i}.")], "rejected": [assistant(f"It is {2 * i + 1}.")],
+                "margin": 1.0} for i in range(8)]
+    records += [{"chosen": [HI, assistant("Hello!")], "rejected": [HI, assistant("Go away.")], "margin": 0.5}]
     train, test = write_jsonl(tmp_path / "train.jsonl", records), write_jsonl(tmp_path / "test.jsonl", records[:4])
     data = tmp_path / "data.yaml"
-    data.write_text(f"data:\n  init_args:\n    train: {{path: {train}}}\n"
+    data.write_text(f"model:\n  class_path: rm_lightning.{rm_type}\n"
+                    f"data:\n  init_args:\n    train: {{path: {train}}}\n"
                     f"    eval_sets:\n      persona_conversations: {{path: {test}}}\n")
+    override = tiny_override(tmp_path, max_steps=2, reference_cache_dir=tmp_path / "ref" if rm_type == "ImplicitRM"
+                             else None)
     cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_conversational_example.yaml"),
-              "--config", str(tiny_override(tmp_path, max_steps=2)), "--config", str(data)])
+              "--config", str(data), "--config", str(override)])
     run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
     rows = list(csv.DictReader(open(run / "margin_history.csv")))
     assert {"train", "persona_conversations"} <= {row["set"] for row in rows}

@@ -54,7 +54,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
         for name, value in options.items():
             assert resolved[group]["init_args"].pop(name, value) == value, (group, name)
     data = resolved["data"]["init_args"]
-    for source in ([data["train"]] if isinstance(data.get("train"), dict) else []) + list(data.get("eval_sets", {}).values()):
+    sources = [data["train"]] if isinstance(data.get("train"), dict) else []
+    for source in sources + list(data.get("eval_sets", {}).values()):
         for name, value in SOURCE_ADDED.items():
             assert source.pop(name, value) == value, ("data source", name)
     model = resolved["model"]["init_args"]

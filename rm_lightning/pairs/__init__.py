@@ -11,6 +11,7 @@ from rm_lightning.pairs.sampling import LengthBucketSampler, is_repeated_batch
 
 __all__ = [
     "PairCollator", "PreferenceData", "VerifiableData", "preference_data_of", "PairEncoder", "TextFormatter",
-    "chat_formatter", "conversation_lines", "SHIFT_TAGS", "EncodedPair", "EncodedPairs", "PreferencePair", "ShiftTag", "check_shift_tag",
-    "check_text_fields", "Prompt", "Turn", "prompt_text", "LengthBucketSampler", "is_repeated_batch",
+    "chat_formatter", "conversation_lines", "SHIFT_TAGS", "EncodedPair", "EncodedPairs", "PreferencePair",
+    "ShiftTag", "check_shift_tag", "check_text_fields", "Prompt", "Turn", "prompt_text", "LengthBucketSampler",
+    "is_repeated_batch",
 ]

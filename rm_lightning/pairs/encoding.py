@@ -130,8 +130,10 @@ class PairEncoder:
     def _cap_prompt(self, prompt: Prompt) -> Prompt | None:
         """A prompt within ``max_prompt_tokens`` (counted on its raw text), or None when the pair must go."""
         limit = self.max_prompt_tokens
-        if isinstance(prompt, str) or limit is None:
-            return self._cap(prompt, limit, keep_end=True) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str):
+            return self._cap(prompt, limit, keep_end=True)
+        if limit is None:
+            return prompt
         turns = list(prompt)
         counts = [len(self.tokenizer(turn.content, add_special_tokens=False)["input_ids"]) for turn in turns]
         if sum(counts) <= limit:
