@@ -32,7 +32,8 @@ def resolve(capsys, *configs: Path) -> dict:
 
 # options added since 6723d7e, at the value that keeps the behaviour of then (packed attention was grouped
 # unless an environment variable said otherwise)
-ADDED = {"model": {"packed_attention": "grouped", "trainable": "all", "token_budget": None, "memory_limit": None},
+ADDED = {"model": {"packed_attention": "grouped", "trainable": "all", "token_budget": None, "memory_limit": None,
+                   "center_rewards_coefficient": None, "label_smoothing": 0.0, "lora": None},
          "data": {"response_format": "sentence", "invalid_pairs": "drop"}}
 # options set on purpose since then, per experiment: the UltraFeedback runs size their micro-batches to the
 # machine's memory (a batch that fits runs whole, so what they compute is unchanged)
@@ -60,6 +61,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
             assert source.pop(name, value) == value, ("data source", name)
     model = resolved["model"]["init_args"]
     assert resolved["results"].pop("config_name") == experiment
+    if resolved["model"]["class_path"] == "rm_lightning.ImplicitRM":  # issue 17: the IM-RM's loss choice
+        assert model.pop("loss") == "bt"
     # issue 16: every shipped run keeps checkpoints/last.ckpt (before, only the DDP/FSDP overlays kept a checkpoint)
     assert resolved["trainer"].pop("enable_checkpointing") is True
     if model["optimizer"] == DEFAULT_OPTIMIZER:
