@@ -15,7 +15,7 @@ from typing import Callable, Literal, Optional
 
 from data_modules.jsonl import located_jsonl
 from rm_lightning.errors import DataError
-from rm_lightning.pairs import PreferencePair, ShiftTag, check_text_fields
+from rm_lightning.pairs import PreferencePair, ResponseRecord, ShiftTag, check_text_fields
 
 HubName = Literal["ultrafeedback", "rewardmath", "rewardbench_math", "rewardbench_code"]
 
@@ -142,6 +142,11 @@ def load_jsonl_pairs(path: str) -> list[PreferencePair]:
             for where, r in located_jsonl(path, ("prompt", "chosen", "rejected"))]
 
 
+def load_jsonl_responses(path: str) -> list[ResponseRecord]:
+    """Single responses of a JSONL file with string fields prompt/response (no preference: scored, not evaluated)."""
+    return [ResponseRecord(r["prompt"], r["response"], where) for where, r in located_jsonl(path, ("prompt", "response"))]
+
+
 def subsample(pairs: list[PreferencePair], limit: Optional[int], seed: int) -> list[PreferencePair]:
     """``limit`` pairs drawn without replacement, in their original order.
 
@@ -189,8 +194,22 @@ class PairSource:
         return subsample(pairs, self.limit, seed)
 
 
+SetKind = Literal["pairs", "responses"]
+
+
 @dataclass
 class EvalSetSource(PairSource):
-    """A named eval set's source plus how it relates to the training data (its shift tag)."""
+    """A named eval set's source plus how it relates to the training data (its shift tag).
+
+    ``kind: responses`` reads a JSONL of prompt/response records instead of pairs: ``predict`` gives
+    each response one reward; ``validate``/``test`` skip such a set (a lone response has no accuracy).
+    """
 
     tag: ShiftTag = "in_distribution"
+    kind: SetKind = "pairs"
+
+    def load_responses(self, seed: int = 0) -> list[ResponseRecord]:
+        if self.hub is not None or self.path is None:
+            raise DataError(f"a set of kind 'responses' needs a local JSONL `path` with prompt/response fields "
+                            f"(got path={self.path!r}, hub={self.hub!r})")
+        return subsample(load_jsonl_responses(self.path), self.limit, seed)

@@ -38,6 +38,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
+from rm_lightning.callbacks.predictions import PredictionsWriter
 from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
 from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
 from rm_lightning.models.reward_module import RewardModule
@@ -63,8 +64,15 @@ class RewardCLI(LightningCLI):
         # results first: results.json is written before the margin plot, which may fail (a full disk)
         parser.add_lightning_class_args(ResultsWriter, "results")
         parser.add_lightning_class_args(MarginHistory, "margin_history")
+        parser.add_lightning_class_args(PredictionsWriter, "predictions")
         # consumed before parsing (``expand_composed_configs``); accepted in files, never dumped
         parser.add_argument(f"--{COMPOSE_KEY}", type=Optional[list[str]], default=None, help=argparse.SUPPRESS)
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):  # ResultsWriter prints one table of every set instead
+            parser.set_defaults(verbose=False)
+        return parser
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -4,12 +4,13 @@ from rm_lightning.pairs.collation import PairCollator
 from rm_lightning.pairs.contract import PreferenceData, VerifiableData, preference_data_of
 from rm_lightning.pairs.encoding import PairEncoder, TextFormatter, chat_formatter
 from rm_lightning.pairs.records import (
-    SHIFT_TAGS, EncodedPair, EncodedPairs, PreferencePair, ShiftTag, check_shift_tag, check_text_fields,
+    SHIFT_TAGS, EncodedPair, EncodedPairs, EncodedResponses, PreferencePair, ResponseRecord, ShiftTag, check_shift_tag, check_text_fields,
 )
 from rm_lightning.pairs.sampling import LengthBucketSampler, is_repeated_batch
 
 __all__ = [
     "PairCollator", "PreferenceData", "VerifiableData", "preference_data_of", "PairEncoder", "TextFormatter",
-    "chat_formatter", "SHIFT_TAGS", "EncodedPair", "EncodedPairs", "PreferencePair", "ShiftTag", "check_shift_tag",
+    "chat_formatter", "SHIFT_TAGS", "EncodedPair", "EncodedPairs", "EncodedResponses", "PreferencePair",
+    "ResponseRecord", "ShiftTag", "check_shift_tag",
     "check_text_fields", "LengthBucketSampler", "is_repeated_batch",
 ]
