@@ -134,7 +134,7 @@ class PreferenceDataModule(L.LightningDataModule):
                                 f"(max_prompt_tokens={self.max_prompt_tokens}, "
                                 f"max_response_tokens={self.max_response_tokens})")
         unknown = sorted(set(self.eval_every_n_epochs) - {n for n, s in eval_sets.items() if isinstance(s, EvalSet)})
-        if unknown:
+        if unknown and needs_train:  # a cadence is fit's: validate/test/predict evaluate every set, whatever it names
             raise DataError(f"eval_every_n_epochs: no eval set named {', '.join(map(repr, unknown))}; "
                             f"the eval sets are {', '.join(eval_sets)}")
         self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder, self.invalid_pairs)

@@ -191,7 +191,8 @@ class RewardModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         data = preference_data_of(self._trainer)
-        names = data.eval_set_names if data is not None and data.eval_set_names else self.eval_sets.names or ["eval"]
+        # a data module names its eval sets, possibly none (one that predict only scores single responses)
+        names = list(data.eval_set_names) if data is not None else self.eval_sets.names or ["eval"]
         self.eval_sets.configure(names, data.eval_every_n_epochs if data is not None else {}, self.device)
         prepare_trainable(self, data)
         if data is not None and self.hparams.token_budget == "auto":
