@@ -114,3 +114,11 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
     assert missing_ckpt.value.code == missing_field.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "no.ckpt" in errors[0] and "missing field 'response'" in errors[1]
+
+
+def test_a_checkpoint_evaluated_on_another_file_with_the_evaluate_config(trained_run, tmp_path):
+    # the run's config, then the eval-only data block of configs/evaluate_rewardbench_math.yaml, then one's own file
+    own = write_jsonl(tmp_path / "own.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS[6:]])
+    rows = predict(trained_run, "--config", str(PROJECT_ROOT / "configs/evaluate_rewardbench_math.yaml"),
+                   "--data.init_args.eval_sets", f"{{own: {{path: {own}}}}}")
+    assert [(r["eval_set"], r["prompt"]) for r in rows] == [("own", p) for p, _, _ in PAIRS[6:]]
