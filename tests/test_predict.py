@@ -122,3 +122,17 @@ def test_a_checkpoint_evaluated_on_another_file_with_the_evaluate_config(trained
     rows = predict(trained_run, "--config", str(PROJECT_ROOT / "configs/evaluate_rewardbench_math.yaml"),
                    "--data.init_args.eval_sets", f"{{own: {{path: {own}}}}}")
     assert [(r["eval_set"], r["prompt"]) for r in rows] == [("own", p) for p, _, _ in PAIRS[6:]]
+
+
+def test_imrm_predictions_from_the_cli_equal_its_rewards_from_python(tmp_path):
+    # the CLI's reference log-probs come from the reference cache, Python's from the reference model: the same
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/trainer/cpu.yaml"),
+              "--config", str(PROJECT_ROOT / "configs/model/imrm.yaml"), "--config", str(data_config(tmp_path)),
+              "--config", str(tiny_override(tmp_path, reference_cache_dir=tmp_path / "cache")),
+              "--trainer.max_epochs", "1", "--trainer.max_steps", "-1"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    rows = predict(run)
+    chosen, rejected = load_reward_model(run / "checkpoints" / "last.ckpt").score_pairs(*zip(*PAIRS[:6]))
+    assert torch.allclose(torch.tensor([r["chosen_reward"] for r in rows]), chosen, atol=1e-6)
+    assert torch.allclose(torch.tensor([r["rejected_reward"] for r in rows]), rejected, atol=1e-6)
+    assert chosen.abs().max() > 0  # trained: not the reference's zeros
