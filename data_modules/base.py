@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from rm_lightning.errors import DataError, SettingError

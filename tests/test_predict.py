@@ -96,9 +96,16 @@ def test_implicit_rm_against_its_own_reference_scores_exactly_zero():
     assert rewards.shape == (len(RESPONSES),) and torch.equal(rewards, torch.zeros(len(RESPONSES)))
 
 
-def test_load_reward_model_restores_the_rm_type_in_eval_mode(trained_run):
+def test_load_reward_model_restores_the_rm_type_in_eval_mode(trained_run, tmp_path):
     module = load_reward_model(trained_run / "checkpoints" / "last.ckpt")
     assert isinstance(module, ExplicitRM) and not module.training
+    # a checkpoint that does not record its type (older ones): the run directory's config.yaml says it
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    del checkpoint["rm_lightning_class_path"]
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(checkpoint, tmp_path / "checkpoints" / "old.ckpt")
+    (tmp_path / "config.yaml").write_text((trained_run / "config.yaml").read_text())
+    assert isinstance(load_reward_model(tmp_path / "checkpoints" / "old.ckpt"), ExplicitRM)
 
 
 def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
