@@ -8,14 +8,16 @@ training loop never tokenizes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from rm_lightning.errors import DataError
-from rm_lightning.pairs import EncodedPairs, LengthBucketSampler, PreferencePair, check_shift_tag
+from rm_lightning.errors import DataError, SettingError
+from rm_lightning.pairs import (EncodedPairs, EncodedResponses, LengthBucketSampler, PreferencePair, ResponseRecord,
+                                check_shift_tag)
 from rm_lightning.pairs.screening import INVALID_PAIR_POLICIES, InvalidPairs, screen_pairs
 from rm_lightning.settings import check_eval_every_n_epochs, check_options, check_validation_fits_an_epoch
 
@@ -25,6 +27,17 @@ class EvalSet:
     """A named eval set's pairs and how it relates to the training data (``rm_lightning.pairs.SHIFT_TAGS``)."""
 
     pairs: list[PreferencePair]
+    tag: str = "in_distribution"
+
+    def __post_init__(self):
+        check_shift_tag(self.tag)
+
+
+@dataclass
+class ResponseSet:
+    """A named set of single responses (no preference): ``predict`` scores each, evaluation skips the set."""
+
+    responses: list[ResponseRecord]
     tag: str = "in_distribution"
 
     def __post_init__(self):
@@ -70,10 +83,17 @@ class PreferenceDataModule(L.LightningDataModule):
         self.length_bucketing, self.seed, self.num_workers = length_bucketing, seed, num_workers
         self.train_set: EncodedPairs | None = None
         self.eval_sets: dict[str, EncodedPairs] = {}
+        self.response_sets: dict[str, EncodedResponses] = {}
+        self._set_up = False
+        self.loads_training_set = True
         self._module = None
 
-    def load_pairs(self) -> tuple[list[PreferencePair], dict[str, EvalSet]]:
-        """(training pairs, named eval sets). Called once, in ``setup``."""
+    def load_pairs(self) -> tuple[Optional[list[PreferencePair]], dict[str, Union[EvalSet, ResponseSet]]]:
+        """(training pairs, named eval sets). Called in ``setup``.
+
+        Training pairs may be None for a data module that only evaluates (``validate``, ``test``,
+        ``predict``); ``fit`` then fails in one line. A ``ResponseSet`` is scored by ``predict`` only.
+        """
         raise NotImplementedError
 
     def encoding_options(self) -> dict:
@@ -95,22 +115,36 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.trainer.lightning_module
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        needs_train = stage in (None, "fit")
+        if self._set_up and (self.train_set is not None or not needs_train):
             return
+        self.loads_training_set = needs_train  # a subclass may skip reading training data it will not use
         train_pairs, eval_sets = self.load_pairs()
+        if needs_train and train_pairs is None:
+            raise DataError(f"{type(self).__name__}: fit needs a training set (data.init_args.train); this data "
+                            f"module has only eval sets, which validate, test and predict use")
         encoder = self._reward_module().pair_encoder(max_prompt_tokens=self.max_prompt_tokens,
                                                      max_response_tokens=self.max_response_tokens,
                                                      truncate=self.truncate, **self.encoding_options())
-        self.train_set = self._encode("train", train_pairs, "in_distribution", encoder, self.invalid_pairs)
-        if not len(self.train_set):
-            raise DataError(f"{type(self).__name__}: no training pair left after screening and the length caps "
-                            f"(max_prompt_tokens={self.max_prompt_tokens}, max_response_tokens={self.max_response_tokens})")
-        unknown = sorted(set(self.eval_every_n_epochs) - set(eval_sets))
-        if unknown:
+        self.train_set = None
+        if needs_train:  # evaluation and prediction never tokenize the training set
+            self.train_set = self._encode("train", train_pairs, "in_distribution", encoder, self.invalid_pairs)
+            if not len(self.train_set):
+                raise DataError(f"{type(self).__name__}: no training pair left after screening and the length caps "
+                                f"(max_prompt_tokens={self.max_prompt_tokens}, "
+                                f"max_response_tokens={self.max_response_tokens})")
+        unknown = sorted(set(self.eval_every_n_epochs) - {n for n, s in eval_sets.items() if isinstance(s, EvalSet)})
+        if unknown and needs_train:  # a cadence is fit's: validate/test/predict evaluate every set, whatever it names
             raise DataError(f"eval_every_n_epochs: no eval set named {', '.join(map(repr, unknown))}; "
                             f"the eval sets are {', '.join(eval_sets)}")
         self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder, self.invalid_pairs)
-                          for name, s in eval_sets.items()}
+                          for name, s in eval_sets.items() if isinstance(s, EvalSet)}
+        self.response_sets = {name: self._encode_responses(name, s, encoder, self.invalid_pairs)
+                              for name, s in eval_sets.items() if isinstance(s, ResponseSet)}
+        if not needs_train and not self.eval_sets and not (stage == "predict" and self.response_sets):
+            raise DataError(f"{type(self).__name__}: {stage} needs at least one eval set of pairs "
+                            f"(data.init_args.eval_sets); sets of kind 'responses' are only scored by predict")
+        self._set_up = True
         rank_zero_info(self.summary())
         if self.trainer is not None and stage in (None, "fit"):
             check_validation_fits_an_epoch(self.trainer, len(self.train_dataloader()))
@@ -118,8 +152,22 @@ class PreferenceDataModule(L.LightningDataModule):
     @staticmethod
     def _encode(name: str, pairs: list[PreferencePair], tag: str, encoder, invalid_pairs: str = "drop") -> EncodedPairs:
         screened, counts = screen_pairs(name, pairs, invalid_pairs)
-        encoded, dropped = encoder.encode_all(screened)
-        return EncodedPairs(name, encoded, tag, dropped, counts)
+        encoded = [encoder.encode(pair) for pair in screened]
+        kept = [(pair, e) for pair, e in zip(screened, encoded) if e is not None]
+        return EncodedPairs(name, [e for _, e in kept], tag, len(encoded) - len(kept), counts,
+                            texts=[pair for pair, _ in kept])
+
+    @staticmethod
+    def _encode_responses(name: str, responses: ResponseSet, encoder, invalid_pairs: str = "drop") -> EncodedResponses:
+        """Tokenize single responses; a blank prompt or response is dropped (or fails, as for pairs)."""
+        blank = [r for r in responses.responses if not r.prompt.strip() or not r.response.strip()]
+        if blank and invalid_pairs == "fail":
+            raise DataError(f"{blank[0].source or name}: empty or whitespace-only prompt or response")
+        records = [r for r in responses.responses if r.prompt.strip() and r.response.strip()]
+        encoded = [encoder.encode_response(r.prompt, r.response) for r in records]
+        kept = [(r, e) for r, e in zip(records, encoded) if e is not None]
+        return EncodedResponses(name, [e for _, e in kept], responses.tag, len(encoded) - len(kept),
+                                {"empty": len(blank)} if blank else {}, texts=[r for r, _ in kept])
 
     def summary(self) -> str:
         """One row per set: pairs kept, then how many each rule dropped (and duplicates, kept)."""
@@ -128,13 +176,16 @@ class PreferenceDataModule(L.LightningDataModule):
                  f"  {'set':<32} {'tag':<16} {'kept':>6}   {'long':>5} {'ident.':>6} {'empty':>6}   {'dup.':>5}"]
         for d in self.encoded_sets().values():
             s = d.screened
-            lines.append(f"  {d.name:<32} {d.tag:<16} {len(d):>6}   {d.dropped:>5} {s.get('identical', 0):>6} "
+            kept = f"{d.num_responses} resp." if isinstance(d, EncodedResponses) else len(d)
+            lines.append(f"  {d.name:<32} {d.tag:<16} {kept:>6}   {d.dropped:>5} {s.get('identical', 0):>6} "
                          f"{s.get('empty', 0):>6}   {s.get('duplicate', 0):>5}")
         return "\n".join(lines)
 
     def encoded_sets(self) -> dict[str, EncodedPairs]:
-        """Every tokenized set, training first (the IM-RM reference cache walks these)."""
-        return {"train": self.train_set, **self.eval_sets} if self.train_set is not None else dict(self.eval_sets)
+        """Every tokenized set, training first, then the eval sets and the response sets (the IM-RM reference
+        cache walks these)."""
+        train = {"train": self.train_set} if self.train_set is not None else {}
+        return {**train, **self.eval_sets, **self.response_sets}
 
     @property
     def eval_set_names(self) -> list[str]:
@@ -167,3 +218,53 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
+
+    # --- prediction -------------------------------------------------------------------------------
+
+    def predict_sets(self) -> dict[str, EncodedPairs]:
+        """What ``predict`` scores, in dataloader order: every eval set of pairs, then every response set."""
+        return {**self.eval_sets, **self.response_sets}
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """Loaders whose batches carry ``pair_index`` (each pair's index in its set), so that any order
+        (length-sorted here, for less padding) maps back to the texts."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            raise SettingError("predict runs in one process: set trainer.devices: 1 (and no multi-process strategy)")
+        collate = IndexedCollate(self._reward_module().collator())
+        loaders = []
+        for dataset in self.predict_sets().values():
+            indexed = IndexedPairs(dataset)
+            if self.length_bucketing:
+                sampler = LengthBucketSampler([len(p) for p in dataset.pairs], self.eval_batch_size, shuffle=False)
+                loaders.append(DataLoader(indexed, batch_size=self.eval_batch_size, sampler=sampler,
+                                          collate_fn=collate, num_workers=self.num_workers))
+            else:
+                loaders.append(DataLoader(indexed, batch_size=self.eval_batch_size, shuffle=False,
+                                          collate_fn=collate, num_workers=self.num_workers))
+        return loaders
+
+
+class IndexedPairs(Dataset):
+    """(index, encoded pair) of a set: the index rides through the batch to the predictions file."""
+
+    def __init__(self, dataset: EncodedPairs):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return index, self.dataset[index]
+
+
+@dataclass
+class IndexedCollate:
+    """The reward module's collator on the pairs, plus ``pair_index`` [B]."""
+
+    collate: object
+
+    def __call__(self, items) -> dict:
+        batch = self.collate([pair for _, pair in items])
+        batch["pair_index"] = torch.tensor([index for index, _ in items], dtype=torch.long)
+        return batch

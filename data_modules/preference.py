@@ -9,8 +9,9 @@ under token-level shifts (the same responses paraphrased or translated) and unde
 from __future__ import annotations
 
 import re
+from typing import Optional, Union
 
-from data_modules.base import EvalSet, PreferenceDataModule
+from data_modules.base import EvalSet, PreferenceDataModule, ResponseSet
 from data_modules.preference_sources import EvalSetSource, PairSource
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import PreferencePair
@@ -32,19 +33,26 @@ class RealWorldDataModule(PreferenceDataModule):
               ultrafeedback_test: {path: ultrafeedback/test.jsonl, tag: in_distribution, limit: 100}
               rewardbench_math: {path: rewardbench_math/test.jsonl, tag: domain_shift}
 
+    To evaluate or score a trained model without training, leave ``train`` out (or null): ``validate``,
+    ``test`` and ``predict`` then use the eval sets alone, and ``fit`` fails in one line.
+
     Args:
         train: the training pairs (``path`` or ``hub``; optional ``columns``, ``format``, ``limit``;
-            see ``PairSource``: JSONL/JSON/Parquet/CSV or any hub id, standard or conversational).
+            see ``PairSource``: JSONL/JSON/Parquet/CSV or any hub id, standard or conversational); null:
+            evaluation only.
         eval_sets: set name -> source with a shift tag (in_distribution, token_shift, domain_shift).
             Names become metric keys, so they may hold only letters, digits, ``_``, ``.`` and ``-``.
+            ``kind: responses`` makes a set of single prompt/response records that ``predict`` scores
+            one reward each (``validate``/``test`` skip it).
         data_seed: seed of every ``limit`` draw; one seed for all sets keeps aligned files aligned.
         **kwargs: batch sizes, length caps, truncation, bucketing and shuffle seed of
             ``PreferenceDataModule``.
     """
 
-    def __init__(self, train: PairSource, eval_sets: dict[str, EvalSetSource] = {}, data_seed: int = 0, **kwargs):
+    def __init__(self, train: Optional[PairSource] = None, eval_sets: dict[str, EvalSetSource] = {},
+                 data_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.train_source = self._as_source(train, PairSource, "train")
+        self.train_source = None if train is None else self._as_source(train, PairSource, "train")
         self.eval_sources = {name: self._as_source(source, EvalSetSource, name) for name, source in eval_sets.items()}
         for name in self.eval_sources:
             if name == "train" or not _SET_NAME.fullmatch(name):
@@ -68,8 +76,10 @@ class RealWorldDataModule(PreferenceDataModule):
         raise DataError(f"set '{name}': expected a {kind.__name__} or a mapping of its fields, "
                         f"got {type(value).__name__}")
 
-    def load_pairs(self) -> tuple[list[PreferencePair], dict[str, EvalSet]]:
-        train = self.train_source.load(self.data_seed)
-        eval_sets = {name: EvalSet(source.load(self.data_seed), source.tag)
+    def load_pairs(self) -> tuple[Optional[list[PreferencePair]], dict[str, Union[EvalSet, ResponseSet]]]:
+        wanted = self.train_source is not None and self.loads_training_set
+        train = self.train_source.load(self.data_seed) if wanted else None
+        eval_sets = {name: ResponseSet(source.load_responses(self.data_seed), source.tag)
+                     if getattr(source, "kind", "pairs") == "responses" else EvalSet(source.load(self.data_seed), source.tag)
                      for name, source in self.eval_sources.items()}
         return train, eval_sets

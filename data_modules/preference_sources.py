@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal, Optional
 
 from data_modules.files import located_records
 from rm_lightning.errors import DataError
-from rm_lightning.pairs import PreferencePair, ShiftTag, Turn, check_text_fields
+from rm_lightning.pairs import PreferencePair, ResponseRecord, ShiftTag, Turn, check_text_fields
 
 # The paper's four hub sets, each with its own conversion; any other hub id is read with ``record_pair``.
 HubName = Literal["ultrafeedback", "rewardmath", "rewardbench_math", "rewardbench_code"]
@@ -328,6 +328,15 @@ def load_jsonl_pairs(path: str) -> list[PreferencePair]:
     return load_file_pairs(path, format="standard")
 
 
+def load_file_responses(path: str) -> list[ResponseRecord]:
+    """Single responses of a file (JSONL, JSON, Parquet, CSV) with string fields prompt/response (no preference:
+    scored, not evaluated)."""
+    records = located_records(path)
+    for where, record in records:
+        check_text_fields(record, ("prompt", "response"), where)
+    return [ResponseRecord(r["prompt"], r["response"], where) for where, r in records]
+
+
 def subsample(pairs: list[PreferencePair], limit: Optional[int], seed: int) -> list[PreferencePair]:
     """``limit`` pairs drawn without replacement, in their original order.
 
@@ -411,8 +420,22 @@ class PairSource:
         return subsample(pairs, self.limit, seed)
 
 
+SetKind = Literal["pairs", "responses"]
+
+
 @dataclass
 class EvalSetSource(PairSource):
-    """A named eval set's source plus how it relates to the training data (its shift tag)."""
+    """A named eval set's source plus how it relates to the training data (its shift tag).
+
+    ``kind: responses`` reads a file of prompt/response records instead of pairs: ``predict`` gives
+    each response one reward; ``validate``/``test`` skip such a set (a lone response has no accuracy).
+    """
 
     tag: ShiftTag = "in_distribution"
+    kind: SetKind = "pairs"
+
+    def load_responses(self, seed: int = 0) -> list[ResponseRecord]:
+        if self.hub is not None or self.path is None:
+            raise DataError(f"a set of kind 'responses' needs a local file `path` (JSONL, JSON, Parquet or CSV) with prompt/response fields "
+                            f"(got path={self.path!r}, hub={self.hub!r})")
+        return subsample(load_file_responses(self.path), self.limit, seed)

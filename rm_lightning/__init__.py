@@ -16,7 +16,7 @@ _EXPORTS = {
     "RMLightningError": "rm_lightning.errors", "SettingError": "rm_lightning.errors",
     "ExplicitRM": "rm_lightning.models.explicit", "ExplicitGenerativeRM": "rm_lightning.models.generative",
     "ImplicitRM": "rm_lightning.models.implicit", "RewardModule": "rm_lightning.models.reward_module",
-    "bradley_terry_loss": "rm_lightning.models.loss",
+    "bradley_terry_loss": "rm_lightning.models.loss", "load_reward_model": "rm_lightning.models.scoring",
     "NormalizedRewardMargin": "rm_lightning.metrics.pairwise", "PairwiseAccuracy": "rm_lightning.metrics.pairwise",
     "PreferencePair": "rm_lightning.pairs.records",
 }

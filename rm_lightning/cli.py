@@ -15,6 +15,7 @@ given by class path in YAML, plus three things of its own:
 * Runs never share a directory (``callbacks/run_directory.py``): a run claims a fresh
   ``version_N`` atomically and holds it with a lock file; a start that fails before training
   leaves no directory behind.
+* ``predict`` writes ``predictions.jsonl`` in its run directory (``callbacks/predictions.py``).
 * With ``trainer.enable_checkpointing: true`` (the shipped configs) and no checkpoint callback of
   its own, a run keeps one ``checkpoints/last.ckpt``, refreshed every epoch; ``--ckpt_path last``
   resumes the newest run under ``trainer.default_root_dir`` from it.
@@ -38,6 +39,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
+from rm_lightning.callbacks.predictions import PredictionsWriter
 from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
 from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
 from rm_lightning.models.reward_module import RewardModule
@@ -66,6 +68,12 @@ class RewardCLI(LightningCLI):
         # consumed before parsing (``expand_composed_configs``); accepted in files, never dumped
         parser.add_argument(f"--{COMPOSE_KEY}", type=Optional[list[str]], default=None, help=argparse.SUPPRESS)
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):  # ResultsWriter prints one table of every set instead
+            parser.set_defaults(verbose=False)
+        return parser
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         for option in self.null_options:
@@ -78,9 +86,11 @@ class RewardCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        if config.get("enable_checkpointing") is True and not any(
+        if self.subcommand == "fit" and config.get("enable_checkpointing") is True and not any(
                 isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, last_checkpoint()]
+        if self.subcommand == "predict" and not any(isinstance(c, PredictionsWriter) for c in configured):
+            callbacks = [*callbacks, PredictionsWriter()]  # predictions.jsonl in the run directory
         trainer = super()._instantiate_trainer(config, callbacks)
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             claim = claim_logger_directory(trainer.logger)  # spawned ranks > 0 follow rank 0's directory

@@ -13,7 +13,8 @@ from rm_lightning.errors import RMLightningError
 
 CONFIGS = PROJECT_ROOT / "configs"
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "resolved_configs_6723d7e"
-EXPERIMENTS = sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+# evaluate_*.yaml have no model on purpose (the RM type is given after them): tests/test_evaluate_only.py
+EXPERIMENTS = sorted(path.stem for path in CONFIGS.glob("*.yaml") if not path.stem.startswith("evaluate_"))
 SNAPSHOTTED = sorted(path.stem for path in SNAPSHOTS.glob("*.yaml") if "+" not in path.stem)
 # what the module's default optimizer, ``adam_1e5``, is: the configs before the split spelled it out
 DEFAULT_OPTIMIZER = "rm_lightning.models.reward_module.adam_1e5"

@@ -40,7 +40,9 @@ VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "rm-lightning")
 
 
 class ResultsWriter(L.Callback):
-    """Write ``results.json`` at the end of ``fit``, after ``test``, and when a fit is interrupted or fails.
+    """Write ``results.json`` at the end of ``fit``, after ``validate`` and ``test``, and when a fit is
+    interrupted or fails. ``validate`` and ``test`` also print one table of every eval set's metrics
+    (the CLI turns Lightning's table per dataloader off).
 
     The metrics are the module's ``eval_sets.last`` (the last evaluation that ran), and the file
     says where they come from (``eval_source``, ``eval_step``). When ``max_steps`` ends a fit in
@@ -80,11 +82,19 @@ class ResultsWriter(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         self._eval_source = "sanity_check" if trainer.sanity_checking else "validation"
         self._eval_step = trainer.global_step
+        if trainer.state.fn == "validate":  # a validate run (not fit's validations) ends here
+            self._write_evaluation(trainer, pl_module, "validate")
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._eval_source, self._eval_step = "test", trainer.global_step
+        self._write_evaluation(trainer, pl_module, "test")
+
+    def _write_evaluation(self, trainer, pl_module, stage: str) -> None:
         self._peak_memory = peak_memory(trainer)  # collective: every rank, before the rank-0 write
-        self.write(trainer, pl_module, stage="test")
+        self.write(trainer, pl_module, stage=stage)
+        data = preference_data_of(trainer)
+        tags = data.eval_set_tags if data is not None else {}
+        print_final_table(stage, eval_set_metrics(pl_module.eval_sets.last, tags), self.path(trainer))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._peak_memory = peak_memory(trainer)
@@ -145,6 +155,28 @@ def eval_set_metrics(last_eval: dict[str, dict], tags: dict[str, str]) -> dict[s
                 entry[key] = finite_or_none(float(values[key]))
         sets[name] = entry
     return sets
+
+
+TABLE_COLUMNS = (("accuracy", "accuracy"), ("margin", "margin"), ("normalized_margin", "norm. margin"),
+                 ("chosen_reward", "chosen r"), ("rejected_reward", "rejected r"), ("loss", "loss"))
+
+
+def final_table(stage: str, sets: dict[str, dict[str, Any]]) -> str:
+    """One table of every eval set's metrics (a row per set), as ``validate``/``test`` print it at the end."""
+    width = max([len("eval set"), *map(len, sets)])
+    header = f"{'eval set':<{width}}  {'tag':<15} {'pairs':>6}" + "".join(f" {title:>12}" for _, title in TABLE_COLUMNS)
+    lines = [f"{stage} results", header, "-" * len(header)]
+    for name, entry in sets.items():
+        cells = "".join(f" {'-' if entry.get(key) is None else format(entry[key], '.4f'):>12}" for key, _ in TABLE_COLUMNS)
+        lines.append(f"{name:<{width}}  {entry.get('shift_tag') or '-':<15} {entry.get('num_pairs') or 0:>6}{cells}")
+    if not sets:
+        lines.append("(no eval set was evaluated)")
+    return "\n".join(lines)
+
+
+@rank_zero_only
+def print_final_table(stage: str, sets: dict[str, dict[str, Any]], path: Path) -> None:
+    print(f"{final_table(stage, sets)}\nresults: {path}", flush=True)
 
 
 def finite_or_none(value: float) -> Optional[float]:

@@ -13,6 +13,7 @@ from rm_lightning.metrics.eval_sets import EvalSets, is_repeated_eval_batch
 from rm_lightning.metrics.keys import batch_means, train_key
 from rm_lightning.metrics.pairwise import PairwiseAccuracy
 from rm_lightning.models.backbones import load_backbone
+from rm_lightning.models import scoring
 from rm_lightning.models.lora import apply_lora
 from rm_lightning.models.loss import PairLossOptions, preference_loss
 from rm_lightning.models.trainable import Trainable, prepare_trainable
@@ -218,7 +219,8 @@ class RewardModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         data = preference_data_of(self._trainer)
-        names = data.eval_set_names if data is not None and data.eval_set_names else self.eval_sets.names or ["eval"]
+        # a data module names its eval sets, possibly none (one that predict only scores single responses)
+        names = list(data.eval_set_names) if data is not None else self.eval_sets.names or ["eval"]
         self.eval_sets.configure(names, data.eval_every_n_epochs if data is not None else {}, self.device)
         prepare_trainable(self, data)
         if data is not None and self.hparams.token_budget == "auto":
@@ -258,6 +260,29 @@ class RewardModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         self._eval_step(batch, batch_idx, dataloader_idx)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Rewards of a batch of ``predict_dataloader`` with each pair's index (``models/scoring.py``)."""
+        return scoring.predict_batch(self, batch)
+
+    # --- using a trained model ------------------------------------------------------------------
+
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 16, **encoding_options) -> torch.Tensor:
+        """One reward per (prompt, response), batched, without gradients, in eval mode; float32 on the CPU.
+
+        Texts go through this module's tokenization and collation, whole (``encoding_options``, e.g.
+        ``max_response_tokens=512, truncate=True``, are ``pair_encoder``'s).
+        """
+        return scoring.score_responses(self, prompts, responses, batch_size, **encoding_options)
+
+    def score_pairs(self, prompts: list[str], chosen: list[str], rejected: list[str], batch_size: int = 16,
+                    **encoding_options) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen rewards, rejected rewards) of preference pairs, as evaluation computes them."""
+        return scoring.score_pairs(self, prompts, chosen, rejected, batch_size, **encoding_options)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the RM type, so ``rm_lightning.load_reward_model`` needs only the checkpoint."""
+        checkpoint[scoring.CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def _log_eval_sets(self, stage: str) -> None:
         self.eval_sets.compute(self._trainer)

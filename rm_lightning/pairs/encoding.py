@@ -108,6 +108,11 @@ class PairEncoder:
         rejected_ids, rejected_start = self._tokenize(capped.prompt, capped.rejected)
         return EncodedPair(chosen_ids, chosen_start, rejected_ids, rejected_start, margin=capped.margin)
 
+    def encode_response(self, prompt: Prompt, response: str) -> tuple[list[int], int] | None:
+        """One response with no pair: (token ids, index of its first response token), or None when capped out."""
+        capped = self._apply_caps(PreferencePair(prompt, response, response))
+        return None if capped is None else self._tokenize(capped.prompt, capped.chosen)
+
     def _tokenize(self, prompt: Prompt, response: str) -> tuple[list[int], int]:
         prefix, suffix = self.formatter(prompt, response)
         if self.bare_response:

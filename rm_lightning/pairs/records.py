@@ -59,6 +59,15 @@ class PreferencePair:
     margin: float | None = None
 
 
+@dataclass(frozen=True)
+class ResponseRecord:
+    """One response to a prompt, with no preference: ``predict`` gives it one reward."""
+
+    prompt: str
+    response: str
+    source: str = field(default="", compare=False)  # ``file:line``
+
+
 @dataclass
 class EncodedPair:
     """Token ids of one pair. ``*_start`` is the index of the first response token."""
@@ -80,9 +89,11 @@ class EncodedPairs(Dataset):
     """A named, already tokenized set of pairs (tokenized once in the data module's ``setup``)."""
 
     def __init__(self, name: str, pairs: list[EncodedPair], tag: str = "in_distribution", dropped: int = 0,
-                 screened: dict[str, int] | None = None):
+                 screened: dict[str, int] | None = None, texts: Sequence[PreferencePair] | None = None):
         self.name, self.pairs, self.tag, self.dropped = name, pairs, check_shift_tag(tag), dropped
         self.screened = dict(screened or {})  # pairs per screening rule (``pairs/screening.py``)
+        # the text each encoded pair came from (after screening and caps), same order: predictions write prompts
+        self.texts = list(texts) if texts is not None else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -96,6 +107,32 @@ class EncodedPairs(Dataset):
         for pair in self.pairs:
             digest.update(repr((pair.chosen_ids, pair.chosen_start, pair.rejected_ids, pair.rejected_start)).encode())
         return digest.hexdigest()
+
+
+class EncodedResponses(EncodedPairs):
+    """Single responses laid out as pairs, so they take the one collation and forward path.
+
+    Pair ``k`` holds responses ``2k`` (chosen row) and ``2k + 1`` (rejected row); an odd last response
+    is paired with itself. Every RM type's reward of a row depends on that row alone, so each row's
+    reward is its response's. ``texts`` are the ``ResponseRecord`` s, one per response.
+    """
+
+    def __init__(self, name: str, responses: list[tuple[list[int], int]], tag: str = "in_distribution",
+                 dropped: int = 0, screened: dict[str, int] | None = None,
+                 texts: Sequence[ResponseRecord] | None = None):
+        super().__init__(name, pair_up(responses), tag, dropped, screened, texts)
+        self.num_responses = len(responses)
+
+
+def pair_up(responses: Sequence[tuple[list[int], int]]) -> list[EncodedPair]:
+    """(token ids, response start) per response -> pairs of consecutive responses (see ``EncodedResponses``)."""
+    padded = list(responses) + list(responses[-1:]) * (len(responses) % 2)
+    return [EncodedPair(list(a[0]), a[1], list(b[0]), b[1]) for a, b in zip(padded[0::2], padded[1::2])]
+
+
+def unpair(chosen: torch.Tensor, rejected: torch.Tensor, count: int) -> torch.Tensor:
+    """Rewards of ``count`` responses laid out by ``pair_up``, in their original order."""
+    return torch.stack([chosen, rejected], dim=1).reshape(-1)[:count]
 
 
 def check_text_fields(record: dict, fields: Sequence[str], where: str) -> None:

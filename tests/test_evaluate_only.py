@@ -1,0 +1,86 @@
+"""Evaluating without training (issue 17, item 2): eval-only data modules, results.json from validate, one table."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT, tiny_override
+from data_modules import RealWorldDataModule
+from rm_lightning import ExplicitRM, cli
+from rm_lightning.errors import DataError
+from test_predict import PAIRS, write_jsonl
+
+TRAINER, EXRM, IMRM = (str(PROJECT_ROOT / f"configs/{name}.yaml") for name in ("trainer/cpu", "model/exrm", "model/imrm"))
+
+
+def eval_only_data(folder: Path, cadence: str = "") -> Path:
+    """A data block with two eval sets of pairs and no training set."""
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    write_jsonl(folder / "a.jsonl", pairs[:5])
+    write_jsonl(folder / "b.jsonl", pairs[5:])
+    path = folder / "eval_only.yaml"
+    path.write_text("data:\n  class_path: data_modules.RealWorldDataModule\n  init_args:\n    eval_sets:\n"
+                    f"      set_a: {{path: {folder / 'a.jsonl'}}}\n"
+                    f"      set_b: {{path: {folder / 'b.jsonl'}, tag: domain_shift}}\n" + cadence)
+    return path
+
+
+def results_of(tmp_path: Path) -> dict:
+    (path,) = tmp_path.glob("lightning_logs/version_*/results.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validate_and_test_need_no_training_set_and_print_one_table(stage, tmp_path, capsys):
+    cli.main([stage, "--config", TRAINER, "--config", EXRM, "--config", str(eval_only_data(tmp_path)),
+              "--config", str(tiny_override(tmp_path))])
+    results = results_of(tmp_path)
+    assert results["stage"] == stage and results["status"] == "finished"
+    assert {name: s["num_pairs"] for name, s in results["eval_sets"].items()} == {"set_a": 5, "set_b": 3}
+    out = capsys.readouterr().out
+    assert out.count(f"{stage} results") == 1  # our table, once, with a row per set
+    assert "DataLoader 0" not in out and "DataLoader 1" not in out  # not Lightning's table per dataloader
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("set_")}
+    assert rows == {"set_a": "in_distribution", "set_b": "domain_shift"}
+
+
+def test_evaluation_evaluates_every_set_whatever_the_fit_cadence(tmp_path):
+    # a run's config may name sets (here one that is gone) in eval_every_n_epochs: outside fit it does not apply
+    cadence = "    eval_every_n_epochs: {set_a: 5, ultrafeedback_paraphrase: 2}\n"
+    cli.main(["validate", "--config", TRAINER, "--config", EXRM, "--config", str(eval_only_data(tmp_path, cadence)),
+              "--config", str(tiny_override(tmp_path))])
+    assert sorted(results_of(tmp_path)["eval_sets"]) == ["set_a", "set_b"]
+
+
+def test_fit_without_a_training_set_fails_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "--config", TRAINER, "--config", EXRM, "--config", str(eval_only_data(tmp_path)),
+                  "--config", str(tiny_override(tmp_path))])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "fit needs a training set" in errors[0]
+
+
+def test_eval_only_data_module_from_python(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
+    data = RealWorldDataModule(eval_sets={"a": {"path": str(tmp_path / "a.jsonl")}})
+    data.attach(ExplicitRM(backbone="tiny-llama-chat"))
+    data.setup("test")
+    assert data.train_set is None and len(data.eval_sets["a"]) == len(PAIRS)
+    with pytest.raises(DataError, match="fit needs a training set"):
+        data.setup("fit")
+
+
+def test_shipped_evaluate_config_scores_the_model_as_imrm_against_itself_at_zero(shared_data, tmp_path):
+    # the bundled model's stand-in: an IM-RM whose policy is its reference gives every pair the reward 0,
+    # and a tie counts 1/2 (PairwiseAccuracy), so accuracy is exactly 0.5
+    cli.main(["test", "--config", str(PROJECT_ROOT / "configs/evaluate_rewardbench_math.yaml"), "--config", IMRM,
+              "--config", str(tiny_override(tmp_path, reference_cache_dir=tmp_path / "cache")),
+              "--data.init_args.eval_sets.rewardbench_math.limit", "4",
+              "--data.init_args.max_prompt_tokens", "96", "--data.init_args.max_response_tokens", "96",
+              "--data.init_args.truncate", "true"])
+    results = results_of(tmp_path)
+    entry = results["eval_sets"]["rewardbench_math"]
+    assert results["rm_type"] == "ImplicitRM" and results["config_name"] == "evaluate_rewardbench_math"
+    assert entry["shift_tag"] == "token_shift" and entry["num_pairs"] == 4
+    assert entry["accuracy"] == 0.5 and entry["chosen_reward"] == entry["rejected_reward"] == entry["margin"] == 0.0
