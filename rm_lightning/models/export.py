@@ -145,11 +145,12 @@ def plain_chat_template(tokenizer) -> str:
     with_specials = tokenizer("x", add_special_tokens=True)["input_ids"]
     without = tokenizer("x", add_special_tokens=False)["input_ids"]
     bos = "{{ bos_token }}" if with_specials[:1] == [tokenizer.bos_token_id] and with_specials[1:] == without else ""
-    return (bos + "{% for message in messages %}{% if not loop.first %}\n{% endif %}"
-            "{% if message['role'] == 'assistant' %}Assistant: {{ message['content'] }}"
-            "{% elif message['role'] == 'system' %}System: {{ message['content'] }}"
-            "{% else %}User: {{ message['content'] }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}\nAssistant:{% endif %}")
+    # newlines as {{ '\n' }}: chat templates render with trim_blocks, which drops a newline after a tag
+    return (bos + r"{% for message in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+            r"{% if message['role'] == 'assistant' %}Assistant: {{ message['content'] }}"
+            r"{% elif message['role'] == 'system' %}System: {{ message['content'] }}"
+            r"{% else %}User: {{ message['content'] }}{% endif %}{% endfor %}"
+            r"{% if add_generation_prompt %}{{ '\nAssistant:' }}{% endif %}")
 
 
 def formatted_ids(module: RewardModule, pair: PreferencePair) -> list[list[int]]:
