@@ -122,7 +122,8 @@ def test_exported_exrm_loads_back_as_the_same_explicit_rm(tmp_path):
 # --- a trained checkpoint through the command ------------------------------------------------------
 
 
-SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false"]
+SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false",
+         "--trainer.limit_val_batches", "1"]
 
 
 def test_trained_checkpoint_exports_by_command_and_validates_as_a_backbone(tmp_path, capsys):
@@ -259,3 +260,18 @@ def test_existing_output_folder_needs_overwrite(tmp_path, capsys):
     assert export_main([str(unknown_type_checkpoint(tmp_path)), str(tmp_path / "out")]) == 2
     assert "--overwrite" in error_lines(capsys)[0]
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine\n"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bundled_model_exports_with_its_own_pad_and_scores_zero_as_imrm_against_itself(tmp_path):
+    """SmolLM2's tokenizer pads with EOS (<|im_end|>, which ends every turn): the exported classifier still gives
+    our rewards; the bundled model as an IM-RM against itself as the reference scores exactly 0."""
+    module = ExplicitRM(backbone="smollm2-135m-instruct")
+    export_module(module, tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").pad_token_id not in {
+        token for pair in PAIRS for ids in formatted_ids(module, pair) for token in ids}
+    assert torch.allclose(hf_rewards(tmp_path / "out"), our_rewards(module), atol=1e-5, rtol=0)
+    del module
+    itself = ImplicitRM(backbone="smollm2-135m-instruct", reference_backbone="smollm2-135m-instruct")
+    assert torch.equal(our_rewards(itself), torch.zeros(2 * len(PAIRS)))
