@@ -66,11 +66,10 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
         last = path / "checkpoints" / "last.ckpt"
         if last.is_file():
             return last
-        runs = sorted(path.glob("lightning_logs/version_*/checkpoints/last.ckpt"),
-                      key=lambda p: int(p.parent.parent.name.removeprefix("version_") or -1)
-                      if p.parent.parent.name.removeprefix("version_").isdigit() else -1)
+        runs = {int(number): ckpt for ckpt in path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+                if (number := ckpt.parent.parent.name.removeprefix("version_")).isdigit()}
         if runs:
-            return runs[-1]
+            return runs[max(runs)]  # the newest run under a runs root
         raise RMLightningError(f"{path}: no checkpoints/last.ckpt in this run directory (train with "
                                f"trainer.enable_checkpointing: true, or give the .ckpt file)")
     raise RMLightningError(f"{source}: no such checkpoint file or run directory")
