@@ -275,3 +275,22 @@ def test_bundled_model_exports_with_its_own_pad_and_scores_zero_as_imrm_against_
     del module
     itself = ImplicitRM(backbone="smollm2-135m-instruct", reference_backbone="smollm2-135m-instruct")
     assert torch.equal(our_rewards(itself), torch.zeros(2 * len(PAIRS)))
+
+
+def test_reference_pass_with_a_reference_backbone_caches_the_references_log_probs(tmp_path):
+    """The one-pass reference cache computes the reference backbone's log-probs, not the policy's."""
+    from rm_lightning.pairs.records import EncodedPairs
+
+    policy = str(save_tiny(tmp_path / "policy"))
+    perturbed(ImplicitRM(backbone="tiny-llama-chat")).model.save_pretrained(policy)
+    module = ImplicitRM(backbone=policy, reference_backbone="tiny-llama-chat",
+                        reference_cache_dir=str(tmp_path / "ref"))
+    uncached = our_rewards(module)
+    assert uncached.abs().min() > 0  # the policy is not its reference
+    encoder = module.pair_encoder(max_prompt_tokens=None, max_response_tokens=None)
+    dataset = EncodedPairs("pairs", [encoder.encode(pair) for pair in PAIRS])
+    module.attach_reference_logps(dataset)
+    batch = module.collator()(dataset.pairs)
+    assert "reference_logps" in batch and list((tmp_path / "ref").glob("*.pt"))
+    with torch.no_grad():
+        assert torch.allclose(module.rewards(batch).float(), uncached, atol=1e-6, rtol=0)

@@ -152,6 +152,7 @@ class ImplicitRM(RewardModule):
         if self.reference == "frozen" and self.cache_reference and not self._initial_head and data is not None:
             for dataset in data.encoded_sets().values():
                 self.attach_reference_logps(dataset)
+            self._reference_holder.clear()  # every pair has its log-probs: no reference held while training
 
     def attach_reference_logps(self, dataset: EncodedPairs, batch_size: int = 16) -> None:
         """Give every pair of ``dataset`` its reference log-probs, from disk or in one pass."""
