@@ -15,7 +15,10 @@ from rm_lightning.errors import exit_status
 
 
 def run(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rm_lightning.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rm_lightning.export", description="Export a trained reward model as a Hugging Face folder.",
+        epilog="EX-RM: a sequence-classification folder; IM-RM: the policy plus implicit_reward.json; EX-GRM: the "
+               "causal LM plus generative_reward.json.")
     parser.add_argument("source", help="a .ckpt file, or a run directory (its checkpoints/last.ckpt)")
     parser.add_argument("out", help="the folder to write (created; must be new or empty unless --overwrite)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder to this hub repository")
