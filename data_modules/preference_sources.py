@@ -436,6 +436,7 @@ class EvalSetSource(PairSource):
 
     def load_responses(self, seed: int = 0) -> list[ResponseRecord]:
         if self.hub is not None or self.path is None:
-            raise DataError(f"a set of kind 'responses' needs a local file `path` (JSONL, JSON, Parquet or CSV) with prompt/response fields "
+            raise DataError(f"a set of kind 'responses' needs a local file `path` (JSONL, JSON, Parquet, CSV) "
+                            f"with prompt/response fields "
                             f"(got path={self.path!r}, hub={self.hub!r})")
         return subsample(load_file_responses(self.path), self.limit, seed)

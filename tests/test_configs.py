@@ -36,6 +36,7 @@ def resolve(capsys, *configs: Path) -> dict:
 ADDED = {"model": {"packed_attention": "grouped", "trainable": "all", "token_budget": None, "memory_limit": None,
                    "center_rewards_coefficient": None, "label_smoothing": 0.0, "lora": None},
          "data": {"response_format": "sentence", "invalid_pairs": "drop"}}
+ADDED["model"]["reference_backbone"] = None  # issue 17: an IM-RM's reference model (null: the initial weights)
 # options set on purpose since then, per experiment: the UltraFeedback runs size their micro-batches to the
 # machine's memory (a batch that fits runs whole, so what they compute is unchanged)
 CHANGED = {"exrm_ultrafeedback": {"model": {"token_budget": "auto"}},

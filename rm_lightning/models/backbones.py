@@ -9,11 +9,15 @@ Three kinds of names are understood:
   built from a config in milliseconds, for tests. ``-chat`` adds a chat template so both
   formatting paths are covered.
 * anything else: a Hugging Face hub id or a local directory, loaded with ``from_pretrained``.
+  A sequence-classification model (a reward model as RewardBench loads it, or an EX-RM exported
+  by ``rm_lightning.export``) loads as its causal LM's decoder; ``sequence_classification_score``
+  reads its head, which ``ExplicitRM`` takes as its own.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -21,6 +25,7 @@ from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from rm_lightning.errors import BackboneError
 from rm_lightning.files import write_directory_atomically
@@ -93,7 +98,10 @@ def _load_pretrained(name_or_path: str):
     """fp32 weights: mixed precision comes from the trainer's autocast, so training keeps fp32 master weights."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        if is_sequence_classification(name_or_path):
+            model = _causal_lm_of_sequence_classifier(name_or_path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneError(
@@ -102,6 +110,92 @@ def _load_pretrained(name_or_path: str):
             f"or 'tiny-llama'."
         ) from None
     return model, tokenizer
+
+
+# --- sequence-classification checkpoints (reward models) -------------------------------------------
+
+SEQUENCE_CLASSIFICATION_SUFFIX = "ForSequenceClassification"
+
+
+def _model_file(name_or_path: str, filename: str) -> Path | None:
+    """``filename`` of a local folder or a hub repository (from the hub cache when offline), or None."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        path = folder / filename
+        return path if path.is_file() else None
+    if name_or_path in builtin_backbone_names() or not HUB_ID.fullmatch(name_or_path):
+        return None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+def model_architectures(name_or_path: str) -> list[str]:
+    """``architectures`` of a backbone's config.json ([] for built-in names and unreadable configs)."""
+    path = _model_file(name_or_path, "config.json")
+    if path is None:
+        return []
+    try:
+        return list(json.loads(path.read_text()).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def is_sequence_classification(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` holds a ``*ForSequenceClassification`` model (a reward model's format)."""
+    return any(arch.endswith(SEQUENCE_CLASSIFICATION_SUFFIX) for arch in model_architectures(name_or_path))
+
+
+def _causal_lm_of_sequence_classifier(name_or_path: str) -> PreTrainedModel:
+    """The causal LM sharing a sequence classifier's decoder weights (same prefix, e.g. ``model.``).
+
+    Its LM head is not in the checkpoint: tied to the input embeddings where the config ties them,
+    else seeded random. Only an EX-RM may use such a backbone, and it never computes LM logits.
+    """
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # "lm_head newly initialized" is expected here
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def sequence_classification_score(name_or_path: str) -> torch.Tensor:
+    """The score head's weight [num_labels, H] of a sequence-classification checkpoint (safetensors,
+    sharded or not, or a PyTorch ``.bin``), read without loading the model a second time."""
+    index = _model_file(name_or_path, "model.safetensors.index.json")
+    candidates = []
+    if index is not None:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        candidates = sorted({file for key, file in weight_map.items() if key.endswith("score.weight")})
+    candidates += ["model.safetensors", "pytorch_model.bin"]
+    for filename in candidates:
+        path = _model_file(name_or_path, filename)
+        if path is None:
+            continue
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as weights:
+                keys = [k for k in weights.keys() if k == "score.weight" or k.endswith(".score.weight")]
+                if keys:
+                    return weights.get_tensor(keys[0]).float()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            keys = [k for k in state if k == "score.weight" or k.endswith(".score.weight")]
+            if keys:
+                return state[keys[0]].float()
+    raise BackboneError(f"backbone '{name_or_path}' is a sequence-classification model but no 'score.weight' "
+                        f"was found in its weight files")
 
 
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rm_lightning.errors import BackboneError
+from rm_lightning.models.backbones import is_sequence_classification, sequence_classification_score
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import prepare_trainable
 
@@ -21,6 +23,10 @@ class ExplicitRM(RewardModule):
             Face's sequence-classification head) or ``zeros``. A zero head passes no gradient to
             the backbone until it has grown, so it first fits the untrained features; on Persona
             that generalized worse to paraphrases than a normal head.
+
+    A ``backbone`` that is a sequence-classification model (``*ForSequenceClassification`` in its
+    config.json: a reward model from the hub, or one exported by ``rm_lightning.export``) gives
+    both the decoder and the head: its ``score`` layer becomes ``head`` and ``head_init`` is unused.
     """
 
     def __init__(self, pooling: Literal["last", "mean_response"] = "last",
@@ -32,7 +38,18 @@ class ExplicitRM(RewardModule):
             nn.init.zeros_(self.head.weight)
         else:
             nn.init.normal_(self.head.weight, std=getattr(self.model.config, "initializer_range", 0.02))
+        if is_sequence_classification(self.hparams.backbone):
+            self.load_sequence_classification_head(self.hparams.backbone)
         prepare_trainable(self)
+
+    def load_sequence_classification_head(self, name_or_path: str) -> None:
+        """Take the ``score`` layer of a sequence-classification checkpoint as the head (one output only)."""
+        score = sequence_classification_score(name_or_path)
+        if tuple(score.shape) != tuple(self.head.weight.shape):
+            raise BackboneError(f"backbone '{name_or_path}': its score layer has shape {tuple(score.shape)}; an EX-RM "
+                                f"needs one output over the hidden size, {tuple(self.head.weight.shape)}")
+        with torch.no_grad():
+            self.head.weight.copy_(score)
 
     def output_layer(self) -> nn.Module:
         return self.head

@@ -10,9 +10,9 @@ from typing import Literal, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rm_lightning.errors import SettingError
+from rm_lightning.errors import BackboneError, SettingError
 from rm_lightning.models import reference_cache
-from rm_lightning.models.backbones import cache_dir, load_backbone
+from rm_lightning.models.backbones import cache_dir, check_backbone_name, load_backbone
 from rm_lightning.models.logprobs import response_logratios, response_token_logps, sum_per_row
 from rm_lightning.models.lora import adapters_disabled
 from rm_lightning.models.loss import LOSS_KINDS, PairLossOptions, check_loss_options
@@ -42,6 +42,10 @@ class ImplicitRM(RewardModule):
         logprob_chunk_size: response tokens per LM-head chunk.
         loss: ``bt`` (default; ``sigmoid``, TRL's name for it), ``hinge`` or ``ipo``: the DPO-family
             losses in terms of r = beta * log-ratio (``models/loss.py``); label smoothing is bt's only.
+        reference_backbone: the reference model, a hub id or folder (e.g. the SFT model a DPO policy
+            was trained from, as RewardBench scores DPO models); null (default): the policy's own
+            initial weights. It must share the policy's tokenizer. The reference cache keys on its
+            weights.
 
     With ``lora`` the reference is the base model itself with its adapters switched off
     (``models/lora.py``): no copy is held, with or without ``cache_reference``.
@@ -53,20 +57,25 @@ class ImplicitRM(RewardModule):
 
     def __init__(self, beta: float = 0.01, reference: Literal["frozen", "none"] = "frozen",
                  cache_reference: bool = True, reference_cache_dir: Optional[str] = None,
-                 logprob_chunk_size: int = 2048, loss: Literal["bt", "sigmoid", "hinge", "ipo"] = "bt", **kwargs):
+                 logprob_chunk_size: int = 2048, loss: Literal["bt", "sigmoid", "hinge", "ipo"] = "bt",
+                 reference_backbone: Optional[str] = None, **kwargs):
         check_options("model", {"beta": beta, "logprob_chunk_size": logprob_chunk_size,  # before the model loads
                                 "label_smoothing": kwargs.get("label_smoothing", 0.0)})
         self.loss_kind = "sigmoid" if loss == "bt" else loss
         if self.loss_kind not in LOSS_KINDS:
             raise SettingError(f"model.loss: expected one of bt, {', '.join(LOSS_KINDS)} for an IM-RM, got {loss!r}")
         check_loss_options("model.loss", self.loss_kind, kwargs.get("label_smoothing", 0.0), beta)
+        self._check_reference_backbone(reference_backbone, reference, kwargs.get("trainable", "all"))
         super().__init__(**kwargs)
         self.beta, self.reference, self.cache_reference = beta, reference, cache_reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_dir() / "reference_logps"
         self.logprob_chunk_size = logprob_chunk_size
         self._initial_fingerprint = reference_cache.weights_fingerprint(self.model) if reference == "frozen" else ""
         self._reference_holder: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
-        if reference == "frozen" and not cache_reference and self.hparams.trainable == "all" and not self.hparams.lora:
+        if reference_backbone is not None:
+            self._load_reference_backbone(reference_backbone)
+        if reference == "frozen" and not cache_reference and self.hparams.trainable == "all" and not self.hparams.lora \
+                and not self._reference_holder:
             self._reference_holder.append(self._frozen(copy.deepcopy(self.model)))
         self._initial_head: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
         if self.hparams.trainable == "output_layer":
@@ -114,16 +123,41 @@ class ImplicitRM(RewardModule):
     def reference_model(self) -> torch.nn.Module:
         """The frozen initial model, loaded only when a batch has no cached reference log-probs;
         with LoRA the policy itself (run with its adapters disabled)."""
-        if self.hparams.lora:
+        if self.hparams.lora and not self.hparams.get("reference_backbone"):
             return self.model
         if not self._reference_holder:
             rank_zero_warn("IM-RM: a batch without cached reference log-probs; loading the reference model.")
-            model = load_backbone(self.hparams.backbone, extra_tokens=self.hparams.extra_tokens)[0]
+            name = self.hparams.get("reference_backbone") or self.hparams.backbone
+            model = load_backbone(name, extra_tokens=self.hparams.extra_tokens)[0]
             self._reference_holder.append(self._frozen(model))
         reference = self._reference_holder[0]
         if reference.device != self.device:
             reference.to(self.device)
         return reference
+
+    @staticmethod
+    def _check_reference_backbone(name: Optional[str], reference: str, trainable: str) -> None:
+        """Before any model loads: a reference backbone must be loadable and fit the other options."""
+        if name is None:
+            return
+        check_backbone_name(name, option="model.init_args.reference_backbone")
+        if reference != "frozen":
+            raise SettingError(f"model.reference_backbone is given ({name!r}) but model.reference is {reference!r}; "
+                               f"a reference backbone needs reference: frozen")
+        if trainable != "all":
+            raise SettingError("model.reference_backbone needs trainable: all (trainable: output_layer takes the "
+                               "policy's own initial unembedding as the reference)")
+
+    def _load_reference_backbone(self, name: str) -> None:
+        """Load the reference, key the cache on its weights, and hold it unless it equals the policy."""
+        model, tokenizer = load_backbone(name, extra_tokens=self.hparams.extra_tokens)
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise BackboneError(f"model.reference_backbone '{name}' has another tokenizer than the policy "
+                                f"'{self.hparams.backbone}' ({len(tokenizer)} vs {len(self.tokenizer)} tokens); "
+                                f"an IM-RM's reference must share the policy's vocabulary")
+        self._initial_fingerprint = reference_cache.weights_fingerprint(model)
+        if self._initial_fingerprint != reference_cache.weights_fingerprint(self.model):
+            self._reference_holder.append(self._frozen(model))
 
     @staticmethod
     def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,6 +173,7 @@ class ImplicitRM(RewardModule):
         if self.reference == "frozen" and self.cache_reference and not self._initial_head and data is not None:
             for dataset in data.encoded_sets().values():
                 self.attach_reference_logps(dataset)
+            self._reference_holder.clear()  # every pair has its log-probs: no reference held while training
 
     def attach_reference_logps(self, dataset: EncodedPairs, batch_size: int = 16) -> None:
         """Give every pair of ``dataset`` its reference log-probs, from disk or in one pass."""
