@@ -67,10 +67,11 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["configs/imrm_persona.yaml", "configs/exrm_persona.yaml"])
     parser.add_argument("--lora", default='{"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}')
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=["full", "lora"], default=["full", "lora"])
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further cli.py arguments")
     args = parser.parse_args()
     for config in args.configs:
-        for lora in (None, args.lora):
+        for lora in [args.lora if variant == "lora" else None for variant in args.variants]:
             print(json.dumps(measure(config, lora, args)), flush=True)
 
 
