@@ -53,6 +53,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
     assert resolved["results"].pop("config_name") == experiment
     # issue 16: every shipped run keeps checkpoints/last.ckpt (before, only the DDP/FSDP overlays kept a checkpoint)
     assert resolved["trainer"].pop("enable_checkpointing") is True
+    # issue 17: every trainer block picks its precision from the machine (32-true or bf16-mixed before)
+    assert resolved["trainer"].pop("precision") == "auto"
     if model["optimizer"] == DEFAULT_OPTIMIZER:
         model["optimizer"] = ADAM_1E5
     return resolved
@@ -63,6 +65,7 @@ def snapshot(name: str) -> dict:
     # an option removed since: rewards never depended on it
     assert before["model"]["init_args"].pop("padding_side") == "right"
     before["trainer"].pop("enable_checkpointing")
+    assert before["trainer"].pop("precision") in ("32-true", "bf16-mixed")
     return before
 
 
