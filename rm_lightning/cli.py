@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningCLI
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
 from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
+from rm_lightning.console import quiet_console
 from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.perf import precision
@@ -114,6 +115,7 @@ def newest_last_checkpoint(root: str) -> Path:
 def main(args: list[str] | None = None) -> RewardCLI | None:
     """Run the CLI on ``args`` (default: the command line); bad input raises ``SystemExit(2)`` after one line."""
     keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
+    quiet_console()  # Lightning's tips and library deprecation notices (rm_lightning/console.py)
     claims: list[RunClaim] = []
     try:
         return _run(args, claims)
