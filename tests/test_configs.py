@@ -55,6 +55,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
     assert resolved["trainer"].pop("enable_checkpointing") is True
     # issue 17: every trainer block picks its precision from the machine (32-true or bf16-mixed before)
     assert resolved["trainer"].pop("precision") == "auto"
+    # issue 17: the margin history evaluates once before the first step (a point at step 0)
+    assert resolved["margin_history"].pop("validate_at_start") is True
     if model["optimizer"] == DEFAULT_OPTIMIZER:
         model["optimizer"] = ADAM_1E5
     return resolved
