@@ -169,6 +169,10 @@ class Trainer(L.Trainer):
 
     The CLI builds its trainer from this class so that a config may say ``auto``; the CLI resolves it
     first, and a Trainer built from Python resolves it here.
+
+    Args:
+        precision: any of Lightning's precisions, or ``auto``: bf16-mixed where the CPU (AVX512-BF16/AMX) or
+            GPU computes bf16 natively, 32-true elsewhere.
     """
 
     def __init__(self, *, precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = None, **kwargs):
