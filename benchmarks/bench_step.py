@@ -33,6 +33,7 @@ from benchmarks.batches import BATCH_PAIRS, PERSONA_MAX_PAIRS  # noqa: E402
 from benchmarks.measure import matmul_peak_gflops  # noqa: E402
 from rm_lightning.models.backbones import BUNDLED_MODEL, TINY_BACKBONES  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
+from rm_lightning.perf import precision as auto_precision  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 RM_TYPES = ("exrm", "imrm", "exgrm")
@@ -58,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
                         help="default: all on persona, all but the -ckpt, -lean and -compiled ones on ultrafeedback")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
-                        help="auto: fp32, plus bf16 where its measured matmul peak beats fp32's")
+                        help="auto: fp32, plus bf16 where trainer.precision: auto would pick bf16-mixed "
+                             "(native bf16: AVX512-BF16/AMX on a CPU, Ampere or newer on a GPU)")
     parser.add_argument("--backbone", default=BUNDLED_MODEL)
     parser.add_argument("--pairs", type=int, default=BATCH_PAIRS,
                         help=f"pairs in each batch (the issue's batches have 8; a GPU needs more to be busy; "
@@ -99,11 +101,13 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def choose_precisions(mode: str, peaks: dict[str, float]) -> list[str]:
+def choose_precisions(mode: str, device: str) -> list[str]:
+    """``auto`` shares the training CLI's rule (rm_lightning/perf/precision.py), so the benchmark times
+    bf16 exactly where a run would train in it."""
     if mode == "both":
         return ["fp32", "bf16"]
     if mode == "auto":
-        return ["fp32", "bf16"] if peaks["bf16"] > peaks["fp32"] else ["fp32"]
+        return ["fp32", "bf16"] if auto_precision.choose(device).precision == auto_precision.BF16 else ["fp32"]
     return [mode]
 
 
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
           f"{'kept for reuse' if args.host_memory == 'kept' else 'handled by glibc defaults'} in every variant",
           flush=True)
     peaks = {p: matmul_peak_gflops(args.device, p, budget_s=args.peak_budget)["gflops"] for p in ("fp32", "bf16")}
-    precisions = choose_precisions(args.precision, peaks)
+    precisions = choose_precisions(args.precision, args.device)
     wants_trl = any(v.startswith("trl") for v in args.variants or VARIANTS)
     if wants_trl and not args.skip_trl and trl_missing():
         print("TRL is not installed, so its trainers are left out (pip install -e '.[bench]')", flush=True)

@@ -41,8 +41,10 @@ from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
 from rm_lightning.callbacks.predictions import PredictionsWriter
 from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
+from rm_lightning.console import quiet_console
 from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
 from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.perf import precision
 from rm_lightning.perf.host_memory import keep_freed_memory
 from rm_lightning.settings import check_config
 
@@ -59,6 +61,7 @@ class RewardCLI(LightningCLI):
         # option is an error, not an abbreviation of the one it resembles (--trainer.max_epoch)
         strict = {"exit_on_error": False, "allow_abbrev": False}
         kwargs["parser_kwargs"] = {**strict, **{name: dict(strict) for name in SUBCOMMANDS}}
+        kwargs.setdefault("trainer_class", precision.Trainer)  # Lightning's, accepting ``precision: auto``
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -82,6 +85,8 @@ class RewardCLI(LightningCLI):
         if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True):
             config["ckpt_path"] = str(newest_last_checkpoint(config.get("trainer.default_root_dir") or "."))
         check_config(config.as_dict())
+        if config.get("trainer") is not None:  # ``precision: auto``: the value itself from here on (config.yaml too)
+            precision.resolve_in_config(config["trainer"])
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         configured = config.get("callbacks") or []
@@ -120,6 +125,7 @@ def newest_last_checkpoint(root: str) -> Path:
 def main(args: list[str] | None = None) -> RewardCLI | None:
     """Run the CLI on ``args`` (default: the command line); bad input raises ``SystemExit(2)`` after one line."""
     keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
+    quiet_console()  # Lightning's tips and library deprecation notices (rm_lightning/console.py)
     claims: list[RunClaim] = []
     try:
         return _run(args, claims)

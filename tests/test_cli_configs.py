@@ -70,7 +70,8 @@ def test_eval_every_n_epochs_evaluates_a_set_at_its_epochs_and_the_last(tmp_path
     cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
               "--data.init_args.num_train", "8", "--data.init_args.num_test", "4",
               "--data.init_args.eval_every_n_epochs", '{"paraphrased_train_prompts": 2, "original_train_prompts": 5}'])
-    rows = [row for row in csv.DictReader(open(run_dir_of(tmp_path) / "margin_history.csv")) if row["split"] == "val"]
+    rows = [row for row in csv.DictReader(open(run_dir_of(tmp_path) / "margin_history.csv"))
+            if row["split"] == "val" and row["step"] != "0"]  # step 0: the evaluation before training
 
     def epochs(name: str) -> list[int]:
         return sorted(int(row["epoch"]) for row in rows if row["set"] == name)

@@ -67,6 +67,10 @@ def as_before(resolved: dict, experiment: str) -> dict:
         assert model.pop("loss") == "bt"
     # issue 16: every shipped run keeps checkpoints/last.ckpt (before, only the DDP/FSDP overlays kept a checkpoint)
     assert resolved["trainer"].pop("enable_checkpointing") is True
+    # issue 17: every trainer block picks its precision from the machine (32-true or bf16-mixed before)
+    assert resolved["trainer"].pop("precision") == "auto"
+    # issue 17: the margin history evaluates once before the first step (a point at step 0)
+    assert resolved["margin_history"].pop("validate_at_start") is True
     if model["optimizer"] == DEFAULT_OPTIMIZER:
         model["optimizer"] = ADAM_1E5
     return resolved
@@ -77,6 +81,7 @@ def snapshot(name: str) -> dict:
     # an option removed since: rewards never depended on it
     assert before["model"]["init_args"].pop("padding_side") == "right"
     before["trainer"].pop("enable_checkpointing")
+    assert before["trainer"].pop("precision") in ("32-true", "bf16-mixed")
     return before
 
 

@@ -243,5 +243,6 @@ trainer:
     cli.main(["fit", "--config", str(PROJECT_ROOT / "configs" / "imrm_hamcycle.yaml"),
                      "--config", str(tiny_hamcycle_override(tmp_path)), "--config", str(every_epoch)])
     report = json.loads(next(tmp_path.glob("lightning_logs/version_*/generation_check.json")).read_text())
-    assert [check["step"] for check in report["history"]] == [2, 4]  # none repeated at the end of fit
+    # step 0: the validation before training (MarginHistory.validate_at_start); none repeated at the end of fit
+    assert [check["step"] for check in report["history"]] == [0, 2, 4]
     assert report["latest"]["total"] == {"train": 2, "test": 3}

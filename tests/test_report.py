@@ -1,4 +1,5 @@
-"""Report arithmetic on hand-written results.json files: means, win rates, ties, errors."""
+"""Report arithmetic on hand-written results.json files: means and spread over seeds, win rates, ties, groups by
+training data, errors."""
 
 from __future__ import annotations
 
@@ -13,16 +14,21 @@ from rm_lightning.experiments.report import (collect, compare, main, mean_rows, 
                                  write_report)
 
 
-def write_result(root: Path, rm_type: str, seed: int, eval_sets: dict[str, tuple[str, float, float]],
-                 config: str = "persona", backbone: str = "tiny", status: str = "finished") -> Path:
-    """eval_sets: name -> (shift tag, accuracy, normalized margin)."""
+def write_result(root: Path, rm_type: str, seed: int, eval_sets: dict[str, tuple],
+                 config: str = "persona", backbone: str = "tiny", status: str = "finished",
+                 train_path: str | None = None) -> Path:
+    """eval_sets: name -> (shift tag, accuracy, normalized margin[, signed normalized margin]); ``train_path``:
+    the training file of a RealWorldDataModule run (else a PersonaDataModule run)."""
     path = root / config / rm_type / backbone / f"seed{seed}" / "results.json"
     path.parent.mkdir(parents=True)
+    module = "RealWorldDataModule" if train_path else "PersonaDataModule"
+    data = {"class_path": f"data_modules.{module}", "init_args": {"train": {"path": train_path}} if train_path else {}}
     path.write_text(json.dumps({
         "status": status, "rm_type": rm_type, "backbone": backbone, "config_name": config, "seed": seed,
-        "global_step": 10,
-        "eval_sets": {name: {"shift_tag": tag, "accuracy": acc, "normalized_margin": margin, "loss": 0.5}
-                      for name, (tag, acc, margin) in eval_sets.items()},
+        "global_step": 10, "datamodule": module, "config": {"data": data},
+        "eval_sets": {name: {"shift_tag": values[0], "accuracy": values[1], "normalized_margin": values[2],
+                             "loss": 0.5, **({"signed_normalized_margin": values[3]} if len(values) > 3 else {})}
+                      for name, values in eval_sets.items()},
     }))
     return path
 
@@ -76,6 +82,7 @@ def test_two_type_win_rates(two_types):
     assert (token["a_win_rate"], token["b_win_rate"], token["tie_rate"]) == (0.5, 0.0, 0.5)  # 0.75 vs 0.76 ties
     overall = row(overall_win_rates(collection), shift_tag="token_shift")
     assert overall["win_rates"] == {"ExplicitRM": 0.5, "ImplicitRM": 0.0} and overall["tie_rate"] == 0.5
+    assert overall["shared_first_rates"] == {"ExplicitRM": 0.5, "ImplicitRM": 0.5}
 
 
 def test_three_rm_types_pairwise_and_outright_wins(tmp_path):
@@ -96,6 +103,10 @@ def test_three_rm_types_pairwise_and_outright_wins(tmp_path):
     overall = row(overall_win_rates(collection), shift_tag="domain_shift")
     assert overall["evaluations"] == 2  # the evaluation without C is not shared by every type
     assert overall["win_rates"] == {"A": 0.0, "B": 0.0, "C": 0.5} and overall["tie_rate"] == 0.5
+    # eval a: A and C share first place, B is not in it
+    assert overall["shared_first_rates"] == {"A": 0.5, "B": 0.0, "C": 0.5}
+    text = (write_report(collection, tmp_path / "report")["markdown"]).read_text()
+    assert "| domain_shift | 2 | 0.0% / 50.0% | 0.0% / 0.0% | 50.0% / 50.0% | 50.0% |" in text
 
 
 def test_report_files(two_types, tmp_path_factory):
@@ -108,9 +119,44 @@ def test_report_files(two_types, tmp_path_factory):
     assert float(ex_token["win_rate"]) == 0.5 and float(ex_token["tie_rate"]) == 0.5
     assert len(list(csv.DictReader(paths["runs_csv"].open()))) == 8
     text = paths["markdown"].read_text()
-    assert "| ExplicitRM | 0.900 / 2.500 (2) | 0.775 / 0.500 (2) |" in text
-    assert "| token_shift | 2 | 50.0% | 0.0% | 50.0% |" in text
+    assert "| ExplicitRM | 0.900 ± 0.141 (2) | 0.775 ± 0.035 (2) |" in text
+    assert "| ExplicitRM | 2.500 ± 0.707 · - | 0.500 ± 0.707 · - |" in text  # no signed margin recorded
+    assert "| token_shift | 2 | 50.0% / 50.0% | 0.0% / 50.0% | 50.0% |" in text
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spread_is_over_seeds_not_over_evaluations(tmp_path):
+    # seed 0 averages 0.7 over its two eval sets, seed 1 averages 0.9: sd over seeds is that of (0.7, 0.9)
+    write_result(tmp_path, "ExplicitRM", 0, {"a": ("in_distribution", 0.6, 1.0, 0.5), "b": ("in_distribution", 0.8, 1.0, 0.7)})
+    write_result(tmp_path, "ExplicitRM", 1, {"a": ("in_distribution", 0.8, 2.0, -1.5), "b": ("in_distribution", 1.0, 2.0, -0.5)})
+    means = row(mean_rows(collect(tmp_path)), rm_type="ExplicitRM", shift_tag="in_distribution")
+    assert (means["evaluations"], means["seeds"]) == (4, 2)
+    assert means["mean_accuracy"] == pytest.approx(0.8) and means["sd_accuracy"] == pytest.approx(0.1414214, abs=1e-6)
+    assert means["mean_signed_normalized_margin"] == pytest.approx(-0.2)
+    assert means["sd_signed_normalized_margin"] == pytest.approx(1.1313708, abs=1e-6)  # sd of (0.6, -1.0)
+    text = write_report(collect(tmp_path), tmp_path / "out")["markdown"].read_text()
+    assert "| ExplicitRM | 1.500 ± 0.707 · -0.200 ± 1.131 |" in text
+
+
+def test_runs_are_grouped_by_training_data(tmp_path):
+    """UltraFeedback-trained and RewardMATH-trained runs get their own tables and win rates, then a pooled one."""
+    for train, (ex, im) in {"ultrafeedback/train.jsonl": (0.9, 0.6), "rewardmath/train.jsonl": (0.5, 0.8)}.items():
+        config = train.split("/")[0]
+        write_result(tmp_path, "ExplicitRM", 0, {"para": ("token_shift", ex, 1.0)}, config=config, train_path=train)
+        write_result(tmp_path, "ImplicitRM", 0, {"para": ("token_shift", im, 1.0)}, config=config, train_path=train)
+    collection = collect(tmp_path)
+    assert collection.training_datasets == ["rewardmath", "ultrafeedback"]
+    uf = overall_win_rates(collection.trained_on("ultrafeedback"))[0]
+    assert uf["win_rates"] == {"ExplicitRM": 1.0, "ImplicitRM": 0.0}
+    paths = write_report(collection, tmp_path / "out")
+    text = paths["markdown"].read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Trained on rewardmath", "## Trained on ultrafeedback", "## All training data, pooled",
+                        "## Accuracy per eval set"]
+    summary = list(csv.DictReader(paths["summary_csv"].open()))
+    assert float(row(summary, training_data="rewardmath", rm_type="ImplicitRM")["win_rate"]) == 1.0
+    assert float(row(summary, training_data="all training data", rm_type="ImplicitRM")["win_rate"]) == 0.5
+    assert "| rewardmath | rewardmath | para | token_shift | 0.500 (1) | 0.800 (1) |" in text
 
 
 def test_unfinished_runs_are_left_out_and_listed(two_types):

@@ -21,16 +21,31 @@ class MarginHistory(L.Callback):
 
     Scalars are logged by the module; this callback adds a histogram of margins per eval set
     to TensorBoard and, at the end of fit, writes ``margin_history.csv`` and
-    ``margin_history.png`` (margin and accuracy over steps, one line per eval set) to the run
-    directory, and prints the final metrics of every eval set and the run's peak memory.
+    ``margin_history.png`` (eval margins, train-batch margin and accuracy over steps, one line per
+    eval set, titled with the run and its RM type) to the run directory, and prints the final
+    metrics of every eval set and the run's peak memory.
+
+    Args:
+        filename: stem of the CSV and PNG.
+        validate_at_start: run Lightning's validation loop once before the first training step of a
+            fit that starts from step 0, so every curve starts at step 0 (the margins of the model before
+            training; an IM-RM's rewards are exactly 0 there, its policy being its reference). It costs
+            one evaluation of the eval sets due in the first epoch, as much as any later one; off, the
+            first point is the first scheduled validation.
     """
 
-    def __init__(self, filename: str = "margin_history"):
-        self.filename = filename
+    def __init__(self, filename: str = "margin_history", validate_at_start: bool = True):
+        self.filename, self.validate_at_start = filename, validate_at_start
         self.rows: list[dict] = []
+        self._title = ""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         run_dir(trainer)  # collective: resolve the run directory on every rank now
+        self._title = run_title(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.validate_at_start and trainer.global_step == 0 and trainer.enable_validation:
+            validate_now(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = trainer.callback_metrics
@@ -74,7 +89,7 @@ class MarginHistory(L.Callback):
         directory.mkdir(parents=True, exist_ok=True)
         write_csv_atomically(directory / f"{self.filename}.csv", self.rows, CSV_COLUMNS)
         try:
-            plot_history(self.rows, directory / f"{self.filename}.png")
+            plot_history(self.rows, directory / f"{self.filename}.png", self._title)
         except Exception as err:  # noqa: BLE001 - the figures are in the CSV; the plot is a convenience
             rank_zero_warn(f"could not write {directory / self.filename}.png ({type(err).__name__}: {err}); "
                            f"the figures are in {self.filename}.csv")
@@ -93,6 +108,29 @@ class MarginHistory(L.Callback):
         print(f"  {describe(peaks)}")
 
 
+def validate_now(trainer) -> None:
+    """Run the fit's validation loop once now, as Lightning does when ``val_check_interval`` is due:
+    the same loop, logging, callbacks and eval-set schedule (all ranks together)."""
+    connector = trainer._logger_connector
+    first_loop_iter = connector._first_loop_iter
+    trainer.validating = True
+    trainer.fit_loop.epoch_loop.val_loop.run()
+    trainer.training = True
+    connector._first_loop_iter = first_loop_iter
+
+
+def run_title(trainer, pl_module) -> str:
+    """``<experiment>/<version> · <RM type> · <backbone>``: which run the plot belongs to."""
+    from rm_lightning.callbacks.results import ResultsWriter
+
+    directory = run_dir(trainer)
+    names = [c.config_name for c in trainer.callbacks if isinstance(c, ResultsWriter) and c.config_name]
+    experiment = names[0] if names else (directory.parent.parent.name or directory.parent.name)
+    backbone = getattr(pl_module, "hparams", {}).get("backbone")
+    return " · ".join(part for part in (f"{experiment}/{directory.name}", type(pl_module).__name__,
+                                        str(backbone) if backbone else "") if part)
+
+
 def _tensorboard(trainer):
     for logger in trainer.loggers:
         experiment = getattr(logger, "experiment", None)
@@ -101,30 +139,49 @@ def _tensorboard(trainer):
     return None
 
 
-def plot_history(rows: list[dict], path: Path) -> None:
-    """Two panels over training steps: normalized margin and accuracy, one line per set."""
+def plot_history(rows: list[dict], path: Path, title: str = "") -> None:
+    """Three panels over optimizer steps, one legend for all: the eval sets' normalized margins (signed,
+    solid; absolute, dotted), the training batches' raw margin (reward units, on its own axis: it is not
+    normalized) and the pairwise accuracy of both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, (ax_margin, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_eval, ax_train, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
+    ax_eval.xaxis.set_major_locator(MaxNLocator(integer=True))
     sets = sorted({r["set"] for r in rows if r["split"] != TRAIN_SET})
     train = [r for r in rows if r["split"] == TRAIN_SET]
+    handles = []
     if train:
-        ax_margin.plot([r["step"] for r in train], [r.get("margin", math.nan) for r in train],
-                       color="0.7", lw=1, label="train batch (raw margin)")
-        ax_acc.plot([r["step"] for r in train], [r.get("accuracy", math.nan) for r in train],
-                    color="0.7", lw=1, label="train batch")
-    for name in sets:
+        steps = [r["step"] for r in train]
+        ax_train.plot(steps, [r.get("margin", math.nan) for r in train], color="0.45", lw=1)
+        ax_acc.plot(steps, [r.get("accuracy", math.nan) for r in train], color="0.7", lw=1)
+        handles.append(Line2D([], [], color="0.6", lw=1, label="train batches"))
+    for index, name in enumerate(sets):
+        color = f"C{index % 10}"
         points = [r for r in rows if r["set"] == name and r["split"] != TRAIN_SET]
         steps = [r["step"] for r in points]
-        ax_margin.plot(steps, [r.get("normalized_margin", math.nan) for r in points], marker="o", label=name)
-        ax_acc.plot(steps, [r.get("accuracy", math.nan) for r in points], marker="o", label=name)
-    ax_margin.set(title="reward margin (eval: normalized)", xlabel="optimizer step", ylabel="margin")
+        ax_eval.plot(steps, [r.get("signed_normalized_margin", math.nan) for r in points], marker="o", color=color)
+        ax_eval.plot(steps, [r.get("normalized_margin", math.nan) for r in points], ls=":", color=color)
+        ax_acc.plot(steps, [r.get("accuracy", math.nan) for r in points], marker="o", color=color)
+        handles.append(Line2D([], [], color=color, marker="o", label=name))
+    if sets:
+        handles += [Line2D([], [], color="0.3", marker="o", label="signed (r+ - r-) / sd(r)"),
+                    Line2D([], [], color="0.3", ls=":", label="absolute |r+ - r-| / sd(r)")]
+    ax_eval.axhline(0, color="0.5", ls="-", lw=0.6)
+    ax_eval.set(title="eval sets: normalized reward margin", xlabel="optimizer step", ylabel="margin / sd(r)")
+    ax_train.axhline(0, color="0.5", ls="-", lw=0.6)
+    ax_train.set(title="training batches: mean margin r+ - r-", xlabel="optimizer step", ylabel="reward units")
     ax_acc.set(title="pairwise accuracy", xlabel="optimizer step", ylabel="accuracy", ylim=(-0.02, 1.02))
     ax_acc.axhline(0.5, color="0.5", ls=":", lw=1)
-    ax_acc.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    rows_of_legend = math.ceil(len(handles) / 4) if handles else 0
+    fig.tight_layout(rect=(0, 0.04 * rows_of_legend + 0.02, 1, 1))
     save_figure_atomically(fig, path)
     plt.close(fig)

@@ -1,6 +1,6 @@
 """The metrics of every named eval set, and when each set is evaluated.
 
-Each eval set has its own metric group (accuracy, normalized margin, mean rewards, loss, and
+Each eval set has its own metric group (accuracy, normalized margin, absolute and signed, mean rewards, loss, and
 every margin for histograms), kept as sum or concatenation states so they reduce exactly
 across processes. ``EvalSets`` also decides which sets are due at a validation
 (``eval_every_n_epochs``) and leaves out the batches a process only repeats to keep step counts
@@ -47,6 +47,7 @@ def eval_set_metrics() -> MetricCollection:
     """One eval set's metric group; ``update(chosen, rejected, loss=loss)`` feeds every metric."""
     return MetricCollection({
         "accuracy": PairwiseAccuracy(), "normalized_margin": NormalizedRewardMargin(),
+        "signed_normalized_margin": NormalizedRewardMargin(signed=True),
         "chosen_reward": RewardMean("chosen"), "rejected_reward": RewardMean("rejected"),
         "loss": PairLoss(), "margins": Margins(),
     }, compute_groups=False)
@@ -85,6 +86,7 @@ class EvalSets(nn.Module):
         self.names: list[str] = []
         self.every_n_epochs: dict[str, int] = {}
         self.last: dict[str, dict[str, torch.Tensor]] = {}
+        self.last_step: int | None = None  # the trainer's global step at the latest evaluation
 
     def configure(self, names: list[str], every_n_epochs: dict[str, int], device: torch.device) -> None:
         """Name the sets in dataloader order; a group is created once per name and kept across stages."""
@@ -109,7 +111,7 @@ class EvalSets(nn.Module):
         under ``limit_val_batches``. With several processes every rank computes every due set,
         since the reduction is collective.
         """
-        self.last = {}
+        self.last, self.last_step = {}, (trainer.global_step if trainer is not None else None)
         multi_process = trainer is not None and trainer.world_size > 1
         for name in self.names:
             group = self.groups[name]
@@ -124,6 +126,14 @@ class EvalSets(nn.Module):
         return self.last
 
     def scalars(self, stage: str) -> dict[str, torch.Tensor]:
-        """The latest values as loggable scalars, keyed ``<stage>/<set>/<metric>``."""
-        return {eval_key(stage, name, key): value.float() for name, values in self.last.items()
-                for key, value in values.items() if key != "margins"}
+        """The latest values as loggable scalars, keyed ``<stage>/<set>/<metric>``, plus ``step``.
+
+        ``step`` is the x-axis Lightning gives to loggers: the trainer's global step, the one
+        margin_history.csv and the margin histograms use. Without it Lightning logs a validation
+        during fit one step earlier (the count of optimizer steps before the batch that triggered it).
+        """
+        scalars = {eval_key(stage, name, key): value.float() for name, values in self.last.items()
+                   for key, value in values.items() if key != "margins"}
+        if scalars and self.last_step is not None:
+            scalars["step"] = torch.tensor(float(self.last_step))
+        return scalars

@@ -3,7 +3,9 @@
 import torch
 
 # per eval set, logged as ``<stage>/<set>/<name>`` (stage: val or test)
-EVAL_METRICS = ("accuracy", "normalized_margin", "chosen_reward", "rejected_reward", "margin", "loss")
+# (normalized_margin: mean |r+ - r-| / sd(r), as the paper; signed_normalized_margin: mean (r+ - r-) / sd(r))
+EVAL_METRICS = ("accuracy", "normalized_margin", "chosen_reward", "rejected_reward", "margin", "loss",
+                "signed_normalized_margin")
 # per training batch, logged as ``train/<name>``
 TRAIN_METRICS = ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin")
 TRAIN_SET = "train"  # the set name of training-batch rows in margin_history.csv

@@ -29,22 +29,26 @@ class NormalizedRewardMargin(Metric):
 
     The std is the sample std (n - 1), as ``torch.std`` in the authors' code. It is rebuilt from
     sums and sums of squares in float64, so batches and processes can be summed in any order.
+
+    With ``signed=True`` it is mean (r+ - r-) / sd: the same scale with the direction kept, negative
+    when the set's rejected responses get the higher rewards on average.
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, eps: float = 1e-8, **kwargs):
+    def __init__(self, eps: float = 1e-8, signed: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.eps = eps
-        for name in ("abs_margin_sum", "reward_sum", "reward_sq_sum"):
+        self.eps, self.signed = eps, signed
+        for name in ("margin_sum", "reward_sum", "reward_sq_sum"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("pairs", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         chosen, rejected = chosen.detach().double(), rejected.detach().double()
         rewards = torch.cat([chosen, rejected])
-        self.abs_margin_sum += (chosen - rejected).abs().sum()
+        margins = chosen - rejected
+        self.margin_sum += (margins if self.signed else margins.abs()).sum()
         self.reward_sum += rewards.sum()
         self.reward_sq_sum += (rewards * rewards).sum()
         self.pairs += chosen.numel()
@@ -54,4 +58,4 @@ class NormalizedRewardMargin(Metric):
         mean = self.reward_sum / n.clamp(min=1)
         variance = (self.reward_sq_sum - n * mean * mean) / (n - 1).clamp(min=1)
         std = variance.clamp(min=0).sqrt()
-        return (self.abs_margin_sum / self.pairs.clamp(min=1)) / (std + self.eps)
+        return (self.margin_sum / self.pairs.clamp(min=1)) / (std + self.eps)

@@ -146,7 +146,8 @@ def reference_pass(module, model: torch.nn.Module, dataset: EncodedPairs, batch_
     model.eval().to(device)
     loader = DataLoader(dataset.pairs, batch_size=batch_size, collate_fn=module.collator())
     values = []
-    show = trainer is None or trainer.is_global_zero
+    # as Lightning's own bars: rank 0 only, and not at all with ``trainer.enable_progress_bar: false``
+    show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
     for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
         batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
         layout = module.hparams.decoder_layout

@@ -1,0 +1,183 @@
+"""``trainer.precision: auto``: bf16 autocast where the machine computes bf16 natively, fp32 elsewhere.
+
+bf16-mixed halves activation memory and, on hardware with bf16 arithmetic, speeds matmuls up; on a CPU
+without it (no AVX512-BF16, no AMX: e.g. AMD EPYC before Zen 4, most laptops) PyTorch emulates bf16 and a
+training step is tens of times slower than in fp32. So ``auto`` reads what the machine has:
+
+* CPU: ``bf16-mixed`` when /proc/cpuinfo lists ``avx512_bf16`` or ``amx_bf16``, else ``32-true``;
+* CUDA GPU: ``bf16-mixed`` when the GPU computes bf16 natively (Ampere and newer), else ``32-true``;
+* anything else (MPS, an accelerator object): ``32-true``.
+
+The CLI resolves ``auto`` before the Trainer is built (``resolve_in_config``), says the choice in one
+line, and the run's config.yaml, results.json and the IM-RM reference cache all see the resolved value.
+A precision given explicitly (``--trainer.precision 32-true``) is never changed. Which flags were read is
+injectable (``choose``), so the decision is testable on any machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import lightning as L
+from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+AUTO = "auto"
+BF16 = "bf16-mixed"
+FP32 = "32-true"
+# /proc/cpuinfo flag -> the name people know it by
+NATIVE_BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class Choice:
+    precision: str
+    reason: str
+
+    def line(self) -> str:
+        """The one line the CLI prints at start."""
+        return f"precision: {AUTO} -> {self.precision} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    flags: frozenset[str]
+
+
+def parse_cpuinfo(text: str) -> Optional[CpuInfo]:
+    """Model name and flags of the first processor in /proc/cpuinfo's text; None without a flags line."""
+    model, flags = None, None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and flags is None:
+            flags = frozenset(value.split())
+    return None if flags is None else CpuInfo(model or "this CPU", flags)
+
+
+def read_cpuinfo(path: Path = CPUINFO) -> Optional[CpuInfo]:
+    try:
+        return parse_cpuinfo(path.read_text())
+    except OSError:
+        return None  # not Linux: no flags to read
+
+
+def native_bf16_instructions(flags: frozenset[str]) -> list[str]:
+    """The bf16 instruction sets among ``flags`` (AVX512-BF16, AMX), by their usual names."""
+    return [name for flag, name in NATIVE_BF16_FLAGS.items() if flag in flags]
+
+
+def cpu_has_native_bf16(cpu: Optional[CpuInfo] = None) -> bool:
+    """Whether bf16 autocast pays on this CPU (read from /proc/cpuinfo when ``cpu`` is not given)."""
+    cpu = cpu if cpu is not None else read_cpuinfo()
+    return cpu is not None and bool(native_bf16_instructions(cpu.flags))
+
+
+def choose_for_cpu(cpu: Optional[CpuInfo]) -> Choice:
+    if cpu is None:
+        return Choice(FP32, "no /proc/cpuinfo to tell whether this CPU has AVX512-BF16/AMX")
+    found = native_bf16_instructions(cpu.flags)
+    if found:
+        return Choice(BF16, f"{cpu.model}: {'/'.join(found)}")
+    return Choice(FP32, f"{cpu.model}: no AVX512-BF16/AMX")
+
+
+def choose_for_cuda(gpu_name: str, native_bf16: bool) -> Choice:
+    if native_bf16:
+        return Choice(BF16, f"{gpu_name}: native bf16")
+    return Choice(FP32, f"{gpu_name}: no native bf16")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What ``auto`` looks at: the CPU (None: flags unknown) and the CUDA GPU, as (name, native bf16)
+    (None: no GPU)."""
+
+    cpu: Optional[CpuInfo]
+    gpu: Optional[tuple[str, bool]] = None
+    mps: bool = False
+
+    @classmethod
+    def this_one(cls) -> "Machine":
+        return cls(read_cpuinfo(), _cuda_description(), _mps_available())
+
+
+def accelerator_kind(accelerator: object, machine: Machine) -> str:
+    """``cpu``, ``cuda`` or ``other`` for a Trainer's ``accelerator`` setting, as Lightning would pick."""
+    if not isinstance(accelerator, str):
+        return "other"  # an Accelerator object or a class_path block: not ours to guess
+    name = accelerator.lower()
+    if name == "auto":
+        return "cuda" if machine.gpu is not None else "other" if machine.mps else "cpu"
+    return {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}.get(name, "other")
+
+
+def choose(accelerator: object, machine: Optional[Machine] = None) -> Choice:
+    """What ``auto`` means for ``accelerator`` on ``machine`` (default: this one)."""
+    machine = machine if machine is not None else Machine.this_one()
+    kind = accelerator_kind(accelerator, machine)
+    if kind == "cpu":
+        return choose_for_cpu(machine.cpu)
+    if kind == "cuda":
+        return choose_for_cuda(*machine.gpu) if machine.gpu is not None else Choice(FP32, "no CUDA device visible")
+    return Choice(FP32, f"accelerator {accelerator!r}: bf16 support not known")
+
+
+def _cuda_description() -> Optional[tuple[str, bool]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def resolve_in_config(trainer: dict, say=None) -> Optional[Choice]:
+    """Replace ``precision: auto`` in a parsed ``trainer`` block by the resolved value, in place.
+
+    Returns the choice (None when the precision was given explicitly); ``say`` (default: print to
+    stderr on the first process only) gets the one line.
+    """
+    if trainer.get("precision") != AUTO:
+        return None
+    choice = choose(trainer.get("accelerator", "auto"))
+    trainer["precision"] = choice.precision
+    (say or _say_once)(choice.line())
+    return choice
+
+
+def _say_once(line: str) -> None:
+    import os
+
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer, with ``precision: auto`` (this module's docstring) accepted as well.
+
+    The CLI builds its trainer from this class so that a config may say ``auto``; the CLI resolves it
+    first, and a Trainer built from Python resolves it here.
+
+    Args:
+        precision: any of Lightning's precisions, or ``auto``: bf16-mixed where the CPU (AVX512-BF16/AMX) or
+            GPU computes bf16 natively, 32-true elsewhere.
+    """
+
+    def __init__(self, *, precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = None, **kwargs):
+        if precision == AUTO:
+            choice = choose(kwargs.get("accelerator", "auto"))
+            _say_once(choice.line())
+            precision = choice.precision
+        super().__init__(precision=precision, **kwargs)
