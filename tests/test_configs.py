@@ -43,8 +43,9 @@ CHANGED = {"exrm_ultrafeedback": {"model": {"token_budget": "auto"}},
            "imrm_ultrafeedback": {"model": {"token_budget": "auto"}}}
 
 
-# pair-source options added since (issue 17, any dataset), at the defaults that read files as before
-SOURCE_ADDED = {"subset": None, "columns": None, "format": "auto"}
+# pair-source options added since (issue 17: any dataset; an eval set of single responses), at the defaults
+# that read files as before
+SOURCE_ADDED = {"subset": None, "columns": None, "format": "auto", "kind": "pairs"}  # kind: eval sets only
 
 
 def as_before(resolved: dict, experiment: str) -> dict:
