@@ -96,6 +96,22 @@ def test_implicit_rm_rewards_are_exactly_zero_before_training(tmp_path):
     assert torch.equal(cached.rewards(cached.collator()(dataset.pairs)), torch.zeros(2 * len(PAIRS)))
 
 
+def test_implicit_rm_is_exactly_zero_while_the_policy_is_its_reference_whatever_the_cached_rounding(tmp_path):
+    """Cached reference log-probs come from other batches (other shapes, other float rounding): an unmoved policy
+    still scores exactly 0, and a moved one is scored against the cache."""
+    module = ImplicitRM(backbone="tiny-llama-chat", reference_cache_dir=str(tmp_path)).eval()
+    dataset = EncodedPairs("probe", encoded(module))
+    module.attach_reference_logps(dataset)
+    for pair in dataset.pairs:  # what a reference pass over differently shaped batches may round to
+        pair.reference_logps = (pair.reference_logps[0] + 1e-4, pair.reference_logps[1] - 1e-4)
+    batch = module.collator()(dataset.pairs)
+    assert torch.equal(module.rewards(batch), torch.zeros(2 * len(PAIRS)))
+    with torch.no_grad():
+        module.model.get_input_embeddings().weight[0, 0] += 1.0  # the policy moves (token 0 is in no text)
+    assert not module.policy_is_reference()
+    assert torch.count_nonzero(module.rewards(batch)) == 2 * len(PAIRS)
+
+
 def test_generative_rm_is_probability_of_yes():
     module = ExplicitGenerativeRM(backbone="tiny-llama-chat").eval()
     rewards = module.rewards(batch_of(module, PAIRS))

@@ -72,6 +72,7 @@ class ImplicitRM(RewardModule):
         self.logprob_chunk_size = logprob_chunk_size
         self._initial_fingerprint = reference_cache.weights_fingerprint(self.model) if reference == "frozen" else ""
         self._reference_holder: list[torch.nn.Module] = []  # a list hides it from state_dict and optimizers
+        self._separate_reference = False  # a reference_backbone whose weights differ from the policy's
         if reference_backbone is not None:
             self._load_reference_backbone(reference_backbone)
         if reference == "frozen" and not cache_reference and self.hparams.trainable == "all" and not self.hparams.lora \
@@ -82,6 +83,9 @@ class ImplicitRM(RewardModule):
             untie_output_embeddings(self.model)
             self._initial_head.append(frozen_copy(self.model.get_output_embeddings()))
         prepare_trainable(self)
+        # the weights at which the policy is its own reference (``policy_is_reference``); None: another model is
+        self._initial_parameters = (reference_cache.parameters_fingerprint(self.model)
+                                    if reference == "frozen" and not self._separate_reference else None)
 
     def output_layer(self) -> torch.nn.Module:
         return self.model.get_output_embeddings()
@@ -110,7 +114,18 @@ class ImplicitRM(RewardModule):
         policy = self.response_logps(hidden_states, batch)
         if self.reference == "none":
             return self.beta * policy
+        if self.policy_is_reference():
+            # r = beta * (log pi - log pi_ref) with pi = pi_ref is 0: exactly, rather than the float rounding between
+            # this batch and the reference pass's batches of other shapes; the gradient is log pi's, as always
+            return self.beta * (policy - policy.detach())
         return self.beta * (policy - self.reference_logps(batch).to(policy.dtype))
+
+    def policy_is_reference(self) -> bool:
+        """Whether the policy still has the reference's weights (before the first step, or a model scored
+        against itself). Not decided for sharded (FSDP) weights, which no process holds whole."""
+        if self._initial_parameters is None or self.device_mesh is not None:
+            return False
+        return reference_cache.parameters_fingerprint(self.model) == self._initial_parameters
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "reference_logps" in batch:
@@ -158,6 +173,7 @@ class ImplicitRM(RewardModule):
         self._initial_fingerprint = reference_cache.weights_fingerprint(model)
         if self._initial_fingerprint != reference_cache.weights_fingerprint(self.model):
             self._reference_holder.append(self._frozen(model))
+            self._separate_reference = True
 
     @staticmethod
     def _frozen(model: torch.nn.Module) -> torch.nn.Module:

@@ -44,6 +44,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def parameters_fingerprint(model: torch.nn.Module) -> str:
+    """The same cheap hash over every weight, LoRA adapters included: whether a policy has moved at all.
+    Names are left out, so wrappers that rename modules (compiled or checkpointed layers) do not count as moves."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(f"{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 FORMAT_VERSION = 2
 
 
