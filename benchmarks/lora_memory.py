@@ -22,6 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timed_fit import max_rss_kib, step_times_and_losses  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,16 +37,6 @@ def command(config: str, lora: str | None, steps: int, root: Path, extra: list[s
             "--trainer.enable_checkpointing", "false", *options, *extra]
 
 
-def step_times_and_losses(run_dir: Path) -> tuple[list[float], list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    scalars = events.Scalars("train/loss")
-    times = [later.wall_time - earlier.wall_time for earlier, later in zip(scalars, scalars[1:])]
-    return times, [s.value for s in scalars]
-
-
 def measure(config: str, lora: str | None, args) -> dict:
     name = f"{Path(config).stem}_{'lora' if lora else 'full'}"
     root = Path(tempfile.mkdtemp(prefix=f"lora_memory_{name}_"))
@@ -52,11 +46,11 @@ def measure(config: str, lora: str | None, args) -> dict:
     (root / "run.log").write_text(log)
     if done.returncode != 0:
         return {"run": name, "failed": done.returncode, "log": str(root / "run.log")}
-    max_rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", log).group(1))
+    rss_kib = max_rss_kib(log)
     wall = re.search(r"Elapsed \(wall clock\) time.*: (\S+)", log)
     trainable = re.search(r"Trainable params: (\S+ ?\S*)", log)
-    times, losses = step_times_and_losses(next(root.rglob("events.out.tfevents.*")).parent)
-    return {"run": name, "max_rss_gib": round(max_rss_kib / 2 ** 20, 2),
+    times, losses = step_times_and_losses(root)
+    return {"run": name, "max_rss_gib": round(rss_kib / 2 ** 20, 2),
             "trainable": trainable.group(1).strip() if trainable else None,
             "step_s": [round(t, 1) for t in times], "losses": [round(v, 5) for v in losses],
             "wall": wall.group(1) if wall else None, "log": str(root / "run.log")}

@@ -20,6 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timed_fit import max_rss_kib, step_times_and_losses  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,16 +36,6 @@ def command(config: str, budget: str, steps: int, batch: int, caps: int, root: P
             "--data.init_args.batch_size", str(batch), "--model.init_args.token_budget", budget, *extra]
 
 
-def step_times_and_losses(run_dir: Path) -> tuple[list[float], list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    scalars = events.Scalars("train/loss")
-    times = [later.wall_time - earlier.wall_time for earlier, later in zip(scalars, scalars[1:])]
-    return times, [s.value for s in scalars]
-
-
 def measure(args, budget: str) -> dict:
     root = Path(tempfile.mkdtemp(prefix=f"token_budget_{budget}_"))
     done = subprocess.run(command(args.config, budget, args.steps, args.batch, args.caps, root, args.extra),
@@ -50,11 +44,11 @@ def measure(args, budget: str) -> dict:
     (root / "run.log").write_text(log)
     if done.returncode != 0:
         return {"budget": budget, "failed": done.returncode, "log": str(root / "run.log")}
-    max_rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", log).group(1))
+    rss_kib = max_rss_kib(log)
     results = json.loads(next(root.rglob("results.json")).read_text())
-    times, losses = step_times_and_losses(next(root.rglob("events.out.tfevents.*")).parent)
+    times, losses = step_times_and_losses(root)
     chosen = re.search(r"token_budget auto: .*", log)
-    return {"budget": budget, "max_rss_gib": round(max_rss_kib / 2 ** 20, 2),
+    return {"budget": budget, "max_rss_gib": round(rss_kib / 2 ** 20, 2),
             "results_peak": results.get("peak_memory"),
             "step_s": [round(t, 1) for t in times], "s_per_pair": [round(t / args.batch, 2) for t in times],
             "losses": [round(v, 5) for v in losses], "auto": chosen.group(0) if chosen else None,
