@@ -159,6 +159,20 @@ def test_exported_imrm_loads_back_with_its_reference_and_the_same_rewards(tmp_pa
     assert torch.allclose(our_rewards(loaded), before, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("rm_type", [ImplicitRM, ExplicitRM])
+def test_lora_run_exports_the_adapted_model(rm_type, tmp_path):
+    module = rm_type(backbone="tiny-llama-chat", lora={"r": 4})
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the adapters learn (B starts at zero); the base weights stay
+        for name, parameter in module.named_parameters():
+            if "lora_" in name or name.startswith("head."):
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    before = our_rewards(module)  # an IM-RM's: against its reference, the base model with the adapters off
+    assert before.abs().min() > 0
+    export_module(module, tmp_path / "out")
+    assert torch.allclose(our_rewards(load_exported(tmp_path / "out")), before, atol=1e-5, rtol=0)
+
+
 def test_reference_backbone_keys_the_reference_cache_on_the_references_weights(tmp_path):
     policy = str(save_tiny(tmp_path / "policy"))
     perturbed(ImplicitRM(backbone="tiny-llama-chat")).model.save_pretrained(policy)

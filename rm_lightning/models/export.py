@@ -36,6 +36,7 @@ from rm_lightning.models.backbones import HUB_ID, is_sequence_classification
 from rm_lightning.models.explicit import ExplicitRM
 from rm_lightning.models.generative import VERIFICATION_TEMPLATE, ExplicitGenerativeRM
 from rm_lightning.models.implicit import ImplicitRM
+from rm_lightning.models.lora import merge_adapters
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.pairs.records import PreferencePair
 
@@ -130,8 +131,6 @@ def load_reward_module(source: str | os.PathLike) -> RewardModule:
         names = ", ".join([*missing[:2], *unexpected[:2]])
         raise RMLightningError(f"{path}: its weights do not fit a {cls.__name__} on backbone "
                                f"{options['backbone']!r} ({len(missing)} missing, {len(unexpected)} unexpected: {names})")
-    if hasattr(module.model, "merge_and_unload"):  # a PEFT (LoRA) model: fold the adapters into the weights
-        module.model = module.model.merge_and_unload()
     return module.eval()
 
 
@@ -297,8 +296,10 @@ def export_generative(module: ExplicitGenerativeRM, out: Path, overwrite: bool =
 
 
 def export_module(module: RewardModule, out: str | os.PathLike, overwrite: bool = False) -> str:
-    """Write ``module`` to ``out`` in its type's format; returns a one-line summary."""
+    """Write ``module`` to ``out`` in its type's format; returns a one-line summary. A LoRA module's adapters
+    are folded into its weights first (in ``module`` itself): the folder holds the adapted model."""
     out = Path(out).expanduser()
+    merge_adapters(module.model)
     for cls, export in ((ExplicitGenerativeRM, export_generative), (ImplicitRM, export_implicit),
                         (ExplicitRM, export_explicit)):
         if isinstance(module, cls):
