@@ -49,8 +49,9 @@ def parameters_fingerprint(model: torch.nn.Module) -> str:
     Names are left out, so wrappers that rename modules (compiled or checkpointed layers) do not count as moves."""
     digest = hashlib.sha256()
     for tensor in model.state_dict().values():
-        digest.update(f"{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a sharded weight: this process's part
+        digest.update(f"{tuple(local.shape)}".encode())
+        digest.update(local.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
