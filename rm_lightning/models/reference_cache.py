@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -36,22 +37,24 @@ from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, sel
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """A cheap hash of a model's weights (names, shapes and the first values of every tensor); of a LoRA
     model, its base weights' (its reference, shared with the full fine-tuning run's cache)."""
-    digest = hashlib.sha256()
-    for name, tensor in base_state_dict(model).items():
-        flat = tensor.detach().reshape(-1)[:64].float().cpu()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(flat.numpy().tobytes())
-    return digest.hexdigest()
+    return _first_values_digest((f"{name}{tuple(tensor.shape)}", tensor)
+                                for name, tensor in base_state_dict(model).items())
 
 
 def parameters_fingerprint(model: torch.nn.Module) -> str:
     """The same cheap hash over every weight, LoRA adapters included: whether a policy has moved at all.
-    Names are left out, so wrappers that rename modules (compiled or checkpointed layers) do not count as moves."""
+    Names are left out, so wrappers that rename modules (compiled or checkpointed layers) do not count as moves;
+    of a sharded weight, this process's part."""
+    locals_ = (tensor.to_local() if hasattr(tensor, "to_local") else tensor for tensor in model.state_dict().values())
+    return _first_values_digest((f"{tuple(local.shape)}", local) for local in locals_)
+
+
+def _first_values_digest(labelled: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over each (label, tensor): the label, then the tensor's first 64 values as float32."""
     digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a sharded weight: this process's part
-        digest.update(f"{tuple(local.shape)}".encode())
-        digest.update(local.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    for label, tensor in labelled:
+        digest.update(label.encode())
+        digest.update(tensor.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
