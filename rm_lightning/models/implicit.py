@@ -83,7 +83,8 @@ class ImplicitRM(RewardModule):
             untie_output_embeddings(self.model)
             self._initial_head.append(frozen_copy(self.model.get_output_embeddings()))
         prepare_trainable(self)
-        # the weights at which the policy is its own reference (``policy_is_reference``); None: another model is
+        # the weights at which the policy is its own reference (``policy_is_reference``); None: another model is,
+        # or the policy has moved since
         self._initial_parameters = (reference_cache.parameters_fingerprint(self.model)
                                     if reference == "frozen" and not self._separate_reference else None)
 
@@ -125,7 +126,10 @@ class ImplicitRM(RewardModule):
         against itself). Not decided for sharded (FSDP) weights, which no process holds whole."""
         if self._initial_parameters is None or self.device_mesh is not None:
             return False
-        return reference_cache.parameters_fingerprint(self.model) == self._initial_parameters
+        if reference_cache.parameters_fingerprint(self.model) != self._initial_parameters:
+            self._initial_parameters = None  # moved for good: no hashing of the weights at every later batch
+            return False
+        return True
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "reference_logps" in batch:
