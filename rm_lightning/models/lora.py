@@ -85,7 +85,8 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into the weight it adapts and put the plain layer back, in place: a model with the
     adapted weights and no LoRA layers, as a Hugging Face folder holds one (``models/export.py``)."""
-    for name, layer in [(name, m) for name, m in model.named_modules() if m in adapter_layers(model)]:
+    adapters = {id(layer) for layer in adapter_layers(model)}
+    for name, layer in [(name, m) for name, m in model.named_modules() if id(m) in adapters]:
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.get_base_layer())
