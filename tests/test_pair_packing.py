@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import edge_case_pairs, loss_and_grads
+from conftest import edge_case_pairs, loss_and_grads, random_tokens
 from rm_lightning import ExplicitRM, ImplicitRM
 from rm_lightning.pairs import EncodedPair, PairCollator
 from rm_lightning.perf.layouts import padded_hidden_states
@@ -137,3 +137,38 @@ def test_attention_plan_is_as_cheap_as_an_exhaustive_search():
 
     best = min(cost(groups) for groups in every_split(order))
     assert cost(plan_attention_groups(sizes, call_cells=4096)) == best
+
+
+def prompt_tree_pairs(vocab: int) -> list[EncodedPair]:
+    """Pairs as an eval set holds them: one system prefix for all, two pairs on each prompt, a repeated chosen row."""
+    tokens = random_tokens(vocab, torch.Generator().manual_seed(4))
+    system, answers = tokens(6), [tokens(3), tokens(2), tokens(4)]
+    pairs = []
+    for question in (tokens(5), tokens(7)):
+        prompt = system + question
+        pairs += [EncodedPair(prompt + answers[0], len(prompt), prompt + answers[1], len(prompt)),
+                  EncodedPair(prompt + answers[0], len(prompt), prompt + answers[2], len(prompt))]
+    return pairs
+
+
+def test_rows_of_a_batch_share_every_common_prefix_once():
+    pairs = prompt_tree_pairs(vocab=100)
+    packed = PackedPairs.from_batch(PairCollator(0)(pairs))
+    # the prefix tree: the system prefix once, each question once, each prompt's distinct answers once
+    assert packed.num_tokens == 6 + (5 + 7) + 2 * (3 + 2 + 4)
+
+
+def test_rows_of_a_batch_share_only_within_a_pair_for_flex_attention():
+    pairs = prompt_tree_pairs(vocab=100)
+    packed = PackedPairs.from_batch(PairCollator(0)(pairs), attention="flex")
+    assert packed.num_tokens == sum(len(p.chosen_ids) + len(p.rejected_ids) - p.chosen_start for p in pairs)
+
+
+def test_prefix_tree_states_and_gradients_match_padded():
+    module = ImplicitRM(backbone="tiny-llama", reference="none", beta=1.0)
+    batch = PairCollator(module.tokenizer.pad_token_id)(prompt_tree_pairs(len(module.tokenizer)))
+    padded_loss, padded_grads = loss_and_grads(module, batch, padded_hidden_states)
+    packed_loss, packed_grads = loss_and_grads(module, batch, packed_hidden_states)
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)

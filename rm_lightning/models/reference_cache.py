@@ -58,7 +58,7 @@ def _first_values_digest(labelled: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the packed layout shares prefixes across the pairs of a batch (other float rounding)
 
 
 class UnusableEntry(Exception):

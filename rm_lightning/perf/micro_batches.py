@@ -8,7 +8,8 @@ are those of the whole batch (the mean over all its pairs), and the peak follows
 not the longest batch in the data.
 
 A pair's tokens are what the decoder runs for it: in the packed layout its chosen row plus the
-rejected row's suffix after their common prefix (``perf/packed_pairs.py``); in the padded layout
+rejected row's suffix after their common prefix (``perf/packed_pairs.py``; pairs that also share a
+prefix with each other run fewer, so the plan errs on the safe side); in the padded layout
 both rows padded to the micro-batch's longest row. Pairs are packed first-fit in decreasing
 order of tokens, so a batch needs few micro-batches. A pair over the budget runs alone.
 """

@@ -1,14 +1,15 @@
-"""Packed pair forward: one decoder call over a batch's real tokens, each pair's common prefix run once.
+"""Packed pair forward: one decoder call over a batch's real tokens, every common prefix run once.
 
-A padded batch spends compute on pad positions, and its chosen and rejected rows repeat the
-same prompt: on Persona 43% of a batch's real tokens are the second copy of a prompt. Here the
-real tokens of the whole batch are laid out in one row, row after row, except that a rejected
-row starts after the longest prefix it shares with its chosen row. Every query attends within
-its own pair: a chosen token to the chosen tokens before it, a rejected-suffix token to the
-shared prefix and to the suffix tokens before it. Position ids continue the prefix, so each
-token sees exactly what it would see in its own padded row, and hidden states equal the padded
-forward's up to float rounding. ``unpack`` lays them back into the batch's [rows, width,
-hidden] layout (pad positions 0), so rewards and losses downstream do not change.
+A padded batch spends compute on pad positions, and its rows repeat what they share: a pair's
+chosen and rejected rows the same prompt, and the pairs of a batch the same system prompt and
+question template (on Persona half of a training batch's real tokens), or the same prompt when
+an eval set holds several pairs per prompt. Here the real tokens of the whole batch are laid out
+in one row as a prefix tree: each row computes only what follows the longest prefix it shares
+with another row (``lay_out_pairs``). Every query attends within its own row: to the shared
+prefix, wherever it was computed, and to its own tokens before it. Position ids continue the
+prefix, so each token sees exactly what it would see in its own padded row, and hidden states
+equal the padded forward's up to float rounding. ``unpack`` lays them back into the batch's
+[rows, width, hidden] layout (pad positions 0), so rewards and losses downstream do not change.
 
 Attention is a registered Hugging Face attention function (``rm_packed_<base>``). When a
 decoder call carries ``packed_pairs`` it gathers each segment's queries and keys into small
@@ -17,7 +18,8 @@ otherwise it hands over to the model's own implementation, so the same model sti
 batches (and a gradient-checkpointed layer recomputes with the same function and layout). Only
 the attention grids are padded: the matmuls, nearly all of the FLOPs, run on the packed row. On
 a GPU, FlexAttention can run the packed row without grids (``rm_lightning.perf.flex_attention``,
-the ``packed_attention: flex`` option). The layout is planned on the CPU in a few vectorized steps,
+the ``packed_attention: flex`` option; its block mask takes one shared run per row, so there rows
+share only within their pair). The layout is planned on the CPU in a few vectorized steps,
 since on a GPU hundreds of small device operations per batch kept the GPU waiting.
 """
 
@@ -57,9 +59,8 @@ class AttentionGroup:
 class PackedPairs:
     """Where every real token of a pair batch (chosen rows 0..B-1, rejected B..2B-1) sits in one packed row.
 
-    Attention runs over "segments", each the queries of one row (a chosen sequence, or a
-    rejected suffix) with the keys they may see (the chosen sequence; the shared prefix and the
-    suffix): gathered from the packed row into padded grids, one per group of segments of
+    Attention runs over "segments", each the queries of one row (the tokens it computes itself)
+    with the keys they may see (its shared prefix and those tokens): gathered from the packed row into padded grids, one per group of segments of
     similar size (``plan_attention_groups``), or, opted into on a GPU, in one FlexAttention
     call over the packed row with a block mask (``rm_lightning.perf.flex_attention``).
     """
@@ -78,7 +79,7 @@ class PackedPairs:
 
     @property
     def shared_tokens(self) -> int:
-        """Real tokens of the batch computed once for both rows of their pair."""
+        """Real tokens of the batch's rows that another row computes for them (their shared prefixes)."""
         return int((self.gather_index < self.num_tokens).sum()) - self.num_tokens
 
     @classmethod
@@ -97,7 +98,7 @@ class PackedPairs:
         lengths = mask.sum(dim=1).tolist()
         row_ids = torch.split(batch["input_ids"].cpu()[mask], lengths)
         row_positions = torch.split(batch["position_ids"].cpu()[mask], lengths)
-        skipped, row_index, segments = lay_out_pairs(row_ids)
+        skipped, row_index, segments = lay_out_pairs(row_ids, across_pairs=attention != "flex")
         ids = torch.cat([tokens[skip:] for tokens, skip in zip(row_ids, skipped)])
         positions = torch.cat([row[skip:] for row, skip in zip(row_positions, skipped)])
         gather_index = torch.full((rows, width), len(ids), dtype=torch.long)
@@ -121,27 +122,44 @@ class PackedPairs:
         return states[self.gather_index]
 
 
-def lay_out_pairs(row_ids: list[torch.Tensor]):
-    """The packed order of a pair batch's rows, as plain lists.
+def lay_out_pairs(row_ids: list[torch.Tensor], across_pairs: bool = True):
+    """The packed order of a pair batch's rows, as plain lists: every common prefix computed once.
 
-    The packed row is every row in batch order, each from its first token not already computed:
-    a rejected row skips the prefix it shares with its chosen row. Returns per row the tokens
-    it skips and the packed positions of all its tokens (the shared ones in its chosen row),
-    and the attention segments as (query positions, key positions).
+    Rows are a prefix tree: each row reuses the longest prefix it shares with any other row of
+    the batch (its chosen row's prompt, but also the system prompt and question every pair of a
+    batch may start with, or the prompt of another pair on the same prompt) and computes only
+    the rest. In lexicographic order of token ids, the row sharing the longest prefix with a row
+    is its neighbour, so each row reuses its predecessor's prefix; the tokens computed are the
+    nodes of the batch's prefix tree. The packed row holds every row's own tokens in batch order.
+    Returns per row the tokens it skips and the packed positions of all its tokens (the shared
+    ones where another row computes them), and the attention segments as (query positions, key
+    positions): a row's own tokens, seeing its whole row.
+
+    ``across_pairs=False`` shares only within a pair (a rejected row reuses its chosen row's
+    prefix), so that a row's shared keys are one contiguous run, as FlexAttention's block mask
+    (``perf/flex_attention.py``) takes them.
     """
     pairs = len(row_ids) // 2
-    skipped = [0] * pairs + [common_prefix_length(row_ids[p], row_ids[pairs + p]) for p in range(pairs)]
+    if across_pairs:
+        as_lists = [tokens.tolist() for tokens in row_ids]
+        order = sorted(range(len(row_ids)), key=as_lists.__getitem__)
+        anchors = list(zip(order, order[1:]))  # (anchor, row): the anchor is ordered first
+    else:
+        order = list(range(len(row_ids)))
+        anchors = [(p, pairs + p) for p in range(pairs)]
+    skipped, anchor = [0] * len(row_ids), [None] * len(row_ids)
+    for before, row in anchors:
+        skipped[row] = common_prefix_length(row_ids[row], row_ids[before])
+        anchor[row] = before
     starts, offset = [], 0
     for tokens, skip in zip(row_ids, skipped):
         starts.append(offset)
         offset += len(tokens) - skip
-    row_index = [list(range(start, start + len(tokens) - skip))
-                 for tokens, start, skip in zip(row_ids, starts, skipped)]
-    segments = [(row_index[p], row_index[p]) for p in range(pairs)]
-    for p in range(pairs):
-        suffix = row_index[pairs + p]
-        row_index[pairs + p] = row_index[p][:skipped[pairs + p]] + suffix
-        segments.append((suffix, row_index[pairs + p]))
+    row_index: list[list[int]] = [[] for _ in row_ids]
+    for row in order:  # an anchor comes first in this order, so its positions are known
+        own = list(range(starts[row], starts[row] + len(row_ids[row]) - skipped[row]))
+        row_index[row] = (row_index[anchor[row]][:skipped[row]] if skipped[row] else []) + own
+    segments = [(row_index[row][skip:], row_index[row]) for row, skip in enumerate(skipped)]
     return skipped, row_index, [(queries, keys) for queries, keys in segments if queries]
 
 
