@@ -108,6 +108,13 @@ class ImplicitRM(RewardModule):
                                            self.logprob_chunk_size)
         return sum_per_row(logps, rows, hidden_states.shape[0])
 
+    def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Without gradients and while the policy is its own reference, every reward is 0 by definition: no
+        forward is run (an untrained IM-RM's step-0 evaluation, or a model scored against itself, costs nothing)."""
+        if not torch.is_grad_enabled() and self.reference == "frozen" and self.policy_is_reference():
+            return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+        return super().rewards(batch)
+
     def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._initial_head and self.reference == "frozen":
             initial = self._initial_head[0].to(hidden_states.device)
@@ -145,7 +152,7 @@ class ImplicitRM(RewardModule):
         if self.hparams.lora and not self.hparams.get("reference_backbone"):
             return self.model
         if not self._reference_holder:
-            rank_zero_warn("IM-RM: a batch without cached reference log-probs; loading the reference model.")
+            rank_zero_warn("IM-RM: reference log-probs that are not cached; loading the reference model.")
             name = self.hparams.get("reference_backbone") or self.hparams.backbone
             model = load_backbone(name, extra_tokens=self.hparams.extra_tokens)[0]
             self._reference_holder.append(self._frozen(model))
@@ -189,11 +196,48 @@ class ImplicitRM(RewardModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        for dataset in self._sets_needing_reference(stage):
+            self.attach_reference_logps(dataset)
+        self._reference_holder.clear()  # every pair has its log-probs: no reference held while training
+
+    def _sets_needing_reference(self, stage: str) -> list[EncodedPairs]:
+        """The sets this stage will score with a reference other than the policy itself.
+
+        In fit, the training set and, unless validation is off (``limit_val_batches: 0``), the eval
+        sets. In validate, test and predict none at setup: the policy is still its initial weights
+        there, so its rewards are 0 without a reference, unless a checkpoint is restored after
+        setup, in which case ``_attach_after_restore`` computes them once the weights are known.
+        """
         data = preference_data_of(self._trainer)
-        if self.reference == "frozen" and self.cache_reference and not self._initial_head and data is not None:
-            for dataset in data.encoded_sets().values():
-                self.attach_reference_logps(dataset)
-            self._reference_holder.clear()  # every pair has its log-probs: no reference held while training
+        if self.reference != "frozen" or not self.cache_reference or self._initial_head or data is None:
+            return []
+        sets = data.encoded_sets()
+        if stage != "fit":
+            return [] if self.policy_is_reference() else list(sets.values())
+        if self._trainer.limit_val_batches == 0:
+            return [sets["train"]] if "train" in sets else []
+        return list(sets.values())
+
+    def _attach_after_restore(self) -> None:
+        """Reference log-probs for the sets of validate, test or predict, when a restored checkpoint has moved the
+        policy away from its initial weights after setup (``_sets_needing_reference``)."""
+        data = preference_data_of(self._trainer)
+        if self.reference != "frozen" or not self.cache_reference or self._initial_head or data is None \
+                or self.policy_is_reference():
+            return
+        for dataset in data.encoded_sets().values():
+            self.attach_reference_logps(dataset)
+        self._reference_holder.clear()
+
+    def on_validation_start(self) -> None:
+        if self._trainer.state.fn != "fit":
+            self._attach_after_restore()
+
+    def on_test_start(self) -> None:
+        self._attach_after_restore()
+
+    def on_predict_start(self) -> None:
+        self._attach_after_restore()
 
     def attach_reference_logps(self, dataset: EncodedPairs, batch_size: int = 16) -> None:
         """Give every pair of ``dataset`` its reference log-probs, from disk or in one pass."""
