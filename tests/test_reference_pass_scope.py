@@ -64,3 +64,10 @@ def test_a_restored_checkpoint_is_scored_against_the_initial_model(tmp_path):
     metrics = merged(trainer(tmp_path).validate(trained_rewards, tiny_persona(), ckpt_path=checkpoint, verbose=False))
     assert metrics["val/original_train_prompts/chosen_reward"] != 0.0
     assert reference_files(tmp_path / "other") == len(data.eval_sets)  # computed once the weights were restored
+
+
+def test_fit_computes_the_reference_of_the_validated_batches_only(tmp_path):
+    module, data = tiny_imrm(tmp_path / "cache"), tiny_persona()  # eval batches of 16 pairs
+    trainer(tmp_path, max_steps=1, limit_val_batches=1, enable_checkpointing=False).fit(module, data)
+    paraphrased = data.eval_sets["paraphrased_train_prompts"].pairs  # 32 pairs: two batches, one validated
+    assert sum(p.reference_logps is not None for p in paraphrased) == 16

@@ -203,8 +203,8 @@ class ImplicitRM(RewardModule):
     def _sets_needing_reference(self, stage: str) -> list[EncodedPairs]:
         """The sets this stage will score with a reference other than the policy itself.
 
-        In fit, the training set and, unless validation is off (``limit_val_batches: 0``), the eval
-        sets. In validate, test and predict none at setup: the policy is still its initial weights
+        In fit, the training set and the part of each eval set validation scores (none with
+        ``limit_val_batches: 0``, the first batches with a smaller limit). In validate, test and predict none at setup: the policy is still its initial weights
         there, so its rewards are 0 without a reference, unless a checkpoint is restored after
         setup, in which case ``_attach_after_restore`` computes them once the weights are known.
         """
@@ -214,9 +214,12 @@ class ImplicitRM(RewardModule):
         sets = data.encoded_sets()
         if stage != "fit":
             return [] if self.policy_is_reference() else list(sets.values())
+        train = [sets["train"]] if "train" in sets else []
         if self._trainer.limit_val_batches == 0:
-            return [sets["train"]] if "train" in sets else []
-        return list(sets.values())
+            return train
+        loaders = data.val_dataloader()
+        return train + [evaluated_part(dataset, loader, self._trainer.limit_val_batches)
+                        for dataset, loader in zip(data.eval_sets.values(), loaders)]
 
     def _attach_after_restore(self) -> None:
         """Reference log-probs for the sets of validate, test or predict, when a restored checkpoint has moved the
@@ -259,3 +262,14 @@ class ImplicitRM(RewardModule):
         """The policy itself while its weights are still the initial ones (no second model in memory)."""
         pristine = reference_cache.weights_fingerprint(self.model) == self._initial_fingerprint
         return self.model if pristine else self.reference_model()
+
+
+def evaluated_part(dataset: EncodedPairs, loader, limit_batches: int | float) -> EncodedPairs:
+    """The pairs of ``dataset`` that validation scores through ``loader`` under ``limit_val_batches`` (as Lightning
+    counts it: a number of batches, or a fraction of them): the whole set, or its first batches' pairs."""
+    batches = len(loader)
+    keep = min(batches, limit_batches) if isinstance(limit_batches, int) else int(batches * limit_batches)
+    if keep >= batches:
+        return dataset
+    indices = list(loader.sampler)[:keep * loader.batch_size]
+    return EncodedPairs(dataset.name, [dataset.pairs[i] for i in indices], dataset.tag)
