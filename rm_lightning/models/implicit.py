@@ -204,12 +204,13 @@ class ImplicitRM(RewardModule):
         """The sets this stage will score with a reference other than the policy itself.
 
         In fit, the training set and the part of each eval set validation scores (none with
-        ``limit_val_batches: 0``, the first batches with a smaller limit). In validate, test and predict none at setup: the policy is still its initial weights
-        there, so its rewards are 0 without a reference, unless a checkpoint is restored after
-        setup, in which case ``_attach_after_restore`` computes them once the weights are known.
+        ``limit_val_batches: 0``, the first batches with a smaller limit). In validate, test and
+        predict none at setup: the policy is still its initial weights there, so its rewards are 0
+        without a reference, unless a checkpoint is restored after setup, in which case
+        ``_attach_after_restore`` computes them once the weights are known.
         """
-        data = preference_data_of(self._trainer)
-        if self.reference != "frozen" or not self.cache_reference or self._initial_head or data is None:
+        data = self._data_with_cached_reference()
+        if data is None:
             return []
         sets = data.encoded_sets()
         if stage != "fit":
@@ -224,13 +225,18 @@ class ImplicitRM(RewardModule):
     def _attach_after_restore(self) -> None:
         """Reference log-probs for the sets of validate, test or predict, when a restored checkpoint has moved the
         policy away from its initial weights after setup (``_sets_needing_reference``)."""
-        data = preference_data_of(self._trainer)
-        if self.reference != "frozen" or not self.cache_reference or self._initial_head or data is None \
-                or self.policy_is_reference():
+        data = self._data_with_cached_reference()
+        if data is None or self.policy_is_reference():
             return
         for dataset in data.encoded_sets().values():
             self.attach_reference_logps(dataset)
         self._reference_holder.clear()
+
+    def _data_with_cached_reference(self):
+        """The trainer's preference data when this IM-RM scores it against cached reference log-probs, else None."""
+        if self.reference != "frozen" or not self.cache_reference or self._initial_head:
+            return None
+        return preference_data_of(self._trainer)
 
     def on_validation_start(self) -> None:
         if self._trainer.state.fn != "fit":
