@@ -303,10 +303,3 @@ def test_evaluation_in_micro_batches_gives_the_whole_batches_metrics():
         for key, value in values.items():
             # rewards agree to float rounding (different packings); a normalized margin of near-equal rewards amplifies it
             assert metrics[300][name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
-
-
-def test_a_token_budget_under_fsdp_is_refused_in_one_line(one_rank_mesh):
-    module = ExplicitRM(backbone="tiny-llama", token_budget=512)
-    module._device_mesh = one_rank_mesh
-    with pytest.raises(RMLightningError, match="not supported under ModelParallelStrategy"):
-        module.configure_model()
