@@ -55,3 +55,49 @@ def test_sharded_steps_in_micro_batches_update_like_the_unsplit_steps(one_rank_m
     assert split.keys() == whole.keys()
     for name, weight in whole.items():
         assert relative_error(split[name], weight) <= RELATIVE, name
+
+
+# --- two processes through cli.py ---------------------------------------------------------------------
+
+
+def final_weights(log_dir) -> dict[str, torch.Tensor]:
+    """The model weights of a run's sharded checkpoint (one directory, one file per process), whole."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    (checkpoint,) = list((log_dir / "checkpoints").glob("*.ckpt"))
+    whole = log_dir / "whole_checkpoint.pt"
+    dcp_to_torch_save(checkpoint, whole)
+    return torch.load(whole, weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory) -> dict:
+    """The IM-RM tiny-model run of ``test_distributed.py`` under FSDP on 2 processes for one epoch, unsplit and
+    with a budget of 350 tokens (pairs of 160-210 tokens, 2 per process: some training batches split, on one
+    process and not the other, and every eval batch of 8)."""
+    root = tmp_path_factory.mktemp("fsdp_token_budget")
+    experiment = write_experiment(root)
+    configs = [PROJECT_ROOT / "configs/trainer/fsdp.yaml", experiment]
+    return {budget: run_cli(root / f"budget_{budget}", configs, "--trainer.max_epochs", "1",
+                            "--model.init_args.token_budget", budget)
+            for budget in ("null", "350")}
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_budget_gives_the_unsplit_losses_metrics_and_weights(fsdp_runs):
+    whole_train, whole_evals = read_history(fsdp_runs["null"])
+    train, evals = read_history(fsdp_runs["350"])
+    expected = step_losses(whole_train)
+    assert len(expected) == STEPS_PER_EPOCH and expected[-1] < expected[0] - 0.05  # a model that learns
+    assert step_losses(train) == pytest.approx(expected, rel=RELATIVE)
+    assert evals.keys() == whole_evals.keys()
+    for step, sets in whole_evals.items():
+        for name, row in sets.items():
+            for key in EVAL_METRICS:
+                # as test_token_budget's eval comparison: a normalized margin of near-equal rewards amplifies rounding
+                assert float(evals[step][name][key]) == pytest.approx(float(row[key]), rel=1e-4, abs=1e-6), \
+                    (step, name, key)
+    whole_weights, weights = final_weights(fsdp_runs["null"]), final_weights(fsdp_runs["350"])
+    assert weights.keys() == whole_weights.keys() and whole_weights
+    for name, weight in whole_weights.items():
+        assert relative_error(weights[name], weight) <= RELATIVE, name
