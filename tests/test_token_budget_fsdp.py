@@ -24,7 +24,8 @@ from test_distributed import one_rank_mesh  # noqa: F401  (a fixture)
 from test_token_budget import pairs_of_all_lengths, relative_error
 from rm_lightning import ExplicitRM
 from rm_lightning.metrics.keys import EVAL_METRICS
-from rm_lightning.perf.sharding import is_sharded
+from rm_lightning.perf import token_budget as auto
+from rm_lightning.perf.sharding import is_sharded, shard_reward_module
 
 RELATIVE = 1e-5
 
@@ -55,6 +56,21 @@ def test_sharded_steps_in_micro_batches_update_like_the_unsplit_steps(one_rank_m
     assert split.keys() == whole.keys()
     for name, weight in whole.items():
         assert relative_error(split[name], weight) <= RELATIVE, name
+
+
+def test_auto_measures_a_sharded_modules_activations_not_its_gathered_weights(one_rank_mesh):
+    module = shard_reward_module(ExplicitRM(backbone="tiny-llama"), one_rank_mesh)
+    per_token = auto.measured_bytes_per_token(module)
+    config = module.model.config
+    # as for an unsharded module (test_token_budget.py): at least every layer's input in fp32, far less than the weights
+    assert config.num_hidden_layers * config.hidden_size * 4 <= per_token < sum(p.numel() for p in module.parameters())
+
+
+def test_auto_gives_each_process_on_a_cpu_host_its_share_of_the_available_memory(monkeypatch):
+    monkeypatch.setattr(auto, "meminfo_available_bytes", lambda: 8 * 2 ** 30)
+    assert auto.free_memory_bytes(torch.device("cpu"), None)[0] == 8 * 2 ** 30
+    free, source = auto.free_memory_bytes(torch.device("cpu"), None, host_processes=2)
+    assert free == 4 * 2 ** 30 and "shared by 2 processes" in source
 
 
 # --- two processes through cli.py ---------------------------------------------------------------------

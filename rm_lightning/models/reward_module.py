@@ -64,8 +64,9 @@ class RewardModule(L.LightningModule):
             runs as micro-batches of whole pairs with gradients accumulated, the same update as
             the whole batch's; ``auto`` picks it from ``memory_limit`` (``perf/token_budget.py``);
             null (default) runs every batch whole.
-        memory_limit: what ``token_budget: auto`` may fill, in bytes or as ``"12GB"``/``"12GiB"``;
-            default: the host's available memory on a CPU, the device's free memory on a GPU.
+        memory_limit: what ``token_budget: auto`` may fill per process, in bytes or as ``"12GB"``/``"12GiB"``;
+            default: the host's available memory on a CPU (shared by the host's processes), the
+            device's free memory on a GPU.
         center_rewards_coefficient: adds this times mean((r+ + r-)^2) to the loss (TRL's
             RewardTrainer option): rewards stay centred on 0; null (default) adds nothing.
         label_smoothing: eps in [0, 0.5): the robust (cDPO) BT loss
