@@ -238,7 +238,8 @@ def test_measured_cost_per_token_counts_saved_activations_not_weights():
 
 def test_auto_resolves_once_and_switches_checkpointing_on_when_a_pair_would_not_fit(monkeypatch):
     module = ExplicitRM(backbone="tiny-llama", token_budget="auto", memory_limit="64GiB")
-    monkeypatch.setattr(auto, "free_memory_bytes", lambda device, limit, processes=1: (auto.MARGIN_MIN_BYTES + 2 ** 20, "test"))
+    monkeypatch.setattr(auto, "free_memory_bytes",
+                        lambda device, limit, processes=1: (auto.MARGIN_MIN_BYTES + 2 ** 20, "test"))
     monkeypatch.setattr(auto, "pending_training_bytes", lambda module: 0)
     module._longest_pair_tokens = 10 ** 6
     budget = module.token_budget()
