@@ -170,7 +170,7 @@ def test_ddp_on_two_processes_matches_one_process(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp"])  # FSDP refuses a token budget (reward_module.configure_model)
+@pytest.mark.parametrize("strategy", ["ddp"])  # FSDP with a budget: tests/test_token_budget_fsdp.py
 def test_token_budget_on_two_processes_matches_one_process(runs, strategy):
     """Batches split into micro-batches (eval batches too) give the unsplit one-process run's losses and metrics."""
     root = runs["reference_cache"].parent

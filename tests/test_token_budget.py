@@ -238,7 +238,8 @@ def test_measured_cost_per_token_counts_saved_activations_not_weights():
 
 def test_auto_resolves_once_and_switches_checkpointing_on_when_a_pair_would_not_fit(monkeypatch):
     module = ExplicitRM(backbone="tiny-llama", token_budget="auto", memory_limit="64GiB")
-    monkeypatch.setattr(auto, "free_memory_bytes", lambda device, limit: (auto.MARGIN_MIN_BYTES + 2 ** 20, "test"))
+    monkeypatch.setattr(auto, "free_memory_bytes",
+                        lambda device, limit, processes=1: (auto.MARGIN_MIN_BYTES + 2 ** 20, "test"))
     monkeypatch.setattr(auto, "pending_training_bytes", lambda module: 0)
     module._longest_pair_tokens = 10 ** 6
     budget = module.token_budget()
@@ -303,10 +304,3 @@ def test_evaluation_in_micro_batches_gives_the_whole_batches_metrics():
         for key, value in values.items():
             # rewards agree to float rounding (different packings); a normalized margin of near-equal rewards amplifies it
             assert metrics[300][name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
-
-
-def test_a_token_budget_under_fsdp_is_refused_in_one_line(one_rank_mesh):
-    module = ExplicitRM(backbone="tiny-llama", token_budget=512)
-    module._device_mesh = one_rank_mesh
-    with pytest.raises(RMLightningError, match="not supported under ModelParallelStrategy"):
-        module.configure_model()

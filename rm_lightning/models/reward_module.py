@@ -64,8 +64,9 @@ class RewardModule(L.LightningModule):
             runs as micro-batches of whole pairs with gradients accumulated, the same update as
             the whole batch's; ``auto`` picks it from ``memory_limit`` (``perf/token_budget.py``);
             null (default) runs every batch whole.
-        memory_limit: what ``token_budget: auto`` may fill, in bytes or as ``"12GB"``/``"12GiB"``;
-            default: the host's available memory on a CPU, the device's free memory on a GPU.
+        memory_limit: what ``token_budget: auto`` may fill per process, in bytes or as ``"12GB"``/``"12GiB"``;
+            default: the host's available memory on a CPU (shared by the host's processes), the
+            device's free memory on a GPU.
         center_rewards_coefficient: adds this times mean((r+ + r-)^2) to the loss (TRL's
             RewardTrainer option): rewards stay centred on 0; null (default) adds nothing.
         label_smoothing: eps in [0, 0.5): the robust (cDPO) BT loss
@@ -206,11 +207,18 @@ class RewardModule(L.LightningModule):
         Lightning zeroes gradients after ``training_step`` and before its backward, which would
         drop these; so at the first batch of an accumulation they are zeroed here, before the first
         micro-batch's backward, and ``optimizer_zero_grad`` skips that step's zeroing.
+
+        They are zeroed through the optimizers, as Lightning does, not through ``self.parameters()``:
+        under FSDP2 the root unit keeps its weights gathered from its forward to its backward
+        (``perf/sharding.py``), and meanwhile ``parameters()`` yields those gathered copies, not the
+        sharded weights whose gradients the optimizer steps; the previous step's gradients of the
+        embeddings, final norm and heads would be kept and added to.
         """
         trainer = self._trainer
         first_to_accumulate = batch_idx % trainer.accumulate_grad_batches == 0  # as Lightning decides
         if first_to_accumulate and not self._zeroed_for_micro_batches:
-            self.zero_grad(set_to_none=True)
+            for optimizer in trainer.optimizers:
+                optimizer.zero_grad(set_to_none=True)
             self._zeroed_for_micro_batches = True
         with torch.autocast(self.device.type, enabled=False):
             trainer.strategy.backward(loss / trainer.accumulate_grad_batches, None)
@@ -229,11 +237,6 @@ class RewardModule(L.LightningModule):
             self._longest_pair_tokens = max((encoded_pair_tokens(pair, layout) for pair in pairs), default=None)
 
     def configure_model(self) -> None:
-        if self.device_mesh is not None and self.hparams.token_budget is not None:
-            # FSDP2 itself accumulates micro-batches exactly (tests/test_token_budget.py, one rank), but
-            # two-process runs through Lightning's ModelParallelStrategy drifted from the unsplit run's losses
-            raise RMLightningError("token_budget is not supported under ModelParallelStrategy (FSDP) yet; use DDP "
-                                   "(configs/trainer/ddp.yaml) or set model.init_args.token_budget: null")
         prepare_model(self, self.hparams.compile_layers)
 
     def training_step(self, batch, batch_idx):

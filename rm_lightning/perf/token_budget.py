@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -143,8 +143,12 @@ def resident_bytes() -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
-def free_memory_bytes(device: torch.device, memory_limit: Optional[int]) -> tuple[int, str]:
-    """(bytes the process may still fill, where that figure comes from)."""
+def free_memory_bytes(device: torch.device, memory_limit: Optional[int], host_processes: int = 1) -> tuple[int, str]:
+    """(bytes the process may still fill, where that figure comes from).
+
+    On a CPU the host's available memory is shared by the ``host_processes`` training processes
+    of this machine (DDP/FSDP on CPUs), so each may fill its share; ``memory_limit`` is per process.
+    """
     if device.type == "cuda":
         if memory_limit is not None:
             return memory_limit - torch.cuda.memory_reserved(device), f"memory_limit {gib(memory_limit)}"
@@ -153,6 +157,9 @@ def free_memory_bytes(device: torch.device, memory_limit: Optional[int]) -> tupl
     if memory_limit is not None:
         return memory_limit - resident_bytes(), f"memory_limit {gib(memory_limit)}"
     available = meminfo_available_bytes()
+    if host_processes > 1:
+        return available // host_processes, (f"{gib(available)} available host memory shared by "
+                                              f"{host_processes} processes")
     return available, f"{gib(available)} available host memory"
 
 
@@ -169,9 +176,18 @@ def pending_training_bytes(module) -> int:
     return total
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded (FSDP2 ``DTensor``) tensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def saved_activation_bytes(module, run: Callable[[], object]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``run()`` runs, parameters excluded."""
-    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    """Bytes of the tensors autograd saves for backward while ``run()`` runs, parameters excluded.
+
+    Under FSDP the weights a layer gathers for its forward are saved too; they are the same in
+    every probe, so the difference ``measured_bytes_per_token`` takes leaves them out.
+    """
+    parameters = {local_part(p).untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -241,15 +257,37 @@ def activation_value_bytes(module) -> int:
     return next(module.model.parameters()).element_size()
 
 
+def host_processes(module) -> int:
+    """Training processes sharing this host's memory: the trainer's devices on a CPU, else 1."""
+    trainer = getattr(module, "_trainer", None)
+    return max(1, int(trainer.num_devices)) if trainer is not None and module.device.type == "cpu" else 1
+
+
+def agreed_across_processes(choice: BudgetChoice, device: torch.device) -> BudgetChoice:
+    """The smallest budget of all processes, and checkpointing if any of them needs it.
+
+    Under FSDP every process gathers weights collectively in each forward, and a checkpointed
+    layer gathers again in backward, so all must checkpoint alike; one budget keeps them alike
+    in memory too. Every process resolves ``auto`` at the same first batch.
+    """
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+        return choice
+    values = torch.tensor([-choice.tokens, int(choice.checkpointing)], device=device)
+    distributed.all_reduce(values, op=distributed.ReduceOp.MAX)
+    return replace(choice, tokens=-int(values[0]), checkpointing=bool(values[1]))
+
+
 def resolve_auto_budget(module) -> int:
     """``token_budget: auto`` for ``module`` on its device: choose, switch checkpointing on if needed, say so."""
-    free, source = free_memory_bytes(module.device, module.memory_limit_bytes)
+    free, source = free_memory_bytes(module.device, module.memory_limit_bytes, host_processes(module))
     per_token = measured_bytes_per_token(module)
     config = module.model.config
     checkpointed = checkpointed_cost(per_token, config.num_hidden_layers, config.hidden_size,
                                      activation_value_bytes(module))
     choice = choose_token_budget(free, pending_training_bytes(module), per_token, checkpointed,
                                  module._longest_pair_tokens, checkpointing=module.checkpointing)
+    choice = agreed_across_processes(choice, module.device)
     if choice.checkpointing and not module.checkpointing:
         set_checkpointing(module.model, True)
         module.checkpointing = True
