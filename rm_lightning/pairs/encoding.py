@@ -8,12 +8,17 @@ type sees exactly the same pairs and token boundaries.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 from typing import Callable, Sequence
 
 from rm_lightning.errors import DataError
 from rm_lightning.pairs.records import EncodedPair, PreferencePair, Prompt, Turn
 
 TextFormatter = Callable[[Prompt, str], "tuple[str, str]"]
+
+# Distinct texts an encoder remembers (formatted pairs; token ids): the texts of several hundred pairs. A
+# remembered tokenization shares its ids with the encoded pairs, so it adds about 8 bytes a token.
+MEMO_SIZE = 2048
 
 
 def prompt_messages(prompt: Prompt) -> list[dict[str, str]]:
@@ -93,6 +98,14 @@ class PairEncoder:
                 raise DataError(f"{name} must be a positive number of tokens or null, got {limit}")
         # Prefixes get BOS only when no chat template supplies its own special tokens.
         self._prefix_special = not getattr(tokenizer, "chat_template", None)
+        # The texts of a data set repeat: a pair's two responses share its prompt, a paraphrased set holds
+        # several pairs per prompt, an eval set may repeat the training pairs, and short responses ("yes")
+        # recur. Each distinct text is formatted and tokenized once (a template render and a tokenizer call
+        # cost far more than a lookup), which is most of the start-up time spent tokenizing. Both are pure
+        # functions of their arguments as long as the tokenizer is not changed while the encoder is used.
+        self._format = lru_cache(maxsize=MEMO_SIZE)(formatter)
+        self._ids = lru_cache(maxsize=MEMO_SIZE)(
+            lambda text, special: tuple(tokenizer(text, add_special_tokens=special)["input_ids"]))
 
     def encode_all(self, pairs: Sequence[PreferencePair]) -> tuple[list[EncodedPair], int]:
         """Encode a set; returns (encoded pairs, number dropped by the length caps)."""
@@ -114,15 +127,15 @@ class PairEncoder:
         return None if capped is None else self._tokenize(capped.prompt, capped.chosen)
 
     def _tokenize(self, prompt: Prompt, response: str) -> tuple[list[int], int]:
-        prefix, suffix = self.formatter(prompt, response)
+        prefix, suffix = self._format(prompt, response)
         if self.bare_response:
             if not suffix.startswith(response):
                 raise DataError("bare responses (nothing after the response) need an RM type that scores the "
                                 "response as the assistant's turn (EX-RM, IM-RM); this one puts it in its prompt")
             suffix = response
-        prefix_ids = self.tokenizer(prefix, add_special_tokens=self._prefix_special)["input_ids"]
-        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-        return prefix_ids + suffix_ids, len(prefix_ids)
+        prefix_ids = self._ids(prefix, self._prefix_special)
+        suffix_ids = self._ids(suffix, False) if suffix else ()
+        return list(prefix_ids + suffix_ids), len(prefix_ids)
 
     def _apply_caps(self, pair: PreferencePair) -> PreferencePair | None:
         prompt = self._cap_prompt(pair.prompt)
@@ -140,7 +153,7 @@ class PairEncoder:
         if limit is None:
             return prompt
         turns = list(prompt)
-        counts = [len(self.tokenizer(turn.content, add_special_tokens=False)["input_ids"]) for turn in turns]
+        counts = [len(self._ids(turn.content, False)) for turn in turns]
         if sum(counts) <= limit:
             return prompt
         if not self.truncate:
@@ -164,11 +177,12 @@ class PairEncoder:
         """
         if limit is None:
             return text
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._ids(text, False)
         if len(ids) <= limit:
             return text
         if not self.truncate:
             return None
+        ids = list(ids)
         for keep in range(limit, 0, -1):
             piece = self.tokenizer.decode(ids[-keep:] if keep_end else ids[:keep])
             if len(self.tokenizer(piece, add_special_tokens=False)["input_ids"]) <= limit:
