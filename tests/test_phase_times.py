@@ -77,3 +77,35 @@ def test_leaving_an_outer_phase_also_leaves_one_an_exception_left_open():
     clock.enter("checkpoints")  # never left: the save raised
     clock.leave("evaluation")
     assert clock.stack == ["training"]
+
+
+# --- the whole-run benchmark (benchmarks/whole_run.py) reads what a fit records ---------------------------
+
+
+def test_the_benchmark_takes_its_settings_from_the_config():
+    from benchmarks import whole_run
+
+    settings = whole_run.run_settings(PROJECT_ROOT / "configs/imrm_persona.yaml",
+                                      whole_run.parse_args(["--epochs", "1", "--train-prompts", "8"]))
+    assert (settings["rm"], settings["batch_size"], settings["eval_batch_size"], settings["lr"]) == ("imrm", 16, 32, 2e-5)
+    assert settings["epochs"] == 1 and settings["data_args"]["num_train"] == 8
+    assert settings["eval_every_n_epochs"] == {"paraphrased_train_prompts": 2}
+
+
+def test_the_trl_side_evaluates_the_sets_the_cli_evaluates_when_it_does():
+    from benchmarks.whole_run import due_sets
+
+    names = ["original_train_prompts", "paraphrased_train_prompts"]
+    every = {"paraphrased_train_prompts": 2}
+    assert [len(due_sets(names, every, epoch, 4)) for epoch in range(4)] == [1, 2, 1, 2]
+    assert due_sets(names, every, 0, 1) == names  # the last epoch evaluates every set
+
+
+def test_the_table_shows_both_sides_and_says_when_trl_has_no_trainer():
+    from benchmarks.whole_run import FINAL_SET, table
+
+    timings = {f"{phase}_s": 1.0 for phase in PHASES}
+    side = {"wall_s": 10.0, "timings": timings, "accuracy": {FINAL_SET: 1.0}}
+    text = table([{"name": "exrm_persona", "trl_trainer": "RewardTrainer", "ours": side, "trl": {**side, "wall_s": 30.0}},
+                  {"name": "exgrm_persona", "trl_trainer": "none", "ours": side}])
+    assert "3.00x" in text and "none" in text and "1.000 / 1.000" in text and "1.000 / -" in text
