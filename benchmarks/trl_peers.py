@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -85,20 +86,26 @@ def _common_args(device: str, precision: str, steps: int, output_dir: str, varia
     )
 
 
-def _dpo_trainer(backbone: str, pairs, args: dict, callback):
+def _dpo_trainer(backbone: str, pairs, args: dict, callback, eval_sets: Optional[dict] = None,
+                 precompute_ref_log_probs: bool = False):
+    """DPOTrainer on ``pairs`` (and ``eval_sets``: name -> pairs). With ``precompute_ref_log_probs`` TRL runs the
+    reference once over every set in its constructor, with the policy itself as the reference (none is held)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     policy, tokenizer = load_backbone(backbone)
     dataset = Dataset.from_list(conversations(pairs))
-    reference, _ = load_backbone(backbone)
-    config = DPOConfig(**args, beta=0.01, loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=False)
+    evaluation = {name: Dataset.from_list(conversations(s)) for name, s in eval_sets.items()} if eval_sets else None
+    reference = None if precompute_ref_log_probs else load_backbone(backbone)[0]
+    config = DPOConfig(**args, beta=0.01, loss_type=["sigmoid"], max_length=None,
+                       precompute_ref_log_probs=precompute_ref_log_probs)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=dataset,
-                         processing_class=tokenizer, callbacks=[callback])
+                         eval_dataset=evaluation, processing_class=tokenizer, callbacks=[callback])
     return trainer, [p + c for p, c in zip(trainer.train_dataset["prompt_ids"], trainer.train_dataset["chosen_ids"])]
 
 
-def _reward_trainer(backbone: str, pairs, args: dict, callback):
+def _reward_trainer(backbone: str, pairs, args: dict, callback, eval_sets: Optional[dict] = None):
+    """RewardTrainer on ``pairs`` (and ``eval_sets``: name -> pairs), as rm-lightning's token ids."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -108,10 +115,12 @@ def _reward_trainer(backbone: str, pairs, args: dict, callback):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = Dataset.from_list(pretokenized(pairs, tokenizer))
+    evaluation = ({name: Dataset.from_list(pretokenized(s, tokenizer)) for name, s in eval_sets.items()}
+                  if eval_sets else None)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     config = RewardConfig(**args, max_length=None)
-    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                            callbacks=[callback])
+    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=evaluation,
+                            processing_class=tokenizer, callbacks=[callback])
     return trainer, list(trainer.train_dataset["chosen_ids"])
 
 

@@ -40,6 +40,7 @@ from lightning.pytorch.cli import LightningCLI
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
 from rm_lightning.callbacks.predictions import PredictionsWriter
+from rm_lightning.callbacks.phase_times import PhaseTimes
 from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
 from rm_lightning.console import quiet_console
 from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
@@ -94,6 +95,8 @@ class RewardCLI(LightningCLI):
         if self.subcommand == "fit" and config.get("enable_checkpointing") is True and not any(
                 isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, last_checkpoint()]
+        if self.subcommand == "fit" and not any(isinstance(c, PhaseTimes) for c in configured):
+            callbacks = [*callbacks, PhaseTimes()]  # results.json's timings: start-up, reference, training, ...
         if self.subcommand == "predict" and not any(isinstance(c, PredictionsWriter) for c in configured):
             callbacks = [*callbacks, PredictionsWriter()]  # predictions.jsonl in the run directory
         trainer = super()._instantiate_trainer(config, callbacks)

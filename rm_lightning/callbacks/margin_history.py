@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rm_lightning.callbacks.peak_memory import describe, peak_memory
+from rm_lightning.callbacks.phase_times import describe_timings, phase_timings
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.files import save_figure_atomically, write_csv_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS, TRAIN_METRICS, TRAIN_SET, train_key
@@ -76,7 +78,7 @@ class MarginHistory(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(run_dir(trainer))
-        self._print_final(pl_module, peak_memory(trainer))  # collective: every rank measures
+        self._print_final(pl_module, peak_memory(trainer), phase_timings(trainer))  # collective: every rank measures
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """An interrupted or failed fit keeps the history it has (a start that failed has none)."""
@@ -95,17 +97,19 @@ class MarginHistory(L.Callback):
                            f"the figures are in {self.filename}.csv")
 
     @rank_zero_only
-    def _print_final(self, pl_module, peaks: dict) -> None:
+    def _print_final(self, pl_module, peaks: dict, timings: Optional[dict] = None) -> None:
         last = pl_module.eval_sets.last
+        indent = "  " if last else ""
+        time_line = f"\n{indent}{describe_timings(timings)}" if timings else ""
         if not last:
-            print(f"\n{describe(peaks)}")
+            print(f"\n{describe(peaks)}{time_line}")
             return
         print(f"\nfinal evaluation ({type(pl_module).__name__})")
         print(f"  {'eval set':<32} {'accuracy':>9} {'norm. margin':>13} {'chosen r':>10} {'rejected r':>11}")
         for name, v in last.items():
             print(f"  {name:<32} {float(v['accuracy']):>9.3f} {float(v['normalized_margin']):>13.3f} "
                   f"{float(v['chosen_reward']):>10.4f} {float(v['rejected_reward']):>11.4f}")
-        print(f"  {describe(peaks)}")
+        print(f"  {describe(peaks)}{time_line}")
 
 
 def validate_now(trainer) -> None:

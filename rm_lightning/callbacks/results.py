@@ -27,6 +27,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from rm_lightning.callbacks.peak_memory import peak_memory
+from rm_lightning.callbacks.phase_times import phase_timings
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.errors import user_error_behind
 from rm_lightning.files import write_json_atomically
@@ -136,6 +137,8 @@ class ResultsWriter(L.Callback):
             "wall_time_s": round(time.monotonic() - self._started, 3),
             # the run's peak resident memory (and peak CUDA memory on a GPU), the largest over its processes
             "peak_memory": self._peak_memory or peak_memory(),
+            # wall seconds of a fit by phase (callbacks/phase_times.py); None outside a CLI fit
+            "timings": phase_timings(trainer),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "run_dir": str(self.path(trainer).parent.resolve()),
             "versions": package_versions(),
