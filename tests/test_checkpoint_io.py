@@ -202,3 +202,11 @@ def test_a_run_resumed_from_its_end_of_fit_checkpoint_ends_as_an_uninterrupted_o
     assert results(resumed)["status"] == "finished" and results(resumed)["global_step"] == 4
     assert train_steps(resumed) == [3, 4]  # it went on from the checkpoint, not from scratch
     assert results(resumed)["eval_sets"] == results(whole)["eval_sets"]
+
+
+def test_the_cli_refuses_a_negative_interval_before_any_model_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        fit(tmp_path, "--last_checkpoint.every_minutes", "-1", max_epochs=1)
+    assert exited.value.code == 2
+    assert "error: last_checkpoint.every_minutes: expected a finite number >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "lightning_logs").exists()
