@@ -17,8 +17,10 @@ given by class path in YAML, plus three things of its own:
   leaves no directory behind.
 * ``predict`` writes ``predictions.jsonl`` in its run directory (``callbacks/predictions.py``).
 * With ``trainer.enable_checkpointing: true`` (the shipped configs) and no checkpoint callback of
-  its own, a run keeps one ``checkpoints/last.ckpt``, refreshed every epoch; ``--ckpt_path last``
-  resumes the newest run under ``trainer.default_root_dir`` from it.
+  its own, a run keeps one ``checkpoints/last.ckpt``, written at the end of fit and at an epoch's
+  end every ``--last_checkpoint.every_minutes`` (``callbacks/last_checkpoint.py``), straight to disk
+  (``perf/checkpoint_io.py``); ``--ckpt_path last`` resumes the newest run under
+  ``trainer.default_root_dir`` from it.
 * ``null`` given on the command line means null, also for a field of a dataclass inside a
   data module's arguments (jsonargparse turns it into the string "None" there).
 """
@@ -39,6 +41,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from data_modules.base import PreferenceDataModule
 from rm_lightning.callbacks import MarginHistory, ResultsWriter
+from rm_lightning.callbacks.last_checkpoint import DEFAULT_EVERY_MINUTES, LastCheckpoint
 from rm_lightning.callbacks.predictions import PredictionsWriter
 from rm_lightning.callbacks.phase_times import PhaseTimes
 from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
@@ -46,6 +49,7 @@ from rm_lightning.console import quiet_console
 from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.perf import precision
+from rm_lightning.perf.checkpoint_io import use_local_checkpoint_io
 from rm_lightning.perf.host_memory import keep_freed_memory
 from rm_lightning.settings import check_config
 
@@ -71,6 +75,9 @@ class RewardCLI(LightningCLI):
         parser.add_lightning_class_args(MarginHistory, "margin_history")
         # consumed before parsing (``expand_composed_configs``); accepted in files, never dumped
         parser.add_argument(f"--{COMPOSE_KEY}", type=Optional[list[str]], default=None, help=argparse.SUPPRESS)
+        parser.add_argument("--last_checkpoint.every_minutes", type=float, default=DEFAULT_EVERY_MINUTES,
+                            help="fit: write checkpoints/last.ckpt at an epoch's end only once this many minutes "
+                                 "passed since the last save (0: every epoch); the end of fit always writes it")
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -94,26 +101,18 @@ class RewardCLI(LightningCLI):
         configured = configured if isinstance(configured, list) else [configured]
         if self.subcommand == "fit" and config.get("enable_checkpointing") is True and not any(
                 isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
-            callbacks = [*callbacks, last_checkpoint()]
+            callbacks = [*callbacks, LastCheckpoint(self._get(self.config_init, "last_checkpoint.every_minutes"))]
         if self.subcommand == "fit" and not any(isinstance(c, PhaseTimes) for c in configured):
             callbacks = [*callbacks, PhaseTimes()]  # results.json's timings: start-up, reference, training, ...
         if self.subcommand == "predict" and not any(isinstance(c, PredictionsWriter) for c in configured):
             callbacks = [*callbacks, PredictionsWriter()]  # predictions.jsonl in the run directory
         trainer = super()._instantiate_trainer(config, callbacks)
+        use_local_checkpoint_io(trainer)  # local checkpoints without an in-memory copy
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             claim = claim_logger_directory(trainer.logger)  # spawned ranks > 0 follow rank 0's directory
             if claim is not None:
                 self.claims.append(claim)
         return trainer
-
-
-def last_checkpoint() -> ModelCheckpoint:
-    """Only ``checkpoints/last.ckpt``, replaced at every epoch's end: enough to resume, one file on disk.
-
-    The one "top-k" checkpoint of an unmonitored ModelCheckpoint is the newest, so naming it ``last``
-    gives exactly that file (Lightning's ``save_last`` writes a second file, or nothing without top-k).
-    """
-    return ModelCheckpoint(filename="last", save_top_k=1, save_last=False, enable_version_counter=False)
 
 
 def newest_last_checkpoint(root: str) -> Path:

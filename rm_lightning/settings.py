@@ -240,6 +240,9 @@ def check_config(config: dict[str, Any]) -> None:
     if results.get("dirpath"):
         check_writable_folder("results.dirpath", results["dirpath"])
     check_ckpt_path(config.get("ckpt_path"))
+    last_checkpoint = config.get("last_checkpoint") or {}
+    if "every_minutes" in last_checkpoint:
+        non_negative_number(none=False)("last_checkpoint.every_minutes", last_checkpoint["every_minutes"])
 
 
 def check_ckpt_path(ckpt_path: Any) -> None:

@@ -72,6 +72,8 @@ def as_before(resolved: dict, experiment: str) -> dict:
     assert resolved["trainer"].pop("precision") == "auto"
     # issue 17: the margin history evaluates once before the first step (a point at step 0)
     assert resolved["margin_history"].pop("validate_at_start") is True
+    # issue 20: last.ckpt at the end of fit and at an epoch's end at most every 10 minutes (before: every epoch)
+    assert resolved.pop("last_checkpoint") == {"every_minutes": 10.0}
     if model["optimizer"] == DEFAULT_OPTIMIZER:
         model["optimizer"] = ADAM_1E5
     return resolved

@@ -21,6 +21,7 @@ from rm_lightning.models import reference_cache
 
 EXRM = str(PROJECT_ROOT / "configs" / "exrm_persona.yaml")
 SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false"]
+EVERY_EPOCH = ["--last_checkpoint.every_minutes", "0"]  # last.ckpt at every epoch's end, not only at the end of fit
 
 
 class InterruptAt(L.Callback):
@@ -102,7 +103,7 @@ def test_a_fit_without_evaluation_is_not_evaluated_not_finished(tmp_path):
 
 
 def test_ctrl_c_keeps_the_history_the_last_evaluation_and_says_interrupted(tmp_path):
-    assert fit(tmp_path, max_epochs=3, interrupt_at=3) == 1  # 2 steps an epoch: mid second epoch
+    assert fit(tmp_path, *EVERY_EPOCH, max_epochs=3, interrupt_at=3) == 1  # 2 steps an epoch: mid second epoch
     run = versions(tmp_path)[0]
     record = results(run)
     assert record["status"] == "interrupted" and record["reason"] == "KeyboardInterrupt"
@@ -148,7 +149,7 @@ def test_two_runs_with_one_seed_give_identical_metrics(tmp_path):
 
 def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
     assert fit(tmp_path / "whole", max_epochs=2) == 0
-    assert fit(tmp_path / "cut", max_epochs=2, interrupt_at=3) == 1  # in the second epoch; last.ckpt: the first's
+    assert fit(tmp_path / "cut", *EVERY_EPOCH, max_epochs=2, interrupt_at=3) == 1  # last.ckpt: the first epoch's
     assert fit(tmp_path / "cut", "--ckpt_path", "last", max_epochs=2) == 0
     whole, (cut, resumed) = results(versions(tmp_path / "whole")[0]), versions(tmp_path / "cut")
     assert results(cut)["status"] == "interrupted"
