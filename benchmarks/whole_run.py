@@ -12,8 +12,8 @@ TRL, where it has a trainer for the RM type (EX-RM: ``RewardTrainer``; IM-RM: ``
 trainer), in its own process the same way, on the same backbone, the very pairs of the config's
 ``PersonaDataModule(...).load_pairs()`` (train set and the four eval sets), the config's batch sizes, epochs,
 optimizer (Adam = AdamW without weight decay) and learning rate at a constant schedule, no clipping, the
-precision ``trainer.precision: auto`` picks, a checkpoint at every epoch's end (one kept, as ours keeps
-``last.ckpt``), and ``trainer.evaluate`` over the eval sets at step 0 and at every epoch's end on the
+precision ``trainer.precision: auto`` picks, one full checkpoint (weights and optimizer state) at the end, as
+ours writes ``last.ckpt`` once in a run shorter than ``last_checkpoint.every_minutes``, and ``trainer.evaluate`` over the eval sets at step 0 and at every epoch's end on the
 config's schedule (``eval_every_n_epochs``, the rule rm-lightning applies), so both sides evaluate the same
 pairs as often. Its phases are measured the same way (rm_lightning.callbacks.phase_times.PhaseClock).
 A benchmark, not a test: see benchmarks/README.md, "Whole runs".
@@ -169,7 +169,7 @@ def trl_worker(spec_path: Path) -> None:
     precision = "bf16" if auto_precision.choose("cpu").precision == auto_precision.BF16 else "fp32"
     args = {**_common_args("cpu", precision, -1, spec["output_dir"], "trl", spec["batch_size"]),
             "num_train_epochs": spec["epochs"], "learning_rate": spec["lr"],
-            "per_device_eval_batch_size": spec["eval_batch_size"], "save_strategy": "epoch", "save_total_limit": 1}
+            "per_device_eval_batch_size": spec["eval_batch_size"], "save_strategy": "no"}
     if spec["rm"] == "imrm":
         from trl import DPOTrainer
 
@@ -200,6 +200,7 @@ def trl_worker(spec_path: Path) -> None:
     timed(trainer, "_save_checkpoint", clock, "checkpoints")
     evaluate(0)  # step 0, as MarginHistory(validate_at_start) does
     trainer.train()
+    trainer._save_checkpoint(trainer.model, trial=None)  # once, at the end, as ours (timed as "checkpoints")
     clock.switch("other")
     seconds = clock.snapshot()
     Path(spec["result_path"]).write_text(json.dumps({
