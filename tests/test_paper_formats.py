@@ -188,3 +188,15 @@ def test_shared_rewritten_sets_stay_row_aligned_with_their_originals(shared_data
                if name.startswith("ultrafeedback")}
     assert len(prompts) == 4 and all(len(p) == 20 for p in prompts.values())
     assert all(p == prompts["ultrafeedback"] for p in prompts.values())
+
+
+@pytest.mark.parametrize("base_format", ["authors", "plain"])
+def test_base_model_exrm_exports_with_the_format_it_was_trained_with(base_format, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rm_lightning.models.export import export_module
+
+    module = ExplicitRM(backbone="tiny-llama", base_format=base_format)
+    export_module(module, tmp_path / "out")  # refuses when the exported template's token ids or rewards differ
+    exported = AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
+    assert ("Assistant:" in exported) == (base_format == "plain")

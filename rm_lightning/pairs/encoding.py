@@ -85,7 +85,7 @@ def give_base_format(tokenizer) -> list[str]:
         return []
     if tokenizer.eos_token is None:
         raise BackboneError("a tokenizer without a chat template needs an EOS token to end each turn (the authors' "
-                        "base-model format); this one has none")
+                            "base-model format); this one has none")
     tokenizer.chat_template = AUTHORS_BASE_TEMPLATE
     return [marker for marker in (USER_MARKER, ASSISTANT_MARKER) if marker not in tokenizer.get_vocab()]
 
