@@ -100,6 +100,10 @@ class PreferenceDataModule(L.LightningDataModule):
         """Extra ``PairEncoder`` options this dataset needs (e.g. ``bare_response``); none by default."""
         return {}
 
+    def eval_set_encoder(self, name: str, train_encoder):
+        """The ``PairEncoder`` of eval set ``name``; by default the training set's (the same length caps)."""
+        return train_encoder
+
     # --- setup ------------------------------------------------------------------------------------
 
     def attach(self, module) -> "PreferenceDataModule":
@@ -137,9 +141,11 @@ class PreferenceDataModule(L.LightningDataModule):
         if unknown and needs_train:  # a cadence is fit's: validate/test/predict evaluate every set, whatever it names
             raise DataError(f"eval_every_n_epochs: no eval set named {', '.join(map(repr, unknown))}; "
                             f"the eval sets are {', '.join(eval_sets)}")
-        self.eval_sets = {name: self._encode(name, s.pairs, s.tag, encoder, self.invalid_pairs)
+        self.eval_sets = {name: self._encode(name, s.pairs, s.tag, self.eval_set_encoder(name, encoder),
+                                             self.invalid_pairs)
                           for name, s in eval_sets.items() if isinstance(s, EvalSet)}
-        self.response_sets = {name: self._encode_responses(name, s, encoder, self.invalid_pairs)
+        self.response_sets = {name: self._encode_responses(name, s, self.eval_set_encoder(name, encoder),
+                                                           self.invalid_pairs)
                               for name, s in eval_sets.items() if isinstance(s, ResponseSet)}
         if not needs_train and not self.eval_sets and not (stage == "predict" and self.response_sets):
             raise DataError(f"{type(self).__name__}: {stage} needs at least one eval set of pairs "

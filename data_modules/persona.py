@@ -9,8 +9,9 @@ that learned tokens does not.
 from __future__ import annotations
 
 import itertools
-import random
 from typing import Literal, Optional
+
+import torch
 
 from data_modules.base import EvalSet, PreferenceDataModule
 from data_modules.jsonl import read_jsonl
@@ -33,7 +34,8 @@ class PersonaDataModule(PreferenceDataModule):
             ``answer_matching_behavior`` is "Yes" are kept.
         path: local persona JSONL (``anthropic`` source).
         trait: persona file name on the hub, e.g. ``agreeableness``, ``conscientiousness``.
-        num_train, num_test: prompts per split; data_seed fixes the split and template draws.
+        num_train, num_test: prompts per split; data_seed fixes the split and template draws, both made
+            as the authors make them (``authors_split``): the Anthropic file with seed 875 gives the paper's.
         chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens: training template pools;
             each example draws one prefix and one token for each side.
         paraphrased_*: the paraphrased eval templates; every prompt gets all token combinations.
@@ -85,7 +87,7 @@ class PersonaDataModule(PreferenceDataModule):
         if self.source == "builtin":
             return [QUESTION_TEMPLATE.format(statement=s) for s in AGREEABLENESS_STATEMENTS]
         records = self._anthropic_records()
-        return [r["question"] for r in records if r["answer_matching_behavior"].strip() == "Yes"]
+        return [r["question"] for r in records if r["answer_matching_behavior"].strip().lower() == "yes"]
 
     def _anthropic_records(self) -> list[dict]:
         fields = ("question", "answer_matching_behavior")
@@ -104,23 +106,35 @@ class PersonaDataModule(PreferenceDataModule):
         return records
 
     def split_prompts(self) -> tuple[list[str], list[str]]:
+        """(train prompts, test prompts), split as the authors split them (``authors_split``)."""
+        train, test, _ = self.authors_split()
+        return train, test
+
+    def authors_split(self) -> tuple[list[str], list[str], torch.Generator]:
+        """The authors' procedure (princeton-pli/exrm-vs-imrm, ``PersonaControlledDataModule.setup``): one
+        ``torch.Generator`` seeded with ``data_seed`` draws ``torch.randperm`` over the usable prompts in file
+        order; the first ``num_train`` of the permutation train, the next ``num_test`` test. The generator is
+        returned as the split left it: the response templates are drawn from it next (``load_pairs``), so for
+        the Anthropic file and seed 875 the pairs are the paper's. (Their seed must be positive, else they
+        draw from the global generator; here every seed is used as given.)
+        """
         prompts = self.prompts()
         needed = self.num_train + self.num_test
         where = self.path or (f"hub {self.trait}" if self.source == "anthropic" else "builtin statements")
         if len(prompts) < needed:
             raise DataError(f"persona source ({where}) has {len(prompts)} usable prompts; "
                             f"num_train + num_test = {needed}")
-        shuffled = list(prompts)
-        random.Random(self.data_seed).shuffle(shuffled)
-        return shuffled[:self.num_train], shuffled[self.num_train:needed]
+        generator = torch.Generator().manual_seed(self.data_seed)
+        order = torch.randperm(len(prompts), generator=generator).tolist()
+        return ([prompts[i] for i in order[:self.num_train]], [prompts[i] for i in order[self.num_train:needed]],
+                generator)
 
     # --- pairs ------------------------------------------------------------------------------------
 
     def load_pairs(self) -> tuple[list[PreferencePair], dict[str, EvalSet]]:
-        train_prompts, test_prompts = self.split_prompts()
-        rng = random.Random(self.data_seed + 1)
-        train = [self._drawn_pair(p, rng) for p in train_prompts]
-        original_test = [self._drawn_pair(p, rng) for p in test_prompts]
+        train_prompts, test_prompts, generator = self.authors_split()
+        train = [self._drawn_pair(p, generator) for p in train_prompts]
+        original_test = [self._drawn_pair(p, generator) for p in test_prompts]
         eval_sets = {
             "original_train_prompts": EvalSet(train, "in_distribution"),
             "original_test_prompts": EvalSet(original_test, "in_distribution"),
@@ -129,12 +143,21 @@ class PersonaDataModule(PreferenceDataModule):
         }
         return train, eval_sets
 
-    def _drawn_pair(self, prompt: str, rng: random.Random) -> PreferencePair:
+    def _drawn_pair(self, prompt: str, generator: torch.Generator) -> PreferencePair:
+        """One pair with the templates drawn as the authors draw them: one ``torch.randint`` each for the chosen
+        prefix, the chosen token, the rejected prefix and the rejected token, in that order (single-token
+        responses draw the two tokens only)."""
         chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens = self.train_pools
+
+        def draw(pool: list[str]) -> str:
+            return pool[int(torch.randint(0, len(pool), (1,), generator=generator))]
+
         if self.response_format == "single_token":
-            return PreferencePair(prompt, rng.choice(chosen_tokens), rng.choice(rejected_tokens))
-        chosen = rng.choice(chosen_prefixes) + rng.choice(chosen_tokens)
-        rejected = rng.choice(rejected_prefixes) + rng.choice(rejected_tokens)
+            return PreferencePair(prompt, draw(chosen_tokens), draw(rejected_tokens))
+        chosen = draw(chosen_prefixes)
+        chosen += draw(chosen_tokens)
+        rejected = draw(rejected_prefixes)
+        rejected += draw(rejected_tokens)
         return PreferencePair(prompt, chosen, rejected)
 
     def _paraphrased(self, prompts: list[str]) -> list[PreferencePair]:

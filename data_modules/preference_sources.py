@@ -429,10 +429,19 @@ class EvalSetSource(PairSource):
 
     ``kind: responses`` reads a file of prompt/response records instead of pairs: ``predict`` gives
     each response one reward; ``validate``/``test`` skip such a set (a lone response has no accuracy).
+
+    ``max_prompt_tokens`` / ``max_response_tokens``: this set's own length caps. An eval set keeps
+    every row unless a cap is set here or in the data module's ``eval_max_*_tokens`` (the data
+    module's ``max_*_tokens`` cap the training set only): the paper capped its sets when preparing
+    them, and a cap applied again with another tokenizer would drop rows of one set and not of its
+    row-aligned paraphrased or translated copies. Over-long pairs are dropped, or cut under the data
+    module's ``truncate``.
     """
 
     tag: ShiftTag = "in_distribution"
     kind: SetKind = "pairs"
+    max_prompt_tokens: Optional[int] = None
+    max_response_tokens: Optional[int] = None
 
     def load_responses(self, seed: int = 0) -> list[ResponseRecord]:
         if self.hub is not None or self.path is None:

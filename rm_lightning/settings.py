@@ -139,7 +139,8 @@ OPTION_RULES: dict[str, Rule] = {
     "num_train": whole_number(1), "num_test": whole_number(1), "num_train_eval": whole_number(1, none=True),
     "num_vertices": whole_number(4), "edge_prob": probability, "limit": whole_number(1, none=True),
     "max_prompt_tokens": whole_number(1, none=True), "max_response_tokens": whole_number(1, none=True),
-    "num_workers": whole_number(0),
+    "eval_max_prompt_tokens": whole_number(1, none=True), "eval_max_response_tokens": whole_number(1, none=True),
+    "train_sample": whole_number(0, none=True), "num_workers": whole_number(0),
     # model
     "beta": positive_number(), "logprob_chunk_size": whole_number(1),
     # training options (``models/loss.py``, ``models/lora.py``); each RM type checks which ``loss`` it has

@@ -69,8 +69,8 @@ def test_a_one_user_turn_conversation_tokenizes_as_its_string_prompt(chat_module
     assert (as_turns.chosen_ids, as_turns.chosen_start) == (as_text.chosen_ids, as_text.chosen_start)
 
 
-def test_without_a_chat_template_turns_render_as_role_lines_before_the_assistant_cue():
-    prefix, suffix = chat_formatter(types.SimpleNamespace(chat_template=None))(PROMPT_TURNS, GOOD)
+def test_plain_base_format_renders_turns_as_role_lines_before_the_assistant_cue():
+    prefix, suffix = chat_formatter(types.SimpleNamespace(chat_template=None), "plain")(PROMPT_TURNS, GOOD)
     assert prefix == "System: Be brief.\nUser: Hi\nAssistant: Hello! How can I help?\nUser: What is 2+2?\nAssistant:"
     assert suffix == f" {GOOD}"
 

@@ -15,7 +15,8 @@ def test_tiny_backbone_is_deterministic_and_padded():
 
 def test_chat_template_used_when_present_plain_format_otherwise():
     _, plain = load_backbone("tiny-llama")
-    assert chat_formatter(plain)("Hi?", "Yes") == ("User: Hi?\nAssistant:", " Yes")
+    assert chat_formatter(plain, "plain")("Hi?", "Yes") == ("User: Hi?\nAssistant:", " Yes")
+    assert chat_formatter(plain)("Hi?", "Yes") == ("<|user|>Hi?<eos><|assistant|>", "Yes<eos>")  # the authors' format
     _, chat = load_backbone("tiny-llama-chat")
     prefix, suffix = chat_formatter(chat)("Hi?", "Yes")
     assert prefix == "<|user|>\nHi?<|end|>\n<|assistant|>\n"

@@ -37,15 +37,22 @@ ADDED = {"model": {"packed_attention": "grouped", "trainable": "all", "token_bud
                    "center_rewards_coefficient": None, "label_smoothing": 0.0, "lora": None},
          "data": {"response_format": "sentence", "invalid_pairs": "drop"}}
 ADDED["model"]["reference_backbone"] = None  # issue 17: an IM-RM's reference model (null: the initial weights)
+ADDED["model"]["base_format"] = "authors"  # issue 18: base models only; the bundled model has its own template
+# issue 18: the real-world data blocks evaluate 200 training pairs, and cap their eval sets explicitly (the
+# training caps no longer apply to them); the RewardMATH runs meet the UltraFeedback variants as domain shifts
+REAL_WORLD = {"train_sample": 200, "eval_max_prompt_tokens": 128, "eval_max_response_tokens": 128}
+ULTRAFEEDBACK_VARIANTS = ["ultrafeedback_paraphrase", "ultrafeedback_translate_french", "ultrafeedback_translate_spanish"]
 # options set on purpose since then, per experiment: the UltraFeedback runs size their micro-batches to the
 # machine's memory (a batch that fits runs whole, so what they compute is unchanged)
-CHANGED = {"exrm_ultrafeedback": {"model": {"token_budget": "auto"}},
-           "imrm_ultrafeedback": {"model": {"token_budget": "auto"}}}
+CHANGED = {"exrm_ultrafeedback": {"model": {"token_budget": "auto"}, "data": REAL_WORLD},
+           "imrm_ultrafeedback": {"model": {"token_budget": "auto"}, "data": REAL_WORLD},
+           "exrm_rewardmath": {"data": REAL_WORLD}, "imrm_rewardmath": {"data": REAL_WORLD}}
 
 
 # pair-source options added since (issue 17: any dataset; an eval set of single responses), at the defaults
 # that read files as before
-SOURCE_ADDED = {"subset": None, "columns": None, "format": "auto", "kind": "pairs"}  # kind: eval sets only
+SOURCE_ADDED = {"subset": None, "columns": None, "format": "auto", "kind": "pairs",  # kind: eval sets only
+                "max_prompt_tokens": None, "max_response_tokens": None}  # issue 18: an eval set's own caps
 
 
 def as_before(resolved: dict, experiment: str) -> dict:
@@ -58,6 +65,10 @@ def as_before(resolved: dict, experiment: str) -> dict:
         for name, value in options.items():
             assert resolved[group]["init_args"].pop(name, value) == value, (group, name)
     data = resolved["data"]["init_args"]
+    if experiment.endswith("_rewardmath"):
+        for name in ULTRAFEEDBACK_VARIANTS:
+            added = data["eval_sets"].pop(name)
+            assert (added["path"], added["tag"], added["limit"]) == (f"{name}/test.jsonl", "domain_shift", 32)
     sources = [data["train"]] if isinstance(data.get("train"), dict) else []
     for source in sources + list(data.get("eval_sets", {}).values()):
         for name, value in SOURCE_ADDED.items():

@@ -24,7 +24,9 @@ UF_SETS = {"ultrafeedback": "in_distribution", "ultrafeedback_paraphrase": "toke
            "ultrafeedback_translate_french": "token_shift", "ultrafeedback_translate_spanish": "token_shift",
            "rewardbench_math": "domain_shift", "rewardbench_code": "domain_shift", "rewardmath": "domain_shift"}
 MATH_SETS = {"rewardmath": "in_distribution", "rewardbench_math": "token_shift",
-             "ultrafeedback": "domain_shift", "rewardbench_code": "domain_shift"}
+             "ultrafeedback": "domain_shift", "ultrafeedback_paraphrase": "domain_shift",
+             "ultrafeedback_translate_french": "domain_shift", "ultrafeedback_translate_spanish": "domain_shift",
+             "rewardbench_code": "domain_shift"}
 CONFIG_SETS = {"exrm_ultrafeedback": ("ultrafeedback", UF_SETS), "imrm_ultrafeedback": ("ultrafeedback", UF_SETS),
                "exrm_rewardmath": ("rewardmath", MATH_SETS), "imrm_rewardmath": ("rewardmath", MATH_SETS)}
 
@@ -197,7 +199,8 @@ def capped_module(tiny_module, truncate: bool) -> RealWorldDataModule:
     module = RealWorldDataModule(train={"path": "rewardbench_math/train.jsonl"},
                                  eval_sets={"code": {"path": "rewardbench_code/test.jsonl", "tag": "domain_shift",
                                                      "limit": 60}},
-                                 max_prompt_tokens=600, max_response_tokens=800, truncate=truncate)
+                                 max_prompt_tokens=600, max_response_tokens=800, truncate=truncate,
+                                 eval_max_prompt_tokens=600, eval_max_response_tokens=800)  # eval sets: explicit caps
     module.attach(tiny_module).setup("fit")
     return module
 
@@ -254,12 +257,14 @@ def test_config_fits_on_tiny_model_and_logs_every_set(config, tmp_path, shared_d
                        "--data.init_args.train.limit", "8", *small_sets, "--trainer.check_val_every_n_epoch", "1",
                        "--data.init_args.max_prompt_tokens", "96", "--data.init_args.max_response_tokens", "96"])
     logged = result.trainer.logged_metrics
+    expected = {**expected, "train_sample": "training"}  # all 8 training pairs (train_sample: 200)
     for name in expected:
         assert 0.0 <= float(logged[f"val/{name}/accuracy"]) <= 1.0
         assert f"val/{name}/normalized_margin" in logged
     assert result.datamodule.eval_set_tags == expected
     assert len(result.datamodule.train_set) == 8
-    assert {name: len(d) for name, d in result.datamodule.eval_sets.items()} == {name: 4 for name in expected}
+    assert {name: len(d) for name, d in result.datamodule.eval_sets.items()} == {
+        name: 8 if name == "train_sample" else 4 for name in expected}
 
 
 def test_truncation_never_splits_a_character_past_the_cap_or_leaves_a_blank(tiny_module):

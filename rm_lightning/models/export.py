@@ -38,6 +38,7 @@ from rm_lightning.models.generative import VERIFICATION_TEMPLATE, ExplicitGenera
 from rm_lightning.models.implicit import ImplicitRM
 from rm_lightning.models.lora import merge_adapters
 from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.pairs.encoding import uses_plain_format
 from rm_lightning.pairs.records import PreferencePair
 
 IMPLICIT_FILE = "implicit_reward.json"
@@ -138,7 +139,7 @@ def load_reward_module(source: str | os.PathLike) -> RewardModule:
 
 
 def plain_chat_template(tokenizer) -> str:
-    """A chat template rendering our plain format (``chat_formatter`` without a template), BOS included
+    """A chat template rendering our plain format (``chat_formatter`` with ``base_format: plain``), BOS included
     when the tokenizer adds one, so that users of the exported folder format text as we did."""
     with_specials = tokenizer("x", add_special_tokens=True)["input_ids"]
     without = tokenizer("x", add_special_tokens=False)["input_ids"]
@@ -167,8 +168,8 @@ def chat_ids(tokenizer, prompt: str, response: str) -> list[int]:
 def exported_tokenizer(module: ExplicitRM):
     """The module's tokenizer with a chat template and a pad token that never occurs in formatted text."""
     tokenizer = copy.deepcopy(module.tokenizer)
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = plain_chat_template(tokenizer)
+    if not getattr(tokenizer, "chat_template", None) or uses_plain_format(tokenizer, module.base_format):
+        tokenizer.chat_template = plain_chat_template(tokenizer)  # else its own, or the authors' base-model one
     used = {token for pair in CHECK_PAIRS for ids in formatted_ids(module, pair) for token in ids}
     special = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in used | special:

@@ -19,7 +19,7 @@ from rm_lightning.models.loss import PairLossOptions, preference_loss
 from rm_lightning.models.trainable import Trainable, prepare_trainable
 from rm_lightning.pairs.collation import PairCollator
 from rm_lightning.pairs.contract import preference_data_of
-from rm_lightning.pairs.encoding import PairEncoder, chat_formatter
+from rm_lightning.pairs.encoding import BaseFormat, PairEncoder, chat_formatter, check_base_format
 from rm_lightning.pairs.records import Prompt
 from rm_lightning.perf.checkpointing import autocast_weight_cache, enable_activation_checkpointing
 from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hidden_states
@@ -74,6 +74,10 @@ class RewardModule(L.LightningModule):
         lora: null (default): full fine-tuning; a mapping ``{r, alpha, dropout, target_modules}``
             (defaults 16, 32, 0.0, ``all-linear``): LoRA adapters through peft, the backbone frozen
             (``models/lora.py``).
+        base_format: how a backbone without a chat template of its own formats pairs: ``authors``
+            (default; the paper's code: ``<|user|>prompt<eos><|assistant|>response<eos>``, no BOS) or
+            ``plain`` (``<bos>User: prompt\nAssistant: response``, the format before the authors' was
+            adopted). A backbone with a chat template always uses its own (``pairs/encoding.py``).
 
     A batch that carries ``margin`` (one number per pair, in reward units) trains with
     d = r+ - r- - margin, as TRL's RewardTrainer (``models/loss.py``).
@@ -87,8 +91,9 @@ class RewardModule(L.LightningModule):
                  token_budget: Optional[Union[int, Literal["auto"]]] = None,
                  memory_limit: Optional[Union[int, str]] = None,
                  center_rewards_coefficient: Optional[float] = None, label_smoothing: float = 0.0,
-                 lora: Optional[dict] = None):
+                 lora: Optional[dict] = None, base_format: BaseFormat = "authors"):
         super().__init__()
+        check_base_format(base_format)
         check_training_options(center_rewards_coefficient, label_smoothing, lora, trainable)  # before the model loads
         for name, value, allowed in (("decoder_layout", decoder_layout, DECODER_LAYOUTS),
                                      ("packed_attention", packed_attention, ATTENTION_KINDS),
@@ -125,7 +130,7 @@ class RewardModule(L.LightningModule):
         ``prompt`` is a string (one user turn) or a conversation (a tuple of ``pairs.Turn``).
         """
         if not hasattr(self, "_chat_formatter"):
-            self._chat_formatter = chat_formatter(self.tokenizer)
+            self._chat_formatter = chat_formatter(self.tokenizer, self.base_format)
         return self._chat_formatter(prompt, response)
 
     def pair_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,7 +153,12 @@ class RewardModule(L.LightningModule):
 
     def pair_encoder(self, **options) -> PairEncoder:
         """The one tokenization path; ``options`` are ``PairEncoder``'s (caps, truncation, bare responses)."""
-        return PairEncoder(self.tokenizer, self.format_texts, **options)
+        return PairEncoder(self.tokenizer, self.format_texts, base_format=self.base_format, **options)
+
+    @property
+    def base_format(self) -> str:
+        """``base_format`` (checkpoints saved before the option existed: ``authors``)."""
+        return self.hparams.get("base_format", "authors")
 
     def collator(self) -> PairCollator:
         return PairCollator(self.tokenizer.pad_token_id)

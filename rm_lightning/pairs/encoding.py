@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
-from rm_lightning.errors import DataError
+from rm_lightning.errors import BackboneError, DataError, SettingError
 from rm_lightning.pairs.records import EncodedPair, PreferencePair, Prompt, Turn
 
 TextFormatter = Callable[[Prompt, str], "tuple[str, str]"]
@@ -34,7 +34,7 @@ def conversation_lines(turns: Sequence[Turn]) -> str:
 
 
 def plain_format(prompt: Prompt, response: str) -> tuple[str, str]:
-    """Without a chat template: ``User: <prompt>\nAssistant:`` and `` <response>``.
+    """The ``plain`` base format: ``User: <prompt>\nAssistant:`` and `` <response>`` (BOS first, no EOS).
 
     A conversation is its turns as ``Role: content`` lines before the final ``Assistant:``, so a
     one-user-turn conversation renders exactly as its string prompt does.
@@ -44,7 +44,64 @@ def plain_format(prompt: Prompt, response: str) -> tuple[str, str]:
     return f"{conversation_lines(prompt)}\nAssistant:", f" {response}"
 
 
-def chat_formatter(tokenizer) -> TextFormatter:
+# --- base models (no chat template of their own) ----------------------------------------------------
+
+# How a tokenizer without a chat template formats pairs: ``authors`` (the paper's code: turn markers, EOS
+# after every turn) or ``plain`` (``plain_format``).
+BaseFormat = Literal["authors", "plain"]
+BASE_FORMATS: tuple[str, ...] = get_args(BaseFormat)
+USER_MARKER, ASSISTANT_MARKER = "<|user|>", "<|assistant|>"
+
+# The authors' chat template for tokenizers without one (princeton-pli/exrm-vs-imrm, utils/strings.py), in
+# behaviour: every turn is its marker, its content and the EOS token, with no newline anywhere; a system turn
+# takes the assistant marker, as theirs does; the generation prompt is the assistant marker alone. So the
+# prompt is ``<|user|>{prompt}{eos}<|assistant|>`` and the response ``{response}{eos}``, and an EX-RM reads
+# the EOS token last. Their prompts and responses are tokenized without special tokens: no BOS.
+AUTHORS_BASE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '" + USER_MARKER + "' + message['content'] + eos_token }}"
+    "{% elif message['role'] in ('system', 'assistant') %}{{ '" + ASSISTANT_MARKER + "' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '" + ASSISTANT_MARKER + "' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def check_base_format(base_format: str, option: str = "model.base_format") -> str:
+    if base_format not in BASE_FORMATS:
+        raise SettingError(f"{option}: expected one of {', '.join(BASE_FORMATS)}, got {base_format!r}")
+    return base_format
+
+
+def has_own_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer came with a chat template (not the authors' one that ``give_base_format`` set)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template) and template != AUTHORS_BASE_TEMPLATE
+
+
+def give_base_format(tokenizer) -> list[str]:
+    """Give a tokenizer without a chat template the authors' one, as their ``update_tokenizer`` does when a
+    model loads; returns the turn markers to add as special tokens (the caller resizes the embeddings).
+
+    Done whatever ``base_format`` a run uses, so that a policy and its reference, loaded alike, always
+    share one vocabulary; with ``base_format: plain`` the two markers are in the vocabulary, unused.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    if tokenizer.eos_token is None:
+        raise BackboneError("a tokenizer without a chat template needs an EOS token to end each turn (the authors' "
+                            "base-model format); this one has none")
+    tokenizer.chat_template = AUTHORS_BASE_TEMPLATE
+    return [marker for marker in (USER_MARKER, ASSISTANT_MARKER) if marker not in tokenizer.get_vocab()]
+
+
+def uses_plain_format(tokenizer, base_format: str = "authors") -> bool:
+    """Whether pairs are formatted with ``plain_format`` (a base model, ``base_format: plain``), whose
+    prompts begin with the tokenizer's BOS; every other format is a chat template's text, tokenized as it stands."""
+    return check_base_format(base_format) == "plain" and not has_own_chat_template(tokenizer)
+
+
+def chat_formatter(tokenizer, base_format: str = "authors") -> TextFormatter:
     """(prompt, response) -> (templated prompt with generation prompt, response suffix).
 
     The prompt is a string (one user turn) or a conversation of any turns (system, user,
@@ -53,18 +110,24 @@ def chat_formatter(tokenizer) -> TextFormatter:
     definition, and what TRL's chat templating trains on), so it keeps the end-of-turn token and
     any separator the template puts after it, e.g. SmolLM2's newline after ``<|im_end|>``. That
     matters for EX-RM, which reads the last token: which token that is changed its paraphrased
-    Persona accuracy by several points. Without a chat template, a plain ``User:``/``Assistant:``
-    format (``plain_format``).
+    Persona accuracy by several points.
+
+    A tokenizer without a chat template of its own (a base model) gets the authors' format
+    (``AUTHORS_BASE_TEMPLATE``: ``<|user|>prompt<eos><|assistant|>`` then ``response<eos>``), or with
+    ``base_format="plain"`` the plain ``User:``/``Assistant:`` format (``plain_format``).
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if uses_plain_format(tokenizer, base_format):
         return plain_format
+    template = tokenizer.chat_template if has_own_chat_template(tokenizer) else AUTHORS_BASE_TEMPLATE
 
     def format_with_template(prompt: Prompt, response: str) -> tuple[str, str]:
         messages = prompt_messages(prompt)
-        prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                               chat_template=template)
         if response == "":
             return prefix, ""
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False,
+                                             chat_template=template)
         if not full.startswith(prefix):  # templates that rewrite earlier turns; fall back to appending
             return prefix, response
         return prefix, full[len(prefix):]
@@ -82,11 +145,14 @@ class PairEncoder:
     assistant turn; only a last turn over the cap alone is cut), responses their start, never to
     empty.
     With ``bare_response=True`` the response is its own text with nothing after it (no
-    end-of-turn token), as Theorem 2's single-token responses need.
+    end-of-turn token), as Theorem 2's single-token responses need. ``base_format`` is the
+    formatter's (``chat_formatter``): only the plain format's prompts get the tokenizer's BOS; a
+    chat template's text (the authors' base-model one included) is tokenized as it stands.
     """
 
     def __init__(self, tokenizer, formatter: TextFormatter, max_prompt_tokens: int | None = 512,
-                 max_response_tokens: int | None = 512, truncate: bool = False, bare_response: bool = False):
+                 max_response_tokens: int | None = 512, truncate: bool = False, bare_response: bool = False,
+                 base_format: str = "authors"):
         self.tokenizer = tokenizer
         self.formatter = formatter
         self.bare_response = bare_response
@@ -96,8 +162,8 @@ class PairEncoder:
         for name, limit in (("max_prompt_tokens", max_prompt_tokens), ("max_response_tokens", max_response_tokens)):
             if limit is not None and limit < 1:
                 raise DataError(f"{name} must be a positive number of tokens or null, got {limit}")
-        # Prefixes get BOS only when no chat template supplies its own special tokens.
-        self._prefix_special = not getattr(tokenizer, "chat_template", None)
+        # Prefixes get BOS only in the plain format; a chat template supplies its own special tokens.
+        self._prefix_special = uses_plain_format(tokenizer, base_format)
         # The texts of a data set repeat: a pair's two responses share its prompt, a paraphrased set holds
         # several pairs per prompt, an eval set may repeat the training pairs, and short responses ("yes")
         # recur. Each distinct text is formatted and tokenized once (a template render and a tokenizer call

@@ -11,9 +11,10 @@ from torch.utils.data import Dataset
 
 from rm_lightning.errors import DataError
 
-# How an eval set relates to the training data (paper §5.2): the same distribution, the same
-# content in other tokens (paraphrase, translation), or another domain (math, code).
-ShiftTag = Literal["in_distribution", "token_shift", "domain_shift"]
+# How an eval set relates to the training data (paper §5.2): a sample of the training pairs themselves
+# (the paper's training accuracy), the same distribution, the same content in other tokens (paraphrase,
+# translation), or another domain (math, code).
+ShiftTag = Literal["training", "in_distribution", "token_shift", "domain_shift"]
 SHIFT_TAGS: tuple[str, ...] = get_args(ShiftTag)
 
 
