@@ -31,14 +31,11 @@ def reference_files(cache_dir) -> int:
     return len(list(cache_dir.glob("*.pt")))
 
 
-def test_an_untrained_imrm_scores_zero_without_running_its_decoder():
-    module = ImplicitRM(backbone="tiny-llama-chat", cache_reference=False)
-    data = tiny_persona().attach(module)
-    data.setup("validate")
-    batch = next(iter(data.val_dataloader()[0]))
+def test_an_untrained_imrm_is_evaluated_without_running_its_decoder(tmp_path):
+    module, data = tiny_imrm(tmp_path / "cache"), tiny_persona()
     module.model.base_model.forward = lambda *args, **kwargs: pytest.fail("the decoder ran")
-    with torch.no_grad():
-        assert torch.equal(module.rewards(batch), torch.zeros(batch["input_ids"].shape[0]))
+    metrics = merged(trainer(tmp_path).validate(module, data, verbose=False))
+    assert metrics["val/paraphrased_test_prompts/rejected_reward"] == 0.0
 
 
 def test_validating_the_initial_model_computes_no_reference(tmp_path):
@@ -71,3 +68,12 @@ def test_fit_computes_the_reference_of_the_validated_batches_only(tmp_path):
     trainer(tmp_path, max_steps=1, limit_val_batches=1, enable_checkpointing=False).fit(module, data)
     paraphrased = data.eval_sets["paraphrased_train_prompts"].pairs  # 32 pairs: two batches, one validated
     assert sum(p.reference_logps is not None for p in paraphrased) == 16
+
+
+def test_a_step_that_moves_only_some_unembedding_rows_counts_as_a_move():
+    module = ImplicitRM(backbone="tiny-llama-chat", trainable="output_layer")
+    unembedding = module.output_layer().weight
+    assert module.policy_is_reference()
+    with torch.no_grad():
+        unembedding[-1] += 0.1  # the rows of a few tokens move, the first values of every weight stay
+    assert not module.policy_is_reference()

@@ -42,11 +42,18 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def parameters_fingerprint(model: torch.nn.Module) -> str:
-    """The same cheap hash over every weight, LoRA adapters included: whether a policy has moved at all.
-    Names are left out, so wrappers that rename modules (compiled or checkpointed layers) do not count as moves;
-    of a sharded weight, this process's part."""
-    locals_ = (tensor.to_local() if hasattr(tensor, "to_local") else tensor for tensor in model.state_dict().values())
-    return _first_values_digest((f"{tuple(local.shape)}", local) for local in locals_)
+    """A hash of every weight's first values and sum, LoRA adapters included: whether a policy has moved at all.
+
+    The sums matter: a step can leave every weight's first values as they were (with only the
+    unembedding trained, the rows of the tokens in the batch move and row 0 need not), and a policy
+    taken for its own reference then would score exactly 0. Names are left out, so wrappers that
+    rename modules (compiled or checkpointed layers) do not count as moves; of a sharded weight,
+    this process's part.
+    """
+    locals_ = [tensor.to_local() if hasattr(tensor, "to_local") else tensor for tensor in model.state_dict().values()]
+    sums = torch.stack([local.detach().sum(dtype=torch.float64) for local in locals_]).cpu()  # one device sync
+    first_values = _first_values_digest((f"{tuple(local.shape)}", local) for local in locals_)
+    return hashlib.sha256(first_values.encode() + sums.numpy().tobytes()).hexdigest()
 
 
 def _first_values_digest(labelled: Iterable[tuple[str, torch.Tensor]]) -> str:
