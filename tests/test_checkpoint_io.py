@@ -2,7 +2,6 @@
 an epoch's end once ``every_minutes`` passed (``callbacks/last_checkpoint.py``). The clock is a fake one:
 no test depends on how fast the machine is."""
 
-import json
 import signal
 from pathlib import Path
 
@@ -12,15 +11,14 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from conftest import PROJECT_ROOT, tiny_override
+from conftest import tiny_override
+from test_faults import EXRM, SMALL, results, train_steps, versions
 from rm_lightning import cli
 from rm_lightning.callbacks import last_checkpoint
 from rm_lightning.callbacks.last_checkpoint import LastCheckpoint
 from rm_lightning.errors import SettingError
 from rm_lightning.perf.checkpoint_io import LocalCheckpointIO, use_local_checkpoint_io
 
-EXRM = str(PROJECT_ROOT / "configs" / "exrm_persona.yaml")
-SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false"]
 STEPS_PER_EPOCH = 2
 
 
@@ -171,25 +169,11 @@ def fit(root: Path, *args: str, max_epochs: int, max_steps: int = -1):
     return cli.main(["fit", "--config", EXRM, "--config", str(override), *SMALL, *args])
 
 
-def runs(root: Path) -> list[Path]:
-    return sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-
-
-def results(run: Path) -> dict:
-    return json.loads((run / "results.json").read_text())
-
-
-def train_steps(run: Path) -> list[int]:
-    """The steps of the training rows of a run's margin_history.csv (a row after each optimizer step)."""
-    rows = (run / "margin_history.csv").read_text().splitlines()
-    return [int(row.split(",")[0]) for row in rows if ",train,train," in row]
-
-
 def test_the_cli_saves_locally_without_a_copy_and_before_a_first_validation_it_never_reached(tmp_path):
     """A check_val_every_n_epoch: 2 config stopped by max_steps in its first epoch keeps a last.ckpt."""
     run_cli = fit(tmp_path, "--trainer.check_val_every_n_epoch", "2", max_epochs=2, max_steps=1)
     assert type(run_cli.trainer.strategy.checkpoint_io) is LocalCheckpointIO
-    checkpoint = torch.load(runs(tmp_path)[0] / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(versions(tmp_path)[0] / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 1 and checkpoint["optimizer_states"]
 
 
@@ -197,7 +181,7 @@ def test_a_run_resumed_from_its_end_of_fit_checkpoint_ends_as_an_uninterrupted_o
     fit(tmp_path / "whole", max_epochs=2)
     fit(tmp_path / "cut", max_epochs=1)  # 10 minutes not reached: last.ckpt only at the end of fit
     fit(tmp_path / "cut", "--ckpt_path", "last", max_epochs=2)
-    (whole,), (cut, resumed) = runs(tmp_path / "whole"), runs(tmp_path / "cut")
+    (whole,), (cut, resumed) = versions(tmp_path / "whole"), versions(tmp_path / "cut")
     assert torch.load(cut / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert results(resumed)["status"] == "finished" and results(resumed)["global_step"] == 4
     assert train_steps(resumed) == [3, 4]  # it went on from the checkpoint, not from scratch
