@@ -32,6 +32,7 @@ from rm_lightning.files import write_atomically
 from rm_lightning.models.lora import base_state_dict
 from rm_lightning.pairs.records import EncodedPairs
 from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
+from rm_lightning.perf.sharding import local_part
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -50,7 +51,7 @@ def parameters_fingerprint(model: torch.nn.Module) -> str:
     rename modules (compiled or checkpointed layers) do not count as moves; of a sharded weight,
     this process's part.
     """
-    locals_ = [tensor.to_local() if hasattr(tensor, "to_local") else tensor for tensor in model.state_dict().values()]
+    locals_ = [local_part(tensor) for tensor in model.state_dict().values()]
     sums = torch.stack([local.detach().sum(dtype=torch.float64) for local in locals_]).cpu()  # one device sync
     first_values = _first_values_digest((f"{tuple(local.shape)}", local) for local in locals_)
     return hashlib.sha256(first_values.encode() + sums.numpy().tobytes()).hexdigest()

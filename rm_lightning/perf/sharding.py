@@ -19,6 +19,7 @@ initial model stay exactly zero.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
@@ -50,6 +51,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"cannot shard backbone {type(model).__name__}: no list of {count} decoder layers found under "
         f"{type(model.base_model).__name__}"
     )
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded (FSDP2 ``DTensor``) tensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from rm_lightning.errors import RMLightningError
+from rm_lightning.perf.sharding import local_part
 
 # what a step needs at its peak per token relative to the estimate, without and with activation
 # checkpointing (SmolLM2-135M, fp32, CPU, UltraFeedback: about 1.1 and 1.7; benchmarks/README.md, "Token budget")
@@ -171,14 +172,9 @@ def pending_training_bytes(module) -> int:
     total = module.fixed_transient_bytes()
     for param in module.parameters():
         if param.requires_grad and param.grad is None:
-            local = param.to_local() if hasattr(param, "to_local") else param
+            local = local_part(param)
             total += OPTIMIZER_COPIES * local.numel() * local.element_size()
     return total
-
-
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a sharded (FSDP2 ``DTensor``) tensor, or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def saved_activation_bytes(module, run: Callable[[], object]) -> int:
