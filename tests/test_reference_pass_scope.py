@@ -77,3 +77,10 @@ def test_a_step_that_moves_only_some_unembedding_rows_counts_as_a_move():
     with torch.no_grad():
         unembedding[-1] += 0.1  # the rows of a few tokens move, the first values of every weight stay
     assert not module.policy_is_reference()
+
+
+def test_an_uncached_reference_is_kept_through_setup(tmp_path):
+    module = ImplicitRM(backbone="tiny-llama-chat", cache_reference=False)
+    held = list(module._reference_holder)
+    trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False).fit(module, tiny_persona())
+    assert module._reference_holder == held and held  # the frozen copy made at construction, never reloaded

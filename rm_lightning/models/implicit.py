@@ -200,18 +200,26 @@ class ImplicitRM(RewardModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        for dataset in self._sets_needing_reference(stage):
+        self._attach_references(stage)
+
+    def _attach_references(self, stage: str) -> None:
+        """Reference log-probs for every pair ``stage`` scores against another model (``_sets_needing_reference``);
+        sets that already have theirs are skipped. Once they have them no reference model is held (one
+        held for ``cache_reference: false``, which computes no such sets, stays)."""
+        sets = self._sets_needing_reference(stage)
+        for dataset in sets:
             self.attach_reference_logps(dataset)
-        self._reference_holder.clear()  # every pair has its log-probs: no reference held while training
+        if sets:
+            self._reference_holder.clear()
 
     def _sets_needing_reference(self, stage: str) -> list[EncodedPairs]:
         """The sets this stage will score with a reference other than the policy itself.
 
         In fit, the training set and the part of each eval set validation scores (none with
         ``limit_val_batches: 0``, the first batches with a smaller limit). In validate, test and
-        predict none at setup: the policy is still its initial weights there, so its rewards are 0
-        without a reference, unless a checkpoint is restored after setup, in which case
-        ``_attach_after_restore`` computes them once the weights are known.
+        predict every set once the policy has moved from its initial weights: at setup it has not, so
+        none are computed then (its rewards are 0 without a reference); a checkpoint restored after
+        setup moves it, and the stage's start hook (``on_validation_start`` ...) computes them.
         """
         data = self._data_with_cached_reference()
         if data is None:
@@ -226,16 +234,6 @@ class ImplicitRM(RewardModule):
         return train + [evaluated_part(dataset, loader, self._trainer.limit_val_batches)
                         for dataset, loader in zip(data.eval_sets.values(), loaders)]
 
-    def _attach_after_restore(self) -> None:
-        """Reference log-probs for the sets of validate, test or predict, when a restored checkpoint has moved the
-        policy away from its initial weights after setup (``_sets_needing_reference``)."""
-        data = self._data_with_cached_reference()
-        if data is None or self.policy_is_reference():
-            return
-        for dataset in data.encoded_sets().values():
-            self.attach_reference_logps(dataset)
-        self._reference_holder.clear()
-
     def _data_with_cached_reference(self):
         """The trainer's preference data when this IM-RM scores it against cached reference log-probs, else None."""
         if self.reference != "frozen" or not self.cache_reference or self._initial_head:
@@ -243,14 +241,14 @@ class ImplicitRM(RewardModule):
         return preference_data_of(self._trainer)
 
     def on_validation_start(self) -> None:
-        if self._trainer.state.fn != "fit":
-            self._attach_after_restore()
+        if self._trainer.state.fn != "fit":  # fit's sets were given theirs at setup
+            self._attach_references("validate")
 
     def on_test_start(self) -> None:
-        self._attach_after_restore()
+        self._attach_references("test")
 
     def on_predict_start(self) -> None:
-        self._attach_after_restore()
+        self._attach_references("predict")
 
     def attach_reference_logps(self, dataset: EncodedPairs, batch_size: int = 16) -> None:
         """Give every pair of ``dataset`` its reference log-probs, from disk or in one pass."""
