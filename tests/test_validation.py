@@ -62,7 +62,7 @@ BAD_SETTINGS = [
     (EXRM, ["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: expected a whole number"),
     (EXRM, ["--model.init_args.backbone", "smollm2-135m-instrct"],
      "cannot load backbone 'smollm2-135m-instrct' (model.init_args.backbone): not a built-in name "
-     "(smollm2-135m-instruct, tiny-llama, tiny-llama-chat)"),
+     "(smollm2-135m-instruct, gemma3-270m, tiny-llama, tiny-llama-chat)"),
     (EXRM, ["--ckpt_path", "/no/such/run/last.ckpt"], "ckpt_path: no checkpoint file at /no/such/run/last.ckpt"),
     # parser errors: one line naming the option, never the usage
     (EXRM, ["--data.init_args.batch_size", "abc"], "data.init_args.batch_size: Expected a <class 'int'>"),

@@ -1,4 +1,5 @@
-"""``python -m rm_lightning.prepare``: convert and cache the bundled model (part of the set-up command).
+"""``python -m rm_lightning.prepare [name ...]``: convert and cache built-in GGUF backbones (the bundled
+SmolLM2 by default, part of the set-up command; ``gemma3-270m`` once its extra is installed).
 
 Doing it at install time keeps the first training run, and every test, free of the one-off
 GGUF dequantization.
@@ -7,21 +8,26 @@ GGUF dequantization.
 import sys
 import time
 
-from rm_lightning.errors import exit_status
-from rm_lightning.models.backbones import BUNDLED_MODEL, ensure_bundled_model_cached, load_backbone
+from rm_lightning.errors import SettingError, exit_status
+from rm_lightning.models.backbones import BUNDLED_MODEL, GGUF_BACKBONES, ensure_converted, load_backbone
 
 
-def run() -> int:
-    began = time.perf_counter()
-    folder = ensure_bundled_model_cached()
-    load_backbone(BUNDLED_MODEL)
-    print(f"[rm-lightning] {BUNDLED_MODEL} ready in {folder} ({time.perf_counter() - began:.1f} s)")
+def run(names: list[str]) -> int:
+    for name in names:
+        if name not in GGUF_BACKBONES:
+            raise SettingError(f"prepare: '{name}' is not a built-in GGUF backbone ({', '.join(GGUF_BACKBONES)})")
+    for name in names:
+        began = time.perf_counter()
+        folder = ensure_converted(name)
+        load_backbone(name)
+        print(f"[rm-lightning] {name} ready in {folder} ({time.perf_counter() - began:.1f} s)")
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """The command's exit status; bad input is one ``error:`` line and status 2."""
-    return exit_status(run)
+    names = list(sys.argv[1:] if argv is None else argv) or [BUNDLED_MODEL]
+    return exit_status(lambda: run(names))
 
 
 if __name__ == "__main__":

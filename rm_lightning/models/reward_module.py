@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from rm_lightning.errors import RMLightningError, SettingError
@@ -26,7 +27,7 @@ from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hi
 from rm_lightning.perf.micro_batches import encoded_pair_tokens, plan_for, run_in_micro_batches
 from rm_lightning.perf.model_setup import prepare_model
 from rm_lightning.perf.optim_in_backward import backward_optimizer
-from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind
+from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind, packing_unsupported
 from rm_lightning.perf.token_budget import check_token_budget, parse_memory_limit, resolve_auto_budget
 from rm_lightning.settings import check_options
 
@@ -53,7 +54,8 @@ class RewardModule(L.LightningModule):
         activation_checkpointing: recompute decoder layers in backward to save memory.
         extra_tokens: tokens to add to the tokenizer (embeddings resized), e.g. ``<sep>``.
         decoder_layout: ``packed`` (default; ``perf/packed_pairs.py``: no padding, each pair's prompt
-            once) or ``padded`` (for backbones whose attention cannot be packed); same states.
+            once) or ``padded``; same states. Sliding-window layers (Gemma 3) pack; a backbone whose
+            attention cannot be packed (logit soft-capping) runs padded, said in one info line.
         packed_attention: ``grouped`` (default) or ``flex`` (FlexAttention; CUDA only for training).
         optimizer_in_backward: step each parameter as soon as its gradient is complete
             (``perf/optim_in_backward.py``): less memory, same updates; one process.
@@ -104,6 +106,7 @@ class RewardModule(L.LightningModule):
         self.memory_limit_bytes = parse_memory_limit(memory_limit)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)
+        self._fall_back_to_padded_layout(backbone)
         if lora is not None:
             apply_lora(self.model, lora)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
@@ -117,6 +120,14 @@ class RewardModule(L.LightningModule):
         self.resolved_token_budget: Optional[int] = token_budget if isinstance(token_budget, int) else None
         self._longest_pair_tokens: Optional[int] = None  # in the data, for ``auto``; set in setup
         self._zeroed_for_micro_batches = False
+
+    def _fall_back_to_padded_layout(self, backbone: str) -> None:
+        """``decoder_layout: padded`` for a backbone whose attention the packed layout cannot run exactly."""
+        reason = packing_unsupported(self.model.config) if self.hparams.decoder_layout == "packed" else None
+        if reason:
+            rank_zero_info(f"decoder_layout: padded, as backbone '{backbone}' has {reason}, which the packed "
+                           f"layout does not run")
+            self.hparams.decoder_layout = "padded"
 
     # --- what a subclass implements -----------------------------------------------------------
 

@@ -20,11 +20,14 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 _compiled_flex = None
 
 
-def packed_block_mask(segments: list[tuple[list[int], list[int]]], num_tokens: int, device) -> BlockMask:
+def packed_block_mask(segments: list[tuple[list[int], list[int]]], num_tokens: int, device,
+                      positions: torch.Tensor | None = None, sliding_window: int | None = None) -> BlockMask:
     """The block mask of a packed row from its attention segments (``packed_pairs.lay_out_pairs``).
 
     A segment's queries are one contiguous run of packed positions, and its keys are a
-    contiguous shared prefix (empty for a chosen row) followed by those same queries.
+    contiguous shared prefix (empty for a chosen row) followed by those same queries. With a
+    ``sliding_window``, a query also sees only keys whose ``positions`` (within the sequence, [N])
+    are less than the window before its own, as Hugging Face's sliding-window layers do.
     """
     run_start = torch.zeros(num_tokens, dtype=torch.long)
     prefix_start = torch.zeros(num_tokens, dtype=torch.long)
@@ -42,7 +45,14 @@ def packed_block_mask(segments: list[tuple[list[int], list[int]]], num_tokens: i
         own_run = (key >= run_start[query]) & (key <= query)
         return own_run | ((key >= prefix_start[query]) & (key < prefix_end[query]))
 
-    return create_block_mask(sees, None, None, num_tokens, num_tokens, device=device)
+    mask_mod = sees
+    if sliding_window is not None:
+        position = positions.to(device)
+
+        def mask_mod(batch, head, query, key):
+            return sees(batch, head, query, key) & (position[query] - position[key] < sliding_window)
+
+    return create_block_mask(mask_mod, None, None, num_tokens, num_tokens, device=device)
 
 
 def flex_packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,

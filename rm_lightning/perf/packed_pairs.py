@@ -26,7 +26,7 @@ since on a GPU hundreds of small device operations per batch kept the GPU waitin
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, get_args
 
 import numpy as np
@@ -53,6 +53,17 @@ class AttentionGroup:
     query_index: torch.Tensor  # [segments, queries]: packed position of each query (0 at padding)
     key_index: torch.Tensor  # [segments, keys]: packed position of each key (0 at padding)
     mask: torch.Tensor  # [segments, 1, queries, keys] bool: which keys each query sees
+    # sliding window -> ``mask`` without keys that many positions or more before their query
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask_within(self, window: int | None) -> torch.Tensor:
+        """The mask of a layer with this sliding window (None: global attention)."""
+        if window is None:
+            return self.mask
+        if window not in self.window_masks:
+            raise ValueError(f"packed pairs: no attention mask for a sliding window of {window} tokens (the "
+                             "layout was planned for other windows); use decoder_layout: padded")
+        return self.window_masks[window]
 
 
 @dataclass
@@ -72,6 +83,16 @@ class PackedPairs:
     # [N]: the (group, segment, query) slot, flattened, of each packed position's output; None with block_mask
     output_index: torch.Tensor | None
     block_mask: BlockMask | None = None  # FlexAttention's mask, instead of the grouped grids
+    window_block_masks: dict[int, BlockMask] = field(default_factory=dict)  # the same per sliding window
+
+    def block_mask_within(self, window: int | None) -> BlockMask:
+        """FlexAttention's mask for a layer with this sliding window (None: global attention)."""
+        if window is None:
+            return self.block_mask
+        if window not in self.window_block_masks:
+            raise ValueError(f"packed pairs: no block mask for a sliding window of {window} tokens; "
+                             "use decoder_layout: padded")
+        return self.window_block_masks[window]
 
     @property
     def num_tokens(self) -> int:
@@ -83,8 +104,10 @@ class PackedPairs:
         return int((self.gather_index < self.num_tokens).sum()) - self.num_tokens
 
     @classmethod
-    def from_batch(cls, batch: dict[str, torch.Tensor], attention: AttentionKind = "grouped") -> "PackedPairs":
-        """The layout of a collated batch, placed on the batch's device.
+    def from_batch(cls, batch: dict[str, torch.Tensor], attention: AttentionKind = "grouped",
+                   sliding_windows: tuple[int, ...] = ()) -> "PackedPairs":
+        """The layout of a collated batch, placed on the batch's device, with masks for global attention
+        and for each of ``sliding_windows`` (a query sees a key only when their positions differ by less).
 
         Worked out on the CPU, whatever the batch's device: it is hundreds of small steps (a
         prefix comparison per pair, index lists per segment), each of which would wait for the
@@ -107,9 +130,14 @@ class PackedPairs:
         packed = ids[None].to(device), positions[None].to(device), gather_index.to(device)
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"packed attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        windows = sorted(set(sliding_windows))
         if attention == "flex":
-            return cls(*packed, [], None, packed_block_mask(segments, len(ids), device))
-        groups, output_index = segment_tensors(segments, positions, device)
+            full = packed_block_mask(segments, len(ids), device)
+            # a window no sequence reaches the end of masks nothing: the global mask serves
+            by_window = {w: full if _window_covers(positions, w) else
+                         packed_block_mask(segments, len(ids), device, positions, w) for w in windows}
+            return cls(*packed, [], None, full, by_window)
+        groups, output_index = segment_tensors(segments, positions, device, windows)
         return cls(*packed, groups, output_index.to(device))
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
@@ -204,10 +232,21 @@ def plan_attention_groups(sizes: list[tuple[int, int]], call_cells: int) -> list
     return [order[start:end] for start, end in cheapest_runs(len(order), grid_cells)]
 
 
+def _window_covers(positions: torch.Tensor, window: int) -> bool:
+    """Whether a sliding window of ``window`` tokens hides no key (no sequence is longer than it)."""
+    return len(positions) == 0 or int(positions.max()) < window
+
+
 def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torch.Tensor,
-                    device: torch.device | str = "cpu"):
+                    device: torch.device | str = "cpu", sliding_windows: list[int] | tuple[int, ...] = ()):
     """(attention groups on ``device``, output_index on the CPU) of ``PackedPairs`` for the segments,
-    from the packed row's ``positions`` on the CPU."""
+    from the packed row's ``positions`` on the CPU, with a mask per sliding window.
+
+    A sliding-window layer lets a query see a key when ``position(query) - position(key) < window``,
+    the convention of Hugging Face's ``sliding_window_overlay`` (a window of w: the query and the w - 1
+    keys before it). Positions are those within the sequence, not packed offsets, so a key computed
+    once for several rows is as far from each row's query as in that row's own padded forward.
+    """
     device = torch.device(device)
     call_cells = ATTENTION_CALL_CELLS.get(device.type, ATTENTION_CALL_CELLS["cuda"])
     plan = plan_attention_groups([(len(q), len(k)) for q, k in segments], call_cells)
@@ -216,12 +255,20 @@ def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torc
         query_index, query_real = _padded_index([segments[i][0] for i in members])
         key_index, key_real = _padded_index([segments[i][1] for i in members])
         # causal within a segment: a key is seen when its position is not after the query's
-        sees = positions[key_index][:, None, :] <= positions[query_index][:, :, None]
-        sees &= key_real[:, None, :]
+        query_positions, key_positions = positions[query_index][:, :, None], positions[key_index][:, None, :]
+        sees = (key_positions <= query_positions) & key_real[:, None, :]
         sees[:, :, 0] |= ~query_real  # a padding query sees one key, so no row of the softmax is empty
+        mask = sees[:, None].to(device)
+        window_masks = {}
+        for window in sliding_windows:
+            if _window_covers(positions, window):  # then the global mask serves
+                window_masks[window] = mask
+            else:
+                near = sees & ((query_positions - key_positions < window) | ~query_real[:, :, None])
+                window_masks[window] = near[:, None].to(device)
         group_slots = slots + torch.arange(query_index.numel()).view_as(query_index)
         output_index[query_index[query_real]] = group_slots[query_real]
-        groups.append(AttentionGroup(query_index.to(device), key_index.to(device), sees[:, None].to(device)))
+        groups.append(AttentionGroup(query_index.to(device), key_index.to(device), mask, window_masks))
         slots += query_index.numel()
     return groups, output_index
 
@@ -278,24 +325,31 @@ def packed_pair_attention(base: str):
     """The attention function ``rm_packed_<base>``: grouped segment attention on packed calls, ``base`` otherwise."""
 
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                  packed_pairs: PackedPairs | None = None, **kwargs):
+                  packed_pairs: PackedPairs | None = None, sliding_window: int | None = None, **kwargs):
         if packed_pairs is None:
+            if sliding_window is not None:
+                kwargs["sliding_window"] = sliding_window
             return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
                                                  scaling=scaling, **kwargs)
+        if kwargs.get("softcap") is not None:
+            raise ValueError("packed pairs: attention logit soft-capping is not supported; use decoder_layout: padded")
         if packed_pairs.block_mask is not None:
             if dropout:
                 raise ValueError(f"FlexAttention has no attention dropout ({dropout}); use packed_attention: grouped")
-            return flex_packed_attention(query, key, value, packed_pairs.block_mask, scaling), None
+            block_mask = packed_pairs.block_mask_within(sliding_window)
+            return flex_packed_attention(query, key, value, block_mask, scaling), None
         repeats = getattr(module, "num_key_value_groups", 1)
-        return grouped_segment_attention(query, key, value, packed_pairs, repeats, scaling, dropout), None
+        return grouped_segment_attention(query, key, value, packed_pairs, repeats, scaling, dropout,
+                                         sliding_window), None
 
     return attention
 
 
 @torch.compiler.disable
 def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repeats: int, scaling: float | None,
-                              dropout: float) -> torch.Tensor:
-    """[1, heads, N, dim] packed queries, keys and values -> [1, N, heads, dim] attention outputs.
+                              dropout: float, sliding_window: int | None = None) -> torch.Tensor:
+    """[1, heads, N, dim] packed queries, keys and values -> [1, N, heads, dim] attention outputs
+    (keys within ``sliding_window`` positions of their query only, for a sliding-window layer).
 
     Never compiled (``compile_layers`` compiles the layers around it): the number of attention
     groups and their sizes change from batch to batch, and a compiled graph would be
@@ -307,7 +361,7 @@ def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repe
     for group in packed_pairs.attention_groups:
         out = segment_attention(_gather_segments(query, group.query_index),
                                 _gather_segments(key, group.key_index), _gather_segments(value, group.key_index),
-                                group.mask, scaling, dropout)  # [segments, heads, queries, dim]
+                                group.mask_within(sliding_window), scaling, dropout)  # [segments, heads, queries, dim]
         outputs.append(out.transpose(0, 1).flatten(1, 2))
     out = torch.cat(outputs, dim=1).index_select(1, packed_pairs.output_index)  # [heads, N, dim]
     return out.transpose(0, 1).unsqueeze(0).contiguous()
@@ -332,11 +386,25 @@ def enable_packed_attention(config) -> None:
     config._attn_implementation = name
 
 
+def sliding_windows(config) -> tuple[int, ...]:
+    """The sliding windows a decoder's layers may pass its attention: a model with sliding-window layers
+    (Gemma 3's five of every six, Mistral's all) names its window ``config.sliding_window``."""
+    window = getattr(config, "sliding_window", None)
+    return (int(window),) if isinstance(window, int) and window > 0 else ()
+
+
+def packing_unsupported(config) -> str | None:
+    """Why a decoder's attention cannot run packed (then the padded layout runs), or None when it can."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping (attn_logit_softcapping)"
+    return None
+
+
 def packed_hidden_states(decoder: torch.nn.Module, batch: dict[str, torch.Tensor],
                          attention: AttentionKind = "grouped") -> torch.Tensor:
     """Final hidden states [rows, width, hidden] from one packed decoder call."""
     enable_packed_attention(decoder.config)
-    packed = PackedPairs.from_batch(batch, attention=attention)
+    packed = PackedPairs.from_batch(batch, attention=attention, sliding_windows=sliding_windows(decoder.config))
     hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                      packed_pairs=packed).last_hidden_state
     return packed.unpack(hidden)
