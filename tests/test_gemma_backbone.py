@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from conftest import edge_case_pairs, loss_and_grads
@@ -14,6 +15,7 @@ from rm_lightning.errors import BackboneError
 from rm_lightning.models import backbones
 from rm_lightning.models.backbones import GEMMA_MODEL, byte_level_tokenizer, load_backbone
 from rm_lightning.pairs import EncodedPair, PairCollator, PreferencePair
+from rm_lightning.perf import flex_attention as flex_attention_module
 from rm_lightning.perf.layouts import padded_hidden_states
 from rm_lightning.perf.packed_pairs import PackedPairs, packed_hidden_states
 
@@ -127,6 +129,38 @@ def test_packed_rewards_and_gradients_match_padded_with_sliding_windows(tiny_gem
     assert packed_grads.keys() == padded_grads.keys()
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def flex_packed_hidden_states(decoder, batch):
+    return packed_hidden_states(decoder, batch, attention="flex")
+
+
+def test_flex_attention_states_match_padded_with_sliding_windows(tiny_gemma3, monkeypatch):
+    # FlexAttention uncompiled (its reference implementation), so the block masks alone are what is tested;
+    # on a CPU, torch 2.13's Inductor fails to compile FlexAttention under a sliding-window block mask (C++ codegen)
+    monkeypatch.setattr(flex_attention_module, "_compiled_flex", flex_attention)
+    module = ExplicitRM(backbone=tiny_gemma3, packed_attention="flex")
+    module.model.eval()
+    batch = module.collator()(shared_prefix_pairs(len(module.tokenizer)))
+    packed = PackedPairs.from_batch(batch, attention="flex", sliding_windows=(WINDOW,))
+    assert packed.block_mask_within(WINDOW) is not packed.block_mask  # sequences outgrow the window
+    with torch.no_grad():
+        padded = padded_hidden_states(module.decoder, batch)
+        flex = module.hidden_states(batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(flex[real], padded[real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on a CPU")
+def test_flex_attention_gradients_match_padded_with_sliding_windows_on_cuda(tiny_gemma3):
+    module = ImplicitRM(backbone=tiny_gemma3, reference="none", beta=1.0).to("cuda")
+    batch = PairCollator(module.tokenizer.pad_token_id)(shared_prefix_pairs(len(module.tokenizer)))
+    batch = {key: value.to("cuda") for key, value in batch.items()}
+    padded_loss, padded_grads = loss_and_grads(module, batch, padded_hidden_states)
+    flex_loss, flex_grads = loss_and_grads(module, batch, flex_packed_hidden_states)
+    torch.testing.assert_close(flex_loss, padded_loss, atol=1e-5, rtol=1e-4)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
 def test_soft_capped_attention_falls_back_to_padded_with_one_line(tmp_path, caplog):
