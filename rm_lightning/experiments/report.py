@@ -614,8 +614,9 @@ def plot_win_rates(part: Section, axis, colors: dict[str, str], tie_pp: float) -
     grey) and the paper's rate over the decisive evaluations (adds up to 100%)."""
     axis.set(title=f"win rates (within {tie_pp:g} pp: tie)", ylabel="share of evaluations (%)", ylim=(0, 112))
     if part.note or not part.overall:
-        axis.text(0.5, 0.5, "no win rates:\nno shared evaluations" if part.note or len(part.collection.rm_types) > 1
-                  else "no win rates:\none RM type", ha="center", va="center", transform=axis.transAxes)
+        reason = ("one RM type" if len(part.collection.rm_types) < 2 else "no shared evaluations" if part.note
+                  else "no evaluation has every RM type\n(pairwise rates: report.md)")
+        axis.text(0.5, 0.5, f"no win rates:\n{reason}", ha="center", va="center", transform=axis.transAxes)
         axis.set_xticks([])
         return
     ticks, labels = [], []

@@ -165,7 +165,8 @@ def _resolve_config(grid_path: Path, config, key: str = "configs") -> Path:
     for candidate in (Path(config), grid_path.parent / config):
         if candidate.is_file():
             return candidate.resolve()
-    raise RMLightningError(f"{grid_path}: {key} {config!r} not found (relative to {Path.cwd()} "
+    label = "config" if key == "configs" else key
+    raise RMLightningError(f"{grid_path}: {label} {config!r} not found (relative to {Path.cwd()} "
                            f"or to {grid_path.parent})")
 
 
