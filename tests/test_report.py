@@ -139,7 +139,8 @@ def test_spread_is_over_seeds_not_over_evaluations(tmp_path):
 
 
 def test_runs_are_grouped_by_training_data(tmp_path):
-    """UltraFeedback-trained and RewardMATH-trained runs get their own tables and win rates, then a pooled one."""
+    """UltraFeedback-trained and RewardMATH-trained runs get their own tables and win rates, and no pooled ones
+    (issue 18: the paper reports them apart)."""
     for train, (ex, im) in {"ultrafeedback/train.jsonl": (0.9, 0.6), "rewardmath/train.jsonl": (0.5, 0.8)}.items():
         config = train.split("/")[0]
         write_result(tmp_path, "ExplicitRM", 0, {"para": ("token_shift", ex, 1.0)}, config=config, train_path=train)
@@ -151,11 +152,10 @@ def test_runs_are_grouped_by_training_data(tmp_path):
     paths = write_report(collection, tmp_path / "out")
     text = paths["markdown"].read_text()
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings == ["## Trained on rewardmath", "## Trained on ultrafeedback", "## All training data, pooled",
-                        "## Accuracy per eval set"]
+    assert headings == ["## Trained on rewardmath", "## Trained on ultrafeedback", "## Accuracy per eval set"]
     summary = list(csv.DictReader(paths["summary_csv"].open()))
     assert float(row(summary, training_data="rewardmath", rm_type="ImplicitRM")["win_rate"]) == 1.0
-    assert float(row(summary, training_data="all training data", rm_type="ImplicitRM")["win_rate"]) == 0.5
+    assert {r["training_data"] for r in summary} == {"rewardmath", "ultrafeedback"}
     assert "| rewardmath | rewardmath | para | token_shift | 0.500 (1) | 0.800 (1) |" in text
 
 

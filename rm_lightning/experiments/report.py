@@ -5,12 +5,13 @@ per RM type and shift tag (mean ± sd over seeds), and win rates, for each train
 
 Writes ``report.md`` (the tables), ``report.csv`` (means and win shares per RM type and shift
 tag), ``win_rates.csv`` (pairwise), ``runs.csv`` (one row per run and eval set) and
-``report.png`` (grouped bars). RM types are the class names stored in results.json, so any
-number of them works, user-defined subclasses included.
+``report.png`` (grouped bars and win rates); for Persona runs also ``figure4.csv`` and
+``figure4.png`` (the paper's Figure 4 layout, below). RM types are the class names stored in
+results.json, so any number of them works, user-defined subclasses included.
 
 Grouping. Runs are grouped by what they were trained on (the paper reports UltraFeedback-trained and
 RewardMATH-trained models apart): the data module, and its training file or hub dataset where it has
-one. Each group gets its own tables and win rates; with several groups, a pooled section follows.
+one. Each group gets its own tables, win rates and plots; runs of different groups are never pooled.
 
 Spread. Each seed's evaluations (its eval sets, configs and backbones of the group) are averaged first;
 the tables give the mean ± sd (sample sd) of those per-seed means. Margins are given twice: the paper's
@@ -18,15 +19,29 @@ normalized margin mean |r+ - r-| / sd(r), which grows whichever way the rewards 
 mean (r+ - r-) / sd(r), negative when the rejected responses score higher (results.json files written
 before it was recorded show ``-``).
 
-Win rates (paper §5.2). An *evaluation* is one (config, backbone, seed, eval set); each RM type
-trained on the same config, backbone and seed is scored on it. Accuracies within ``tie_pp``
-percentage points (inclusive) are a tie.
-- Pairwise, for every pair of RM types: over the evaluations both have, the share each wins
-  and the share tied.
-- Among all RM types: over the evaluations every RM type has, the first place goes to the RM types
-  within ``tie_pp`` of the best accuracy. The share in which each is first alone (ahead of every
-  other by more than ``tie_pp``), the share in which it shares first place with others, and the
-  share with no single first. With two RM types this is the pairwise table.
+Win rates (paper §5.2), given two ways. An *evaluation* is one (config, backbone, seed, eval set) of
+one training dataset; each RM type trained on the same config, backbone and seed is scored on it, and
+the one with the higher accuracy wins it; accuracies within ``tie_pp`` percentage points (inclusive)
+are a tie. This follows the paper's text (PAPER.md: "the share of (model, seed, eval set) evaluations
+in which one RM type has the higher accuracy; within 1 percentage point counts as a tie"), per shift
+tag and per training dataset; the authors' public code (princeton-pli/exrm-vs-imrm) has no win-rate
+script, so the text is the definition followed.
+- The paper's win rate: ties excluded, over the *decisive* evaluations (those not tied), so the RM
+  types' shares add up to 100% (EX% + IM% = 100 for two types). With no decisive evaluation it is
+  undefined and shown as ``-``.
+- The three-way split: over all shared evaluations, the share each RM type wins and the share tied.
+Both are given pairwise, for every pair of RM types over the evaluations both have, and among all RM
+types over the evaluations every RM type has: first place goes to the RM types within ``tie_pp`` of
+the best accuracy; the share in which each is first alone (ahead of every other by more than
+``tie_pp``), the share in which it shares first place with others, and the share with no single
+first (the paper's rate divides the first-alone counts by the evaluations with a single first). With
+two RM types "among all" is the pairwise table. A training dataset without any shared evaluation gets
+a note instead of win rates.
+
+Figure 4 (paper §5.1). Where a training dataset's runs have the Persona eval sets (original and
+paraphrased responses of train and test prompts), the report adds the paper's Figure 4 layout: per RM
+type, the accuracy on each of the four sets as mean ± sd over runs, a run being one (config, model,
+seed), so over models and seeds together; then the same per model (over seeds).
 """
 
 from __future__ import annotations
@@ -68,9 +83,9 @@ class Evaluation:
     training_data: str = "-"
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        """What RM types are compared on: the same config, backbone, seed and eval set."""
-        return self.config, self.backbone, self.seed, self.eval_set
+    def key(self) -> tuple[str, str, str, str, str]:
+        """What RM types are compared on: the same training data, config, backbone, seed and eval set."""
+        return self.training_data, self.config, self.backbone, self.seed, self.eval_set
 
 
 @dataclass
@@ -241,7 +256,11 @@ def accuracies_by_evaluation(collection: Collection, tag: str) -> dict[tuple, di
 
 
 def pairwise_win_rates(collection: Collection, tie_pp: float = 1.0) -> list[dict[str, Any]]:
-    """For every pair of RM types and shift tag: win and tie shares over shared evaluations."""
+    """For every pair of RM types and shift tag, over the evaluations both have: the three-way split
+    (``a_win_rate``, ``b_win_rate``, ``tie_rate``, adding up to 1) and the paper's rates over the
+    ``decisive`` (untied) evaluations (``a_paper_win_rate`` + ``b_paper_win_rate`` = 1; None when every
+    evaluation tied). Call it on one training dataset's collection: evaluations of different training
+    data never share a key, so they are never paired anyway."""
     rows = []
     for tag in collection.shift_tags:
         table = accuracies_by_evaluation(collection, tag)
@@ -249,10 +268,12 @@ def pairwise_win_rates(collection: Collection, tie_pp: float = 1.0) -> list[dict
             results = [compare(accs[a], accs[b], tie_pp) for accs in table.values() if a in accs and b in accs]
             if not results:
                 continue
-            n = len(results)
+            n, a_wins, b_wins = len(results), results.count(1), results.count(-1)
+            decisive = a_wins + b_wins
             rows.append({"shift_tag": tag, "rm_type_a": a, "rm_type_b": b, "evaluations": n,
-                         "a_win_rate": results.count(1) / n, "b_win_rate": results.count(-1) / n,
-                         "tie_rate": results.count(0) / n})
+                         "a_win_rate": a_wins / n, "b_win_rate": b_wins / n, "tie_rate": results.count(0) / n,
+                         "decisive": decisive, "a_paper_win_rate": a_wins / decisive if decisive else None,
+                         "b_paper_win_rate": b_wins / decisive if decisive else None})
     return rows
 
 
@@ -265,7 +286,8 @@ def first_place(accuracies: dict[str, float], tie_pp: float) -> list[str]:
 def overall_win_rates(collection: Collection, tie_pp: float = 1.0) -> list[dict[str, Any]]:
     """Per shift tag, over the evaluations every RM type has: the share each RM type is first alone
     (``win_rates``), the share it shares first place (``shared_first_rates``), and the share with no
-    single first (``tie_rate``)."""
+    single first (``tie_rate``); and the paper's rates, ties excluded (``paper_win_rates``: first alone
+    over the ``decisive`` evaluations, those with a single first; adding up to 1, None without any)."""
     rm_types = collection.rm_types
     rows = []
     for tag in collection.shift_tags:
@@ -277,54 +299,111 @@ def overall_win_rates(collection: Collection, tie_pp: float = 1.0) -> list[dict[
             first = first_place(accs, tie_pp)
             for rm in first:
                 (alone if len(first) == 1 else sharing)[rm] += 1
-        n = len(shared)
-        ties = n - sum(alone.values())
+        n, decisive = len(shared), sum(alone.values())
         rows.append({"shift_tag": tag, "evaluations": n, "win_rates": {r: alone[r] / n for r in rm_types},
-                     "shared_first_rates": {r: sharing[r] / n for r in rm_types}, "tie_rate": ties / n})
+                     "shared_first_rates": {r: sharing[r] / n for r in rm_types}, "tie_rate": (n - decisive) / n,
+                     "decisive": decisive,
+                     "paper_win_rates": {r: alone[r] / decisive if decisive else None for r in rm_types}})
+    return rows
+
+
+def win_rate_note(collection: Collection, training_data: str) -> Optional[str]:
+    """One line saying why a training dataset has no win rates, None when it has some."""
+    rm_types = collection.rm_types
+    if len(rm_types) < 2:
+        return (f"trained on {training_data}: only one RM type ({', '.join(rm_types)}), so no win rates "
+                f"(add runs of another RM type on the same config, backbone and seed)")
+    shared = [accs for tag in collection.shift_tags for accs in accuracies_by_evaluation(collection, tag).values()
+              if len(accs) > 1]
+    if not shared:
+        return (f"trained on {training_data}: no two RM types have runs of the same config, backbone and seed "
+                f"({', '.join(rm_types)} never meet), so no win rates")
+    return None
+
+
+FIGURE4_SETS = {  # (prompts, responses) -> the Persona eval set, in the paper's Figure 4 order
+    ("train", "original"): "original_train_prompts",
+    ("train", "paraphrased"): "paraphrased_train_prompts",
+    ("test", "original"): "original_test_prompts",
+    ("test", "paraphrased"): "paraphrased_test_prompts",
+}
+ALL_MODELS = "all models"
+
+
+def figure4_rows(collection: Collection) -> list[dict[str, Any]]:
+    """The paper's Figure 4 as rows: per RM type and Persona eval set, the accuracy as mean ± sd over
+    runs, one run being one (config, backbone, seed), first over every model (``backbone`` is
+    ``ALL_MODELS``), then per model (over its seeds). Empty without the Persona eval sets."""
+    chosen = [e for e in collection.evaluations
+              if e.eval_set in FIGURE4_SETS.values() and e.metrics["accuracy"] is not None]
+    rows = []
+    for model in [ALL_MODELS, *sorted({e.backbone for e in chosen})]:
+        for rm_type, ((prompts, responses), eval_set) in itertools.product(collection.rm_types, FIGURE4_SETS.items()):
+            accuracies = [e.metrics["accuracy"] for e in chosen
+                          if e.rm_type == rm_type and e.eval_set == eval_set and model in (ALL_MODELS, e.backbone)]
+            if accuracies:
+                rows.append({"backbone": model, "rm_type": rm_type, "prompts": prompts, "responses": responses,
+                             "eval_set": eval_set, "runs": len(accuracies),
+                             "mean_accuracy": statistics.fmean(accuracies),
+                             "sd_accuracy": statistics.stdev(accuracies) if len(accuracies) > 1 else None})
     return rows
 
 
 # --- writing ---------------------------------------------------------------------------------------
 
-POOLED = "all training data"
 SUMMARY_COLUMNS = ["training_data", "rm_type", "shift_tag", "evaluations", "seeds", "mean_accuracy", "sd_accuracy",
                    "mean_normalized_margin", "sd_normalized_margin", "mean_signed_normalized_margin",
-                   "sd_signed_normalized_margin", "win_rate", "shared_first_rate", "tie_rate", "win_rate_evaluations"]
+                   "sd_signed_normalized_margin", "win_rate", "shared_first_rate", "tie_rate", "win_rate_evaluations",
+                   "paper_win_rate", "decisive_evaluations"]
 PAIRWISE_COLUMNS = ["training_data", "shift_tag", "rm_type_a", "rm_type_b", "evaluations", "a_win_rate", "b_win_rate",
-                    "tie_rate"]
+                    "tie_rate", "decisive", "a_paper_win_rate", "b_paper_win_rate"]
+FIGURE4_COLUMNS = ["training_data", "backbone", "rm_type", "prompts", "responses", "eval_set", "runs", "mean_accuracy",
+                   "sd_accuracy"]
 
 
 @dataclass
 class Section:
-    """The tables of one training dataset (or of all of them pooled)."""
+    """The tables of one training dataset."""
 
     training_data: str
     collection: Collection
     means: list[dict]
     pairwise: list[dict]
     overall: list[dict]
+    figure4: list[dict]
+    note: Optional[str]  # why there are no win rates, when there are none
 
 
 def sections(collection: Collection, tie_pp: float) -> list[Section]:
-    """One section per training dataset, then a pooled one when there are several."""
-    names = collection.training_datasets
-    groups = [(name, collection.trained_on(name)) for name in names] + ([(POOLED, collection)] if len(names) > 1 else [])
-    return [Section(name, group, mean_rows(group), pairwise_win_rates(group, tie_pp), overall_win_rates(group, tie_pp))
-            for name, group in groups]
+    """One section per training dataset; runs of different training data are never pooled."""
+    parts = []
+    for name in collection.training_datasets:
+        group = collection.trained_on(name)
+        parts.append(Section(name, group, mean_rows(group), pairwise_win_rates(group, tie_pp),
+                             overall_win_rates(group, tie_pp), figure4_rows(group), win_rate_note(group, name)))
+    return parts
 
 
 def write_report(collection: Collection, out: Path, tie_pp: float = 1.0, title: str = "") -> dict[str, Path]:
-    """Write every report file into ``out``; returns their paths by kind."""
+    """Write every report file into ``out``; returns their paths by kind (``figure4_*`` only for Persona runs)."""
     out.mkdir(parents=True, exist_ok=True)
     parts = sections(collection, tie_pp)
     paths = {"markdown": out / "report.md", "summary_csv": out / "report.csv", "win_rates_csv": out / "win_rates.csv",
              "runs_csv": out / "runs.csv", "png": out / "report.png"}
+    with_figure4 = [part for part in parts if part.figure4]
+    if with_figure4:
+        paths.update(figure4_csv=out / "figure4.csv", figure4_png=out / "figure4.png")
     write_text_atomically(paths["markdown"], markdown(collection, parts, tie_pp, title))
     write_text_atomically(paths["summary_csv"], summary_csv(parts))
     write_text_atomically(paths["win_rates_csv"], csv_text(
         [{"training_data": part.training_data, **row} for part in parts for row in part.pairwise], PAIRWISE_COLUMNS))
     write_text_atomically(paths["runs_csv"], runs_csv(collection))
-    plot(collection, mean_rows(collection), paths["png"], title)
+    plot(parts, paths["png"], tie_pp, title)
+    if with_figure4:
+        write_text_atomically(paths["figure4_csv"], csv_text(
+            [{"training_data": part.training_data, **row} for part in with_figure4 for row in part.figure4],
+            FIGURE4_COLUMNS))
+        plot_figure4(with_figure4, paths["figure4_png"], title)
     return paths
 
 
@@ -338,7 +417,9 @@ def summary_csv(parts: list[Section]) -> str:
                          "win_rate": win["win_rates"][row["rm_type"]] if win else None,
                          "shared_first_rate": win["shared_first_rates"][row["rm_type"]] if win else None,
                          "tie_rate": win["tie_rate"] if win else None,
-                         "win_rate_evaluations": win["evaluations"] if win else 0})
+                         "win_rate_evaluations": win["evaluations"] if win else 0,
+                         "paper_win_rate": win["paper_win_rates"][row["rm_type"]] if win else None,
+                         "decisive_evaluations": win["decisive"] if win else 0})
     return csv_text(rows, SUMMARY_COLUMNS)
 
 
@@ -360,7 +441,8 @@ def markdown(collection: Collection, parts: list[Section], tie_pp: float, title:
              f"seeds: {_distinct(e.seed for e in evaluations)}."]
     if collection.unfinished:
         lines += ["", f"Left out, not finished: {', '.join(str(p) for p in collection.unfinished)}."]
-    lines += ["", "Cells are the mean ± sd over seeds (each seed's evaluations, i.e. eval sets x configs x backbones, "
+    lines += ["", "Each training dataset has its own section; runs trained on different data are never pooled. "
+              "Cells are the mean ± sd over seeds (each seed's evaluations, i.e. eval sets x configs x backbones, "
               "averaged first; no sd with one seed) and, in brackets, the number of seeds."]
     for part in parts:
         lines += ["", *section_markdown(part, tie_pp)]
@@ -373,27 +455,59 @@ def section_markdown(part: Section, tie_pp: float) -> list[str]:
     tags, rm_types = part.collection.shift_tags, part.collection.rm_types
     configs = _distinct(e.config for e in part.collection.evaluations)
     cell = {(r["rm_type"], r["shift_tag"]): r for r in part.means}
-    lines = [f"## Trained on {part.training_data}" if part.training_data != POOLED else "## All training data, pooled", "",
-             f"Configs: {configs}.", "", "### Accuracy", ""]
+    lines = [f"## Trained on {part.training_data}", "", f"Configs: {configs}.", ""]
+    if part.figure4:
+        lines += [*figure4_markdown(part.figure4), ""]
+    lines += ["### Accuracy", ""]
     lines += md_table(["RM type", *tags], [[rm, *[_accuracy_cell(cell.get((rm, t))) for t in tags]] for rm in rm_types])
     lines += ["", "### Normalized reward margin", "",
               "Absolute mean |r+ - r-| / sd(r) (the paper's) · signed mean (r+ - r-) / sd(r), negative where the "
               "rejected responses score higher.", ""]
     lines += md_table(["RM type", *tags], [[rm, *[_margin_cell(cell.get((rm, t))) for t in tags]] for rm in rm_types])
     lines += ["", f"### Win rates (accuracy; within {tie_pp:g} pp is a tie)", ""]
-    if len(rm_types) < 2:
-        return lines + ["Only one RM type: nothing to compare."]
-    lines += ["Among all RM types, over the evaluations every RM type has: first place goes to every RM type within "
-              f"{tie_pp:g} pp of the best. Cells: first alone / first shared with others; the last column is the "
-              "share with no single first.", ""]
+    if part.note:
+        return lines + [f"Note: {part.note}."]
+    lines += [f"The paper's win rate, ties excluded: over the decisive evaluations (a single RM type ahead of every "
+              f"other by more than {tie_pp:g} pp), the share each RM type wins; the shares add up to 100% ('-' where "
+              "every evaluation tied). Over the evaluations every RM type has; with two RM types these are the "
+              "pairwise rates.", ""]
+    lines += md_table(["shift tag", "decisive / evaluations", *rm_types],
+                      [[r["shift_tag"], f"{r['decisive']} / {r['evaluations']}",
+                        *[_percent(r["paper_win_rates"][rm]) for rm in rm_types]] for r in part.overall])
+    lines += ["", "The three-way split, ties a share of their own. Among all RM types, over the evaluations every RM "
+              f"type has: first place goes to every RM type within {tie_pp:g} pp of the best. Cells: first alone / "
+              "first shared with others; the last column is the share with no single first.", ""]
     lines += md_table(["shift tag", "evaluations", *rm_types, "no single first"],
                       [[r["shift_tag"], r["evaluations"],
                         *[f"{_percent(r['win_rates'][rm])} / {_percent(r['shared_first_rates'][rm])}" for rm in rm_types],
                         _percent(r["tie_rate"])] for r in part.overall])
-    lines += ["", "Pairwise (evaluations both RM types have):", ""]
-    lines += md_table(["shift tag", "A", "B", "evaluations", "A wins", "B wins", "ties"],
+    lines += ["", "Pairwise (evaluations both RM types have), both ways:", ""]
+    lines += md_table(["shift tag", "A", "B", "evaluations", "A wins", "B wins", "ties", "paper: A / B (decisive)"],
                       [[r["shift_tag"], r["rm_type_a"], r["rm_type_b"], r["evaluations"], _percent(r["a_win_rate"]),
-                        _percent(r["b_win_rate"]), _percent(r["tie_rate"])] for r in part.pairwise])
+                        _percent(r["b_win_rate"]), _percent(r["tie_rate"]),
+                        f"{_percent(r['a_paper_win_rate'])} / {_percent(r['b_paper_win_rate'])} ({r['decisive']})"]
+                       for r in part.pairwise])
+    return lines
+
+
+def figure4_markdown(rows: list[dict]) -> list[str]:
+    """The paper's Figure 4 as tables: RM types x (train/test prompts x original/paraphrased responses)."""
+    headers = [f"{prompts} prompts, {responses}" for prompts, responses in FIGURE4_SETS]
+    cell = {(r["backbone"], r["rm_type"], r["prompts"], r["responses"]): r for r in rows}
+    rm_types = list(dict.fromkeys(r["rm_type"] for r in rows))
+    models = list(dict.fromkeys(r["backbone"] for r in rows if r["backbone"] != ALL_MODELS))
+
+    def cells(model: str, rm_type: str) -> list[str]:
+        found = [cell.get((model, rm_type, *key)) for key in FIGURE4_SETS]
+        return [_spread(r["mean_accuracy"], r["sd_accuracy"], r["runs"]) if r else "-" for r in found]
+
+    lines = ["### Figure 4 layout (paper §5.1): accuracy on original and paraphrased responses", "",
+             f"Mean ± sd over runs (runs), a run being one model and seed; models: {', '.join(models)}.", ""]
+    lines += md_table(["RM type", *headers], [[rm, *cells(ALL_MODELS, rm)] for rm in rm_types])
+    if len(models) > 1:
+        lines += ["", "Per model (mean ± sd over seeds):", ""]
+        lines += md_table(["model", "RM type", *headers],
+                          [[model, rm, *cells(model, rm)] for model in models for rm in rm_types])
     return lines
 
 
@@ -440,44 +554,119 @@ def _margin_cell(row: Optional[dict]) -> str:
             f"{_spread(row['mean_signed_normalized_margin'], row['sd_signed_normalized_margin'], sign=True)}")
 
 
-def _percent(share: float) -> str:
-    return f"{100 * share:.1f}%"
+def _percent(share: Optional[float]) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _distinct(values: Iterable[str]) -> str:
     return ", ".join(sorted(set(values)))
 
 
-def plot(collection: Collection, means: list[dict], path: Path, title: str = "") -> None:
-    """Grouped bars per shift tag, one bar per RM type: accuracy (sd as error bar) and normalized margin."""
+def plot(parts: list[Section], path: Path, tie_pp: float = 1.0, title: str = "") -> None:
+    """One row per training dataset: grouped bars per shift tag, one bar per RM type, of accuracy (sd as error
+    bar) and normalized margin; and the win rates both ways (stacked: the three-way split, then ties excluded)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tags, rm_types = collection.shift_tags, collection.rm_types
-    cell = {(r["rm_type"], r["shift_tag"]): r for r in means}
+    widest = max(len(part.collection.shift_tags) for part in parts)
+    fig, axes = plt.subplots(len(parts), 3, figsize=(max(14.0, 6.0 + 3.2 * widest), 4.3 * len(parts)), squeeze=False)
+    all_types = sorted({rm for part in parts for rm in part.collection.rm_types})
+    colors = {rm: f"C{i % 10}" for i, rm in enumerate(all_types)}
+    for part, (ax_acc, ax_margin, ax_win) in zip(parts, axes):
+        plot_means(part, ax_acc, ax_margin, colors)
+        plot_win_rates(part, ax_win, colors, tie_pp)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[rm]) for rm in all_types]
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="0.8", hatch="//"))
+    fig.legend(handles, [*all_types, "tie (no single first)"], loc="lower center", ncol=min(len(all_types) + 1, 7),
+               fontsize=9, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 / len(parts), 1, 0.97 if title else 1))
+    save_figure_atomically(fig, path)
+    plt.close(fig)
+
+
+def plot_means(part: Section, ax_acc, ax_margin, colors: dict[str, str]) -> None:
+    tags, rm_types = part.collection.shift_tags, part.collection.rm_types
+    cell = {(r["rm_type"], r["shift_tag"]): r for r in part.means}
     width = 0.8 / len(rm_types)
-    fig, (ax_acc, ax_margin) = plt.subplots(1, 2, figsize=(max(10.0, 4.0 + 2.4 * len(tags)), 4.5))
     for i, rm in enumerate(rm_types):
         xs = [t + (i - (len(rm_types) - 1) / 2) * width for t in range(len(tags))]
         rows = [cell.get((rm, tag)) for tag in tags]
         accuracy = [_value(r, "mean_accuracy") for r in rows]
         errors = [_value(r, "sd_accuracy", 0.0) for r in rows]
-        bars = ax_acc.bar(xs, accuracy, width, yerr=errors, capsize=3, label=rm)
+        bars = ax_acc.bar(xs, accuracy, width, yerr=errors, capsize=3, color=colors[rm], label=rm)
         ax_acc.bar_label(bars, labels=[f"{a:.2f}" if not math.isnan(a) else "" for a in accuracy], fontsize=7,
                          padding=2)
-        ax_margin.bar(xs, [_value(r, "mean_normalized_margin") for r in rows], width, label=rm)
+        ax_margin.bar(xs, [_value(r, "mean_normalized_margin") for r in rows], width, color=colors[rm], label=rm)
     for axis in (ax_acc, ax_margin):
         axis.set_xticks(range(len(tags)), [t.replace("_", " ") for t in tags])
     ax_acc.axhline(0.5, color="0.5", ls=":", lw=1)
-    ax_acc.set(title="mean accuracy (error bar: sd over seeds)", ylabel="accuracy", ylim=(0, 1.12))
+    ax_acc.set(title=f"trained on {part.training_data}: accuracy (error bar: sd over seeds)", ylabel="accuracy",
+               ylim=(0, 1.12))
     ax_margin.set(title="mean normalized reward margin", ylabel="|r+ - r-| / sd(r)")
-    handles, labels = ax_acc.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(rm_types), 6), fontsize=9, frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+
+
+def plot_win_rates(part: Section, axis, colors: dict[str, str], tie_pp: float) -> None:
+    """Per shift tag two stacked bars: the three-way split (first alone per RM type, then no single first in
+    grey) and the paper's rate over the decisive evaluations (adds up to 100%)."""
+    axis.set(title=f"win rates (within {tie_pp:g} pp: tie)", ylabel="share of evaluations (%)", ylim=(0, 112))
+    if part.note or not part.overall:
+        reason = ("one RM type" if len(part.collection.rm_types) < 2 else "no shared evaluations" if part.note
+                  else "no evaluation has every RM type\n(pairwise rates: report.md)")
+        axis.text(0.5, 0.5, f"no win rates:\n{reason}", ha="center", va="center", transform=axis.transAxes)
+        axis.set_xticks([])
+        return
+    ticks, labels = [], []
+    for t, row in enumerate(part.overall):
+        for offset, (kind, shares) in zip((-0.2, 0.2), (("3-way", row["win_rates"]), ("ties excl.", row["paper_win_rates"]))):
+            x, bottom = t + offset, 0.0
+            for rm in part.collection.rm_types:
+                share = 100 * (shares[rm] or 0.0)
+                axis.bar(x, share, 0.36, bottom=bottom, color=colors[rm])
+                bottom += share
+            if kind == "3-way":
+                axis.bar(x, 100 * row["tie_rate"], 0.36, bottom=bottom, color="0.8", hatch="//")
+            elif row["decisive"] == 0:
+                axis.text(x, 50, "all tied", rotation=90, ha="center", va="center", fontsize=7)
+            ticks.append(x)
+            labels.append(f"{row['shift_tag'].replace('_', ' ')}\n{kind}")
+    axis.set_xticks(ticks, labels, fontsize=7)
+
+
+def plot_figure4(parts: list[Section], path: Path, title: str = "") -> None:
+    """The paper's Figure 4: per training dataset, a panel for train prompts and one for test prompts, each with
+    the original and paraphrased responses as groups and one bar per RM type (error bar: sd over models and seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(parts), 2, figsize=(11.0, 4.2 * len(parts)), squeeze=False, sharey=True)
+    all_types = sorted({r["rm_type"] for part in parts for r in part.figure4})
+    colors = {rm: f"C{i % 10}" for i, rm in enumerate(all_types)}
+    width = 0.8 / len(all_types)
+    for part, row_axes in zip(parts, axes):
+        cell = {(r["rm_type"], r["prompts"], r["responses"]): r for r in part.figure4 if r["backbone"] == ALL_MODELS}
+        for axis, prompts in zip(row_axes, ("train", "test")):
+            for i, rm in enumerate(all_types):
+                rows = [cell.get((rm, prompts, responses)) for responses in ("original", "paraphrased")]
+                xs = [g + (i - (len(all_types) - 1) / 2) * width for g in range(2)]
+                means = [_value(r, "mean_accuracy") for r in rows]
+                bars = axis.bar(xs, means, width, yerr=[_value(r, "sd_accuracy", 0.0) for r in rows], capsize=3,
+                                color=colors[rm], label=rm)
+                axis.bar_label(bars, labels=[f"{m:.2f}" if not math.isnan(m) else "" for m in means], fontsize=7,
+                               padding=2)
+            axis.set_xticks(range(2), ["original responses", "paraphrased responses"])
+            axis.axhline(0.5, color="0.5", ls=":", lw=1)
+            axis.set(title=f"{prompts} prompts (trained on {part.training_data})", ylim=(0, 1.12))
+        row_axes[0].set_ylabel("accuracy (mean ± sd over models and seeds)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[rm]) for rm in all_types]
+    fig.legend(handles, all_types, loc="lower center", ncol=min(len(all_types), 6), fontsize=9, frameon=False)
+    fig.suptitle(f"Figure 4 layout{': ' + title if title else ''}")
+    fig.tight_layout(rect=(0, 0.07 / len(parts), 1, 0.95))
     save_figure_atomically(fig, path)
     plt.close(fig)
 
@@ -498,6 +687,9 @@ def run(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out or args.sweep_dir)
     paths = write_report(collection, out, args.tie_pp, title=Path(args.sweep_dir).resolve().name)
     print(paths["markdown"].read_text())
+    for part in sections(collection, args.tie_pp):
+        if part.note:
+            print(f"note: {part.note}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

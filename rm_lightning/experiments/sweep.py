@@ -8,7 +8,7 @@ only when ``results.json`` says ``"status": "finished"``, so re-running the same
 finished runs and restarts interrupted ones from scratch. Each run is a separate process: a
 crash, a bad override or an out-of-memory error fails that run only.
 
-Grid file keys (lists; ``overrides`` and ``rm_type_overrides`` optional):
+Grid file keys (lists; ``overrides``, ``rm_type_overrides`` and ``rm_type_configs`` optional):
 
     configs: [configs/exrm_persona.yaml]      # relative to the working dir or to the grid file
     rm_types: [rm_lightning.ExplicitRM, rm_lightning.ImplicitRM]   # model class paths
@@ -17,9 +17,15 @@ Grid file keys (lists; ``overrides`` and ``rm_type_overrides`` optional):
     overrides: ["--trainer.max_epochs 1"]     # extra cli.py arguments for every run
     rm_type_overrides:                        # extra arguments for runs of one RM type only
       rm_lightning.ImplicitRM: ["--model.init_args.beta 0.01"]
+    rm_type_configs:                          # another base config for one RM type (one entry in configs)
+      rm_lightning.ExplicitGenerativeRM: configs/exgrm_persona.yaml
 
 The RM type is switched with ``--model <class path>``; init args the new class does not take
 (``beta`` of a config written for IM-RM, say) are dropped by the parser, shared ones are kept.
+An RM type named in ``rm_type_configs`` starts from its own config file instead of the grid's one
+(EX-GRM's prompt and settings live in their own file). Its runs still belong to the grid's experiment:
+same directory layout under the grid config's stem and the same ``config_name`` in results.json
+(passed as ``--results.config_name``), so the report compares them with the other RM types' runs.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from rm_lightning.callbacks.results import RESULTS_FILENAME
 from rm_lightning.callbacks.run_directory import holder_of
 from rm_lightning.errors import RMLightningError, exit_status
 
-GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides")
+GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides", "rm_type_configs")
 REQUIRED_KEYS = ("configs", "rm_types", "backbones", "seeds")
 LOG_FILENAME = "run.log"
 CLI_MODULE = "rm_lightning"  # ``python -m rm_lightning`` runs the same CLI as ``cli.py``
@@ -61,19 +67,25 @@ class Grid:
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
     rm_type_overrides: dict[str, list[str]] = field(default_factory=dict)
+    rm_type_configs: dict[str, Path] = field(default_factory=dict)  # RM class path -> its own base config
 
 
 @dataclass(frozen=True)
 class Run:
-    config: Path
+    config: Path  # the grid's config: the experiment, which names the directory and config_name
     rm_type: str
     backbone: str
     seed: int
     directory: Path
+    config_file: Optional[Path] = None  # the file the run starts from when it is not ``config``
 
     @property
     def name(self) -> str:
         return f"{self.config.stem}/{class_name(self.rm_type)}/{path_component(self.backbone)}/seed{self.seed}"
+
+    @property
+    def starts_from(self) -> Path:
+        return self.config_file or self.config
 
     @property
     def log_path(self) -> Path:
@@ -128,16 +140,33 @@ def load_grid(path: str | Path) -> Grid:
         overrides=_split_arguments(path, "overrides", raw.get("overrides") or []),
         rm_type_overrides={k: _split_arguments(path, f"rm_type_overrides.{k}", v or [])
                            for k, v in rm_type_overrides.items()},
+        rm_type_configs=_rm_type_configs(path, raw),
     )
 
 
-def _resolve_config(grid_path: Path, config) -> Path:
+def _rm_type_configs(grid_path: Path, raw: dict) -> dict[str, Path]:
+    """``rm_type_configs``: RM class path -> the config file its runs start from instead of the grid's."""
+    entries = raw.get("rm_type_configs") or {}
+    if not isinstance(entries, dict):
+        raise RMLightningError(f"{grid_path}: 'rm_type_configs' must map an RM class path to a config file")
+    if entries and len(raw["configs"]) != 1:
+        raise RMLightningError(f"{grid_path}: 'rm_type_configs' needs exactly one entry in 'configs' (got "
+                               f"{len(raw['configs'])}); write one grid file per base config")
+    for rm_type in entries:
+        if rm_type not in raw["rm_types"]:
+            raise RMLightningError(f"{grid_path}: 'rm_type_configs' names {rm_type!r}, which is not in 'rm_types'")
+    return {rm_type: _resolve_config(grid_path, config, key=f"rm_type_configs.{rm_type}")
+            for rm_type, config in entries.items()}
+
+
+def _resolve_config(grid_path: Path, config, key: str = "configs") -> Path:
     if not isinstance(config, str):
-        raise RMLightningError(f"{grid_path}: 'configs' entries must be paths, got {config!r}")
+        raise RMLightningError(f"{grid_path}: '{key}' entries must be paths, got {config!r}")
     for candidate in (Path(config), grid_path.parent / config):
         if candidate.is_file():
             return candidate.resolve()
-    raise RMLightningError(f"{grid_path}: config {config!r} not found (relative to {Path.cwd()} "
+    label = "config" if key == "configs" else key
+    raise RMLightningError(f"{grid_path}: {label} {config!r} not found (relative to {Path.cwd()} "
                            f"or to {grid_path.parent})")
 
 
@@ -183,7 +212,8 @@ def plan_runs(grid: Grid, out: Path) -> list[Run]:
     """Every run of the grid. The RM type varies fastest, so runs that are compared with each
     other finish close together and a report of a half-done sweep already has complete pairs."""
     runs = [Run(config, rm_type, backbone, seed,
-                out / config.stem / class_name(rm_type) / path_component(backbone) / f"seed{seed}")
+                out / config.stem / class_name(rm_type) / path_component(backbone) / f"seed{seed}",
+                grid.rm_type_configs.get(rm_type))
             for config, backbone, seed, rm_type in itertools.product(grid.configs, grid.backbones, grid.seeds,
                                                                      grid.rm_types)]
     seen: dict[Path, Run] = {}
@@ -200,8 +230,10 @@ def command(run: Run, grid: Grid, cli: Optional[Path] = None) -> list[str]:
     results.json write into its directory."""
     directory = str(run.directory)
     launcher = [sys.executable, str(cli)] if cli is not None else [sys.executable, "-m", CLI_MODULE]
+    # a run started from its RM type's own config keeps the grid experiment's name, so reports pair it
+    experiment = ["--results.config_name", run.config.stem] if run.config_file is not None else []
     return [
-        *launcher, "fit", "--config", str(run.config),
+        *launcher, "fit", "--config", str(run.starts_from),
         "--model", run.rm_type, "--model.init_args.backbone", run.backbone,
         "--seed_everything", str(run.seed), "--data.init_args.seed", str(run.seed),
         *grid.overrides, *grid.rm_type_overrides.get(run.rm_type, []),
@@ -209,7 +241,7 @@ def command(run: Run, grid: Grid, cli: Optional[Path] = None) -> list[str]:
         "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
         "--trainer.logger.init_args.save_dir", directory,
         "--trainer.logger.init_args.name", "", "--trainer.logger.init_args.version", "",
-        "--results.dirpath", directory,
+        "--results.dirpath", directory, *experiment,
     ]
 
 
