@@ -218,13 +218,17 @@ def plot_correct_rates(history: list[dict], path: Path, title: str = "") -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for index, split in enumerate(SPLITS):
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    styles = {"train": dict(marker="o", ls="-", color="C0"), "test": dict(marker="s", ls="--", color="C1", mfc="none")}
+    for split in SPLITS:  # distinct markers and dashes: both lines often lie on 0
         points = [(check["epoch"], check["rates"][split], check["total"][split])
                   for check in history if split in check["rates"]]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{index}",
-                    label=f"{split} prompts ({points[-1][2]})")
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{split} prompts ({points[-1][2]})",
+                    ms=7, **styles[split])
     ax.set(xlabel="epochs trained", ylabel="correct rate", ylim=(-0.02, 1.02),
            title="generation check: share of sampled responses that are correct")
     ax.legend(loc="best", fontsize=8)
