@@ -228,6 +228,7 @@ def check_config(config: dict[str, Any]) -> None:
     from rm_lightning.models.backbones import check_backbone_name
 
     check_trainer(config.get("trainer") or {})
+    check_callbacks((config.get("trainer") or {}).get("callbacks"))
     model, data = init_args(config.get("model")), init_args(config.get("data"))
     if "backbone" in model:
         check_backbone_name(model["backbone"], option="model.init_args.backbone")
@@ -244,6 +245,15 @@ def check_config(config: dict[str, Any]) -> None:
     last_checkpoint = config.get("last_checkpoint") or {}
     if "every_minutes" in last_checkpoint:
         non_negative_number(none=False)("last_checkpoint.every_minutes", last_checkpoint["every_minutes"])
+
+
+def check_callbacks(callbacks: Any) -> None:
+    """The options of a configured ``GenerationCheck`` (the one callback of ours configured per experiment)."""
+    from rm_lightning.callbacks.generation_check import OPTION_RULES as GENERATION_CHECK_RULES
+
+    for block in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(block, dict) and str(block.get("class_path", "")).endswith("GenerationCheck"):
+            check_options("GenerationCheck", init_args(block), GENERATION_CHECK_RULES)
 
 
 def check_ckpt_path(ckpt_path: Any) -> None:

@@ -73,6 +73,13 @@ def as_before(resolved: dict, experiment: str) -> dict:
     for source in sources + list(data.get("eval_sets", {}).values()):
         for name, value in SOURCE_ADDED.items():
             assert source.pop(name, value) == value, ("data source", name)
+    # issue 18: the generation check takes one prompt count for both splits (max_prompts) and may run every n-th
+    # epoch; the CPU config keeps its one check at the end of fit on 40 train and 40 test prompts
+    for callback in resolved["trainer"].get("callbacks") or []:
+        if callback["class_path"].endswith("GenerationCheck"):
+            options = callback["init_args"]
+            assert options.pop("every_n_epochs") == 0
+            options["num_train_prompts"] = options["num_test_prompts"] = options.pop("max_prompts")
     model = resolved["model"]["init_args"]
     assert resolved["results"].pop("config_name") == experiment
     if resolved["model"]["class_path"] == "rm_lightning.ImplicitRM":  # issue 17: the IM-RM's loss choice

@@ -238,11 +238,11 @@ trainer:
   max_steps: -1
   callbacks:
     - class_path: rm_lightning.callbacks.GenerationCheck
-      init_args: {num_train_prompts: 2, num_test_prompts: 3, max_new_tokens: 8, every_validation: true}
+      init_args: {max_prompts: 2, max_new_tokens: 8, every_validation: true}
 """)
     cli.main(["fit", "--config", str(PROJECT_ROOT / "configs" / "imrm_hamcycle.yaml"),
                      "--config", str(tiny_hamcycle_override(tmp_path)), "--config", str(every_epoch)])
     report = json.loads(next(tmp_path.glob("lightning_logs/version_*/generation_check.json")).read_text())
     # step 0: the validation before training (MarginHistory.validate_at_start); none repeated at the end of fit
     assert [check["step"] for check in report["history"]] == [0, 2, 4]
-    assert report["latest"]["total"] == {"train": 2, "test": 3}
+    assert report["latest"]["total"] == {"train": 2, "test": 2}

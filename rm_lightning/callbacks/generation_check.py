@@ -2,14 +2,16 @@
 
 Theorem 1 of the paper says an IM-RM can rank correct above incorrect responses while its
 policy almost never generates a correct one. This callback samples one response per prompt
-from the reward module's language model and asks the datamodule whether it is correct.
+from the reward module's language model and asks the datamodule whether it is correct, as the
+authors' code does for the Hamiltonian-cycle task: at every validation (each epoch), on all
+train and test prompts, one try per prompt.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
@@ -18,43 +20,72 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from rm_lightning.callbacks.run_directory import run_dir
-from rm_lightning.errors import RMLightningError
-from rm_lightning.files import write_json_atomically
+from rm_lightning.errors import RMLightningError, SettingError
+from rm_lightning.files import save_figure_atomically, write_json_atomically
 from rm_lightning.models.implicit import ImplicitRM
 from rm_lightning.pairs.contract import VerifiableData
+from rm_lightning.pairs.encoding import uses_plain_format
+from rm_lightning.settings import Rule, check_options, whole_number
 
 SPLITS = ("train", "test")
+ALL = "all"
+
+
+def max_prompts_rule(option: str, value: Any) -> None:
+    if value == ALL:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(f"{option}: expected a whole number >= 1 or '{ALL}', got {value!r}")
+
+
+# checked by the class and, for a CLI run, by ``settings.check_config`` before any model loads
+OPTION_RULES: dict[str, Rule] = {
+    "max_prompts": max_prompts_rule,
+    "every_n_epochs": whole_number(0),
+    "max_new_tokens": whole_number(1),
+    "batch_size": whole_number(1),
+    "num_examples": whole_number(0),
+}
 
 
 class GenerationCheck(L.Callback):
-    """Sample from the policy at the end of fit (and optionally after every validation).
+    """Sample from the policy at the end of every n-th training epoch and at the end of fit.
 
     The datamodule supplies ``generation_prompts() -> {"train": [...], "test": [...]}`` (raw
-    prompts) and ``verify(prompt, response) -> bool``. Prompts are formatted exactly as in
-    training and sampled at temperature 1 with no top-k/top-p filtering (the paper's setting).
-    Logs ``gen/train_correct_rate`` and ``gen/test_correct_rate`` and writes ``filename`` (rates,
-    counts and a few sample generations per check) to the run directory. Runs on global rank 0
-    with the module's full model (single device or DDP; not sharded strategies).
+    prompts) and ``verify(prompt, response) -> bool``. Prompts are formatted and tokenized exactly
+    as the pair encoding makes them, and sampled at temperature 1 with no top-k/top-p filtering
+    (the paper's setting). Each check logs ``gen/train_correct_rate`` and ``gen/test_correct_rate``
+    (and ``gen/epoch``) to the trainer's loggers at its optimizer step, and rewrites ``filename``
+    (settings, every check's rates and counts, a few sample generations per check) and the PNG of
+    the same stem (correct rate against epochs trained, one line per prompt set) in the run
+    directory; ``results.json`` keeps the rates of every check too. A check never runs twice at
+    the same optimizer step, so the end of fit adds one only when the last epoch had none. The
+    history is saved in checkpoints, so a resumed run continues it. Runs on global rank 0 with the
+    module's full model (single device or DDP; not sharded strategies).
 
     Args:
-        num_train_prompts, num_test_prompts: the first prompts of each split to check (null: all).
+        max_prompts: the first prompts of each split to check, or ``all`` (the paper).
+        every_n_epochs: check at the end of every n-th training epoch (the paper: 1); 0 checks only at
+            the end of fit.
         max_new_tokens: generation length cap (paper: 300).
         batch_size: prompts per ``generate`` call.
         every_validation: also check after each validation (not the sanity check).
-        num_examples: sample generations kept per split in the JSON file.
-        seed: sampling seed; the training RNG state is left untouched.
+        num_examples: sample generations kept per split and check in the JSON file.
+        seed: sampling seed, the same for every check; the training RNG state is left untouched.
+        filename: the JSON file; the plot takes its stem (``generation_check.png``).
     """
 
-    def __init__(self, num_train_prompts: Optional[int] = 200, num_test_prompts: Optional[int] = 200,
-                 max_new_tokens: int = 300, batch_size: int = 16, every_validation: bool = False,
-                 num_examples: int = 5, seed: int = 0, filename: str = "generation_check.json"):
-        if max_new_tokens < 1 or batch_size < 1:
-            raise RMLightningError(f"GenerationCheck: max_new_tokens and batch_size must be positive "
-                                   f"(got {max_new_tokens}, {batch_size})")
-        self.prompt_counts = {"train": num_train_prompts, "test": num_test_prompts}
+    def __init__(self, max_prompts: Union[int, str] = ALL, every_n_epochs: int = 1, max_new_tokens: int = 300,
+                 batch_size: int = 16, every_validation: bool = False, num_examples: int = 5, seed: int = 0,
+                 filename: str = "generation_check.json"):
+        check_options("GenerationCheck", dict(max_prompts=max_prompts, every_n_epochs=every_n_epochs,
+                                              max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                              num_examples=num_examples), OPTION_RULES)
+        self.max_prompts, self.every_n_epochs = max_prompts, every_n_epochs
         self.max_new_tokens, self.batch_size, self.every_validation = max_new_tokens, batch_size, every_validation
         self.num_examples, self.seed, self.filename = num_examples, seed, filename
         self.history: list[dict] = []
+        self._title = ""
 
     # --- hooks -----------------------------------------------------------------------------------
 
@@ -69,59 +100,152 @@ class GenerationCheck(L.Callback):
         if not isinstance(pl_module, ImplicitRM):
             rank_zero_warn(f"GenerationCheck on {type(pl_module).__name__}: its LM head is not what training "
                            f"optimizes; the check is meant for IM-RMs.")
-        run_dir(trainer)  # collective: resolve the run directory on every rank now
+        from rm_lightning.callbacks.margin_history import run_title
+
+        self._title = run_title(trainer, pl_module)  # collective: resolves the run directory on every rank now
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if self.every_validation and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
+        if self.every_validation and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.check(trainer, pl_module, "validation")
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        already_checked = self.history and self.history[-1]["step"] == trainer.global_step
-        result = self.history[-1] if already_checked else self.run(trainer, pl_module)
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.check(trainer, pl_module, "epoch_end")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The end of fit (before any ``on_fit_end``, so ``results.json`` has this check too)."""
+        result = self.check(trainer, pl_module, "fit_end")
         if result is not None:
             rates = ", ".join(f"{split} {result['correct'][split]}/{result['total'][split]}" for split in result["rates"])
-            print(f"\ngeneration check (step {result['step']}): correct responses: {rates}")
+            print(f"\ngeneration check (epoch {result['epoch']}, step {result['step']}): correct responses: {rates}")
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
 
     # --- the check -------------------------------------------------------------------------------
 
-    def run(self, trainer, pl_module) -> dict | None:
+    def check(self, trainer, pl_module, trigger: str) -> dict | None:
+        """Run a check unless one already ran at this optimizer step; returns the latest (None on other ranks)."""
+        if not trainer.is_global_zero:
+            return None
+        if self.history and self.history[-1]["step"] == trainer.global_step:
+            return self.history[-1]
+        return self.run(trainer, pl_module, trigger)
+
+    def run(self, trainer, pl_module, trigger: str = "fit_end") -> dict | None:
         """Sample, verify, log and save; returns this check's result (None on other ranks)."""
         if not trainer.is_global_zero:
             return None
         datamodule = trainer.datamodule
-        prompts = datamodule.generation_prompts()
-        result = {"step": trainer.global_step, "epoch": trainer.current_epoch, "rates": {}, "correct": {},
+        prompts = self.chosen_prompts(datamodule.generation_prompts())
+        epoch = epochs_trained(trainer)
+        result = {"epoch": epoch, "step": trainer.global_step, "trigger": trigger, "rates": {}, "correct": {},
                   "total": {}, "examples": {}}
-        for split in SPLITS:
-            count = self.prompt_counts[split]
-            chosen = list(prompts.get(split, []))[:count] if count is not None else list(prompts.get(split, []))
-            if not chosen:
-                continue
-            responses = sample_responses(pl_module, chosen, self.max_new_tokens, self.batch_size, self.seed,
-                                         trainer.precision_plugin.forward_context, desc=f"generation check [{split}]")
-            verdicts = [bool(datamodule.verify(p, r)) for p, r in zip(chosen, responses)]
-            result["correct"][split], result["total"][split] = sum(verdicts), len(verdicts)
-            result["rates"][split] = sum(verdicts) / len(verdicts)
-            result["examples"][split] = [{"prompt": p, "response": r, "correct": v}
-                                         for p, r, v in list(zip(chosen, responses, verdicts))[:self.num_examples]]
+        show = trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled
+        with tqdm(total=sum(map(len, prompts.values())), desc=f"generation check (epoch {epoch})", unit="prompt",
+                  leave=False, disable=not show) as bar:
+            for split, chosen in prompts.items():
+                responses = sample_responses(pl_module, chosen, self.max_new_tokens, self.batch_size, self.seed,
+                                             trainer.precision_plugin.forward_context, bar=bar)
+                verdicts = [bool(datamodule.verify(p, r)) for p, r in zip(chosen, responses)]
+                result["correct"][split], result["total"][split] = sum(verdicts), len(verdicts)
+                result["rates"][split] = sum(verdicts) / len(verdicts)
+                result["examples"][split] = [{"prompt": p, "response": r, "correct": v}
+                                             for p, r, v in list(zip(chosen, responses, verdicts))[:self.num_examples]]
         self.history.append(result)
         metrics = {f"gen/{split}_correct_rate": rate for split, rate in result["rates"].items()}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics({**metrics, "gen/epoch": epoch}, step=trainer.global_step)
         self.write(run_dir(trainer) / self.filename)
         return result
 
+    def chosen_prompts(self, prompts: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The prompts of each split that is not empty: all, or the first ``max_prompts``."""
+        limit = None if self.max_prompts == ALL else self.max_prompts
+        chosen = {split: list(prompts.get(split, []))[:limit] for split in SPLITS}
+        return {split: values for split, values in chosen.items() if values}
+
+    def settings(self) -> dict:
+        return {"max_prompts": self.max_prompts, "every_n_epochs": self.every_n_epochs,
+                "every_validation": self.every_validation, "max_new_tokens": self.max_new_tokens,
+                "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": self.seed}
+
+    def summary(self) -> dict:
+        """What ``results.json`` keeps: the settings and every check's rates and counts (no samples)."""
+        keys = ("epoch", "step", "trigger", "rates", "correct", "total")
+        return {"settings": self.settings(), "history": [{k: check[k] for k in keys if k in check}
+                                                         for check in self.history]}
+
     def write(self, path: Path) -> None:
-        settings = {"max_new_tokens": self.max_new_tokens, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                    "seed": self.seed, "prompts": self.prompt_counts}
-        payload = {"settings": settings, "latest": self.history[-1], "history": self.history}
+        """The JSON file, then the plot; a plot that cannot be written is a warning (the JSON has the figures)."""
+        payload = {"settings": self.settings(), "latest": self.history[-1], "history": self.history}
         write_json_atomically(path, payload)
+        plot = path.with_suffix(".png")
+        try:
+            plot_correct_rates(self.history, plot, self._title)
+        except Exception as err:  # noqa: BLE001 - the figures are in the JSON; the plot is a convenience
+            rank_zero_warn(f"could not write {plot} ({type(err).__name__}: {err}); the rates are in {path.name}")
+
+
+def generation_summary(trainer) -> dict | None:
+    """The generation check's ``summary()`` for ``results.json``; None when the run has no check."""
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, GenerationCheck):
+            return callback.summary()
+    return None
+
+
+def epochs_trained(trainer) -> float | int:
+    """Epochs of training behind the current weights: whole epochs, plus the share of one in progress
+    (a check after a validation inside an epoch); 1 at the end of the first epoch."""
+    epochs = trainer.fit_loop.epoch_progress.current  # ``processed`` counts an epoch before its end hooks
+    if epochs.started <= epochs.processed:
+        return int(epochs.processed)
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    total = trainer.num_training_batches
+    share = min(batches / total, 1.0) if isinstance(total, int) and total > 0 else 0.0
+    value = round(epochs.processed + share, 4)
+    return int(value) if value == int(value) else value
+
+
+def plot_correct_rates(history: list[dict], path: Path, title: str = "") -> None:
+    """Correct rate against epochs trained, one line per prompt set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    styles = {"train": dict(marker="o", ls="-", color="C0"), "test": dict(marker="s", ls="--", color="C1", mfc="none")}
+    for split in SPLITS:  # distinct markers and dashes: both lines often lie on 0
+        points = [(check["epoch"], check["rates"][split], check["total"][split])
+                  for check in history if split in check["rates"]]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{split} prompts ({points[-1][2]})",
+                    ms=7, **styles[split])
+    ax.set(xlabel="epochs trained", ylabel="correct rate", ylim=(-0.02, 1.02),
+           title="generation check: share of sampled responses that are correct")
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure_atomically(fig, path)
+    plt.close(fig)
 
 
 @torch.no_grad()
 def sample_responses(pl_module, prompts: list[str], max_new_tokens: int, batch_size: int = 16, seed: int = 0,
-                     precision_context=None, desc: str = "sampling") -> list[str]:
-    """One sampled response per raw prompt, from ``pl_module.model``, formatted as in training."""
+                     precision_context=None, desc: str = "sampling", bar: Optional[tqdm] = None) -> list[str]:
+    """One sampled response per raw prompt, from ``pl_module.model``, formatted as in training.
+
+    Progress goes to ``bar`` (advanced by prompts) when given, else to a bar of its own over batches.
+    """
     model, tokenizer = pl_module.model, pl_module.tokenizer
     device = next(model.parameters()).device
     prefixes = [encode_prefix(pl_module, prompt) for prompt in prompts]
@@ -136,23 +260,27 @@ def sample_responses(pl_module, prompts: list[str], max_new_tokens: int, batch_s
     try:
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(seed)
-            for begin in tqdm(range(0, len(prefixes), batch_size), desc=desc, leave=False):
+            starts = range(0, len(prefixes), batch_size)
+            for begin in (starts if bar is not None else tqdm(starts, desc=desc, leave=False)):
                 input_ids, attention_mask = left_padded(prefixes[begin:begin + batch_size], tokenizer.pad_token_id)
                 with (precision_context() if precision_context else nullcontext()):
                     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                             generation_config=config)
                 for row in output[:, input_ids.shape[1]:].tolist():
                     responses.append(decode_response(tokenizer, row, stops, drop))
+                if bar is not None:
+                    bar.update(input_ids.shape[0])
     finally:
         model.train(was_training)
     return responses
 
 
 def encode_prefix(pl_module, prompt: str) -> list[int]:
-    """Token ids of the formatted prompt, as ``PairEncoder`` makes them (BOS only without a chat template)."""
+    """Token ids of the formatted prompt, as ``PairEncoder`` makes them: the tokenizer's special tokens (BOS)
+    only in the plain base format; a chat template's text, the authors' base-model one included, as it stands."""
     tokenizer = pl_module.tokenizer
     prefix = pl_module.format_texts(prompt, "")[0]
-    add_special = not getattr(tokenizer, "chat_template", None)
+    add_special = uses_plain_format(tokenizer, pl_module.base_format)
     return tokenizer(prefix, add_special_tokens=add_special)["input_ids"]
 
 

@@ -26,6 +26,7 @@ import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
+from rm_lightning.callbacks.generation_check import generation_summary
 from rm_lightning.callbacks.peak_memory import peak_memory
 from rm_lightning.callbacks.phase_times import phase_timings
 from rm_lightning.callbacks.run_directory import run_dir
@@ -134,6 +135,9 @@ class ResultsWriter(L.Callback):
             "eval_source": self._eval_source,
             "eval_step": self._eval_step,
             "eval_sets": eval_set_metrics(pl_module.eval_sets.last, tags),
+            # every check of the policy's generations (callbacks/generation_check.py): the correct rate of
+            # the train and test prompts per epoch; None when the run has no generation check
+            "generation_check": generation_summary(trainer),
             "wall_time_s": round(time.monotonic() - self._started, 3),
             # the run's peak resident memory (and peak CUDA memory on a GPU), the largest over its processes
             "peak_memory": self._peak_memory or peak_memory(),
