@@ -47,3 +47,12 @@ def test_cli_keeps_freed_memory_before_loading_anything(monkeypatch):
     monkeypatch.setattr(cli, "RewardCLI", lambda *args, **kwargs: calls.append("cli"))
     cli.main(["fit", "--help"])
     assert calls == ["tuned", "cli"]
+
+
+def test_free_pages_are_handed_back_with_malloc_trim(monkeypatch):
+    trims = []
+    libc = type("Libc", (), {"malloc_trim": lambda self, pad: trims.append(pad) or 1})()
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda _: libc)
+    monkeypatch.setattr(host_memory, "is_glibc", lambda: True)
+    assert host_memory.release_free_pages() is True
+    assert trims == [0]

@@ -304,3 +304,17 @@ def test_evaluation_in_micro_batches_gives_the_whole_batches_metrics():
         for key, value in values.items():
             # rewards agree to float rounding (different packings); a normalized margin of near-equal rewards amplifies it
             assert metrics[300][name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+
+
+def test_free_pages_go_back_after_every_micro_batch_backward_but_the_last(monkeypatch):
+    from rm_lightning.perf import micro_batches
+
+    trims = []
+    monkeypatch.setattr(micro_batches, "release_free_pages", lambda: trims.append(1))
+    module = ExplicitRM(backbone="tiny-llama")
+    batch = module.collator()(pairs_of_all_lengths(len(module.tokenizer)))
+    budget = max(pair_tokens(batch)) + 10
+    module.resolved_token_budget = budget
+    plan = module.micro_batch_plan(batch)
+    split_loss_and_grads(module, batch, budget)
+    assert len(plan) > 1 and len(trims) == len(plan) - 1

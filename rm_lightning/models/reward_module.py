@@ -233,13 +233,15 @@ class RewardModule(L.LightningModule):
         under FSDP2 the root unit keeps its weights gathered from its forward to its backward
         (``perf/sharding.py``), and meanwhile ``parameters()`` yields those gathered copies, not the
         sharded weights whose gradients the optimizer steps; the previous step's gradients of the
-        embeddings, final norm and heads would be kept and added to.
+        embeddings, final norm and heads would be kept and added to. They are zeroed in place: freeing
+        and allocating them again each step scatters them over a heap that the micro-batches'
+        activations share, which raises the peak (``benchmarks/README.md``, "Token budget").
         """
         trainer = self._trainer
         first_to_accumulate = batch_idx % trainer.accumulate_grad_batches == 0  # as Lightning decides
         if first_to_accumulate and not self._zeroed_for_micro_batches:
             for optimizer in trainer.optimizers:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)  # kept in place: no new gradient buffers each step
             self._zeroed_for_micro_batches = True
         with torch.autocast(self.device.type, enabled=False):
             trainer.strategy.backward(loss / trainer.accumulate_grad_batches, None)
