@@ -14,6 +14,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``. Tiny models: syncing a second thread costs more than it saves, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared reference data (``$RM_LIGHTNING_DATA``, default ``../shared/data``); tests skip without it."""

@@ -23,13 +23,7 @@ from rm_lightning.settings import check_config
 DATA = dict(num_vertices=6, num_train=8, num_test=5, data_seed=3, batch_size=4, eval_batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: syncing a second thread costs more than it saves, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def fit(root, max_epochs: int, ckpt_path=None, **check_options):

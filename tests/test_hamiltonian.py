@@ -21,13 +21,7 @@ from rm_lightning.errors import DataError, RMLightningError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: syncing a second thread costs more than it saves, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # A 5-cycle 0-1-2-3-4-0 plus the chord 0-2.
