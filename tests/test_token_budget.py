@@ -218,6 +218,24 @@ def test_checkpointing_only_when_the_longest_pair_would_not_fit_without_it():
     assert auto.choose_token_budget(**args, longest_pair=10, checkpointing=True).checkpointing  # as configured
 
 
+def test_budget_stops_where_larger_forwards_are_no_faster():
+    args = dict(free_bytes=21 * GIB, pending_bytes=GIB, bytes_per_token=2 ** 20, checkpointed_bytes_per_token=2 ** 16)
+    capped = auto.choose_token_budget(**args, longest_pair=1000, speed_tokens=2048)
+    assert (capped.tokens, capped.capped) == (2048, True)
+
+
+def test_speed_limit_never_cuts_below_the_longest_pair():
+    args = dict(free_bytes=21 * GIB, pending_bytes=GIB, bytes_per_token=2 ** 20, checkpointed_bytes_per_token=2 ** 16)
+    assert auto.choose_token_budget(**args, longest_pair=3000, speed_tokens=2048).tokens == 3000
+
+
+def test_auto_on_a_cpu_keeps_to_the_cpu_speed_limit(monkeypatch):
+    module = ExplicitRM(backbone="tiny-llama", token_budget="auto")
+    monkeypatch.setattr(auto, "free_memory_bytes", lambda device, limit, processes=1: (64 * GIB, "test"))
+    module._longest_pair_tokens = 100
+    assert module.token_budget() == auto.CPU_SPEED_TOKENS
+
+
 def test_no_room_is_refused_in_one_line():
     with pytest.raises(RMLightningError, match="no memory left for activations"):
         auto.choose_token_budget(free_bytes=GIB, pending_bytes=GIB, bytes_per_token=1.0,

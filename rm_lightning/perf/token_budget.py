@@ -18,6 +18,10 @@ The budget is the room left for activations divided by what one token's activati
   time: per token, layers x hidden size x bytes per value, plus twice one layer's share of the
   measured cost, times ``CHECKPOINTED_FACTOR``. It is switched on only when even the data's
   longest pair would not fit without it.
+* on a CPU the budget stops at ``CPU_SPEED_TOKENS`` (or the longest pair, if longer): beyond it a
+  forward runs no faster per token, so filling all of the host's memory would only risk the
+  machine (a first version did: 22.7 GiB resident of 22.7 available, for no speed). A GPU keeps
+  the whole fit, where larger forwards do run faster.
 
 ``choose_token_budget`` is the arithmetic alone, given those inputs; ``resolve_auto_budget``
 gathers them for a reward module and says in one line what it chose.
@@ -47,6 +51,9 @@ MARGIN_FRACTION = 0.1
 MARGIN_MIN_BYTES = 2 ** 30
 # a gradient and two Adam moments for every trainable parameter, allocated at the first backward and step
 OPTIMIZER_COPIES = 3
+# larger micro-batches ran no faster per pair on a CPU (UltraFeedback, batch 32: 2048 tokens at 0.86x the
+# step time of 8192; benchmarks/README.md, "Token budget")
+CPU_SPEED_TOKENS = 2048
 PROBE_PROMPT_TOKENS = 16
 PROBE_DEFAULT_PAIR_TOKENS = 288  # without data to size the probe on
 PROBE_MAX_PAIR_TOKENS = 2048
@@ -89,13 +96,15 @@ class BudgetChoice:
     room_bytes: int
     bytes_per_token: float  # the cost per token the budget was divided by (checkpointed if checkpointing)
     longest_pair: Optional[int]
+    capped: bool = False  # stopped at ``speed_tokens``, below what would fit
 
     def describe(self, source: str) -> str:
         why = "activation checkpointing on: the longest pair would not fit without it" if self.checkpointing else \
             "activation checkpointing as configured"
         longest = f", longest pair {self.longest_pair} tokens" if self.longest_pair else ""
-        return (f"token_budget auto: {self.tokens} tokens per micro-batch ({gib(self.room_bytes)} left for activations "
-                f"of {source}, {self.bytes_per_token / 2 ** 10:.0f} KiB per token{longest}; {why})")
+        cap = ", no more: larger micro-batches run no faster on a CPU" if self.capped else ""
+        return (f"token_budget auto: {self.tokens} tokens per micro-batch{cap} ({gib(self.room_bytes)} left for "
+                f"activations of {source}, {self.bytes_per_token / 2 ** 10:.0f} KiB per token{longest}; {why})")
 
 
 def gib(value: float) -> str:
@@ -104,9 +113,10 @@ def gib(value: float) -> str:
 
 def choose_token_budget(free_bytes: int, pending_bytes: int, bytes_per_token: float,
                         checkpointed_bytes_per_token: float, longest_pair: Optional[int],
-                        checkpointing: bool = False) -> BudgetChoice:
+                        checkpointing: bool = False, speed_tokens: Optional[int] = None) -> BudgetChoice:
     """The budget for ``free_bytes`` the process may still fill, of which ``pending_bytes`` training is yet to
-    allocate (gradients, optimizer state); checkpointing switched on only when the longest pair needs it."""
+    allocate (gradients, optimizer state); checkpointing switched on only when the longest pair needs it; no
+    more than ``speed_tokens`` (or the longest pair, if longer), past which a larger forward is no faster."""
     room = free_bytes - pending_bytes
     room -= max(MARGIN_MIN_BYTES, int(MARGIN_FRACTION * room))
     if room <= 0:
@@ -118,7 +128,11 @@ def choose_token_budget(free_bytes: int, pending_bytes: int, bytes_per_token: fl
     if not checkpointing and longest_pair is not None and math.floor(room / full) < longest_pair:
         checkpointing = True
     per_token = checkpointed if checkpointing else full
-    return BudgetChoice(max(1, math.floor(room / per_token)), checkpointing, room, per_token, longest_pair)
+    fits = max(1, math.floor(room / per_token))
+    ceiling = None if speed_tokens is None else max(speed_tokens, longest_pair or 0)
+    if ceiling is not None and fits > ceiling:
+        return BudgetChoice(ceiling, checkpointing, room, per_token, longest_pair, capped=True)
+    return BudgetChoice(fits, checkpointing, room, per_token, longest_pair)
 
 
 def checkpointed_cost(bytes_per_token: float, layers: int, hidden_size: int, value_bytes: int) -> float:
@@ -282,7 +296,8 @@ def resolve_auto_budget(module) -> int:
     checkpointed = checkpointed_cost(per_token, config.num_hidden_layers, config.hidden_size,
                                      activation_value_bytes(module))
     choice = choose_token_budget(free, pending_training_bytes(module), per_token, checkpointed,
-                                 module._longest_pair_tokens, checkpointing=module.checkpointing)
+                                 module._longest_pair_tokens, checkpointing=module.checkpointing,
+                                 speed_tokens=CPU_SPEED_TOKENS if module.device.type == "cpu" else None)
     choice = agreed_across_processes(choice, module.device)
     if choice.checkpointing and not module.checkpointing:
         set_checkpointing(module.model, True)
