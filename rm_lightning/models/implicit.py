@@ -112,10 +112,13 @@ class ImplicitRM(RewardModule):
         """In a trainer's validation, test or prediction, while the policy is its own reference, every reward is 0
         by definition: no forward is run (an untrained IM-RM's step-0 evaluation, or a model scored against
         itself, costs nothing). Elsewhere rewards are computed, as their derivatives may be wanted (the §4
-        tools differentiate them at the initial weights, also in forward mode under ``no_grad``)."""
+        tools differentiate them at the initial weights, also in forward mode under ``no_grad``), and so they
+        are where gradients are on: ``token_budget: auto`` measures a training forward's cost inside the first
+        evaluation (an untrained IM-RM's would otherwise cost nothing, and the budget grow unbounded)."""
         trainer = self._trainer
         evaluating = trainer is not None and (trainer.validating or trainer.testing or trainer.predicting)
-        if evaluating and self.reference == "frozen" and self.policy_is_reference():
+        if (evaluating and not torch.is_grad_enabled() and self.reference == "frozen"
+                and self.policy_is_reference()):
             return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
         return super().rewards(batch)
 
