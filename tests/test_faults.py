@@ -90,6 +90,12 @@ def test_max_steps_mid_epoch_evaluates_the_final_weights(tmp_path):
                                         "paraphrased_train_prompts", "paraphrased_test_prompts"}
 
 
+def test_max_steps_in_an_epoch_without_validation_evaluates_the_final_weights(tmp_path):
+    assert fit(tmp_path, "--trainer.check_val_every_n_epoch", "2", max_epochs=2, max_steps=1) == 0
+    record = results(versions(tmp_path)[0])
+    assert record["status"] == "finished" and record["eval_step"] == record["global_step"] == 1
+
+
 def test_a_time_limit_evaluates_the_weights_it_stops_at(tmp_path):
     assert fit(tmp_path, "--data.init_args.num_train", "64", "--trainer.max_time", "00:00:00:01", max_epochs=1) == 0
     record = results(versions(tmp_path)[0])

@@ -40,6 +40,7 @@ class MarginHistory(L.Callback):
         self.filename, self.validate_at_start = filename, validate_at_start
         self.rows: list[dict] = []
         self._title = ""
+        self._last_eval_step: Optional[int] = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         run_dir(trainer)  # collective: resolve the run directory on every rank now
@@ -67,6 +68,7 @@ class MarginHistory(L.Callback):
         self._record_eval(trainer, pl_module, "test")
 
     def _record_eval(self, trainer, pl_module, split: str) -> None:
+        self._last_eval_step = trainer.global_step
         experiment = _tensorboard(trainer)
         for name, values in pl_module.eval_sets.last.items():
             row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "set": name, "split": split}
@@ -78,7 +80,10 @@ class MarginHistory(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(run_dir(trainer))
-        self._print_final(pl_module, peak_memory(trainer), phase_timings(trainer))  # collective: every rank measures
+        heading = (f"\nfinal evaluation ({type(pl_module).__name__})" if self._last_eval_step == trainer.global_step else
+                   f"\nlast evaluation ({type(pl_module).__name__}), at step {self._last_eval_step}: none ran at the "
+                   f"last step, {trainer.global_step}")
+        self._print_final(pl_module, peak_memory(trainer), phase_timings(trainer), heading)  # collective: every rank measures
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """An interrupted or failed fit keeps the history it has (a start that failed has none)."""
@@ -97,14 +102,15 @@ class MarginHistory(L.Callback):
                            f"the figures are in {self.filename}.csv")
 
     @rank_zero_only
-    def _print_final(self, pl_module, peaks: dict, timings: Optional[dict] = None) -> None:
+    def _print_final(self, pl_module, peaks: dict, timings: Optional[dict] = None,
+                     heading: str = "\nfinal evaluation") -> None:
         last = pl_module.eval_sets.last
         indent = "  " if last else ""
         time_line = f"\n{indent}{describe_timings(timings)}" if timings else ""
         if not last:
             print(f"\n{describe(peaks)}{time_line}")
             return
-        print(f"\nfinal evaluation ({type(pl_module).__name__})")
+        print(heading)
         print(f"  {'eval set':<32} {'accuracy':>9} {'norm. margin':>13} {'chosen r':>10} {'rejected r':>11}")
         for name, v in last.items():
             print(f"  {name:<32} {float(v['accuracy']):>9.3f} {float(v['normalized_margin']):>13.3f} "
