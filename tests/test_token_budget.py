@@ -13,8 +13,9 @@ from test_distributed import one_rank_mesh  # noqa: F401  (a fixture)
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM
 from rm_lightning.errors import RMLightningError
 from rm_lightning.perf import token_budget as auto
-from rm_lightning.perf.micro_batches import (encoded_pair_tokens, pair_tokens, plan_micro_batches, select_pairs,
-                                             spread_to_count)
+from rm_lightning.pairs.records import EncodedPair
+from rm_lightning.perf.micro_batches import (encoded_pair_tokens, packed_batch_tokens, pair_tokens, plan_micro_batches,
+                                             select_pairs, spread_to_count)
 
 MODULES = {"exrm": (ExplicitRM, {}), "imrm": (ImplicitRM, {"reference": "none", "beta": 1.0}),
            "exgrm": (ExplicitGenerativeRM, {})}
@@ -152,6 +153,26 @@ def test_pair_tokens_count_a_shared_prefix_once():
     assert pair_tokens(batch) == [encoded_pair_tokens(p) for p in pairs]
     assert pair_tokens(batch, "padded") == [2 * len(p) for p in pairs]
     assert pair_tokens(batch)[:4] == [5 + 4 + 6, 20 + 10 + 3, 1 + 30 + 2, 12 + 9 + 9]
+
+
+@pytest.mark.parametrize("attention", ["grouped", "flex"])
+def test_whole_batch_tokens_are_what_the_packed_layout_runs(attention):
+    from rm_lightning.perf.packed_pairs import PackedPairs
+
+    module = ExplicitRM(backbone="tiny-llama")
+    batch = module.collator()(edge_case_pairs(len(module.tokenizer)) + ragged_pairs(len(module.tokenizer)))
+    packed = PackedPairs.from_batch(batch, attention=attention)
+    assert packed_batch_tokens(batch, across_pairs=attention != "flex") == packed.input_ids.numel()
+
+
+def test_pairs_sharing_a_prompt_run_whole_when_their_prefix_tree_fits():
+    """Persona's eval batches: one system prompt and question before every pair."""
+    module = ExplicitRM(backbone="tiny-llama", token_budget=100).eval()
+    prompt = list(range(3, 63))
+    pairs = [EncodedPair(prompt + [100 + i, 7], 60, prompt + [200 + i, 8], 60) for i in range(4)]
+    batch = module.collator()(pairs)
+    assert sum(pair_tokens(batch)) == 4 * 64 > 100 >= packed_batch_tokens(batch) == 60 + 4 * 4
+    assert module.micro_batch_plan(batch) == [[0, 1, 2, 3]]
 
 
 def test_select_pairs_cuts_rows_to_the_longest_selected_one():

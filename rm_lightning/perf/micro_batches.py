@@ -9,7 +9,8 @@ not the longest batch in the data.
 
 A pair's tokens are what the decoder runs for it: in the packed layout its chosen row plus the
 rejected row's suffix after their common prefix (``perf/packed_pairs.py``; pairs that also share a
-prefix with each other run fewer, so the plan errs on the safe side); in the padded layout
+prefix with each other run fewer, so the plan errs on the safe side, and a whole batch whose
+prefix tree fits the budget runs whole); in the padded layout
 both rows padded to the micro-batch's longest row. Pairs are packed first-fit in decreasing
 order of tokens, so a batch needs few micro-batches. A pair over the budget runs alone.
 """
@@ -42,6 +43,27 @@ def pair_tokens(batch: dict[str, torch.Tensor], layout: DecoderLayout = "packed"
     same = (ids[:pairs] == ids[pairs:]) & mask[:pairs] & mask[pairs:]
     shared = same.int().cumprod(dim=1).sum(dim=1)
     return (chosen + rejected - shared).tolist()
+
+
+def packed_batch_tokens(batch: dict[str, torch.Tensor], across_pairs: bool = True) -> int:
+    """Tokens the packed decoder runs for the whole batch: its prefix tree's nodes, every prefix shared
+    by any rows computed once (``perf/packed_pairs.lay_out_pairs``); ``across_pairs=False`` shares only
+    within a pair, as the flex attention layout does."""
+    mask = batch["attention_mask"].bool()
+    rows = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"], mask)]
+    if not across_pairs:
+        return sum(pair_tokens(batch))
+    rows.sort()
+    total, previous = 0, []
+    for row in rows:
+        shared = 0
+        for a, b in zip(row, previous):
+            if a != b:
+                break
+            shared += 1
+        total += len(row) - shared
+        previous = row
+    return total
 
 
 def encoded_pair_tokens(pair, layout: DecoderLayout = "packed") -> int:
@@ -145,12 +167,16 @@ def plan_for(module, batch: dict[str, torch.Tensor]) -> list[list[int]]:
     pairs = batch["input_ids"].shape[0] // 2
     if budget is None:
         return [list(range(pairs))]
-    tokens = pair_tokens(batch, module.hparams.decoder_layout)
-    plan = plan_micro_batches(tokens, budget, padded=module.hparams.decoder_layout == "padded")
-    for members in plan:
-        if len(members) == 1 and tokens[members[0]] > budget:
-            warnings.warn(f"token_budget {budget}: a pair of {tokens[members[0]]} tokens runs alone, over the "
-                          "budget", stacklevel=2)
+    layout = module.hparams.decoder_layout
+    if layout == "packed" and packed_batch_tokens(batch, module.hparams.packed_attention != "flex") <= budget:
+        plan = [list(range(pairs))]  # pairs sharing prefixes with each other (a system prompt, a prompt) fit whole
+    else:
+        tokens = pair_tokens(batch, layout)
+        plan = plan_micro_batches(tokens, budget, padded=layout == "padded")
+        for members in plan:
+            if len(members) == 1 and tokens[members[0]] > budget:
+                warnings.warn(f"token_budget {budget}: a pair of {tokens[members[0]]} tokens runs alone, over "
+                              "the budget", stacklevel=2)
     if is_sharded(module) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         count = torch.tensor(len(plan), device=module.device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
