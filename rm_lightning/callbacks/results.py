@@ -51,7 +51,8 @@ class ResultsWriter(L.Callback):
     says where they come from (``eval_source``, ``eval_step``). When ``max_steps`` ends a fit in
     the middle of an epoch, this callback asks Lightning to stop there (``trainer.should_stop``),
     which runs the validation Lightning runs before an early stop, and runs one itself in an epoch
-    that ``check_val_every_n_epoch`` skips: the final metrics then belong to the final weights. A start that fails before training (bad data, a bad option) writes no file.
+    that ``check_val_every_n_epoch`` skips: the final metrics then belong to the final weights. A
+    start that fails before training (bad data, a bad option) writes no file.
 
     Args:
         dirpath: where to write; default: the run directory (the logger's version directory).

@@ -49,11 +49,10 @@ def packed_batch_tokens(batch: dict[str, torch.Tensor], across_pairs: bool = Tru
     """Tokens the packed decoder runs for the whole batch: its prefix tree's nodes, every prefix shared
     by any rows computed once (``perf/packed_pairs.lay_out_pairs``); ``across_pairs=False`` shares only
     within a pair, as the flex attention layout does."""
-    mask = batch["attention_mask"].bool()
-    rows = [ids[keep].tolist() for ids, keep in zip(batch["input_ids"], mask)]
     if not across_pairs:
         return sum(pair_tokens(batch))
-    rows.sort()
+    mask = batch["attention_mask"].bool()
+    rows = sorted(ids[keep].tolist() for ids, keep in zip(batch["input_ids"], mask))
     total, previous = 0, []
     for row in rows:
         shared = 0
