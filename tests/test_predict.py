@@ -17,6 +17,10 @@ RESPONSES = [("What is 2+2?", "4"), ("What is 2+2?", "five"), ("Name a color.", 
              ("3*3?", "9")]  # an odd count: the last response is laid out with itself
 
 
+# Python's ``score`` runs in fp32; ``precision: auto`` would pick bf16-mixed on a CPU with native bf16
+FP32 = ["--trainer.precision", "32-true"]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -43,7 +47,7 @@ def trained_run(tmp_path_factory) -> Path:
     cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/trainer/cpu.yaml"),
               "--config", str(PROJECT_ROOT / "configs/model/exrm.yaml"), "--config", str(data_config(tmp)),
               "--config", str(tiny_override(tmp)), "--trainer.max_epochs", "1", "--trainer.max_steps", "-1",
-              "--seed_everything", "0"])
+              "--seed_everything", "0", *FP32])
     run = tmp / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     return run
@@ -53,7 +57,7 @@ def predict(run: Path, *args: str) -> list[dict]:
     """``predict`` with the run's own config and checkpoint; the rows of the predictions file it wrote."""
     before = set(run.parent.iterdir())
     cli.main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
-              *args])
+              *FP32, *args])
     (new_run,) = set(run.parent.iterdir()) - before
     return [json.loads(line) for line in (new_run / "predictions.jsonl").read_text().splitlines()]
 
@@ -136,7 +140,7 @@ def test_imrm_predictions_from_the_cli_equal_its_rewards_from_python(tmp_path):
     cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/trainer/cpu.yaml"),
               "--config", str(PROJECT_ROOT / "configs/model/imrm.yaml"), "--config", str(data_config(tmp_path)),
               "--config", str(tiny_override(tmp_path, reference_cache_dir=tmp_path / "cache")),
-              "--trainer.max_epochs", "1", "--trainer.max_steps", "-1"])
+              "--trainer.max_epochs", "1", "--trainer.max_steps", "-1", *FP32])
     run = tmp_path / "lightning_logs" / "version_0"
     rows = predict(run)
     chosen, rejected = load_reward_model(run / "checkpoints" / "last.ckpt").score_pairs(*zip(*PAIRS[:6]))
