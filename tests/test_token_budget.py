@@ -294,6 +294,20 @@ def test_auto_measures_an_untrained_implicit_rm_inside_its_step_0_evaluation(mon
     assert len(costs) == 1 and costs[0] >= config.num_hidden_layers * config.hidden_size * 4
 
 
+def test_a_16_bit_autocast_step_is_costed_at_the_autocast_factor(monkeypatch):
+    costs = []
+    choose = auto.choose_token_budget
+    monkeypatch.setattr(auto, "choose_token_budget",
+                        lambda free, pending, per_token, *args, **kwargs: costs.append(per_token)
+                        or choose(free, pending, per_token, *args, **kwargs))
+    monkeypatch.setattr(auto, "measured_bytes_per_token", lambda module: 2.0 ** 20)
+    for autocast in (False, True):
+        module = ExplicitRM(backbone="tiny-llama", token_budget="auto", memory_limit="64GiB")
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            module.token_budget()
+    assert costs == [2.0 ** 20, 2.0 ** 20 * auto.AUTOCAST_FACTOR]
+
+
 def test_auto_resolves_once_and_switches_checkpointing_on_when_a_pair_would_not_fit(monkeypatch):
     module = ExplicitRM(backbone="tiny-llama", token_budget="auto", memory_limit="64GiB")
     monkeypatch.setattr(auto, "free_memory_bytes",

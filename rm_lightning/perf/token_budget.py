@@ -13,7 +13,8 @@ The budget is the room left for activations divided by what one token's activati
   excluded); the difference over the difference in tokens is the cost per token. Attention
   grows with a pair's length, so sizing the probe on the longest pair makes that the cost of the
   costliest tokens. Backward needs more than forward saved, briefly (the gradients of a layer's
-  activations, an attention grid, a chunk of logits): ``BACKWARD_FACTOR`` covers that.
+  activations, an attention grid, a chunk of logits): ``BACKWARD_FACTOR`` covers that, and under
+  a 16-bit autocast ``AUTOCAST_FACTOR`` too (the fp32 tensors kept beside the saved 16-bit copies).
 * activation checkpointing keeps only every decoder layer's input and recomputes one layer at a
   time: per token, layers x hidden size x bytes per value, plus twice one layer's share of the
   measured cost, times ``CHECKPOINTED_FACTOR``. It is switched on only when even the data's
@@ -45,6 +46,10 @@ from rm_lightning.perf.sharding import local_part
 # checkpointing (SmolLM2-135M, fp32, CPU, UltraFeedback: about 1.1 and 1.7; benchmarks/README.md, "Token budget")
 BACKWARD_FACTOR = 1.5
 CHECKPOINTED_FACTOR = 2.0
+# under a 16-bit autocast a step's peak needed 2.1-2.6x the probe's saved bytes per token, not 1.1x (SmolLM2-135M,
+# bf16-mixed, CPU, UltraFeedback at caps 512: fp32 originals beside their 16-bit copies, fp32 gradients); the probe's
+# measure is multiplied by this before BACKWARD_FACTOR (benchmarks/README.md, "A full run at the paper's caps")
+AUTOCAST_FACTOR = 2.0
 # the allocator's fragmentation, the data, Lightning and the Python heap: about 1 GiB above weights,
 # gradients and Adam state in the same measurements
 MARGIN_FRACTION = 0.1
@@ -292,6 +297,8 @@ def resolve_auto_budget(module) -> int:
     """``token_budget: auto`` for ``module`` on its device: choose, switch checkpointing on if needed, say so."""
     free, source = free_memory_bytes(module.device, module.memory_limit_bytes, host_processes(module))
     per_token = measured_bytes_per_token(module)
+    if torch.is_autocast_enabled(module.device.type):
+        per_token *= AUTOCAST_FACTOR
     config = module.model.config
     checkpointed = checkpointed_cost(per_token, config.num_hidden_layers, config.hidden_size,
                                      activation_value_bytes(module))
