@@ -275,15 +275,21 @@ def test_measured_cost_per_token_counts_saved_activations_not_weights():
     assert config.num_hidden_layers * config.hidden_size * 4 <= per_token < sum(p.numel() for p in module.parameters())
 
 
-def test_auto_measures_an_untrained_implicit_rm_inside_its_step_0_evaluation(monkeypatch):
-    """There every reward is 0 without a forward; the probe must still measure a training forward."""
-    from data_modules import PersonaDataModule
-
+@pytest.fixture
+def costs_per_token(monkeypatch) -> list[float]:
+    """The cost per token every ``token_budget: auto`` resolution divides by, in order."""
     costs = []
     choose = auto.choose_token_budget
     monkeypatch.setattr(auto, "choose_token_budget",
                         lambda free, pending, per_token, *args, **kwargs: costs.append(per_token)
                         or choose(free, pending, per_token, *args, **kwargs))
+    return costs
+
+
+def test_auto_measures_an_untrained_implicit_rm_inside_its_step_0_evaluation(costs_per_token):
+    """There every reward is 0 without a forward; the probe must still measure a training forward."""
+    from data_modules import PersonaDataModule
+
     module = ImplicitRM(backbone="tiny-llama-chat", token_budget="auto", memory_limit="64GiB")
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
@@ -291,21 +297,16 @@ def test_auto_measures_an_untrained_implicit_rm_inside_its_step_0_evaluation(mon
         trainer.validate(module, datamodule=PersonaDataModule(num_train=4, num_test=4, eval_batch_size=8),
                          verbose=False)
     config = module.model.config
-    assert len(costs) == 1 and costs[0] >= config.num_hidden_layers * config.hidden_size * 4
+    assert len(costs_per_token) == 1 and costs_per_token[0] >= config.num_hidden_layers * config.hidden_size * 4
 
 
-def test_a_16_bit_autocast_step_is_costed_at_the_autocast_factor(monkeypatch):
-    costs = []
-    choose = auto.choose_token_budget
-    monkeypatch.setattr(auto, "choose_token_budget",
-                        lambda free, pending, per_token, *args, **kwargs: costs.append(per_token)
-                        or choose(free, pending, per_token, *args, **kwargs))
+def test_a_16_bit_autocast_step_is_costed_at_the_autocast_factor(costs_per_token, monkeypatch):
     monkeypatch.setattr(auto, "measured_bytes_per_token", lambda module: 2.0 ** 20)
     for autocast in (False, True):
         module = ExplicitRM(backbone="tiny-llama", token_budget="auto", memory_limit="64GiB")
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             module.token_budget()
-    assert costs == [2.0 ** 20, 2.0 ** 20 * auto.AUTOCAST_FACTOR]
+    assert costs_per_token == [2.0 ** 20, 2.0 ** 20 * auto.AUTOCAST_FACTOR]
 
 
 def test_auto_resolves_once_and_switches_checkpointing_on_when_a_pair_would_not_fit(monkeypatch):
