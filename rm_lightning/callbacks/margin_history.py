@@ -80,10 +80,12 @@ class MarginHistory(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(run_dir(trainer))
-        heading = (f"\nfinal evaluation ({type(pl_module).__name__})" if self._last_eval_step == trainer.global_step else
-                   f"\nlast evaluation ({type(pl_module).__name__}), at step {self._last_eval_step}: none ran at the "
-                   f"last step, {trainer.global_step}")
-        self._print_final(pl_module, peak_memory(trainer), phase_timings(trainer), heading)  # collective: every rank measures
+        name = type(pl_module).__name__
+        heading = (f"\nfinal evaluation ({name})" if self._last_eval_step == trainer.global_step else
+                   f"\nlast evaluation ({name}), at step {self._last_eval_step}: none ran at the last step, "
+                   f"{trainer.global_step}")
+        # collective: every rank measures
+        self._print_final(pl_module, peak_memory(trainer), phase_timings(trainer), heading)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """An interrupted or failed fit keeps the history it has (a start that failed has none)."""
