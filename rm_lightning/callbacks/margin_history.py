@@ -40,7 +40,6 @@ class MarginHistory(L.Callback):
         self.filename, self.validate_at_start = filename, validate_at_start
         self.rows: list[dict] = []
         self._title = ""
-        self._last_eval_step: Optional[int] = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         run_dir(trainer)  # collective: resolve the run directory on every rank now
@@ -68,7 +67,6 @@ class MarginHistory(L.Callback):
         self._record_eval(trainer, pl_module, "test")
 
     def _record_eval(self, trainer, pl_module, split: str) -> None:
-        self._last_eval_step = trainer.global_step
         experiment = _tensorboard(trainer)
         for name, values in pl_module.eval_sets.last.items():
             row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "set": name, "split": split}
@@ -81,11 +79,12 @@ class MarginHistory(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(run_dir(trainer))
         name = type(pl_module).__name__
-        heading = (f"\nfinal evaluation ({name})" if self._last_eval_step == trainer.global_step else
-                   f"\nlast evaluation ({name}), at step {self._last_eval_step}: none ran at the last step, "
+        evaluated = next((row["step"] for row in reversed(self.rows) if row["split"] != TRAIN_SET), None)
+        heading = (f"\nfinal evaluation ({name})" if evaluated == trainer.global_step else
+                   f"\nlast evaluation ({name}), at step {evaluated}: none ran at the last step, "
                    f"{trainer.global_step}")
         # collective: every rank measures
-        self._print_final(pl_module, peak_memory(trainer), phase_timings(trainer), heading)
+        self._print_final(pl_module, peak_memory(trainer), heading, phase_timings(trainer))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """An interrupted or failed fit keeps the history it has (a start that failed has none)."""
@@ -104,8 +103,7 @@ class MarginHistory(L.Callback):
                            f"the figures are in {self.filename}.csv")
 
     @rank_zero_only
-    def _print_final(self, pl_module, peaks: dict, timings: Optional[dict] = None,
-                     heading: str = "\nfinal evaluation") -> None:
+    def _print_final(self, pl_module, peaks: dict, heading: str, timings: Optional[dict] = None) -> None:
         last = pl_module.eval_sets.last
         indent = "  " if last else ""
         time_line = f"\n{indent}{describe_timings(timings)}" if timings else ""

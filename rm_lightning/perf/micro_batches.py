@@ -24,6 +24,7 @@ import torch
 
 from rm_lightning.perf.host_memory import release_free_pages
 from rm_lightning.perf.layouts import DecoderLayout
+from rm_lightning.perf.packed_pairs import shared_prefixes
 from rm_lightning.perf.sharding import is_sharded
 
 
@@ -47,22 +48,12 @@ def pair_tokens(batch: dict[str, torch.Tensor], layout: DecoderLayout = "packed"
 
 def packed_batch_tokens(batch: dict[str, torch.Tensor], across_pairs: bool = True) -> int:
     """Tokens the packed decoder runs for the whole batch: its prefix tree's nodes, every prefix shared
-    by any rows computed once (``perf/packed_pairs.lay_out_pairs``); ``across_pairs=False`` shares only
-    within a pair, as the flex attention layout does."""
-    if not across_pairs:
-        return sum(pair_tokens(batch))
-    mask = batch["attention_mask"].bool()
-    rows = sorted(ids[keep].tolist() for ids, keep in zip(batch["input_ids"], mask))
-    total, previous = 0, []
-    for row in rows:
-        shared = 0
-        for a, b in zip(row, previous):
-            if a != b:
-                break
-            shared += 1
-        total += len(row) - shared
-        previous = row
-    return total
+    by any rows computed once (``perf/packed_pairs.shared_prefixes``, as the packed layout finds them);
+    ``across_pairs=False`` shares only within a pair, as the flex attention layout does."""
+    mask = batch["attention_mask"].bool().cpu()
+    row_ids = torch.split(batch["input_ids"].cpu()[mask], mask.sum(dim=1).tolist())
+    _, skipped, _ = shared_prefixes(row_ids, across_pairs)
+    return sum(len(tokens) - skip for tokens, skip in zip(row_ids, skipped))
 
 
 def encoded_pair_tokens(pair, layout: DecoderLayout = "packed") -> int:

@@ -167,6 +167,22 @@ def lay_out_pairs(row_ids: list[torch.Tensor], across_pairs: bool = True):
     prefix), so that a row's shared keys are one contiguous run, as FlexAttention's block mask
     (``perf/flex_attention.py``) takes them.
     """
+    order, skipped, anchor = shared_prefixes(row_ids, across_pairs)
+    starts, offset = [], 0
+    for tokens, skip in zip(row_ids, skipped):
+        starts.append(offset)
+        offset += len(tokens) - skip
+    row_index: list[list[int]] = [[] for _ in row_ids]
+    for row in order:  # an anchor comes first in this order, so its positions are known
+        own = list(range(starts[row], starts[row] + len(row_ids[row]) - skipped[row]))
+        row_index[row] = (row_index[anchor[row]][:skipped[row]] if skipped[row] else []) + own
+    segments = [(row_index[row][skip:], row_index[row]) for row, skip in enumerate(skipped)]
+    return skipped, row_index, [(queries, keys) for queries, keys in segments if queries]
+
+
+def shared_prefixes(row_ids: list[torch.Tensor], across_pairs: bool = True):
+    """(an order in which every row comes after its anchor, the tokens each row skips, its anchor row or None):
+    ``lay_out_pairs``' prefix tree, before any positions are laid out."""
     pairs = len(row_ids) // 2
     if across_pairs:
         as_lists = [tokens.tolist() for tokens in row_ids]
@@ -179,16 +195,7 @@ def lay_out_pairs(row_ids: list[torch.Tensor], across_pairs: bool = True):
     for before, row in anchors:
         skipped[row] = common_prefix_length(row_ids[row], row_ids[before])
         anchor[row] = before
-    starts, offset = [], 0
-    for tokens, skip in zip(row_ids, skipped):
-        starts.append(offset)
-        offset += len(tokens) - skip
-    row_index: list[list[int]] = [[] for _ in row_ids]
-    for row in order:  # an anchor comes first in this order, so its positions are known
-        own = list(range(starts[row], starts[row] + len(row_ids[row]) - skipped[row]))
-        row_index[row] = (row_index[anchor[row]][:skipped[row]] if skipped[row] else []) + own
-    segments = [(row_index[row][skip:], row_index[row]) for row, skip in enumerate(skipped)]
-    return skipped, row_index, [(queries, keys) for queries, keys in segments if queries]
+    return order, skipped, anchor
 
 
 def cheapest_runs(count: int, run_costs: Callable[[int], np.ndarray]) -> list[tuple[int, int]]:
