@@ -300,12 +300,12 @@ def main(argv=None) -> int:
                 print(f"{settings['name']}: TRL {TRL_TRAINERS[settings['rm']]} ...", flush=True)
                 row["trl"] = run_trl(settings, Path(workdir))
             for side in ("ours", "trl"):
-                if "error" in (row.get(side) or {}):
-                    print(f"  {side}: {row[side]['error']}", flush=True)
+                if "error" in (row.get(side) or {}):  # the log outlives the work directory
                     keep = ROOT / "runs" / f"whole_run_{settings['name']}_{side}.log"
                     keep.parent.mkdir(parents=True, exist_ok=True)
                     keep.write_text((Path(workdir) / f"{side}.log").read_text())
                     row[side]["error"] += f" (kept as {keep})"
+                    print(f"  {side}: {row[side]['error']}", flush=True)
         rows.append(row)
     print()
     print(table(rows))

@@ -34,6 +34,7 @@ from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM  # noqa: E
 from rm_lightning.models.backbones import load_backbone  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
 from rm_lightning.perf.host_memory import keep_freed_memory  # noqa: E402
+from rm_lightning.perf.kernel_caches import bound_kernel_caches  # noqa: E402
 from rm_lightning.pairs import PairCollator  # noqa: E402
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary
@@ -120,6 +121,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     # every variant alike, TRL's too, before any model exists; "default": glibc's own behaviour
     keeps_freed_memory = spec.get("host_memory", "kept") == "kept" and keep_freed_memory()
+    bound_kernel_caches()  # as cli.py runs, for every variant
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     is_trl = spec["variant"].startswith("trl")
