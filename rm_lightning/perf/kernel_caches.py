@@ -1,12 +1,11 @@
 """Bound the CPU matmul kernel caches, which otherwise grow by every batch shape a run meets.
 
-On a CPU, bf16 matmuls (and some fp32 ones) run through oneDNN. Two caches keep a compiled
-primitive per distinct problem shape: oneDNN's own primitive cache and ideep's (PyTorch's C++
-wrapper) cache of forward computations, each of up to 1024 entries. A training batch's packed
-length changes from batch to batch, and so does every micro-batch's under ``token_budget``, so
-nearly every step adds a dozen entries to each cache (a linear layer's forward and its two
-backward products), and they stay: about 0.5 MiB an entry, growing the process by some 10 MiB a
-step over a run's first hundred steps, up to about 1 GiB, all of it held while activations
+On a CPU, bf16 matmuls run through oneDNN. Two caches keep a compiled primitive per distinct
+problem shape: oneDNN's own primitive cache and ideep's (PyTorch's C++ wrapper) cache of forward
+computations, each of up to 1024 entries. A training batch's packed length changes from batch to
+batch, and so does every micro-batch's under ``token_budget``, so nearly every forward adds
+entries to both (a linear layer's forward and its two backward products per weight shape), and
+they stay: several MiB for every new length, for the rest of the run, held while activations
 peak (``benchmarks/README.md``, "Token budget").
 
 Within a step the shapes repeat (every decoder layer has the same ones), so a small cache keeps
