@@ -41,12 +41,13 @@ def test_a_users_own_choice_is_left_alone(monkeypatch, env, reason):
     assert keep_freed_memory() is False
 
 
-def test_cli_keeps_freed_memory_before_loading_anything(monkeypatch):
+def test_cli_tunes_the_allocator_and_kernel_caches_before_loading_anything(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("tuned"))
+    monkeypatch.setattr(cli, "bound_kernel_caches", lambda: calls.append("bounded"))
     monkeypatch.setattr(cli, "RewardCLI", lambda *args, **kwargs: calls.append("cli"))
     cli.main(["fit", "--help"])
-    assert calls == ["tuned", "cli"]
+    assert calls == ["tuned", "bounded", "cli"]
 
 
 def test_free_pages_are_handed_back_with_malloc_trim(monkeypatch):
