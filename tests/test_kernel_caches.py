@@ -9,4 +9,3 @@ def test_unset_capacities_get_the_bound():
 
 def test_a_capacity_the_user_set_is_kept():
     assert bound_kernel_caches(environ={"LRU_CACHE_CAPACITY": "1024"})["LRU_CACHE_CAPACITY"] == "1024"
-
