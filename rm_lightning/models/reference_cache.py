@@ -32,7 +32,8 @@ from rm_lightning.files import write_atomically
 from rm_lightning.models.lora import base_state_dict
 from rm_lightning.pairs.records import EncodedPairs
 from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
-from rm_lightning.perf.sharding import local_part
+from rm_lightning.perf.sharding import is_sharded, local_part
+from rm_lightning.perf.weight_casts import shared_weight_casts
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -167,21 +168,28 @@ def reference_pass(module, model: torch.nn.Module, dataset: EncodedPairs, batch_
     was_training, original_device = model.training, next(model.parameters()).device
     model.eval().to(device)
     loader = DataLoader(dataset.pairs, batch_size=batch_size, collate_fn=module.collator())
-    values = []
     # as Lightning's own bars: rank 0 only, and not at all with ``trainer.enable_progress_bar: false``
     show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
-    for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show, leave=False):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
-        layout = module.hparams.decoder_layout
-        plan = plan_micro_batches(pair_tokens(batch, layout), getattr(module, "resolved_token_budget", None),
-                                  padded=layout == "padded")
-        batch_values = torch.empty(batch["input_ids"].shape[0] // 2, 2, dtype=torch.float64)
-        for members in plan:
-            micro = select_pairs(batch, members)
-            with context():
-                hidden = module.hidden_states(micro, decoder=model.base_model)
-                chosen, rejected = module.response_logps(hidden, micro, model=model).double().cpu().chunk(2)
-            batch_values[members] = torch.stack([chosen, rejected], dim=1)
-        values.append(batch_values)
+    # the weights do not change in this pass: one cast to the autocast dtype for all of it, unless sharded
+    with shared_weight_casts(enabled=not is_sharded(module)):
+        values = [_reference_batch(module, model, batch, device, context)
+                  for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show,
+                                    leave=False)]
     model.train(was_training).to(original_device)
     return torch.cat(values)
+
+
+def _reference_batch(module, model: torch.nn.Module, batch: dict, device, context) -> torch.Tensor:
+    """[pairs, 2] log-probs of one batch, in micro-batches within the module's token budget."""
+    batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
+    layout = module.hparams.decoder_layout
+    plan = plan_micro_batches(pair_tokens(batch, layout), getattr(module, "resolved_token_budget", None),
+                              padded=layout == "padded")
+    batch_values = torch.empty(batch["input_ids"].shape[0] // 2, 2, dtype=torch.float64)
+    for members in plan:
+        micro = select_pairs(batch, members)
+        with context():
+            hidden = module.hidden_states(micro, decoder=model.base_model)
+            chosen, rejected = module.response_logps(hidden, micro, model=model).double().cpu().chunk(2)
+        batch_values[members] = torch.stack([chosen, rejected], dim=1)
+    return batch_values

@@ -28,7 +28,9 @@ from rm_lightning.perf.micro_batches import encoded_pair_tokens, plan_for, run_i
 from rm_lightning.perf.model_setup import prepare_model
 from rm_lightning.perf.optim_in_backward import backward_optimizer
 from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind, packing_unsupported
+from rm_lightning.perf.sharding import is_sharded
 from rm_lightning.perf.token_budget import check_token_budget, parse_memory_limit, resolve_auto_budget
+from rm_lightning.perf.weight_casts import SharedWeightCasts
 from rm_lightning.settings import check_options
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -120,6 +122,7 @@ class RewardModule(L.LightningModule):
         self.resolved_token_budget: Optional[int] = token_budget if isinstance(token_budget, int) else None
         self._longest_pair_tokens: Optional[int] = None  # in the data, for ``auto``; set in setup
         self._zeroed_for_micro_batches = False
+        self._eval_weight_casts = SharedWeightCasts()  # one bf16 cast of the weights per evaluation loop
 
     def _fall_back_to_padded_layout(self, backbone: str) -> None:
         """``decoder_layout: padded`` for a backbone whose attention the packed layout cannot run exactly."""
@@ -315,11 +318,34 @@ class RewardModule(L.LightningModule):
         # already reduced over ranks by the metrics; sync_dist states that (a no-op mean)
         self.log_dict(self.eval_sets.scalars(stage), add_dataloader_idx=False, sync_dist=True)
 
+    def _share_weight_casts(self) -> None:
+        """Evaluation cannot change the weights: cast them to the autocast dtype once for the whole loop
+        (``perf/weight_casts.py``), not once per batch; not for sharded weights."""
+        if not is_sharded(self):
+            self._eval_weight_casts.open()
+
+    def on_validation_epoch_start(self) -> None:
+        self._share_weight_casts()
+
+    def on_test_epoch_start(self) -> None:
+        self._share_weight_casts()
+
+    def on_predict_epoch_start(self) -> None:
+        self._share_weight_casts()
+
     def on_validation_epoch_end(self) -> None:
+        self._eval_weight_casts.close()
         self._log_eval_sets("val")
 
     def on_test_epoch_end(self) -> None:
+        self._eval_weight_casts.close()
         self._log_eval_sets("test")
+
+    def on_predict_epoch_end(self) -> None:
+        self._eval_weight_casts.close()
+
+    def teardown(self, stage: str) -> None:
+        self._eval_weight_casts.close()  # a loop that ended in an exception
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if self._zeroed_for_micro_batches:  # zeroed before this batch's first micro-batch backward

@@ -1,0 +1,80 @@
+"""Evaluation casts the weights to the autocast dtype once per loop, and leaves autocast as it found it."""
+
+import lightning as L
+import torch
+from torch import nn
+
+from data_modules import PersonaDataModule
+from rm_lightning import ExplicitRM
+from rm_lightning.perf.weight_casts import shared_weight_casts
+
+BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
+
+
+def autocast_nesting() -> int:
+    """Autocast's nesting level now (read by stepping it up and back down)."""
+    level = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return level
+
+
+def outputs_around_a_weight_change(share: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's output in two autocast blocks, its weight changed in between."""
+    torch.manual_seed(0)
+    layer, x = nn.Linear(8, 8), torch.randn(2, 8)
+    with shared_weight_casts(enabled=share):
+        with torch.autocast(**BF16):
+            first = layer(x)
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        with torch.autocast(**BF16):
+            second = layer(x)
+    return first, second
+
+
+def test_autocast_blocks_inside_reuse_the_first_cast():
+    first, second = outputs_around_a_weight_change(share=True)
+    assert torch.equal(first, second)  # the second block used the copy cast before the change
+
+
+def test_without_sharing_each_block_casts_again():
+    first, second = outputs_around_a_weight_change(share=False)
+    assert not torch.equal(first, second)
+
+
+def test_the_cached_copies_are_dropped_when_the_block_ends():
+    torch.manual_seed(0)
+    layer, x = nn.Linear(8, 8), torch.randn(2, 8)
+    with shared_weight_casts():
+        with torch.autocast(**BF16):
+            layer(x)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with torch.autocast(**BF16):
+        after = layer(x)
+    torch.testing.assert_close(after.float(), layer(x), atol=0.1, rtol=0.05)  # the changed weight, in bf16
+
+
+def evaluation(share: bool) -> dict[str, float]:
+    """A bf16-mixed validation of a tiny EX-RM; ``share: False`` closes the shared block at every batch."""
+    torch.manual_seed(0)
+    module = ExplicitRM(backbone="tiny-llama-chat")
+    data = PersonaDataModule(num_train=4, num_test=8, eval_batch_size=4)
+
+    class CastPerBatch(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            pl_module._eval_weight_casts.close()
+
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[] if share else [CastPerBatch()])
+    return trainer.validate(module, data, verbose=False)[0]
+
+
+def test_validation_with_one_cast_scores_as_with_a_cast_per_batch():
+    assert evaluation(share=True) == evaluation(share=False)
+
+
+def test_validation_leaves_autocast_nesting_where_it_was():
+    evaluation(share=True)
+    assert autocast_nesting() == 0
