@@ -6,6 +6,7 @@ import torch
 
 from data_modules import PersonaDataModule
 from rm_lightning import ImplicitRM
+from rm_lightning.models import reference_cache
 
 
 def tiny_imrm(cache_dir) -> ImplicitRM:
@@ -84,3 +85,20 @@ def test_an_uncached_reference_is_kept_through_setup(tmp_path):
     held = list(module._reference_holder)
     trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False).fit(module, tiny_persona())
     assert module._reference_holder == held and held  # the frozen copy made at construction, never reloaded
+
+
+def test_pairs_an_earlier_set_scored_get_its_values_without_a_pass_of_their_own(tmp_path, monkeypatch):
+    module, data = tiny_imrm(tmp_path / "cache"), tiny_persona()
+    passes, original_pass = [], reference_cache.reference_pass
+
+    def counted_pass(module, model, dataset, batch_size):
+        passes.append(dataset.name)
+        return original_pass(module, model, dataset, batch_size)
+
+    monkeypatch.setattr(reference_cache, "reference_pass", counted_pass)
+    trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, data)
+    # Persona's original responses of the train prompts are the training pairs themselves
+    assert passes == ["train", "original_test_prompts", "paraphrased_train_prompts", "paraphrased_test_prompts"]
+    by_key = {reference_cache.pair_key(p): p.reference_logps for p in data.train_set.pairs}
+    again = data.eval_sets["original_train_prompts"].pairs
+    assert [p.reference_logps for p in again] == [by_key[reference_cache.pair_key(p)] for p in again]

@@ -210,8 +210,11 @@ class ImplicitRM(RewardModule):
         sets that already have theirs are skipped. Once they have them no reference model is held (one
         held for ``cache_reference: false``, which computes no such sets, stays)."""
         sets = self._sets_needing_reference(stage)
+        known: dict = {}  # pairs scored by an earlier set are not scored again
         for dataset in sets:
+            reference_cache.reuse_known(dataset, known)
             self.attach_reference_logps(dataset)
+            reference_cache.remember(dataset, known)
         if sets:
             self._reference_holder.clear()
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rm_lightning.files import write_atomically
 from rm_lightning.models.lora import base_state_dict
-from rm_lightning.pairs.records import EncodedPairs
+from rm_lightning.pairs.records import EncodedPair, EncodedPairs
 from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
 from rm_lightning.perf.sharding import is_sharded, local_part
 from rm_lightning.perf.weight_casts import shared_weight_casts
@@ -124,6 +124,24 @@ def attach(dataset: EncodedPairs, values: torch.Tensor) -> None:
     """Give each pair its (chosen, rejected) reference log-probs from a [pairs, 2] tensor."""
     for pair, (chosen, rejected) in zip(dataset.pairs, values.tolist()):
         pair.reference_logps = (chosen, rejected)
+
+
+def pair_key(pair: EncodedPair) -> tuple:
+    """What a pair's reference log-probs depend on: its token ids and where each response starts."""
+    return tuple(pair.chosen_ids), pair.chosen_start, tuple(pair.rejected_ids), pair.rejected_start
+
+
+def reuse_known(dataset: EncodedPairs, known: dict[tuple, tuple[float, float]]) -> None:
+    """Give the pairs of ``dataset`` that another set of the run already scored (``known``, by ``pair_key``)
+    those log-probs: Persona's original responses of train prompts are the training pairs themselves, so
+    that set then needs no pass of its own."""
+    for pair in dataset.pairs:
+        if pair.reference_logps is None:
+            pair.reference_logps = known.get(pair_key(pair))
+
+
+def remember(dataset: EncodedPairs, known: dict[tuple, tuple[float, float]]) -> None:
+    known.update((pair_key(pair), pair.reference_logps) for pair in dataset.pairs if pair.reference_logps is not None)
 
 
 def load_or_compute(directory: Path, identity: dict[str, str], dataset: EncodedPairs, compute) -> torch.Tensor:
