@@ -5,6 +5,7 @@ import torch
 
 from data_modules import PersonaDataModule
 from rm_lightning import ImplicitRM
+from rm_lightning.models.reference_cache import float64_sum
 
 
 class LossRecorder(L.Callback):
@@ -56,7 +57,6 @@ def test_reference_cache_files_are_per_decoder_layout(tmp_path):
 
 
 def test_the_chunked_float64_sum_is_the_float64_sum_of_every_value():
-    from rm_lightning.models.reference_cache import float64_sum
     values = torch.randn(1000, 37, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(float64_sum(values, chunk=4096), values.double().sum(), rtol=0, atol=1e-9)
     assert float64_sum(torch.empty(0)) == 0.0
