@@ -28,10 +28,6 @@ class SharedWeightCasts:
     def __init__(self) -> None:
         self._open = False
 
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
     def open(self) -> None:
         if not self._open:
             torch.autocast_increment_nesting()
