@@ -15,7 +15,8 @@ optimizer (Adam = AdamW without weight decay) and learning rate at a constant sc
 precision ``trainer.precision: auto`` picks, one full checkpoint (weights and optimizer state) at the end, as
 ours writes ``last.ckpt`` once in a run shorter than ``last_checkpoint.every_minutes``, and ``trainer.evaluate`` over the eval sets at step 0 and at every epoch's end on the
 config's schedule (``eval_every_n_epochs``, the rule rm-lightning applies), so both sides evaluate the same
-pairs as often. Its phases are measured the same way (rm_lightning.callbacks.phase_times.PhaseClock).
+pairs as often. Its process gets cli.py's tuning too (freed host memory kept for reuse, bounded oneDNN kernel
+caches). Its phases are measured the same way (rm_lightning.callbacks.phase_times.PhaseClock).
 A benchmark, not a test: see benchmarks/README.md, "Whole runs".
 """
 
@@ -150,6 +151,12 @@ def due_sets(names: list[str], every_n_epochs: dict, epoch: int, epochs: int) ->
 
 def trl_worker(spec_path: Path) -> None:
     """Build TRL's trainer for ``spec``, evaluate at step 0, train with evaluations at epoch ends, write the result."""
+    from rm_lightning.perf.host_memory import keep_freed_memory
+    from rm_lightning.perf.kernel_caches import bound_kernel_caches
+
+    keep_freed_memory()  # the process tuning cli.py applies, before any model exists, so both sides run alike
+    bound_kernel_caches()
+
     import datasets
     import torch
     from transformers import PrinterCallback, TrainerCallback
