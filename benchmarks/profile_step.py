@@ -29,8 +29,7 @@ from benchmarks.bench_step import RM_TYPES, VARIANTS  # noqa: E402
 from benchmarks.measure import synchronize  # noqa: E402
 from rm_lightning.models.backbones import BUNDLED_MODEL  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
-from rm_lightning.perf.host_memory import keep_freed_memory  # noqa: E402
-from rm_lightning.perf.kernel_caches import bound_kernel_caches  # noqa: E402
+from rm_lightning.perf.process_tuning import tune_process  # noqa: E402
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -65,8 +64,7 @@ def device_busy_seconds(events) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()  # as the benchmark and cli.py run
-    bound_kernel_caches()
+    tune_process()  # as the benchmark and cli.py run
     spec = {"rm": args.rm, "variant": args.variant, "batch": args.batch, "pairs": args.pairs, "device": args.device,
             "precision": args.precision, "backbone": args.backbone}
     step, stats = worker.build_module_step(spec)

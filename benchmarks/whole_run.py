@@ -151,11 +151,9 @@ def due_sets(names: list[str], every_n_epochs: dict, epoch: int, epochs: int) ->
 
 def trl_worker(spec_path: Path) -> None:
     """Build TRL's trainer for ``spec``, evaluate at step 0, train with evaluations at epoch ends, write the result."""
-    from rm_lightning.perf.host_memory import keep_freed_memory
-    from rm_lightning.perf.kernel_caches import bound_kernel_caches
+    from rm_lightning.perf.process_tuning import tune_process
 
-    keep_freed_memory()  # the process tuning cli.py applies, before any model exists, so both sides run alike
-    bound_kernel_caches()
+    tune_process()  # cli.py's, before any model exists, so both sides run alike
 
     import datasets
     import torch

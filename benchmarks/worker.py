@@ -33,8 +33,7 @@ from benchmarks import steps as bench_steps  # noqa: E402
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM  # noqa: E402
 from rm_lightning.models.backbones import load_backbone  # noqa: E402
 from rm_lightning.errors import exit_status  # noqa: E402
-from rm_lightning.perf.host_memory import keep_freed_memory  # noqa: E402
-from rm_lightning.perf.kernel_caches import bound_kernel_caches  # noqa: E402
+from rm_lightning.perf.process_tuning import tune_process  # noqa: E402
 from rm_lightning.pairs import PairCollator  # noqa: E402
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # the data module's summary
@@ -120,8 +119,7 @@ def run_trl_peer(spec: dict, memory: PeakMemory) -> dict:
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     # every variant alike, TRL's too, before any model exists; "default": glibc's own behaviour
-    keeps_freed_memory = spec.get("host_memory", "kept") == "kept" and keep_freed_memory()
-    bound_kernel_caches()  # as cli.py runs, for every variant
+    keeps_freed_memory = tune_process(keep_freed=spec.get("host_memory", "kept") == "kept")  # as cli.py runs
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     is_trl = spec["variant"].startswith("trl")

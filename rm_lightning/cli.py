@@ -50,8 +50,7 @@ from rm_lightning.errors import RMLightningError, SettingError, exit_status, pri
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.perf import precision
 from rm_lightning.perf.checkpoint_io import use_local_checkpoint_io
-from rm_lightning.perf.host_memory import keep_freed_memory
-from rm_lightning.perf.kernel_caches import bound_kernel_caches
+from rm_lightning.perf.process_tuning import tune_process
 from rm_lightning.settings import check_config
 
 COMPOSE_KEY = "compose"
@@ -127,8 +126,7 @@ def newest_last_checkpoint(root: str) -> Path:
 
 def main(args: list[str] | None = None) -> RewardCLI | None:
     """Run the CLI on ``args`` (default: the command line); bad input raises ``SystemExit(2)`` after one line."""
-    keep_freed_memory()  # before any model is loaded: blocks mapped earlier are unmapped when freed
-    bound_kernel_caches()  # before the first matmul, which reads the capacities
+    tune_process()  # before any model is loaded or matmul run (kept freed memory, bounded kernel caches)
     quiet_console()  # Lightning's tips and library deprecation notices (rm_lightning/console.py)
     claims: list[RunClaim] = []
     try:

@@ -3,7 +3,7 @@
 import pytest
 
 from rm_lightning import cli
-from rm_lightning.perf import host_memory
+from rm_lightning.perf import host_memory, process_tuning
 from rm_lightning.perf.host_memory import OPT_OUT_ENV, keep_freed_memory, why_not_tuned
 
 
@@ -43,11 +43,19 @@ def test_a_users_own_choice_is_left_alone(monkeypatch, env, reason):
 
 def test_cli_tunes_the_allocator_and_kernel_caches_before_loading_anything(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("tuned"))
-    monkeypatch.setattr(cli, "bound_kernel_caches", lambda: calls.append("bounded"))
+    monkeypatch.setattr(process_tuning, "keep_freed_memory", lambda: calls.append("tuned"))
+    monkeypatch.setattr(process_tuning, "bound_kernel_caches", lambda: calls.append("bounded"))
     monkeypatch.setattr(cli, "RewardCLI", lambda *args, **kwargs: calls.append("cli"))
     cli.main(["fit", "--help"])
     assert calls == ["tuned", "bounded", "cli"]
+
+
+def test_glibcs_own_behaviour_asked_for_still_bounds_the_kernel_caches(monkeypatch):
+    calls = []
+    monkeypatch.setattr(process_tuning, "keep_freed_memory", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(process_tuning, "bound_kernel_caches", lambda: calls.append("bounded"))
+    assert process_tuning.tune_process(keep_freed=False) is False
+    assert calls == ["bounded"]
 
 
 def test_free_pages_are_handed_back_with_malloc_trim(monkeypatch):

@@ -12,8 +12,8 @@ Within a step the shapes repeat (every decoder layer has the same ones), so a sm
 every hit that matters: ``bound_kernel_caches`` sets both capacities to ``KERNEL_CACHE_CAPACITY``
 through their environment variables, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` and
 ``LRU_CACHE_CAPACITY``, which the libraries read at their first matmul. A capacity already in the
-environment is the user's and is kept. The CLI calls it first thing; scripts of your own can too,
-before their first matmul.
+environment is the user's and is kept. The CLI calls it first thing (``perf/process_tuning``);
+scripts of your own can too, before their first matmul.
 """
 
 from __future__ import annotations
