@@ -129,6 +129,25 @@ def validate_now(trainer) -> None:
     connector._first_loop_iter = first_loop_iter
 
 
+def stop_after_validation(trainer, pl_module) -> None:
+    """End fit after this training batch with an evaluation of the final weights.
+
+    Lightning validates before a requested stop (``trainer.should_stop``), but only in an epoch that
+    ``check_val_every_n_epoch`` lets validate; in any other this runs the loop itself, once per step
+    however many callbacks ask. Every eval set is due at a stop (``metrics/eval_sets.is_due``).
+    """
+    trainer.should_stop = True
+    skipped_epoch = not trainer.fit_loop.epoch_loop._should_check_val_epoch()
+    if trainer.enable_validation and skipped_epoch and pl_module.eval_sets.last_step != trainer.global_step:
+        validate_now(trainer)
+
+
+def is_last_batch_of_fit(trainer, batch_idx: int) -> bool:
+    """Whether this training batch ends the last epoch ``max_epochs`` allows."""
+    last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+    return last_epoch and batch_idx + 1 >= trainer.num_training_batches
+
+
 def run_title(trainer, pl_module) -> str:
     """``<experiment>/<version> · <RM type> · <backbone>``: which run the plot belongs to."""
     from rm_lightning.callbacks.results import ResultsWriter

@@ -27,7 +27,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from rm_lightning.callbacks.generation_check import generation_summary
-from rm_lightning.callbacks.margin_history import validate_now
+from rm_lightning.callbacks.margin_history import is_last_batch_of_fit, stop_after_validation
 from rm_lightning.callbacks.peak_memory import peak_memory
 from rm_lightning.callbacks.phase_times import phase_timings
 from rm_lightning.callbacks.run_directory import run_dir
@@ -51,7 +51,8 @@ class ResultsWriter(L.Callback):
     says where they come from (``eval_source``, ``eval_step``). When ``max_steps`` ends a fit in
     the middle of an epoch, this callback asks Lightning to stop there (``trainer.should_stop``),
     which runs the validation Lightning runs before an early stop, and runs one itself in an epoch
-    that ``check_val_every_n_epoch`` skips: the final metrics then belong to the final weights. A
+    that ``check_val_every_n_epoch`` skips, the last epoch included: the final metrics then belong to
+    the final weights (so ``check_val_every_n_epoch`` above ``max_epochs`` evaluates once, at the end). A
     start that fails before training (bad data, a bad option) writes no file.
 
     Args:
@@ -73,10 +74,9 @@ class ResultsWriter(L.Callback):
         run_dir(trainer)  # collective: resolve the run directory on every rank now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            trainer.should_stop = True  # Lightning validates before an early stop; it does not at max_steps
-            if trainer.enable_validation and not trainer.fit_loop.epoch_loop._should_check_val_epoch():
-                validate_now(trainer)  # ...nor before any stop in an epoch that check_val_every_n_epoch skips
+        out_of_steps = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if out_of_steps or is_last_batch_of_fit(trainer, batch_idx):
+            stop_after_validation(trainer, pl_module)  # Lightning does not validate at max_steps by itself
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if user_error_behind(exception) is not None or (trainer.global_step == 0 and self._eval_step is None):

@@ -8,6 +8,8 @@ EVAL_METRICS = ("accuracy", "normalized_margin", "chosen_reward", "rejected_rewa
                 "signed_normalized_margin")
 # per training batch, logged as ``train/<name>``
 TRAIN_METRICS = ("loss", "accuracy", "chosen_reward", "rejected_reward", "margin")
+# the training batches' accuracy over a whole epoch, logged once per epoch as ``train/epoch_accuracy``
+EPOCH_ACCURACY = "epoch_accuracy"
 TRAIN_SET = "train"  # the set name of training-batch rows in margin_history.csv
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from rm_lightning.errors import RMLightningError, SettingError
 from rm_lightning.metrics.eval_sets import EvalSets, is_repeated_eval_batch
-from rm_lightning.metrics.keys import batch_means, train_key
+from rm_lightning.metrics.keys import EPOCH_ACCURACY, batch_means, train_key
 from rm_lightning.metrics.pairwise import PairwiseAccuracy
 from rm_lightning.models.backbones import load_backbone
 from rm_lightning.models import scoring
@@ -114,6 +114,7 @@ class RewardModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as it finds them
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.train_accuracy = PairwiseAccuracy(dist_sync_on_step=True)  # the global batch's accuracy
+        self.epoch_train_accuracy = PairwiseAccuracy()  # over the epoch's batches: what a plateau is judged on
         self.eval_sets = EvalSets()
         self.checkpointing = activation_checkpointing  # token_budget: auto may switch it on
         if activation_checkpointing:
@@ -272,6 +273,8 @@ class RewardModule(L.LightningModule):
         size = chosen.numel()
         self.log(train_key("loss"), loss, prog_bar=True, batch_size=size, sync_dist=True)  # mean over ranks
         self.log(train_key("accuracy"), self.train_accuracy, prog_bar=True, batch_size=size)
+        self.epoch_train_accuracy.update(chosen, rejected)
+        self.log(train_key(EPOCH_ACCURACY), self.epoch_train_accuracy, on_step=False, on_epoch=True, batch_size=size)
         self.log_dict(batch_means(chosen, rejected), batch_size=size, sync_dist=True)
         return loss
 
