@@ -129,7 +129,7 @@ def without_model_and_comments(path: Path) -> dict:
     return config
 
 
-@pytest.mark.parametrize("experiment", ["persona", "hamcycle", "ultrafeedback", "rewardmath"])
+@pytest.mark.parametrize("experiment", ["persona", "hamcycle", "ultrafeedback", "rewardmath", "ultrafeedback_full"])
 def test_twins_differ_only_in_the_model_they_name(experiment):
     twins = sorted(path for path in CONFIGS.glob(f"*rm_{experiment}.yaml") if "_" not in path.stem.split("rm_")[0])
     assert len(twins) >= 2
