@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -161,8 +162,10 @@ def test_tiny_sweep_resumes_and_survives_a_failing_run(tmp_path, monkeypatch, ca
         assert record["config"]["model"]["class_path"] == f"rm_lightning.{rm_type}"
         assert (directory / "config.yaml").is_file() and (directory / "run.log").is_file()
 
-    # An interrupted EX-RM run: its results.json is gone and a stale file is left in its directory.
+    # An EX-RM run interrupted before its first checkpoint: its results.json is gone and a stale file is left
+    # in its directory.
     (run_dirs["ExplicitRM"] / "results.json").unlink()
+    shutil.rmtree(run_dirs["ExplicitRM"] / "checkpoints")
     (run_dirs["ExplicitRM"] / "stale.txt").write_text("from the interrupted run")
     implicit_results = (run_dirs["ImplicitRM"] / "results.json").read_text()
     grid["rm_types"] = grid["rm_types"][:2]
@@ -177,3 +180,57 @@ def test_tiny_sweep_resumes_and_survives_a_failing_run(tmp_path, monkeypatch, ca
     assert collection.rm_types == ["ExplicitRM", "ImplicitRM"]
     assert collection.shift_tags == ["in_distribution", "token_shift"]
     assert len(collection.evaluations) == 8
+
+
+# a cli.py stand-in: records the arguments of each launch and finishes at once
+RECORDING_CLI = """
+import json, sys
+from pathlib import Path
+directory = Path(sys.argv[sys.argv.index("--results.dirpath") + 1])
+with open(directory / "launches.txt", "a") as launches:
+    launches.write(" ".join(sys.argv[1:]) + "\\n")
+(directory / "results.json").write_text(json.dumps({"status": "finished"}))
+"""
+
+
+def interrupted_run(tmp_path: Path, checkpoint: bool):
+    """A one-run grid whose run was launched once, left a stale file and (or not) a last.ckpt, and did not finish."""
+    cli_script = tmp_path / "recording_cli.py"
+    cli_script.write_text(RECORDING_CLI)
+    grid_path = write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"],
+                           backbones=["tiny-llama-chat"], seeds=[0])
+    out = tmp_path / "sweep"
+    assert main([str(grid_path), "--out", str(out), "--cli", str(cli_script)]) == 0
+    run = plan_runs(load_grid(grid_path), out)[0]
+    (run.directory / "results.json").write_text(json.dumps({"status": "interrupted"}))
+    (run.directory / "stale.txt").write_text("from the interrupted run")
+    if checkpoint:
+        run.checkpoint.parent.mkdir()
+        run.checkpoint.write_bytes(b"weights")
+    return grid_path, out, cli_script, run
+
+
+def test_an_interrupted_run_with_a_checkpoint_resumes_from_it_in_its_directory(tmp_path, capsys):
+    grid_path, out, cli_script, run = interrupted_run(tmp_path, checkpoint=True)
+    first_line = run.log_path.read_text().splitlines()[0]
+    assert main([str(grid_path), "--out", str(out), "--cli", str(cli_script)]) == 0
+    assert f"resume    {run.name} (an unfinished run, from {run.checkpoint})" in capsys.readouterr().out
+    launches = (run.directory / "launches.txt").read_text().splitlines()
+    assert launches[1] == launches[0] + f" --ckpt_path {run.checkpoint}"
+    assert (run.directory / "stale.txt").exists() and run.log_path.read_text().splitlines()[0] == first_line
+
+
+def test_restart_starts_an_interrupted_run_afresh_even_with_a_checkpoint(tmp_path, capsys):
+    grid_path, out, cli_script, run = interrupted_run(tmp_path, checkpoint=True)
+    assert main([str(grid_path), "--out", str(out), "--cli", str(cli_script), "--restart"]) == 0
+    assert "--ckpt_path" not in (run.directory / "launches.txt").read_text()
+    assert not (run.directory / "stale.txt").exists()
+
+
+def test_an_interrupted_run_launched_with_other_arguments_restarts(tmp_path):
+    grid_path, out, cli_script, run = interrupted_run(tmp_path, checkpoint=True)
+    grid = yaml.safe_load(grid_path.read_text())
+    assert main([str(write_grid(grid_path, **grid, overrides=["--trainer.max_epochs 3"])), "--out", str(out),
+                 "--cli", str(cli_script)]) == 0
+    launches = (run.directory / "launches.txt").read_text().splitlines()
+    assert len(launches) == 1 and "--ckpt_path" not in launches[0]

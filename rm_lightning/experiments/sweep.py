@@ -1,12 +1,14 @@
 """Run a grid of ``cli.py fit`` runs: configs x RM types x backbones x seeds, resumable.
 
-    python -m rm_lightning.sweep configs/sweeps/persona_small.yaml [--out DIR] [--dry-run]
+    python -m rm_lightning.sweep configs/sweeps/persona_small.yaml [--out DIR] [--dry-run] [--restart]
 
 Every run gets its own directory ``<out>/<config stem>/<RM class name>/<backbone>/seed<k>/``
 holding its logs, ``run.log`` (stdout and stderr) and ``results.json``. A run counts as done
 only when ``results.json`` says ``"status": "finished"``, so re-running the same command skips
-finished runs and restarts interrupted ones from scratch. Each run is a separate process: a
-crash, a bad override or an out-of-memory error fails that run only.
+finished runs. An unfinished run resumes from its ``checkpoints/last.ckpt`` when it has one and
+was launched with the same arguments (``--ckpt_path``, the log appended to), and restarts from
+scratch otherwise or with ``--restart``. Each run is a separate process: a crash, a bad override
+or an out-of-memory error fails that run only.
 
 Grid file keys (lists; ``overrides``, ``rm_type_overrides`` and ``rm_type_configs`` optional):
 
@@ -55,6 +57,7 @@ from rm_lightning.errors import RMLightningError, exit_status
 GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides", "rm_type_configs")
 REQUIRED_KEYS = ("configs", "rm_types", "backbones", "seeds")
 LOG_FILENAME = "run.log"
+CHECKPOINT = Path("checkpoints") / "last.ckpt"  # where LastCheckpoint writes in a run directory
 CLI_MODULE = "rm_lightning"  # ``python -m rm_lightning`` runs the same CLI as ``cli.py``
 
 
@@ -90,6 +93,10 @@ class Run:
     @property
     def log_path(self) -> Path:
         return self.directory / LOG_FILENAME
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / CHECKPOINT
 
 
 @dataclass
@@ -265,8 +272,14 @@ def previous_arguments(run: Run) -> Optional[list[str]]:
     return shlex.split(first_line[2:])[1:] if first_line.startswith("$ ") else None
 
 
-def launch(run: Run, arguments: list[str]) -> Outcome:
-    """Run one training process from a clean directory, stdout and stderr into run.log.
+def can_resume(run: Run, arguments: list[str]) -> bool:
+    """Whether an unfinished run left a checkpoint to go on from, under the arguments it would get now."""
+    return run.checkpoint.is_file() and previous_arguments(run) == arguments[1:]
+
+
+def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
+    """Run one training process, stdout and stderr into run.log: from a clean directory, or with
+    ``resume`` from the run's ``last.ckpt`` in the directory it has, the log appended to.
 
     A directory that a live process still holds (an orphan of a killed sweep, a second sweep) is
     left alone. The child runs in its own process group and dies with the sweep: Ctrl-C, an
@@ -275,12 +288,16 @@ def launch(run: Run, arguments: list[str]) -> Outcome:
     holder = holder_of(run.directory)
     if holder is not None:
         return Outcome(run, "failed", 0.0, f"{run.directory} is in use by the live process {holder}; left alone")
-    if run.directory.exists():
-        shutil.rmtree(run.directory)
-    run.directory.mkdir(parents=True)
+    if resume:
+        arguments = [*arguments, "--ckpt_path", str(run.checkpoint)]
+    else:
+        if run.directory.exists():
+            shutil.rmtree(run.directory)
+        run.directory.mkdir(parents=True)
     started = time.monotonic()
-    with open(run.log_path, "w") as log:
-        log.write(f"$ {shlex.join(arguments)}\n\n")
+    with open(run.log_path, "a" if resume else "w") as log:
+        # the first line stays the run's own command: what a later sweep compares its arguments with
+        log.write(f"\n$ resumed: {shlex.join(arguments)}\n\n" if resume else f"$ {shlex.join(arguments)}\n\n")
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         returncode = run_child(arguments, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -335,8 +352,9 @@ def stop_group(child: subprocess.Popen, grace_s: float) -> None:
 
 
 def run_sweep(grid: Grid, out: Path, cli: Optional[Path] = None, dry_run: bool = False,
-              echo: Callable[[str], None] = print) -> list[Outcome]:
-    """Run (or, with ``dry_run``, list) every unfinished run of the grid, one after another."""
+              echo: Callable[[str], None] = print, restart: bool = False) -> list[Outcome]:
+    """Run (or, with ``dry_run``, list) every unfinished run of the grid, one after another; an
+    interrupted one resumes from its checkpoint unless ``restart``."""
     runs = plan_runs(grid, out)
     outcomes: list[Outcome] = []
     width = len(str(len(runs)))
@@ -350,14 +368,19 @@ def run_sweep(grid: Grid, out: Path, cli: Optional[Path] = None, dry_run: bool =
             outcomes.append(Outcome(run, "skipped", reason=reason))
             echo(f"{prefix} skip      {run.name} ({reason})")
             continue
+        resume = not restart and can_resume(run, arguments)
         if dry_run:
             outcomes.append(Outcome(run, "planned"))
-            echo(f"{prefix} would run {run.name}\n    {shlex.join(arguments)}")
+            how = f"would resume {run.name} from {run.checkpoint}" if resume else f"would run {run.name}"
+            echo(f"{prefix} {how}\n    {shlex.join(arguments)}")
             continue
-        restart = " (restarting an unfinished run)" if run.directory.exists() else ""
-        echo(f"{prefix} start     {run.name}{restart}")
+        if resume:
+            echo(f"{prefix} resume    {run.name} (an unfinished run, from {run.checkpoint})")
+        else:
+            again = " (restarting an unfinished run)" if run.directory.exists() else ""
+            echo(f"{prefix} start     {run.name}{again}")
         try:
-            outcome = launch(run, arguments)
+            outcome = launch(run, arguments, resume)
         except KeyboardInterrupt:
             outcomes.append(Outcome(run, "interrupted", reason="interrupted by the user"))
             echo(f"{prefix} interrupted {run.name}")
@@ -398,6 +421,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", help="sweep directory (default: runs/sweeps/<grid file stem>)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
     parser.add_argument("--cli", help="a cli.py-like script to launch instead of `python -m rm_lightning`")
+    parser.add_argument("--restart", action="store_true",
+                        help="start unfinished runs from scratch instead of resuming them from their last.ckpt")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid)
     cli = Path(args.cli) if args.cli else None
@@ -407,7 +432,7 @@ def run(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out or default_out(grid.path)).resolve()
     print(f"sweep {grid.path} -> {out}")
     started = time.monotonic()
-    outcomes = run_sweep(grid, out, cli, dry_run=args.dry_run)
+    outcomes = run_sweep(grid, out, cli, dry_run=args.dry_run, restart=args.restart)
     print(f"\nsummary ({format_seconds(time.monotonic() - started)})\n{summary(outcomes)}")
     if any(o.status == "interrupted" for o in outcomes):
         return 130
