@@ -1,10 +1,11 @@
 """Stop training when training accuracy stops rising, then evaluate once.
 
-The paper trains its real-world reward models for a fixed 5 epochs at its learning rate; a small
-backbone on a few hundred pairs either fits them sooner or needs longer, so a fixed count would either
-waste evaluations' worth of training or stop short. This stops at the end of the first epoch whose
-accuracy over the training batches is high enough (``threshold``) or has not beaten the best earlier
-epoch by ``min_delta`` for ``patience`` epochs, and runs the final evaluation there.
+The paper trains its real-world reward models for a fixed 5 epochs at its learning rate; another
+backbone, learning rate or data size fits its training pairs sooner or later, so a fixed count either
+spends epochs on a model that has stopped learning or stops one that has not. This stops at the end of
+the first epoch whose accuracy over the training batches is high enough (``threshold``) or has not
+beaten the best earlier epoch by ``min_delta`` for ``patience`` epochs, and runs the final evaluation
+there.
 """
 
 from __future__ import annotations
