@@ -41,7 +41,6 @@ class TrainingPlateau(L.Callback):
             raise ValueError(f"TrainingPlateau: threshold must be in (0, 1] or null, got {threshold}")
         self.min_delta, self.patience, self.threshold, self.min_epochs = min_delta, patience, threshold, min_epochs
         self.history: list[float] = []  # training accuracy per finished epoch
-        self.stopped_epoch: Optional[int] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx + 1 < trainer.num_training_batches:
@@ -49,7 +48,6 @@ class TrainingPlateau(L.Callback):
         self.history.append(float(pl_module.epoch_train_accuracy.compute()))  # every rank: a collective sum
         reason = self.reason_to_stop()
         if reason is not None:
-            self.stopped_epoch = trainer.current_epoch
             rank_zero_info(f"training plateau: stopping after epoch {trainer.current_epoch} ({reason}); "
                            f"training accuracy per epoch {', '.join(f'{a:.3f}' for a in self.history)}")
             stop_after_validation(trainer, pl_module)
@@ -70,8 +68,7 @@ class TrainingPlateau(L.Callback):
         return None
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "stopped_epoch": self.stopped_epoch}
+        return {"history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
-        self.stopped_epoch = state_dict.get("stopped_epoch")
