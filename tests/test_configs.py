@@ -209,3 +209,26 @@ def test_bad_compose_ends_in_one_line(tmp_path, capsys, compose, message):
     assert exited.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(experiment) in err[0]
+
+
+def test_ultrafeedback_full_uses_every_pair_and_stops_at_a_plateau(capsys):
+    resolved = resolve(capsys, CONFIGS / "exrm_ultrafeedback_full.yaml")
+    data = resolved["data"]["init_args"]
+    limits = [data["train"]["limit"]] + [source["limit"] for source in data["eval_sets"].values()]
+    caps = (data["max_prompt_tokens"], data["max_response_tokens"], data["truncate"],
+            data["eval_max_prompt_tokens"], data["eval_max_response_tokens"], data["train_sample"])
+    callbacks = [callback["class_path"] for callback in resolved["trainer"]["callbacks"]]
+    assert (set(limits), caps, callbacks, len(data["eval_sets"])) == (
+        {None}, (512, 512, False, None, None, 200), ["rm_lightning.callbacks.TrainingPlateau"], 7)
+
+
+def test_ultrafeedback_full_sweep_runs_both_rm_types_from_their_configs_over_three_seeds(tmp_path):
+    from rm_lightning.experiments.sweep import command, load_grid, plan_runs
+
+    grid = load_grid(CONFIGS / "sweeps" / "ultrafeedback_full.yaml")
+    started_from = set()
+    for run in plan_runs(grid, tmp_path):
+        arguments = command(run, grid)
+        started_from.add((run.rm_type, run.seed, Path(arguments[arguments.index("--config") + 1]).name))
+    assert started_from == {(f"rm_lightning.{rm_type}", seed, f"{prefix}_ultrafeedback_full.yaml") for seed in (0, 1, 2)
+                            for rm_type, prefix in (("ExplicitRM", "exrm"), ("ImplicitRM", "imrm"))}
