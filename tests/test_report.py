@@ -16,7 +16,7 @@ from rm_lightning.experiments.report import (collect, compare, main, mean_rows, 
 
 def write_result(root: Path, rm_type: str, seed: int, eval_sets: dict[str, tuple],
                  config: str = "persona", backbone: str = "tiny", status: str = "finished",
-                 train_path: str | None = None) -> Path:
+                 train_path: str | None = None, epochs: int | None = None) -> Path:
     """eval_sets: name -> (shift tag, accuracy, normalized margin[, signed normalized margin]); ``train_path``:
     the training file of a RealWorldDataModule run (else a PersonaDataModule run)."""
     path = root / config / rm_type / backbone / f"seed{seed}" / "results.json"
@@ -26,6 +26,7 @@ def write_result(root: Path, rm_type: str, seed: int, eval_sets: dict[str, tuple
     path.write_text(json.dumps({
         "status": status, "rm_type": rm_type, "backbone": backbone, "config_name": config, "seed": seed,
         "global_step": 10, "datamodule": module, "config": {"data": data},
+        **({"epoch": epochs} if epochs is not None else {}),
         "eval_sets": {name: {"shift_tag": values[0], "accuracy": values[1], "normalized_margin": values[2],
                              "loss": 0.5, **({"signed_normalized_margin": values[3]} if len(values) > 3 else {})}
                       for name, values in eval_sets.items()},
@@ -195,3 +196,12 @@ def test_command_line(two_types, tmp_path_factory, capsys):
     empty = tmp_path_factory.mktemp("empty")
     assert main([str(empty)]) == 2
     assert f"no results.json found below {empty}" in capsys.readouterr().err
+
+
+def test_runs_csv_says_how_many_epochs_each_run_trained(tmp_path, tmp_path_factory):
+    """Runs stopped at a training plateau train for different numbers of epochs."""
+    for rm_type, epochs in (("ExplicitRM", 4), ("ImplicitRM", 3)):
+        write_result(tmp_path, rm_type, 0, {"orig": ("in_distribution", 0.6, 1.0)}, epochs=epochs)
+    paths = write_report(collect(tmp_path), tmp_path_factory.mktemp("report"), title="plateau")
+    epochs = {r["rm_type"]: r["epochs"] for r in csv.DictReader(paths["runs_csv"].open())}
+    assert epochs == {"ExplicitRM": "4", "ImplicitRM": "3"}

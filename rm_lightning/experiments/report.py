@@ -81,6 +81,7 @@ class Evaluation:
     metrics: dict[str, Optional[float]]
     global_step: Optional[int]
     training_data: str = "-"
+    epochs: Optional[int] = None  # epochs trained: where a run stops at a plateau, they differ by run
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -176,7 +177,7 @@ def evaluations_of(path: Path, record: dict[str, Any]) -> Iterable[Evaluation]:
             backbone=str(record.get("backbone") or "-"), seed=str(record.get("seed")), eval_set=name,
             shift_tag=entry.get("shift_tag") or UNTAGGED,
             metrics={m: _number(entry.get(m)) for m in METRICS}, global_step=record.get("global_step"),
-            training_data=training_data_of(record))
+            training_data=training_data_of(record), epochs=record.get("epoch"))
 
 
 def training_data_of(record: dict[str, Any]) -> str:
@@ -426,9 +427,9 @@ def summary_csv(parts: list[Section]) -> str:
 def runs_csv(collection: Collection) -> str:
     rows = [{"training_data": e.training_data, "config": e.config, "rm_type": e.rm_type, "backbone": e.backbone,
              "seed": e.seed, "eval_set": e.eval_set, "shift_tag": e.shift_tag, "global_step": e.global_step,
-             **e.metrics, "results_file": str(e.path)} for e in collection.evaluations]
+             "epochs": e.epochs, **e.metrics, "results_file": str(e.path)} for e in collection.evaluations]
     return csv_text(rows, ["training_data", "config", "rm_type", "backbone", "seed", "eval_set", "shift_tag",
-                           "global_step", *METRICS, "results_file"])
+                           "global_step", "epochs", *METRICS, "results_file"])
 
 
 def markdown(collection: Collection, parts: list[Section], tie_pp: float, title: str) -> str:
