@@ -75,6 +75,15 @@ def train_steps(run: Path) -> list[int]:
     return [int(row.split(",")[0]) for row in rows if ",train,train," in row]
 
 
+def logged_train_steps(run: Path) -> list[int]:
+    """The steps this process logged a training loss at (TensorBoard): where a resumed fit went on from."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 1})
+    events.Reload()
+    return [event.step for event in events.Scalars("train/loss")]
+
+
 def metrics(record: dict) -> dict:
     return {name: {k: v for k, v in values.items()} for name, values in record["eval_sets"].items()}
 
@@ -160,8 +169,17 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     whole, (cut, resumed) = results(versions(tmp_path / "whole")[0]), versions(tmp_path / "cut")
     assert results(cut)["status"] == "interrupted"
     assert results(resumed)["status"] == "finished" and results(resumed)["global_step"] == whole["global_step"] == 4
-    assert train_steps(resumed) == [3, 4]  # it went on from the first epoch's checkpoint, not from scratch
+    assert len(logged_train_steps(resumed)) == 2  # only the second epoch: it went on from the first one's checkpoint
     assert metrics(results(resumed)) == metrics(whole)
+
+
+def test_a_resumed_run_writes_the_whole_margin_history(tmp_path):
+    """The rows before the checkpoint travel in it: the resumed run's CSV is the uninterrupted run's."""
+    assert fit(tmp_path / "whole", max_epochs=2) == 0
+    assert fit(tmp_path / "cut", *EVERY_EPOCH, max_epochs=2, interrupt_at=3) == 1
+    assert fit(tmp_path / "cut", "--ckpt_path", "last", max_epochs=2) == 0
+    (whole,), (_, resumed) = versions(tmp_path / "whole"), versions(tmp_path / "cut")
+    assert (resumed / "margin_history.csv").read_text() == (whole / "margin_history.csv").read_text()
 
 
 def test_resuming_with_no_checkpoint_is_one_line(tmp_path, capsys):

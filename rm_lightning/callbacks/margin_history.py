@@ -91,6 +91,13 @@ class MarginHistory(L.Callback):
         if self.rows:
             self.write(run_dir(trainer))
 
+    def state_dict(self) -> dict:
+        """The rows travel in checkpoints, so a resumed fit writes the whole history, not only its own."""
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
+
     @rank_zero_only
     def write(self, directory: Path) -> None:
         """The CSV, then the plot; a plot that cannot be written (a full disk, no backend) is a warning."""
