@@ -25,7 +25,8 @@ class MarginHistory(L.Callback):
     to TensorBoard and, at the end of fit, writes ``margin_history.csv`` and
     ``margin_history.png`` (eval margins, train-batch margin and accuracy over steps, one line per
     eval set, titled with the run and its RM type) to the run directory, and prints the final
-    metrics of every eval set and the run's peak memory.
+    metrics of every eval set and the run's peak memory. The rows are saved in checkpoints, so a run
+    resumed with ``--ckpt_path`` writes the whole history.
 
     Args:
         filename: stem of the CSV and PNG.
