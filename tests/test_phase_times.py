@@ -3,13 +3,16 @@ final table, the parts adding up to the total. Structure only: nothing here depe
 
 import json
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import cli
-from rm_lightning.callbacks.phase_times import PHASES, PhaseClock, PhaseTimes, describe_timings
+from rm_lightning.callbacks.phase_times import PHASES, PhaseClock, PhaseTimes, describe_timings, start_ticks
 
 TINY_DATA = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4"]
 KEYS = [f"{phase}_s" for phase in PHASES] + ["total_s"]
@@ -109,3 +112,20 @@ def test_the_table_shows_both_sides_and_says_when_trl_has_no_trainer():
     text = table([{"name": "exrm_persona", "trl_trainer": "RewardTrainer", "ours": side, "trl": {**side, "wall_s": 30.0}},
                   {"name": "exgrm_persona", "trl_trainer": "none", "ours": side}])
     assert "3.00x" in text and "none" in text and "1.000 / 1.000" in text and "1.000 / -" in text
+
+
+def test_a_process_age_never_dates_its_start_before_it_was_launched():
+    """Start-up counts from the process's start: a child's own reading of it must fall after the moment its
+    parent launched it (less one clock tick of rounding), not up to a second before, as a start time built
+    on Linux's whole-second boot time can."""
+    child = ("import time; from rm_lightning.callbacks.phase_times import process_start_seconds_ago as ago; "
+             "print(time.time() - ago())")
+    launched = time.time()
+    started = float(subprocess.run([sys.executable, "-c", child], check=True, capture_output=True,
+                                   text=True).stdout)
+    assert started >= launched - 0.02
+
+
+def test_the_start_time_is_read_after_the_command_name_whatever_it_holds():
+    line = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 500 0 0 0 7 3 0 0 20 0 1 0 98765 1000 200"
+    assert start_ticks(line) == 98765
