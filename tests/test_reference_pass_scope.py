@@ -91,14 +91,54 @@ def test_pairs_an_earlier_set_scored_get_its_values_without_a_pass_of_their_own(
     module, data = tiny_imrm(tmp_path / "cache"), tiny_persona()
     passes, original_pass = [], reference_cache.reference_pass
 
-    def counted_pass(module, model, dataset, batch_size):
-        passes.append(dataset.name)
-        return original_pass(module, model, dataset, batch_size)
+    def counted_pass(module, model, dataset, batches):
+        passes.append((dataset.name, len(dataset)))
+        return original_pass(module, model, dataset, batches)
 
     monkeypatch.setattr(reference_cache, "reference_pass", counted_pass)
     trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, data)
-    # Persona's original responses of the train prompts are the training pairs themselves
-    assert passes == ["train", "original_test_prompts", "paraphrased_train_prompts", "paraphrased_test_prompts"]
+    # one pass over every set, each distinct pair scored once: Persona's original responses of the train prompts
+    # are the training pairs themselves
+    sets = ["train", *data.eval_sets]
+    distinct = {reference_cache.pair_key(p) for name in sets
+                for p in (data.train_set if name == "train" else data.eval_sets[name]).pairs}
+    assert passes == [(", ".join(sets), len(distinct))]
     by_key = {reference_cache.pair_key(p): p.reference_logps for p in data.train_set.pairs}
     again = data.eval_sets["original_train_prompts"].pairs
     assert [p.reference_logps for p in again] == [by_key[reference_cache.pair_key(p)] for p in again]
+    # each set cached on its own, for a run needing fewer; train and original_train_prompts, the same tokens, share one
+    assert reference_files(tmp_path / "cache") == len(sets) - 1
+
+
+def test_the_sets_scored_together_get_the_values_each_would_get_alone(tmp_path):
+    together, data = tiny_imrm(tmp_path / "together"), tiny_persona()
+    data.attach(together).setup("fit")
+    sets = [data.train_set, *data.eval_sets.values()]
+    together.attach_reference_logps(*sets)
+    for index, dataset in enumerate(sets):
+        alone, copy = tiny_imrm(tmp_path / f"alone{index}"), tiny_persona()
+        copy.attach(alone).setup("fit")
+        same_set = copy.train_set if dataset.name == "train" else copy.eval_sets[dataset.name]
+        alone.attach_reference_logps(same_set)
+        torch.testing.assert_close(torch.tensor([p.reference_logps for p in dataset.pairs]),
+                                   torch.tensor([p.reference_logps for p in same_set.pairs]))
+
+
+def test_the_pass_puts_the_pairs_of_one_prompt_side_by_side_whichever_set_holds_them():
+    module, data = tiny_imrm("unused"), tiny_persona()
+    data.attach(module).setup("fit")
+    pairs = reference_cache.unscored_pairs([data.train_set, *data.eval_sets.values()])
+    prompts = [tuple(pair.chosen_ids[:pair.chosen_start]) for pair in pairs]
+    runs = [prompt for index, prompt in enumerate(prompts) if index == 0 or prompt != prompts[index - 1]]
+    assert len(runs) == len(set(prompts))  # each prompt in one run
+    assert len(set(prompts)) < len(data.train_set) + len(data.eval_sets["original_test_prompts"]) + 1
+
+
+def test_reference_batches_stay_within_their_pair_and_token_bounds():
+    class Pair:  # what consecutive_batches reads of a pair: its token ids
+        def __init__(self, tokens):
+            self.chosen_ids, self.rejected_ids = list(range(tokens)), []
+
+    pairs = [Pair(tokens) for tokens in (5, 5, 5, 30, 5, 5, 5, 5)]
+    assert reference_cache.consecutive_batches(pairs, "packed", max_pairs=3, max_tokens=20) == [
+        [0, 1, 2], [3], [4, 5, 6], [7]]

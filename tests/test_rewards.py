@@ -188,3 +188,34 @@ def test_autocast_weight_cache_is_off_only_under_activation_checkpointing(checkp
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b) and len(grads_a) == len(grads_b) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def chunked_logps_and_grads(chunk_size: int, calls: list):
+    """Response log-probs of a fixed random batch through a small LM head, and the gradients of their sum."""
+    from rm_lightning.models.logprobs import response_token_logps
+
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 8, generator=generator))
+    head.register_forward_hook(lambda *_: calls.append(1))
+    hidden = torch.randn(2, 12, 8, generator=generator, requires_grad=True)
+    input_ids = torch.randint(0, 50, (2, 12), generator=generator)
+    response_mask = torch.zeros(2, 12, dtype=torch.bool)
+    response_mask[:, 5:] = True
+    logps, _ = response_token_logps(head, hidden, input_ids, response_mask, chunk_size=chunk_size)
+    logps.sum().backward()
+    return logps.detach(), hidden.grad, head.weight.grad
+
+
+def test_log_probs_and_gradients_do_not_depend_on_how_the_lm_head_is_chunked():
+    whole = chunked_logps_and_grads(1000, [])
+    for got, want in zip(chunked_logps_and_grads(3, []), whole):
+        torch.testing.assert_close(got, want)
+
+
+def test_the_last_lm_head_chunk_is_kept_from_forward_not_recomputed():
+    one_chunk, three_chunks = [], []
+    chunked_logps_and_grads(1000, one_chunk)  # 14 response tokens: one chunk, run once
+    chunked_logps_and_grads(5, three_chunks)  # chunks of 5, 5, 4: the first two run again in backward
+    assert (len(one_chunk), len(three_chunks)) == (1, 5)

@@ -210,11 +210,7 @@ class ImplicitRM(RewardModule):
         sets that already have theirs are skipped. Once they have them no reference model is held (one
         held for ``cache_reference: false``, which computes no such sets, stays)."""
         sets = self._sets_needing_reference(stage)
-        known: dict = {}  # pairs scored by an earlier set are not scored again
-        for dataset in sets:
-            reference_cache.reuse_known(dataset, known)
-            self.attach_reference_logps(dataset)
-            reference_cache.remember(dataset, known)
+        self.attach_reference_logps(*sets)
         if sets:
             self._reference_holder.clear()
 
@@ -256,21 +252,44 @@ class ImplicitRM(RewardModule):
     def on_predict_start(self) -> None:
         self._attach_references("predict")
 
-    def attach_reference_logps(self, dataset: EncodedPairs, batch_size: int = 16) -> None:
-        """Give every pair of ``dataset`` its reference log-probs, from disk or in one pass."""
-        if not len(dataset) or all(p.reference_logps is not None for p in dataset.pairs):
+    def attach_reference_logps(self, *datasets: EncodedPairs) -> None:
+        """Give every pair of ``datasets`` its reference log-probs: a pair an earlier set holds gets that set's
+        values (Persona's original responses of the train prompts are the training pairs), a set cached on
+        disk is read back, and what remains is computed in one pass over the pairs of all sets together, by
+        prompt (``reference_cache.unscored_pairs``). Each computed set is cached for the next run."""
+        known: dict = {}
+        computing = []
+        for dataset in datasets:
+            reference_cache.reuse_known(dataset, known)
+            if any(pair.reference_logps is None for pair in dataset.pairs):
+                identity = self._reference_identity(dataset)
+                values = reference_cache.cached_values(self.reference_cache_dir, identity, dataset)
+                if values is None:
+                    computing.append((dataset, identity))
+                else:
+                    reference_cache.attach(dataset, values)
+            reference_cache.remember(dataset, known)
+        if not computing:
             return
+        self._compute_reference_logps([dataset for dataset, _ in computing])
+        for dataset, identity in computing:
+            reference_cache.store(self.reference_cache_dir, identity, dataset)
+
+    def _reference_identity(self, dataset: EncodedPairs) -> dict[str, str]:
         precision = str(getattr(getattr(self, "_trainer", None), "precision", "32-true"))
         layout = f"{self.hparams.decoder_layout}|{self.hparams.packed_attention}"
-        identity = reference_cache.cache_identity(self._initial_fingerprint, dataset, precision, layout)
+        return reference_cache.cache_identity(self._initial_fingerprint, dataset, precision, layout)
 
-        def compute():
-            reference = self._pristine_or_reference()
-            with adapters_disabled(reference):  # LoRA: the base model (a no-op without adapters)
-                return reference_cache.reference_pass(self, reference, dataset, batch_size)
-
-        reference_cache.attach(dataset, reference_cache.load_or_compute(self.reference_cache_dir, identity, dataset,
-                                                                        compute))
+    def _compute_reference_logps(self, datasets: list[EncodedPairs]) -> None:
+        pairs = reference_cache.unscored_pairs(datasets)
+        union = EncodedPairs(", ".join(dataset.name for dataset in datasets), pairs)
+        batches = reference_cache.consecutive_batches(pairs, self.hparams.decoder_layout)
+        reference = self._pristine_or_reference()
+        with adapters_disabled(reference):  # LoRA: the base model (a no-op without adapters)
+            values = reference_cache.reference_pass(self, reference, union, batches)
+        scored = {reference_cache.pair_key(pair): tuple(row) for pair, row in zip(pairs, values.tolist())}
+        for dataset in datasets:
+            reference_cache.reuse_known(dataset, scored)
 
     def _pristine_or_reference(self) -> torch.nn.Module:
         """The policy itself while its weights are still the initial ones (no second model in memory)."""

@@ -1,8 +1,11 @@
 """Response log-probabilities without a full-vocabulary log-softmax over every position.
 
 Only hidden states that predict response tokens go through the LM head, in chunks; each
-chunk's log-prob is ``logit[target] - logsumexp(logits)``. While training, each chunk is
-recomputed in backward (checkpointed), so at most one chunk's logits are alive at a time.
+chunk's log-prob is ``logit[target] - logsumexp(logits)``. While training, every chunk but the
+last is recomputed in backward (checkpointed), so at most one chunk's logits are alive at a time:
+the last chunk's are the ones backward starts with, so keeping them from forward costs no more
+memory than recomputing them at once would, and saves an LM-head forward a step (for Persona
+batches, which fit one chunk, the only one).
 """
 
 import torch
@@ -29,7 +32,8 @@ def response_token_logps(lm_head: torch.nn.Module, hidden_states: torch.Tensor, 
     pieces = []
     for begin in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[begin:begin + chunk_size], targets[begin:begin + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        last = begin + chunk_size >= hidden.shape[0]
+        if torch.is_grad_enabled() and h.requires_grad and not last:
             pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(lm_head, h, t))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from rm_lightning.files import write_atomically
 from rm_lightning.models.lora import base_state_dict
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
-from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
+from rm_lightning.perf.micro_batches import encoded_pair_tokens, pair_tokens, plan_micro_batches, select_pairs
 from rm_lightning.perf.sharding import is_sharded, local_part
 from rm_lightning.perf.weight_casts import shared_weight_casts
 
@@ -78,7 +78,13 @@ def _first_values_digest(labelled: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-FORMAT_VERSION = 3  # 3: the packed layout shares prefixes across the pairs of a batch (other float rounding)
+FORMAT_VERSION = 4  # 3: the packed layout shares prefixes across the pairs of a batch (other float rounding);
+# 4: the pass batches the pairs of every set together, by prompt (other batches, other rounding)
+# A reference batch holds up to this many pairs and tokens (counted per pair): larger batches share each
+# prompt across more pairs; the token bound keeps batches of long pairs (UltraFeedback's) near the memory of
+# the 16-pair batches of format 3.
+REFERENCE_BATCH_PAIRS = 64
+REFERENCE_BATCH_TOKENS = 16384
 
 
 class UnusableEntry(Exception):
@@ -155,22 +161,27 @@ def remember(dataset: EncodedPairs, known: dict[tuple, tuple[float, float]]) -> 
     known.update((pair_key(pair), pair.reference_logps) for pair in dataset.pairs if pair.reference_logps is not None)
 
 
-def load_or_compute(directory: Path, identity: dict[str, str], dataset: EncodedPairs, compute) -> torch.Tensor:
-    """The [pairs, 2] log-probs cached for ``identity`` in ``directory``, or ``compute()``'s, cached for next time."""
+def cached_values(directory: Path, identity: dict[str, str], dataset: EncodedPairs) -> Optional[torch.Tensor]:
+    """The [pairs, 2] log-probs cached for ``identity`` in ``directory``, or None (none there, or unusable: said)."""
     path = cache_path(directory, identity)
-    if path.is_file():
-        try:
-            values = read_entry(path, identity, len(dataset))
-            rank_zero_info(f"IM-RM: reference log-probs of '{dataset.name}' read from {path}")
-            return values
-        except UnusableEntry as why:
-            rank_zero_warn(f"IM-RM reference cache {path}: {why}; recomputing it")
-    values = compute()
+    if not path.is_file():
+        return None
     try:
-        write_atomically(path, lambda staging: torch.save(entry(identity, values), staging))
+        values = read_entry(path, identity, len(dataset))
+    except UnusableEntry as why:
+        rank_zero_warn(f"IM-RM reference cache {path}: {why}; recomputing it")
+        return None
+    rank_zero_info(f"IM-RM: reference log-probs of '{dataset.name}' read from {path}")
+    return values
+
+
+def store(directory: Path, identity: dict[str, str], dataset: EncodedPairs) -> None:
+    """Cache the log-probs every pair of ``dataset`` now has, under ``identity``, for the next run."""
+    values = torch.tensor([pair.reference_logps for pair in dataset.pairs], dtype=torch.float64).reshape(-1, 2)
+    try:
+        write_atomically(cache_path(directory, identity), lambda staging: torch.save(entry(identity, values), staging))
     except OSError as err:
         warn_unwritable_once(Path(directory), err)
-    return values
 
 
 _WARNED_DIRECTORIES: set[str] = set()
@@ -184,28 +195,59 @@ def warn_unwritable_once(directory: Path, err: OSError) -> None:
                        f"reference log-probs are computed in memory for this run only")
 
 
+def unscored_pairs(datasets: Iterable[EncodedPairs]) -> list[EncodedPair]:
+    """Each distinct pair (``pair_key``) of ``datasets`` still without reference log-probs, those of one prompt
+    side by side (sorted by token ids), whichever set they are in: in one batch the packed layout's prefix tree
+    then computes the prompt once for all of them (Persona's paraphrased sets hold four pairs of every
+    prompt of the original ones)."""
+    unscored: dict[tuple, EncodedPair] = {}
+    for dataset in datasets:
+        for pair in dataset.pairs:
+            if pair.reference_logps is None:
+                unscored.setdefault(pair_key(pair), pair)
+    return sorted(unscored.values(), key=lambda pair: (pair.chosen_ids, pair.rejected_ids))
+
+
+def consecutive_batches(pairs: list[EncodedPair], layout: str, max_pairs: int = REFERENCE_BATCH_PAIRS,
+                        max_tokens: int = REFERENCE_BATCH_TOKENS) -> list[list[int]]:
+    """Indices of ``pairs`` in runs of at most ``max_pairs`` pairs and ``max_tokens`` tokens (each pair's own,
+    ``encoded_pair_tokens``: more than the batch runs once prompts are shared), a longer pair alone."""
+    batches: list[list[int]] = []
+    tokens = 0
+    for index, pair in enumerate(pairs):
+        size = encoded_pair_tokens(pair, layout)
+        if batches and len(batches[-1]) < max_pairs and tokens + size <= max_tokens:
+            batches[-1].append(index)
+            tokens += size
+        else:
+            batches.append([index])
+            tokens = size
+    return batches
+
+
 @torch.no_grad()
-def reference_pass(module, model: torch.nn.Module, dataset: EncodedPairs, batch_size: int) -> torch.Tensor:
-    """[pairs, 2] float64 response log-probs of ``model`` on ``dataset``, in ``module``'s layout and
-    under its trainer's precision (the reference of the policy's own forward), each batch in
-    micro-batches within the module's token budget when it has one (``auto`` is resolved only at
-    the first training batch, so this pass runs whole batches then)."""
+def reference_pass(module, model: torch.nn.Module, dataset: EncodedPairs, batches: list[list[int]]) -> torch.Tensor:
+    """[pairs, 2] float64 response log-probs of ``model`` on ``dataset`` (pair indices per batch in
+    ``batches``), in ``module``'s layout and under its trainer's precision (the reference of the
+    policy's own forward), each batch in micro-batches within the module's token budget when it has
+    one (``auto`` is resolved only at the first training batch, so this pass runs whole batches then)."""
     trainer = getattr(module, "_trainer", None)
     device = trainer.strategy.root_device if trainer is not None else module.device
     # a factory, entered once per batch: the precision plugin's autocast contexts are single-use
     context = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
     was_training, original_device = model.training, next(model.parameters()).device
     model.eval().to(device)
-    loader = DataLoader(dataset.pairs, batch_size=batch_size, collate_fn=module.collator())
+    loader = DataLoader(dataset.pairs, batch_sampler=batches, collate_fn=module.collator())
     # as Lightning's own bars: rank 0 only, and not at all with ``trainer.enable_progress_bar: false``
     show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
+    values = torch.empty(len(dataset), 2, dtype=torch.float64)
     # the weights do not change in this pass: one cast to the autocast dtype for all of it, unless sharded
     with shared_weight_casts(enabled=not is_sharded(module)):
-        values = [_reference_batch(module, model, batch, device, context)
-                  for batch in tqdm(loader, desc=f"reference log-probs [{dataset.name}]", disable=not show,
-                                    leave=False)]
+        for members, batch in zip(batches, tqdm(loader, desc=f"reference log-probs [{dataset.name}]",
+                                                disable=not show, leave=False)):
+            values[members] = _reference_batch(module, model, batch, device, context)
     model.train(was_training).to(original_device)
-    return torch.cat(values)
+    return values
 
 
 def _reference_batch(module, model: torch.nn.Module, batch: dict, device, context) -> torch.Tensor:
