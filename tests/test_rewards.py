@@ -219,3 +219,24 @@ def test_the_last_lm_head_chunk_is_kept_from_forward_not_recomputed():
     chunked_logps_and_grads(1000, one_chunk)  # 14 response tokens: one chunk, run once
     chunked_logps_and_grads(5, three_chunks)  # chunks of 5, 5, 4: the first two run again in backward
     assert (len(one_chunk), len(three_chunks)) == (1, 5)
+
+
+def test_states_that_rows_share_go_through_the_lm_head_once_and_score_every_row():
+    """Rows with the same tokens up to a position hold the same state there (the paraphrased Persona sets repeat
+    each response in two pairs): the LM head scores it once, and every row still gets its log-probs."""
+    from rm_lightning.models.logprobs import response_token_logps, sum_per_row
+
+    generator = torch.Generator().manual_seed(0)
+    embedding, head = torch.nn.Embedding(20, 8), torch.nn.Linear(8, 20, bias=False)
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 0], [1, 2, 3, 4, 5, 0],  # one pair's chosen row, and another's
+                              [1, 2, 3, 4, 6, 7], [1, 2, 9, 9, 9, 0]])  # their rejected rows
+    attention_mask = (torch.arange(6) < torch.tensor([5, 5, 6, 5])[:, None]).long()
+    response_mask = (torch.arange(6) >= 3) & attention_mask.bool()
+    hidden = embedding(input_ids).cumsum(dim=1)  # a state that depends on its prefix alone, like a decoder's
+    head_rows = []
+    head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[0]))
+    logps, rows = response_token_logps(head, hidden, input_ids, response_mask, attention_mask=attention_mask)
+    direct = torch.log_softmax(head(hidden[:, :-1]).float(), dim=-1).gather(2, input_ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(sum_per_row(logps, rows, 4), (direct * response_mask[:, 1:]).sum(dim=1))
+    # scored: positions 2-3 of rows 0, 1 and 2 (one prefix), 4 of row 2, 2-3 of row 3
+    assert head_rows[0] == 5

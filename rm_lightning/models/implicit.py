@@ -105,7 +105,7 @@ class ImplicitRM(RewardModule):
         """Sum of response-token log-probs per row, [2B] float32."""
         lm_head = (model or self.model).get_output_embeddings()
         logps, rows = response_token_logps(lm_head, hidden_states, batch["input_ids"], batch["response_mask"],
-                                           self.logprob_chunk_size)
+                                           self.logprob_chunk_size, batch["attention_mask"])
         return sum_per_row(logps, rows, hidden_states.shape[0])
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,44 +1,77 @@
 """Response log-probabilities without a full-vocabulary log-softmax over every position.
 
-Only hidden states that predict response tokens go through the LM head, in chunks; each
-chunk's log-prob is ``logit[target] - logsumexp(logits)``. While training, every chunk but the
-last is recomputed in backward (checkpointed), so at most one chunk's logits are alive at a time:
-the last chunk's are the ones backward starts with, so keeping them from forward costs no more
-memory than recomputing them at once would, and saves an LM-head forward a step (for Persona
-batches, which fit one chunk, the only one).
+Only hidden states that predict response tokens go through the LM head, each distinct state once,
+in chunks; each token's log-prob is ``logit[target] - logsumexp(logits)``. States are the same
+where rows hold the same tokens up to there (``prefix_canonical_positions``): the paraphrased
+Persona sets repeat each response in two pairs, and chosen and rejected responses often start
+alike. While training, every chunk but the last is recomputed in backward (checkpointed), so at
+most one chunk's logits are alive at a time: the last chunk's are the ones backward starts with,
+so keeping them from forward costs no more memory than recomputing them at once would, and saves
+an LM-head forward a step (for Persona batches, which fit one chunk, the only one).
 """
+
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rm_lightning.perf.packed_pairs import shared_prefixes
 
-def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+
+def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, slots: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each target token, predicted by the state ``hidden[slot]``."""
     logits = lm_head(hidden).float()
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return logits[slots, targets] - torch.logsumexp(logits, dim=-1)[slots]
+
+
+def prefix_canonical_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[rows, width] flat positions (``row * width + t``) into the batch's grid: at each position, the
+    position of the row that first holds the same tokens up to and including t (in the prefix tree
+    the packed layout computes, ``perf/packed_pairs.shared_prefixes``), so positions with the same
+    prefix, whose hidden states are the same, share one number. Rows are right-padded; without
+    ``attention_mask`` every position counts as a token."""
+    rows, width = input_ids.shape
+    ids = input_ids.cpu()
+    lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [width] * rows
+    order, skipped, anchor = shared_prefixes([ids[row, :length] for row, length in enumerate(lengths)])
+    canonical = torch.arange(rows * width).view(rows, width)
+    for row in order:  # an anchor comes before the rows that share its prefix
+        if skipped[row]:
+            canonical[row, :skipped[row]] = canonical[anchor[row], :skipped[row]]
+    return canonical.to(input_ids.device)
 
 
 def response_token_logps(lm_head: torch.nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor,
-                         response_mask: torch.Tensor, chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+                         response_mask: torch.Tensor, chunk_size: int = 2048,
+                         attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of every response token and the row it belongs to.
 
     Token t is predicted by the hidden state at t - 1, so a response token at the very first
     position (no prefix) cannot be scored and is skipped.
-    Returns (logps [N] float32, rows [N] long) over the N scored response tokens.
+    Returns (logps [N] float32, rows [N] long) over the N scored response tokens, row by row in
+    position order (so that a row's sum adds its tokens in one order, whatever else its batch holds).
     """
     predicts_response = response_mask[:, 1:]
-    hidden = hidden_states[:, :-1][predicts_response]
-    targets = input_ids[:, 1:][predicts_response]
     rows = predicts_response.nonzero()[:, 0]
+    targets = input_ids[:, 1:][predicts_response]
+    canonical = prefix_canonical_positions(input_ids, attention_mask)[:, :-1][predicts_response]
+    states, slot = torch.unique(canonical, return_inverse=True)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])[states]
+    by_state = torch.argsort(slot, stable=True)  # each chunk's tokens in one run
+    slot, targets = slot[by_state], targets[by_state]
     pieces = []
     for begin in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[begin:begin + chunk_size], targets[begin:begin + chunk_size]
-        last = begin + chunk_size >= hidden.shape[0]
-        if torch.is_grad_enabled() and h.requires_grad and not last:
-            pieces.append(checkpoint(_chunk_logps, lm_head, h, t, use_reentrant=False))
+        end = min(begin + chunk_size, hidden.shape[0])
+        first, past = torch.searchsorted(slot, torch.tensor([begin, end], device=slot.device)).tolist()
+        arguments = (lm_head, hidden[begin:end], slot[first:past] - begin, targets[first:past])
+        if torch.is_grad_enabled() and hidden.requires_grad and end < hidden.shape[0]:
+            pieces.append(checkpoint(_chunk_logps, *arguments, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(lm_head, h, t))
-    logps = torch.cat(pieces) if pieces else hidden_states.new_zeros(0, dtype=torch.float32)
-    return logps, rows
+            pieces.append(_chunk_logps(*arguments))
+    if not pieces:
+        return hidden_states.new_zeros(0, dtype=torch.float32), rows
+    return torch.cat(pieces)[torch.argsort(by_state)], rows
 
 
 def sum_per_row(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
