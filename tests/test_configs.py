@@ -65,6 +65,9 @@ def as_before(resolved: dict, experiment: str) -> dict:
         for name, value in options.items():
             assert resolved[group]["init_args"].pop(name, value) == value, (group, name)
     data = resolved["data"]["init_args"]
+    if resolved["data"]["class_path"] == "data_modules.PersonaDataModule":  # issue 20: eval batches of 64 pairs
+        assert data["eval_batch_size"] == 64
+        data["eval_batch_size"] = 32
     if experiment.endswith("_rewardmath"):
         for name in ULTRAFEEDBACK_VARIANTS:
             added = data["eval_sets"].pop(name)
