@@ -7,6 +7,7 @@ import torch
 from data_modules import PersonaDataModule
 from rm_lightning import ImplicitRM
 from rm_lightning.models import reference_cache
+from rm_lightning.perf.by_prompt import consecutive_batches
 
 
 def tiny_imrm(cache_dir) -> ImplicitRM:
@@ -140,5 +141,5 @@ def test_reference_batches_stay_within_their_pair_and_token_bounds():
             self.chosen_ids, self.rejected_ids = list(range(tokens)), []
 
     pairs = [Pair(tokens) for tokens in (5, 5, 5, 30, 5, 5, 5, 5)]
-    assert reference_cache.consecutive_batches(pairs, "packed", max_pairs=3, max_tokens=20) == [
+    assert consecutive_batches(pairs, "packed", max_pairs=3, max_tokens=20) == [
         [0, 1, 2], [3], [4, 5, 6], [7]]

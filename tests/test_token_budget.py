@@ -354,9 +354,12 @@ def test_pending_memory_is_gradients_adam_moments_and_the_fixed_transients():
     assert auto.pending_training_bytes(module) == auto.OPTIMIZER_COPIES * trainable + 3 * logits_chunk
 
 
-def test_evaluation_in_micro_batches_gives_the_whole_batches_metrics():
+def test_evaluation_in_micro_batches_gives_the_whole_batches_metrics(monkeypatch):
     from data_modules import PersonaDataModule
+    from rm_lightning.models import reward_module
 
+    # the whole batches as eval steps run them (an unbudgeted evaluation would otherwise score its rewards ahead)
+    monkeypatch.setattr(reward_module, "why_not_ahead", lambda module, trainer: "compared batch by batch")
     metrics = {}
     for budget in (None, 300):  # persona pairs are 160-210 tokens here, eval batches of 8 several micro-batches
         torch.manual_seed(0)

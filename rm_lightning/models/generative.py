@@ -73,6 +73,9 @@ class ExplicitGenerativeRM(RewardModule):
     def compute_rewards(self, hidden_states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.answer_logprobs(hidden_states, batch)[:, 0].exp()
 
+    def loss_from_rewards(self) -> bool:
+        return self.loss_type != "yes_no_ce"  # the cross-entropy reads log p("No") of rejected rows too
+
     def pair_loss(self, batch):
         answer_logps = self.answer_logprobs(self.hidden_states(batch), batch)
         chosen, rejected = answer_logps[:, 0].exp().chunk(2)

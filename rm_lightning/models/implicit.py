@@ -20,6 +20,8 @@ from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import frozen_copy, prepare_trainable, untie_output_embeddings
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.records import EncodedPairs
+from rm_lightning.perf.by_prompt import consecutive_batches
+from rm_lightning.perf.eval_rewards import evaluated_part
 from rm_lightning.settings import check_options
 
 
@@ -233,7 +235,8 @@ class ImplicitRM(RewardModule):
         if self._trainer.limit_val_batches == 0:
             return train
         loaders = data.val_dataloader()
-        return train + [evaluated_part(dataset, loader, self._trainer.limit_val_batches)
+        limit = self._trainer.limit_val_batches
+        return train + [evaluated_part(dataset, loader, validated_batches(loader, limit))
                         for dataset, loader in zip(data.eval_sets.values(), loaders)]
 
     def _data_with_cached_reference(self):
@@ -283,7 +286,7 @@ class ImplicitRM(RewardModule):
     def _compute_reference_logps(self, datasets: list[EncodedPairs]) -> None:
         pairs = reference_cache.unscored_pairs(datasets)
         union = EncodedPairs(", ".join(dataset.name for dataset in datasets), pairs)
-        batches = reference_cache.consecutive_batches(pairs, self.hparams.decoder_layout)
+        batches = consecutive_batches(pairs, self.hparams.decoder_layout)
         reference = self._pristine_or_reference()
         with adapters_disabled(reference):  # LoRA: the base model (a no-op without adapters)
             values = reference_cache.reference_pass(self, reference, union, batches)
@@ -297,12 +300,8 @@ class ImplicitRM(RewardModule):
         return self.model if pristine else self.reference_model()
 
 
-def evaluated_part(dataset: EncodedPairs, loader, limit_batches: int | float) -> EncodedPairs:
-    """The pairs of ``dataset`` that validation scores through ``loader`` under ``limit_val_batches`` (as Lightning
-    counts it: a number of batches, or a fraction of them): the whole set, or its first batches' pairs."""
+def validated_batches(loader, limit_batches: int | float) -> int:
+    """How many batches of ``loader`` validation runs under ``limit_val_batches`` (as Lightning counts it: a
+    number of batches, or a fraction of them)."""
     batches = len(loader)
-    keep = min(batches, limit_batches) if isinstance(limit_batches, int) else int(batches * limit_batches)
-    if keep >= batches:
-        return dataset
-    indices = list(loader.sampler)[:keep * loader.batch_size]
-    return EncodedPairs(dataset.name, [dataset.pairs[i] for i in indices], dataset.tag)
+    return min(batches, limit_batches) if isinstance(limit_batches, int) else int(batches * limit_batches)

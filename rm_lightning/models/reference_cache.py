@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from rm_lightning.files import write_atomically
 from rm_lightning.models.lora import base_state_dict
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
-from rm_lightning.perf.micro_batches import encoded_pair_tokens, pair_tokens, plan_micro_batches, select_pairs
+from rm_lightning.perf.by_prompt import distinct_by_prompt, pair_key
+from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
 from rm_lightning.perf.sharding import is_sharded, local_part
 from rm_lightning.perf.weight_casts import shared_weight_casts
 
@@ -80,11 +81,6 @@ def _first_values_digest(labelled: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 FORMAT_VERSION = 4  # 3: the packed layout shares prefixes across the pairs of a batch (other float rounding);
 # 4: the pass batches the pairs of every set together, by prompt (other batches, other rounding)
-# A reference batch holds up to this many pairs and tokens (counted per pair): larger batches share each
-# prompt across more pairs; the token bound keeps batches of long pairs (UltraFeedback's) near the memory of
-# the 16-pair batches of format 3.
-REFERENCE_BATCH_PAIRS = 64
-REFERENCE_BATCH_TOKENS = 16384
 
 
 class UnusableEntry(Exception):
@@ -143,11 +139,6 @@ def attach(dataset: EncodedPairs, values: torch.Tensor) -> None:
         pair.reference_logps = (chosen, rejected)
 
 
-def pair_key(pair: EncodedPair) -> tuple:
-    """What a pair's reference log-probs depend on: its token ids and where each response starts."""
-    return tuple(pair.chosen_ids), pair.chosen_start, tuple(pair.rejected_ids), pair.rejected_start
-
-
 def reuse_known(dataset: EncodedPairs, known: dict[tuple, tuple[float, float]]) -> None:
     """Give the pairs of ``dataset`` that another set of the run already scored (``known``, by ``pair_key``)
     those log-probs: Persona's original responses of train prompts are the training pairs themselves, so
@@ -196,33 +187,9 @@ def warn_unwritable_once(directory: Path, err: OSError) -> None:
 
 
 def unscored_pairs(datasets: Iterable[EncodedPairs]) -> list[EncodedPair]:
-    """Each distinct pair (``pair_key``) of ``datasets`` still without reference log-probs, those of one prompt
-    side by side (sorted by token ids), whichever set they are in: in one batch the packed layout's prefix tree
-    then computes the prompt once for all of them (Persona's paraphrased sets hold four pairs of every
-    prompt of the original ones)."""
-    unscored: dict[tuple, EncodedPair] = {}
-    for dataset in datasets:
-        for pair in dataset.pairs:
-            if pair.reference_logps is None:
-                unscored.setdefault(pair_key(pair), pair)
-    return sorted(unscored.values(), key=lambda pair: (pair.chosen_ids, pair.rejected_ids))
-
-
-def consecutive_batches(pairs: list[EncodedPair], layout: str, max_pairs: int = REFERENCE_BATCH_PAIRS,
-                        max_tokens: int = REFERENCE_BATCH_TOKENS) -> list[list[int]]:
-    """Indices of ``pairs`` in runs of at most ``max_pairs`` pairs and ``max_tokens`` tokens (each pair's own,
-    ``encoded_pair_tokens``: more than the batch runs once prompts are shared), a longer pair alone."""
-    batches: list[list[int]] = []
-    tokens = 0
-    for index, pair in enumerate(pairs):
-        size = encoded_pair_tokens(pair, layout)
-        if batches and len(batches[-1]) < max_pairs and tokens + size <= max_tokens:
-            batches[-1].append(index)
-            tokens += size
-        else:
-            batches.append([index])
-            tokens = size
-    return batches
+    """Each distinct pair of ``datasets`` still without reference log-probs, those of one prompt side by side,
+    whichever set they are in (``perf/by_prompt.py``)."""
+    return distinct_by_prompt(pair for dataset in datasets for pair in dataset.pairs if pair.reference_logps is None)
 
 
 @torch.no_grad()

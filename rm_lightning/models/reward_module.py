@@ -21,8 +21,9 @@ from rm_lightning.models.trainable import Trainable, prepare_trainable
 from rm_lightning.pairs.collation import PairCollator
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.encoding import BaseFormat, PairEncoder, chat_formatter, check_base_format
-from rm_lightning.pairs.records import Prompt
+from rm_lightning.pairs.records import EncodedPairs, Prompt
 from rm_lightning.perf.checkpointing import autocast_weight_cache, enable_activation_checkpointing
+from rm_lightning.perf.eval_rewards import EvalRewards, evaluated_part, why_not_ahead
 from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hidden_states
 from rm_lightning.perf.micro_batches import encoded_pair_tokens, plan_for, run_in_micro_batches
 from rm_lightning.perf.model_setup import prepare_model
@@ -124,6 +125,7 @@ class RewardModule(L.LightningModule):
         self._longest_pair_tokens: Optional[int] = None  # in the data, for ``auto``; set in setup
         self._zeroed_for_micro_batches = False
         self._eval_weight_casts = SharedWeightCasts()  # one bf16 cast of the weights per evaluation loop
+        self._eval_rewards = EvalRewards()  # an evaluation's rewards, scored ahead by prompt
 
     def _fall_back_to_padded_layout(self, backbone: str) -> None:
         """``decoder_layout: padded`` for a backbone whose attention the packed layout cannot run exactly."""
@@ -153,6 +155,11 @@ class RewardModule(L.LightningModule):
         ``loss_options()``, with the batch's per-pair ``margin`` when it has one."""
         chosen, rejected = self.rewards(batch).chunk(2)
         return preference_loss(chosen, rejected, batch.get("margin"), self.loss_options()), chosen, rejected
+
+    def loss_from_rewards(self) -> bool:
+        """Whether ``pair_loss`` is ``preference_loss`` of ``rewards`` (then an evaluation may score its rewards
+        ahead, ``perf/eval_rewards.py``); a type whose loss reads more than the rewards says so."""
+        return type(self).pair_loss is RewardModule.pair_loss
 
     def loss_options(self) -> PairLossOptions:
         """The loss this module trains with: Bradley-Terry with the ``center_rewards_coefficient`` and
@@ -282,8 +289,12 @@ class RewardModule(L.LightningModule):
         name = self.eval_sets.name_of(dataloader_idx)
         if not self.eval_sets.is_due(name, self._trainer):
             return
-        # every rank runs every step (and as many micro-batches): FSDP gathers collectively
-        loss, chosen, rejected = self.micro_batched_pair_loss(batch)
+        ahead = self._eval_rewards.lookup(batch)
+        if ahead is not None:
+            chosen, rejected = ahead.chunk(2)
+            loss = preference_loss(chosen, rejected, batch.get("margin"), self.loss_options())
+        else:  # every rank runs every step (and as many micro-batches): FSDP gathers collectively
+            loss, chosen, rejected = self.micro_batched_pair_loss(batch)
         if not is_repeated_eval_batch(self._trainer, batch_idx, dataloader_idx):
             self.eval_sets.update(name, chosen, rejected, loss)
 
@@ -327,21 +338,40 @@ class RewardModule(L.LightningModule):
         if not is_sharded(self):
             self._eval_weight_casts.open()
 
+    def _score_evaluation_ahead(self, stage: str) -> None:
+        """Every row this validation or test runs, scored in one pass by prompt (``perf/eval_rewards.py``)."""
+        trainer = self._trainer
+        if why_not_ahead(self, trainer) is not None:
+            return
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+        if not all(isinstance(getattr(loader, "dataset", None), EncodedPairs) for loader in loaders):
+            return  # a data module of other loaders: scored batch by batch
+        due = [evaluated_part(loader.dataset, loader, count) for index, (loader, count) in enumerate(zip(loaders, counts))
+               if self.eval_sets.is_due(self.eval_sets.name_of(index), trainer)]
+        self._eval_rewards.fill(self, due, show_progress=trainer.is_global_zero and trainer.progress_bar_callback
+                                is not None)
+
     def on_validation_epoch_start(self) -> None:
         self._share_weight_casts()
+        self._score_evaluation_ahead("val")
 
     def on_test_epoch_start(self) -> None:
         self._share_weight_casts()
+        self._score_evaluation_ahead("test")
 
     def on_predict_epoch_start(self) -> None:
         self._share_weight_casts()
 
     def on_validation_epoch_end(self) -> None:
         self._eval_weight_casts.close()
+        self._eval_rewards.clear()
         self._log_eval_sets("val")
 
     def on_test_epoch_end(self) -> None:
         self._eval_weight_casts.close()
+        self._eval_rewards.clear()
         self._log_eval_sets("test")
 
     def on_predict_epoch_end(self) -> None:
@@ -349,6 +379,7 @@ class RewardModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self._eval_weight_casts.close()  # a loop that ended in an exception
+        self._eval_rewards.clear()
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if self._zeroed_for_micro_batches:  # zeroed before this batch's first micro-batch backward

@@ -1,0 +1,110 @@
+"""One evaluation's rewards computed ahead of its loaders: every due set at once, by prompt.
+
+Lightning runs the eval sets one loader at a time, so a prompt that several sets share (Persona's
+original and paraphrased sets) ran once per set. At the start of a validation or test,
+``EvalRewards.fill`` scores the rows of every batch the evaluation will run in one pass over all of
+them, the pairs of one prompt side by side (``perf/by_prompt.py``), with the module's own
+``rewards`` under the trainer's precision; each eval step then reads its rows' rewards back, keyed
+by a row's tokens and where its response starts. A row's reward depends on that row alone, so the
+values are the ones the step would compute, up to float rounding (other batches). Metrics, losses
+and everything downstream of a step are unchanged.
+
+Only where that is safe (``why_not_ahead``): one process (ranks would otherwise run different
+passes, which FSDP cannot gather for), no token budget (``auto`` measures a training forward inside
+the first evaluation), every weight trainable (no frozen features riding in the batches), a loss
+computed from the rewards alone, and not in a sanity check (a few batches).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from rm_lightning.pairs.records import EncodedPair, EncodedPairs
+from rm_lightning.perf.by_prompt import consecutive_batches, distinct_by_prompt
+from rm_lightning.perf.sharding import is_sharded
+
+
+def why_not_ahead(module, trainer) -> Optional[str]:
+    """Why ``module``'s evaluation computes its rewards batch by batch, or None when they may be computed ahead."""
+    if trainer.world_size > 1 or is_sharded(module):
+        return "several processes"
+    if trainer.sanity_checking:
+        return "a sanity check"
+    if module.hparams.token_budget is not None:
+        return "a token budget"
+    if module.hparams.trainable != "all":
+        return "frozen layers"
+    if not module.loss_from_rewards():
+        return "a loss that is not a function of the rewards"
+    return None
+
+
+def evaluated_part(dataset: EncodedPairs, loader, batches: int) -> EncodedPairs:
+    """The pairs of ``dataset`` that the first ``batches`` batches of ``loader`` hold (its whole set, or fewer
+    under ``limit_val_batches``), in the loader's order."""
+    if batches >= len(loader):
+        return dataset
+    indices = list(loader.sampler)[:batches * loader.batch_size]
+    return EncodedPairs(dataset.name, [dataset.pairs[i] for i in indices], dataset.tag)
+
+
+def row_keys_of_pair(pair: EncodedPair) -> tuple[tuple, tuple]:
+    return (pair.chosen_start, *pair.chosen_ids), (pair.rejected_start, *pair.rejected_ids)
+
+
+def row_keys_of_batch(batch: dict[str, torch.Tensor]) -> list[tuple]:
+    """Each row's (response start, token ids ...), as ``row_keys_of_pair`` gives them before collation."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    responses = batch["response_mask"].cpu()
+    starts = torch.where(responses.any(dim=1), responses.int().argmax(dim=1), torch.tensor(lengths)).tolist()
+    ids = batch["input_ids"].cpu()
+    return [(start, *ids[row, :length].tolist()) for row, (start, length) in enumerate(zip(starts, lengths))]
+
+
+class EvalRewards:
+    """Rewards of the rows an evaluation will run, by row key, filled at its start and cleared at its end."""
+
+    def __init__(self):
+        self.rewards: dict[tuple, float] = {}
+        self.dtype: Optional[torch.dtype] = None
+
+    def clear(self) -> None:
+        self.rewards, self.dtype = {}, None
+
+    def fill(self, module, datasets: list[EncodedPairs], show_progress: bool) -> None:
+        """Score every row of ``datasets`` in one pass by prompt (the module in its evaluation loop: no
+        gradients, its trainer's precision)."""
+        self.clear()
+        pairs = distinct_by_prompt(pair for dataset in datasets for pair in dataset.pairs)
+        if not pairs:
+            return
+        trainer = module._trainer
+        batches = consecutive_batches(pairs, module.hparams.decoder_layout)
+        loader = DataLoader(pairs, batch_sampler=batches, collate_fn=module.collator())
+        names = ", ".join(dataset.name for dataset in datasets)
+        with torch.no_grad():
+            for members, batch in zip(batches, tqdm(loader, desc=f"rewards by prompt [{names}]", leave=False,
+                                                    disable=not show_progress)):
+                batch = {key: value.to(module.device) for key, value in batch.items()}
+                with trainer.precision_plugin.forward_context():
+                    rewards = module.rewards(batch)
+                self.dtype = rewards.dtype
+                chosen, rejected = rewards.double().cpu().chunk(2)  # exact for every reward dtype
+                for pair, chosen_reward, rejected_reward in zip((pairs[i] for i in members), chosen.tolist(),
+                                                                rejected.tolist()):
+                    chosen_key, rejected_key = row_keys_of_pair(pair)
+                    self.rewards[chosen_key], self.rewards[rejected_key] = chosen_reward, rejected_reward
+
+    def lookup(self, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The rewards [2B] of ``batch``'s rows when every one was scored ahead, else None."""
+        if not self.rewards:
+            return None
+        try:
+            values = [self.rewards[key] for key in row_keys_of_batch(batch)]
+        except KeyError:
+            return None
+        return torch.tensor(values, dtype=torch.float64, device=batch["input_ids"].device).to(self.dtype)
