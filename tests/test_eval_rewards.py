@@ -55,5 +55,6 @@ def test_row_keys_of_a_batch_are_those_of_its_pairs():
     data = tiny_persona()
     data.attach(module).setup("fit")
     pairs = data.eval_sets["paraphrased_test_prompts"].pairs[:6]
-    expected = [eval_rewards.row_keys_of_pair(p)[0] for p in pairs] + [eval_rewards.row_keys_of_pair(p)[1] for p in pairs]
+    keys = [eval_rewards.row_keys_of_pair(pair) for pair in pairs]
+    expected = [chosen for chosen, _ in keys] + [rejected for _, rejected in keys]
     assert eval_rewards.row_keys_of_batch(module.collator()(pairs)) == expected

@@ -348,10 +348,11 @@ class RewardModule(L.LightningModule):
         counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
         if not all(isinstance(getattr(loader, "dataset", None), EncodedPairs) for loader in loaders):
             return  # a data module of other loaders: scored batch by batch
-        due = [evaluated_part(loader.dataset, loader, count) for index, (loader, count) in enumerate(zip(loaders, counts))
+        due = [evaluated_part(loader.dataset, loader, count)
+               for index, (loader, count) in enumerate(zip(loaders, counts))
                if self.eval_sets.is_due(self.eval_sets.name_of(index), trainer)]
-        self._eval_rewards.fill(self, due, show_progress=trainer.is_global_zero and trainer.progress_bar_callback
-                                is not None)
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        self._eval_rewards.fill(self, due, show_progress=show)
 
     def on_validation_epoch_start(self) -> None:
         self._share_weight_casts()
