@@ -31,7 +31,7 @@ from rm_lightning.perf.sharding import is_sharded
 def why_not_ahead(module, trainer) -> Optional[str]:
     """Why ``module``'s evaluation computes its rewards batch by batch, or None when they may be computed ahead."""
     if trainer.world_size > 1 or is_sharded(module):
-        return "several processes"
+        return "several processes or sharded weights"
     if trainer.sanity_checking:
         return "a sanity check"
     if module.hparams.token_budget is not None:
