@@ -1,4 +1,8 @@
-"""Evaluation casts the weights to the autocast dtype once per loop, and leaves autocast as it found it."""
+"""Evaluation casts the weights to the autocast dtype once per loop, and leaves autocast as it found it.
+
+Lightning's bf16-mixed plugin opens autocast with its weight cache off (``cache_enabled=False``), so the
+tests that go through a Trainer run its evaluation under ``no_grad`` as the CLI's does (the CLI's gloo
+process group rules out ``inference_mode``, under which autocast caches nothing)."""
 
 import lightning as L
 import torch
@@ -6,7 +10,8 @@ from torch import nn
 
 from data_modules import PersonaDataModule
 from rm_lightning import ExplicitRM
-from rm_lightning.perf.weight_casts import shared_weight_casts
+from rm_lightning.perf import by_prompt, eval_rewards
+from rm_lightning.perf.weight_casts import reusing_casts, shared_weight_casts
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
 
@@ -18,16 +23,18 @@ def autocast_nesting() -> int:
     return level
 
 
-def outputs_around_a_weight_change(share: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's output in two autocast blocks, its weight changed in between."""
+def outputs_around_a_weight_change(share: bool, lightning_autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's output in two autocast blocks, its weight changed in between; ``lightning_autocast``: blocks
+    opened as Lightning's plugin opens them (cache off), the forwards inside ``reusing_casts``."""
     torch.manual_seed(0)
     layer, x = nn.Linear(8, 8), torch.randn(2, 8)
+    cache = {"cache_enabled": False} if lightning_autocast else {}
     with shared_weight_casts(enabled=share):
-        with torch.autocast(**BF16):
+        with torch.autocast(**BF16, **cache), reusing_casts(layer):
             first = layer(x)
         with torch.no_grad():
             layer.weight.add_(1.0)
-        with torch.autocast(**BF16):
+        with torch.autocast(**BF16, **cache), reusing_casts(layer):
             second = layer(x)
     return first, second
 
@@ -35,6 +42,11 @@ def outputs_around_a_weight_change(share: bool) -> tuple[torch.Tensor, torch.Ten
 def test_autocast_blocks_inside_reuse_the_first_cast():
     first, second = outputs_around_a_weight_change(share=True)
     assert torch.equal(first, second)  # the second block used the copy cast before the change
+
+
+def test_forwards_reusing_casts_inside_lightnings_autocast_reuse_the_first_cast():
+    first, second = outputs_around_a_weight_change(share=True, lightning_autocast=True)
+    assert torch.equal(first, second)
 
 
 def test_without_sharing_each_block_casts_again():
@@ -78,3 +90,35 @@ def test_validation_with_one_cast_scores_as_with_a_cast_per_batch():
 def test_validation_leaves_autocast_nesting_where_it_was():
     evaluation(share=True)
     assert autocast_nesting() == 0
+
+
+def rewards_scored_ahead(monkeypatch, weight_changes: bool) -> dict:
+    """The rewards a bf16-mixed validation scores ahead, in batches of 4 pairs; ``weight_changes``: a decoder
+    weight is changed after every forward it takes part in."""
+    torch.manual_seed(0)
+    module = ExplicitRM(backbone="tiny-llama-chat", head_init="normal")
+    monkeypatch.setattr(eval_rewards, "consecutive_batches",
+                        lambda pairs, layout: by_prompt.consecutive_batches(pairs, layout, max_pairs=4))
+    if weight_changes:
+        layer = module.model.model.layers[0].mlp.gate_proj
+
+        def change_weight(*args) -> None:  # returns None: the layer's output is kept
+            layer.weight.data.add_(1.0)
+
+        layer.register_forward_hook(change_weight)
+    scored = {}
+
+    class KeepScores(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            scored.update(pl_module._eval_rewards.rewards)
+
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", inference_mode=False, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[KeepScores()])
+    trainer.validate(module, PersonaDataModule(num_train=4, num_test=4, eval_batch_size=4), verbose=False)
+    return scored
+
+
+def test_scoring_ahead_casts_the_weights_once_for_all_of_its_batches(monkeypatch):
+    unchanged = rewards_scored_ahead(monkeypatch, weight_changes=False)
+    assert len(unchanged) > 8 and rewards_scored_ahead(monkeypatch, weight_changes=True) == unchanged

@@ -34,7 +34,7 @@ from rm_lightning.pairs.records import EncodedPair, EncodedPairs
 from rm_lightning.perf.by_prompt import distinct_by_prompt, pair_key
 from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
 from rm_lightning.perf.sharding import is_sharded, local_part
-from rm_lightning.perf.weight_casts import shared_weight_casts
+from rm_lightning.perf.weight_casts import reusing_casts, shared_weight_casts
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -226,7 +226,7 @@ def _reference_batch(module, model: torch.nn.Module, batch: dict, device, contex
     batch_values = torch.empty(batch["input_ids"].shape[0] // 2, 2, dtype=torch.float64)
     for members in plan:
         micro = select_pairs(batch, members)
-        with context():
+        with context(), reusing_casts(module):
             hidden = module.hidden_states(micro, decoder=model.base_model)
             chosen, rejected = module.response_logps(hidden, micro, model=model).double().cpu().chunk(2)
         batch_values[members] = torch.stack([chosen, rejected], dim=1)

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from rm_lightning.errors import DataError, SettingError
+from rm_lightning.perf.weight_casts import reusing_casts
 from rm_lightning.pairs.records import (EncodedPair, EncodedPairs, EncodedResponses, PreferencePair, pair_up,
                                         unpair)
 
@@ -147,7 +148,8 @@ def score_pairs(module, prompts: Sequence[str], chosen: Sequence[str], rejected:
 
 def predict_batch(module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``predict_step``'s output: each pair's index in its set and its two rewards (float32, CPU)."""
-    chosen, rejected = module.rewards(batch).float().chunk(2)
+    with reusing_casts(module):  # the predict loop holds one cast of the weights for all of its batches
+        chosen, rejected = module.rewards(batch).float().chunk(2)
     return {"pair_index": batch["pair_index"].cpu(), "chosen": chosen.cpu(), "rejected": rejected.cpu()}
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
 from rm_lightning.perf.by_prompt import consecutive_batches, distinct_by_prompt
 from rm_lightning.perf.sharding import is_sharded
+from rm_lightning.perf.weight_casts import reusing_casts
 
 
 def why_not_ahead(module, trainer) -> Optional[str]:
@@ -90,7 +91,7 @@ class EvalRewards:
             for members, batch in zip(batches, tqdm(loader, desc=f"rewards by prompt [{names}]", leave=False,
                                                     disable=not show_progress)):
                 batch = {key: value.to(module.device) for key, value in batch.items()}
-                with trainer.precision_plugin.forward_context():
+                with trainer.precision_plugin.forward_context(), reusing_casts(module):
                     rewards = module.rewards(batch)
                 self.dtype = rewards.dtype
                 chosen, rejected = rewards.double().cpu().chunk(2)  # exact for every reward dtype

@@ -9,9 +9,12 @@ the first reuse the first batch's copies; they are dropped when the loop ends, b
 optimizer step.
 
 Autocast caches only weights that require gradients (a frozen reference model is cast per batch
-as before), and not under activation checkpointing (``perf/checkpointing.autocast_weight_cache``).
-Sharded (FSDP2) modules are left alone: the copies of gathered weights would keep a whole
-unsharded bf16 model on every process for the length of the loop.
+as before), and only where its cache is on: Lightning's mixed-precision plugin opens every
+autocast block with ``cache_enabled=False``, so a loop's forwards run inside ``reusing_casts``,
+which turns it back on (training does the same unless activation checkpointing is on,
+``perf/checkpointing.autocast_weight_cache``). Sharded (FSDP2) modules are left alone: the
+copies of gathered weights would keep a whole unsharded bf16 model on every process for the
+length of the loop.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from torch import nn
+
+from rm_lightning.perf.checkpointing import autocast_weight_cache
+from rm_lightning.perf.sharding import is_sharded
 
 
 class SharedWeightCasts:
@@ -51,3 +58,15 @@ def shared_weight_casts(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         casts.close()
+
+
+@contextmanager
+def reusing_casts(module: nn.Module) -> Iterator[None]:
+    """Autocast's weight cache on for a forward of ``module`` inside a precision plugin's context.
+
+    Without it the cast copies of ``shared_weight_casts`` are never kept: Lightning's plugin turns
+    the cache off, and every evaluation batch cast the whole model again. Off for sharded modules.
+    """
+    with autocast_weight_cache(enabled=not is_sharded(module)):
+        yield
+
