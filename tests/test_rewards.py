@@ -240,3 +240,16 @@ def test_states_that_rows_share_go_through_the_lm_head_once_and_score_every_row(
     torch.testing.assert_close(sum_per_row(logps, rows, 4), (direct * response_mask[:, 1:]).sum(dim=1))
     # scored: positions 2-3 of rows 0, 1 and 2 (one prefix), 4 of row 2, 2-3 of row 3
     assert head_rows[0] == 5
+
+
+@pytest.mark.parametrize("rows", [0, 1, 64, 150])
+def test_log_partition_in_blocks_of_rows_equals_one_logsumexp_and_its_gradient(rows):
+    from rm_lightning.models.logprobs import log_partition
+
+    logits = torch.randn(rows, 1000, generator=torch.Generator().manual_seed(0)) * 5
+    blocked, whole = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    weights = torch.arange(rows, dtype=torch.float32)
+    (log_partition(blocked) * weights).sum().backward()
+    (torch.logsumexp(whole, dim=-1) * weights).sum().backward()
+    assert torch.equal(log_partition(blocked.detach()), torch.logsumexp(whole.detach(), dim=-1))
+    assert torch.equal(blocked.grad, whole.grad)

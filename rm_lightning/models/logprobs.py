@@ -18,11 +18,25 @@ from torch.utils.checkpoint import checkpoint
 from rm_lightning.perf.packed_pairs import shared_prefixes
 
 
+# rows per logsumexp call: its temporaries (logits less their maximum, then their exponentials) for 64 rows
+# of the vocabulary stay in cache and are reused, where those of a whole chunk were fresh memory each time
+LOG_PARTITION_ROWS = 64
+
+
+def log_partition(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dimension of [N, vocabulary] logits, a block of rows at a time: the same
+    values as one call (each row is reduced on its own), about 1.5-4x faster for N in the hundreds on a CPU
+    (``benchmarks/README.md``)."""
+    if logits.shape[0] == 0:
+        return torch.logsumexp(logits, dim=-1)
+    return torch.cat([torch.logsumexp(block, dim=-1) for block in logits.split(LOG_PARTITION_ROWS)])
+
+
 def _chunk_logps(lm_head: torch.nn.Module, hidden: torch.Tensor, slots: torch.Tensor,
                  targets: torch.Tensor) -> torch.Tensor:
     """Log-prob of each target token, predicted by the state ``hidden[slot]``."""
     logits = lm_head(hidden).float()
-    return logits[slots, targets] - torch.logsumexp(logits, dim=-1)[slots]
+    return logits[slots, targets] - log_partition(logits)[slots]
 
 
 def prefix_canonical_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -117,6 +131,6 @@ def response_logratios(head: torch.nn.Module, initial_head: torch.nn.Module, hid
     logits = head(states.to(head.weight.dtype)).float()
     with torch.no_grad():
         initial = initial_head(states.to(initial_head.weight.dtype)).float()
-    partition = torch.logsumexp(logits, dim=-1) - torch.logsumexp(initial, dim=-1)
+    partition = log_partition(logits) - log_partition(initial)
     ratios = (logits[slot, targets] - initial[slot, targets]) - partition[slot]
     return sum_per_row(ratios, rows, hidden_states.shape[0])
