@@ -19,22 +19,19 @@ computing in memory, with one warning.
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rm_lightning.files import write_atomically
 from rm_lightning.models.lora import base_state_dict
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
-from rm_lightning.perf.by_prompt import distinct_by_prompt, pair_key
+from rm_lightning.perf.by_prompt import collated_batches, distinct_by_prompt, pair_key
 from rm_lightning.perf.micro_batches import pair_tokens, plan_micro_batches, select_pairs
 from rm_lightning.perf.sharding import is_sharded, local_part
-from rm_lightning.perf.weight_casts import reusing_casts, shared_weight_casts
+from rm_lightning.perf.weight_casts import evaluation_forward, shared_weight_casts
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -200,24 +197,21 @@ def reference_pass(module, model: torch.nn.Module, dataset: EncodedPairs, batche
     one (``auto`` is resolved only at the first training batch, so this pass runs whole batches then)."""
     trainer = getattr(module, "_trainer", None)
     device = trainer.strategy.root_device if trainer is not None else module.device
-    # a factory, entered once per batch: the precision plugin's autocast contexts are single-use
-    context = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
     was_training, original_device = model.training, next(model.parameters()).device
     model.eval().to(device)
-    loader = DataLoader(dataset.pairs, batch_sampler=batches, collate_fn=module.collator())
     # as Lightning's own bars: rank 0 only, and not at all with ``trainer.enable_progress_bar: false``
     show = trainer is None or (trainer.is_global_zero and trainer.progress_bar_callback is not None)
     values = torch.empty(len(dataset), 2, dtype=torch.float64)
     # the weights do not change in this pass: one cast to the autocast dtype for all of it, unless sharded
     with shared_weight_casts(enabled=not is_sharded(module)):
-        for members, batch in zip(batches, tqdm(loader, desc=f"reference log-probs [{dataset.name}]",
-                                                disable=not show, leave=False)):
-            values[members] = _reference_batch(module, model, batch, device, context)
+        for members, batch in collated_batches(module, dataset.pairs, batches,
+                                               f"reference log-probs [{dataset.name}]", show):
+            values[members] = _reference_batch(module, model, batch, device)
     model.train(was_training).to(original_device)
     return values
 
 
-def _reference_batch(module, model: torch.nn.Module, batch: dict, device, context) -> torch.Tensor:
+def _reference_batch(module, model: torch.nn.Module, batch: dict, device) -> torch.Tensor:
     """[pairs, 2] log-probs of one batch, in micro-batches within the module's token budget."""
     batch = {k: v.to(device) for k, v in batch.items() if k != "reference_logps"}
     layout = module.hparams.decoder_layout
@@ -226,7 +220,7 @@ def _reference_batch(module, model: torch.nn.Module, batch: dict, device, contex
     batch_values = torch.empty(batch["input_ids"].shape[0] // 2, 2, dtype=torch.float64)
     for members in plan:
         micro = select_pairs(batch, members)
-        with context(), reusing_casts(module):
+        with evaluation_forward(module):
             hidden = module.hidden_states(micro, decoder=model.base_model)
             chosen, rejected = module.response_logps(hidden, micro, model=model).double().cpu().chunk(2)
         batch_values[members] = torch.stack([chosen, rejected], dim=1)

@@ -12,7 +12,10 @@ memory of a 16-pair batch.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
+
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from rm_lightning.pairs.records import EncodedPair
 from rm_lightning.perf.micro_batches import encoded_pair_tokens
@@ -49,3 +52,12 @@ def consecutive_batches(pairs: list[EncodedPair], layout: str, max_pairs: int = 
             batches.append([index])
             tokens = size
     return batches
+
+
+def collated_batches(module, pairs: list[EncodedPair], batches: list[list[int]], description: str,
+                     show_progress: bool) -> Iterator[tuple[list[int], dict]]:
+    """(pair indices, batch) for each of ``batches``, collated as ``module`` collates (on the CPU), behind a
+    progress bar: what a pass over ``consecutive_batches`` iterates."""
+    loader = DataLoader(pairs, batch_sampler=batches, collate_fn=module.collator())
+    yield from zip(batches, tqdm(loader, desc=description, disable=not show_progress, leave=False))
+

@@ -20,13 +20,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
-from rm_lightning.perf.by_prompt import consecutive_batches, distinct_by_prompt
+from rm_lightning.perf.by_prompt import collated_batches, consecutive_batches, distinct_by_prompt
 from rm_lightning.perf.sharding import is_sharded
-from rm_lightning.perf.weight_casts import reusing_casts
+from rm_lightning.perf.weight_casts import evaluation_forward
 
 
 def why_not_ahead(module, trainer) -> Optional[str]:
@@ -83,15 +81,13 @@ class EvalRewards:
         pairs = distinct_by_prompt(pair for dataset in datasets for pair in dataset.pairs)
         if not pairs:
             return
-        trainer = module._trainer
         batches = consecutive_batches(pairs, module.hparams.decoder_layout)
-        loader = DataLoader(pairs, batch_sampler=batches, collate_fn=module.collator())
         names = ", ".join(dataset.name for dataset in datasets)
         with torch.no_grad():
-            for members, batch in zip(batches, tqdm(loader, desc=f"rewards by prompt [{names}]", leave=False,
-                                                    disable=not show_progress)):
+            for members, batch in collated_batches(module, pairs, batches, f"rewards by prompt [{names}]",
+                                                   show_progress):
                 batch = {key: value.to(module.device) for key, value in batch.items()}
-                with trainer.precision_plugin.forward_context(), reusing_casts(module):
+                with evaluation_forward(module):
                     rewards = module.rewards(batch)
                 self.dtype = rewards.dtype
                 chosen, rejected = rewards.double().cpu().chunk(2)  # exact for every reward dtype

@@ -19,7 +19,7 @@ length of the loop.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -68,5 +68,14 @@ def reusing_casts(module: nn.Module) -> Iterator[None]:
     the cache off, and every evaluation batch cast the whole model again. Off for sharded modules.
     """
     with autocast_weight_cache(enabled=not is_sharded(module)):
+        yield
+
+
+@contextmanager
+def evaluation_forward(module: nn.Module) -> Iterator[None]:
+    """A forward of a pass that only evaluates: in ``module``'s trainer's precision (none without a trainer),
+    reusing the pass's weight casts. Entered once per forward: a precision plugin's contexts are single-use."""
+    trainer = getattr(module, "_trainer", None)
+    with trainer.precision_plugin.forward_context() if trainer is not None else nullcontext(), reusing_casts(module):
         yield
 
