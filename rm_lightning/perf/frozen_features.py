@@ -15,14 +15,13 @@ their common prompt once.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Iterable
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
+from rm_lightning.perf.by_prompt import collated_batches
+from rm_lightning.perf.weight_casts import evaluation_forward
 
 
 def distinct_sequences(datasets: Iterable[EncodedPairs]) -> list[tuple[int, ...]]:
@@ -45,19 +44,18 @@ def attach_frozen_features(module, datasets: Iterable[EncodedPairs], batch_size:
     neighbours = [EncodedPair(list(a), len(a), list(b), len(b))  # two sequences a batch pair; no response needed
                   for a, b in zip(sequences[0::2], sequences[1::2] + sequences[-1:] * (len(sequences) % 2))]
     trainer = getattr(module, "_trainer", None)
-    context = trainer.precision_plugin.forward_context if trainer is not None else nullcontext
     show = trainer is None or trainer.is_global_zero
     was_training = module.model.training
     module.model.eval()
     states: dict[tuple[int, ...], torch.Tensor] = {}
-    loader = DataLoader(neighbours, batch_size=batch_size, collate_fn=module.collator())
-    for batch_pairs, batch in zip(_chunks(neighbours, batch_size),
-                                  tqdm(loader, desc="frozen features", disable=not show, leave=False)):
+    batches = [list(range(begin, min(begin + batch_size, len(neighbours))))
+               for begin in range(0, len(neighbours), batch_size)]
+    for members, batch in collated_batches(module, neighbours, batches, "frozen features", show):
         batch = {key: value.to(module.device) for key, value in batch.items()}
-        with context():
+        with evaluation_forward(module):
             hidden = module.hidden_states(batch).float().cpu()
-        count = len(batch_pairs)
-        for index, pair in enumerate(batch_pairs):
+        count = len(members)
+        for index, pair in enumerate(neighbours[member] for member in members):
             states[tuple(pair.chosen_ids)] = hidden[index, :len(pair.chosen_ids)].clone()
             states[tuple(pair.rejected_ids)] = hidden[count + index, :len(pair.rejected_ids)].clone()
     module.model.train(was_training)
@@ -66,7 +64,3 @@ def attach_frozen_features(module, datasets: Iterable[EncodedPairs], batch_size:
             if pair.hidden_states is None:
                 pair.hidden_states = (states[tuple(pair.chosen_ids)], states[tuple(pair.rejected_ids)])
 
-
-def _chunks(items: list, size: int) -> Iterable[list]:
-    for begin in range(0, len(items), size):
-        yield items[begin:begin + size]
