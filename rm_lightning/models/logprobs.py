@@ -25,8 +25,8 @@ LOG_PARTITION_ROWS = 64
 
 def log_partition(logits: torch.Tensor) -> torch.Tensor:
     """``logsumexp`` over the last dimension of [N, vocabulary] logits, a block of rows at a time: the same
-    values as one call (each row is reduced on its own), about 1.5-4x faster for N in the hundreds on a CPU
-    (``benchmarks/README.md``)."""
+    values and gradients as one call (each row is reduced on its own), faster on a CPU for N in the
+    hundreds (``benchmarks/README.md``)."""
     if logits.shape[0] == 0:
         return torch.logsumexp(logits, dim=-1)
     return torch.cat([torch.logsumexp(block, dim=-1) for block in logits.split(LOG_PARTITION_ROWS)])

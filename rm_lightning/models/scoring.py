@@ -24,9 +24,9 @@ import torch
 import yaml
 
 from rm_lightning.errors import DataError, SettingError
-from rm_lightning.perf.weight_casts import reusing_casts
 from rm_lightning.pairs.records import (EncodedPair, EncodedPairs, EncodedResponses, PreferencePair, pair_up,
                                         unpair)
+from rm_lightning.perf.weight_casts import reusing_casts
 
 CLASS_PATH_KEY = "rm_lightning_class_path"  # stored in every checkpoint by ``RewardModule.on_save_checkpoint``
 

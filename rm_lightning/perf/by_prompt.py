@@ -60,4 +60,3 @@ def collated_batches(module, pairs: list[EncodedPair], batches: list[list[int]],
     progress bar: what a pass over ``consecutive_batches`` iterates."""
     loader = DataLoader(pairs, batch_sampler=batches, collate_fn=module.collator())
     yield from zip(batches, tqdm(loader, desc=description, disable=not show_progress, leave=False))
-

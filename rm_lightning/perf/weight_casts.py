@@ -78,4 +78,3 @@ def evaluation_forward(module: nn.Module) -> Iterator[None]:
     trainer = getattr(module, "_trainer", None)
     with trainer.precision_plugin.forward_context() if trainer is not None else nullcontext(), reusing_casts(module):
         yield
-
