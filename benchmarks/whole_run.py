@@ -282,6 +282,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# below these, page faults and checkpoint saves ran several times slower (benchmarks/README.md, 2026-12-05)
+ROOMY_DISK_GIB = 10
+DIRTY_BACKLOG_MIB = 512
+
+
+def machine_state() -> dict:
+    """Free disk where the runs write (the temporary folder) and the page cache's unwritten backlog."""
+    import shutil
+
+    state = {"disk_free_gib": round(shutil.disk_usage(tempfile.gettempdir()).free / 2 ** 30, 1)}
+    try:
+        with open("/proc/meminfo") as meminfo:
+            dirty_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("Dirty:"))
+        state["dirty_page_cache_mib"] = round(dirty_kib / 1024)
+    except (OSError, StopIteration, ValueError):  # not Linux
+        pass
+    return state
+
+
+def machine_state_notes(state: dict) -> list[str]:
+    notes = []
+    if state["disk_free_gib"] < ROOMY_DISK_GIB:
+        notes.append(f"only {state['disk_free_gib']} GiB free in {tempfile.gettempdir()} (each run writes a 1.5 GiB "
+                     f"checkpoint); a nearly full disk made saves and page faults several times slower")
+    if state.get("dirty_page_cache_mib", 0) > DIRTY_BACKLOG_MIB:
+        notes.append(f"{state['dirty_page_cache_mib']} MiB of the page cache not yet written to disk (run `sync` "
+                     f"first): checkpoint saves wait behind it")
+    return notes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.trl_worker is not None:
@@ -293,6 +323,9 @@ def main(argv=None) -> int:
 
     print(f"whole runs on {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs); "
           f"wall seconds from outside, phases start-up/reference/training/evaluation/checkpoints", flush=True)
+    state = machine_state()
+    for note in machine_state_notes(state):
+        print(f"note: {note}", flush=True)
     rows = []
     for config in args.configs:
         settings = run_settings(Path(config), args)
@@ -317,7 +350,8 @@ def main(argv=None) -> int:
     print("\nwall: seconds from outside (process start to exit); su/ref/train/eval/ckpt: start-up, reference pass, "
           "training, evaluation (step 0 included), checkpoint saving; ratio: TRL wall / ours; TRL none: TRL has no "
           "trainer for this RM type (EX-GRM)")
-    write_json_atomically(args.json, {"rows": rows, "settings": {k: str(v) for k, v in vars(args).items()}})
+    write_json_atomically(args.json, {"rows": rows, "settings": {k: str(v) for k, v in vars(args).items()},
+                                      "machine_at_start": state})
     print(f"wrote {args.json}")
     return 0
 

@@ -130,3 +130,11 @@ def test_a_process_age_never_dates_its_start_before_it_was_launched():
 def test_the_start_time_is_read_after_the_command_name_whatever_it_holds():
     line = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 500 0 0 0 7 3 0 0 20 0 1 0 98765 1000 200"
     assert start_ticks(line) == 98765
+
+
+def test_whole_run_notes_a_nearly_full_disk_and_a_backlog_of_unwritten_pages():
+    from benchmarks import whole_run
+
+    assert whole_run.machine_state_notes({"disk_free_gib": 46.0, "dirty_page_cache_mib": 2}) == []
+    notes = whole_run.machine_state_notes({"disk_free_gib": 1.3, "dirty_page_cache_mib": 1500})
+    assert len(notes) == 2 and "1.3 GiB free" in notes[0] and "1500 MiB" in notes[1]
