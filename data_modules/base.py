@@ -19,6 +19,7 @@ from rm_lightning.errors import DataError, SettingError
 from rm_lightning.pairs import (EncodedPairs, EncodedResponses, LengthBucketSampler, PreferencePair, ResponseRecord,
                                 check_shift_tag)
 from rm_lightning.pairs.screening import INVALID_PAIR_POLICIES, InvalidPairs, screen_pairs
+from rm_lightning.pairs.token_cache import encode_pairs, token_cache_dir
 from rm_lightning.settings import check_eval_every_n_epochs, check_options, check_validation_fits_an_epoch
 
 
@@ -62,12 +63,15 @@ class PreferenceDataModule(L.LightningDataModule):
         invalid_pairs: what to do with a pair whose chosen and rejected responses are identical, or
             whose prompt or a response is empty or whitespace-only: ``drop`` it (counted in the data
             summary) or ``fail`` with its ``file:line``. Duplicates are counted and kept.
+        cache_tokenized: keep each tokenized set on disk (``$RM_LIGHTNING_TOKEN_CACHE``, by default
+            ``tokenized_pairs`` in the rm-lightning cache dir) and read it back in the next run with the
+            same texts, tokenizer, caps and formatting (``rm_lightning/pairs/token_cache.py``).
     """
 
     def __init__(self, batch_size: int = 16, eval_batch_size: int = 32, max_prompt_tokens: Optional[int] = 512,
                  max_response_tokens: Optional[int] = 512, truncate: bool = False, length_bucketing: bool = True,
                  seed: int = 0, num_workers: int = 0, eval_every_n_epochs: dict[str, int] = {},
-                 invalid_pairs: InvalidPairs = "drop"):
+                 invalid_pairs: InvalidPairs = "drop", cache_tokenized: bool = True):
         super().__init__()
         check_options("data", {"batch_size": batch_size, "eval_batch_size": eval_batch_size,
                                "max_prompt_tokens": max_prompt_tokens, "max_response_tokens": max_response_tokens,
@@ -77,6 +81,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise DataError(f"data.invalid_pairs: expected one of {', '.join(INVALID_PAIR_POLICIES)}, "
                             f"got {invalid_pairs!r}")
         self.invalid_pairs = invalid_pairs
+        self.cache_tokenized = cache_tokenized
         self.eval_every_n_epochs = dict(eval_every_n_epochs)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_prompt_tokens, self.max_response_tokens, self.truncate = max_prompt_tokens, max_response_tokens, truncate
@@ -132,7 +137,7 @@ class PreferenceDataModule(L.LightningDataModule):
                                                      truncate=self.truncate, **self.encoding_options())
         self.train_set = None
         if needs_train:  # evaluation and prediction never tokenize the training set
-            self.train_set = self._encode("train", train_pairs, "in_distribution", encoder, self.invalid_pairs)
+            self.train_set = self._encode("train", train_pairs, "in_distribution", encoder)
             if not len(self.train_set):
                 raise DataError(f"{type(self).__name__}: no training pair left after screening and the length caps "
                                 f"(max_prompt_tokens={self.max_prompt_tokens}, "
@@ -141,8 +146,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if unknown and needs_train:  # a cadence is fit's: validate/test/predict evaluate every set, whatever it names
             raise DataError(f"eval_every_n_epochs: no eval set named {', '.join(map(repr, unknown))}; "
                             f"the eval sets are {', '.join(eval_sets)}")
-        self.eval_sets = {name: self._encode(name, s.pairs, s.tag, self.eval_set_encoder(name, encoder),
-                                             self.invalid_pairs)
+        self.eval_sets = {name: self._encode(name, s.pairs, s.tag, self.eval_set_encoder(name, encoder))
                           for name, s in eval_sets.items() if isinstance(s, EvalSet)}
         self.response_sets = {name: self._encode_responses(name, s, self.eval_set_encoder(name, encoder),
                                                            self.invalid_pairs)
@@ -155,10 +159,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.trainer is not None and stage in (None, "fit"):
             check_validation_fits_an_epoch(self.trainer, len(self.train_dataloader()))
 
-    @staticmethod
-    def _encode(name: str, pairs: list[PreferencePair], tag: str, encoder, invalid_pairs: str = "drop") -> EncodedPairs:
-        screened, counts = screen_pairs(name, pairs, invalid_pairs)
-        encoded = [encoder.encode(pair) for pair in screened]
+    def _encode(self, name: str, pairs: list[PreferencePair], tag: str, encoder) -> EncodedPairs:
+        screened, counts = screen_pairs(name, pairs, self.invalid_pairs)
+        encoded = encode_pairs(encoder, screened, name, token_cache_dir() if self.cache_tokenized else None)
         kept = [(pair, e) for pair, e in zip(screened, encoded) if e is not None]
         return EncodedPairs(name, [e for _, e in kept], tag, len(encoded) - len(kept), counts,
                             texts=[pair for pair, _ in kept])

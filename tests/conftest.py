@@ -9,9 +9,22 @@ import torch
 from data_modules.jsonl import data_root
 from rm_lightning.models.loss import bradley_terry_loss
 from rm_lightning.pairs import EncodedPair
+from rm_lightning.pairs.token_cache import TOKEN_CACHE_ENV
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_token_cache(tmp_path_factory):
+    """Tokenized sets are cached in a folder of this session's, not the user's (the CLI's subprocesses inherit it)."""
+    before = os.environ.get(TOKEN_CACHE_ENV)
+    os.environ[TOKEN_CACHE_ENV] = str(tmp_path_factory.mktemp("tokenized_pairs"))
+    yield
+    if before is None:
+        os.environ.pop(TOKEN_CACHE_ENV)
+    else:
+        os.environ[TOKEN_CACHE_ENV] = before
 
 
 @pytest.fixture(scope="module")

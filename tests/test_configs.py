@@ -38,6 +38,7 @@ ADDED = {"model": {"packed_attention": "grouped", "trainable": "all", "token_bud
          "data": {"response_format": "sentence", "invalid_pairs": "drop"}}
 ADDED["model"]["reference_backbone"] = None  # issue 17: an IM-RM's reference model (null: the initial weights)
 ADDED["model"]["base_format"] = "authors"  # issue 18: base models only; the bundled model has its own template
+ADDED["data"]["cache_tokenized"] = True  # issue 20: tokenized sets kept on disk (the same ids, read back)
 # issue 18: the real-world data blocks evaluate 200 training pairs, and cap their eval sets explicitly (the
 # training caps no longer apply to them); the RewardMATH runs meet the UltraFeedback variants as domain shifts
 REAL_WORLD = {"train_sample": 200, "eval_max_prompt_tokens": 128, "eval_max_response_tokens": 128}

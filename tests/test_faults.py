@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, tiny_override
-from rm_lightning import cli
+from rm_lightning import cache_entries, cli
 from rm_lightning.callbacks import margin_history
 from rm_lightning.callbacks.run_directory import LOCK_FILENAME, RunClaim, claim_version, holder_of
 from rm_lightning.errors import SettingError
-from rm_lightning.models import reference_cache
 
 EXRM = str(PROJECT_ROOT / "configs" / "exrm_persona.yaml")
 SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false"]
@@ -259,7 +258,7 @@ def flip_a_bit(path: Path) -> None:
 def other_entry_of_the_same_shape(path: Path) -> None:
     stored = torch.load(path, weights_only=True)
     identity = {**stored["identity"], "tokens": "0" * 64}
-    torch.save(reference_cache.entry(identity, stored["values"] - 0.3), path)
+    torch.save(cache_entries.entry(identity, values=stored["values"] - 0.3), path)
 
 
 CORRUPTIONS = {

@@ -9,7 +9,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from conftest import edge_case_pairs, loss_and_grads
-from rm_lightning import ExplicitRM, ImplicitRM
+from rm_lightning import ExplicitRM, ImplicitRM, cache_entries
 from rm_lightning.errors import BackboneError
 from rm_lightning.models import backbones
 from rm_lightning.models.backbones import GEMMA_MODEL, byte_level_tokenizer, load_backbone
@@ -187,7 +187,7 @@ def test_gemma_base_format_starts_with_bos(tiny_gemma3):
 
 
 def test_missing_gemma_extra_is_one_line_naming_it(tmp_path, monkeypatch):
-    monkeypatch.setenv(backbones.CACHE_ENV, str(tmp_path))  # nothing converted yet
+    monkeypatch.setenv(cache_entries.CACHE_ENV, str(tmp_path))  # nothing converted yet
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == backbones._GEMMA_PACKAGE else real_find_spec(name, *a))

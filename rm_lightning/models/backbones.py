@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from rm_lightning.cache_entries import cache_dir
 from rm_lightning.errors import BackboneError
 from rm_lightning.files import write_directory_atomically
 from rm_lightning.pairs.encoding import give_base_format
@@ -46,17 +46,11 @@ GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
 # Base models whose authors' format (no chat template) starts with BOS: Gemma was trained with BOS always
 # first and is far off without it (``pairs.encoding.AUTHORS_BASE_TEMPLATE_WITH_BOS``).
 BOS_FIRST_MODEL_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
-CACHE_ENV = "RM_LIGHTNING_CACHE"
 
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """Root of everything rm-lightning caches (converted models, reference log-probs)."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rm_lightning")).expanduser()
 
 
 # what the hub accepts as a repository id: "org/name", letters, digits, "-", "_", "." (no path-like forms)

@@ -10,9 +10,10 @@ from typing import Literal, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from rm_lightning.cache_entries import cache_dir
 from rm_lightning.errors import BackboneError, SettingError
 from rm_lightning.models import reference_cache
-from rm_lightning.models.backbones import cache_dir, check_backbone_name, load_backbone
+from rm_lightning.models.backbones import check_backbone_name, load_backbone
 from rm_lightning.models.logprobs import response_logratios, response_token_logps, sum_per_row
 from rm_lightning.models.lora import adapters_disabled
 from rm_lightning.models.loss import LOSS_KINDS, PairLossOptions, check_loss_options

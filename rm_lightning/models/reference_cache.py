@@ -6,14 +6,11 @@ encoded pairs (the collator hands them to every batch) and saved under a key tha
 everything they depend on, so the next run with the same weights, data, precision and layout
 reads them back instead.
 
-A cache file checks itself: it holds what it was computed from (``identity``: weights
-fingerprint, token-id hash, precision, layout, format version) and a SHA-256 of its values. A
-file whose identity or checksum does not match, or that cannot be read (truncated, empty, not a
-cache file), is reported in one line naming it and recomputed, never used: a wrong reference
-silently shifts every IM-RM reward. Files are read with ``weights_only=True`` (tensors and plain
-containers only, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: it cannot override an explicit
-argument) and written atomically. A cache folder that cannot be written (read-only, a file) means
-computing in memory, with one warning.
+A cache file checks itself (``rm_lightning/cache_entries.py``): it holds what it was computed from
+(``identity``: weights fingerprint, token-id hash, precision, layout, format version) and a SHA-256 of
+its values. A file whose identity or checksum does not match, or that cannot be read, is reported in
+one line naming it and recomputed, never used: a wrong reference silently shifts every IM-RM reward.
+A cache folder that cannot be written (read-only, a file) means computing in memory, with one warning.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ from typing import Iterable, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from rm_lightning.files import write_atomically
+from rm_lightning.cache_entries import UnusableEntry, entry_path, read_entry, write_entry
 from rm_lightning.models.lora import base_state_dict
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
 from rm_lightning.perf.by_prompt import collated_batches, distinct_by_prompt, pair_key
@@ -80,10 +77,6 @@ FORMAT_VERSION = 4  # 3: the packed layout shares prefixes across the pairs of a
 # 4: the pass batches the pairs of every set together, by prompt (other batches, other rounding)
 
 
-class UnusableEntry(Exception):
-    """A cache file that must not be used; the message says why, in a few words."""
-
-
 def cache_identity(weights: str, dataset: EncodedPairs, precision: str, layout: str) -> dict[str, str]:
     """What the log-probs of ``dataset`` depend on: weights, token ids, precision, decoder layout, format.
 
@@ -94,39 +87,11 @@ def cache_identity(weights: str, dataset: EncodedPairs, precision: str, layout: 
             "precision": precision, "layout": layout}
 
 
-def cache_path(directory: Path, identity: dict[str, str]) -> Path:
-    """Where the entry of ``identity`` is kept (a hash of it: one file per distinct computation)."""
-    key = "|".join(f"{name}={identity[name]}" for name in sorted(identity))
-    return Path(directory) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-
-
-def checksum(values: torch.Tensor) -> str:
-    digest = hashlib.sha256(f"{tuple(values.shape)}|{values.dtype}".encode())
-    digest.update(values.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def entry(identity: dict[str, str], values: torch.Tensor) -> dict:
-    return {"identity": dict(identity), "checksum": checksum(values), "values": values}
-
-
-def read_entry(path: Path, identity: dict[str, str], num_pairs: int) -> torch.Tensor:
+def read_values(path: Path, identity: dict[str, str], num_pairs: int) -> torch.Tensor:
     """The [num_pairs, 2] float64 values stored at ``path`` for ``identity``; ``UnusableEntry`` otherwise."""
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, empty, not a torch file, unsafe content: all unusable
-        raise UnusableEntry(f"unreadable ({type(err).__name__})") from None
-    if not isinstance(stored, dict) or not {"identity", "checksum", "values"} <= set(stored):
-        raise UnusableEntry("not a reference cache entry of this format")
-    if stored["identity"] != identity:
-        differing = sorted(name for name in identity if stored["identity"].get(name) != identity[name])
-        raise UnusableEntry(f"computed from other {', '.join(differing) or 'inputs'}")
-    values = stored["values"]
-    if not isinstance(values, torch.Tensor) or values.dtype != torch.float64 or tuple(values.shape) != (num_pairs, 2):
-        raise UnusableEntry(f"holds {getattr(values, 'shape', type(values).__name__)} values, expected "
-                            f"float64 [{num_pairs}, 2]")
-    if checksum(values) != stored["checksum"]:
-        raise UnusableEntry("contents do not match their checksum (corrupted)")
+    values = read_entry(path, identity, ("values",), "reference cache")["values"]
+    if values.dtype != torch.float64 or tuple(values.shape) != (num_pairs, 2):
+        raise UnusableEntry(f"holds {tuple(values.shape)} {values.dtype} values, expected float64 [{num_pairs}, 2]")
     return values
 
 
@@ -151,11 +116,11 @@ def remember(dataset: EncodedPairs, known: dict[tuple, tuple[float, float]]) -> 
 
 def cached_values(directory: Path, identity: dict[str, str], dataset: EncodedPairs) -> Optional[torch.Tensor]:
     """The [pairs, 2] log-probs cached for ``identity`` in ``directory``, or None (none there, or unusable: said)."""
-    path = cache_path(directory, identity)
+    path = entry_path(directory, identity)
     if not path.is_file():
         return None
     try:
-        values = read_entry(path, identity, len(dataset))
+        values = read_values(path, identity, len(dataset))
     except UnusableEntry as why:
         rank_zero_warn(f"IM-RM reference cache {path}: {why}; recomputing it")
         return None
@@ -166,21 +131,9 @@ def cached_values(directory: Path, identity: dict[str, str], dataset: EncodedPai
 def store(directory: Path, identity: dict[str, str], dataset: EncodedPairs) -> None:
     """Cache the log-probs every pair of ``dataset`` now has, under ``identity``, for the next run."""
     values = torch.tensor([pair.reference_logps for pair in dataset.pairs], dtype=torch.float64).reshape(-1, 2)
-    try:
-        write_atomically(cache_path(directory, identity), lambda staging: torch.save(entry(identity, values), staging))
-    except OSError as err:
-        warn_unwritable_once(Path(directory), err)
-
-
-_WARNED_DIRECTORIES: set[str] = set()
-
-
-def warn_unwritable_once(directory: Path, err: OSError) -> None:
-    if str(directory) not in _WARNED_DIRECTORIES:
-        _WARNED_DIRECTORIES.add(str(directory))
-        why = "it is a file" if directory.is_file() else err.strerror or str(err)
-        rank_zero_warn(f"IM-RM reference cache folder {directory} cannot be written ({why}); "
-                       f"reference log-probs are computed in memory for this run only")
+    write_entry(directory, identity, {"values": values},
+                "IM-RM reference cache folder {directory} cannot be written ({why}); "
+                "reference log-probs are computed in memory for this run only")
 
 
 def unscored_pairs(datasets: Iterable[EncodedPairs]) -> list[EncodedPair]:

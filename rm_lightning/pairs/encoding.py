@@ -171,7 +171,7 @@ class PairEncoder:
             if limit is not None and limit < 1:
                 raise DataError(f"{name} must be a positive number of tokens or null, got {limit}")
         # Prefixes get BOS only in the plain format; a chat template supplies its own special tokens.
-        self._prefix_special = uses_plain_format(tokenizer, base_format)
+        self.prefix_special = uses_plain_format(tokenizer, base_format)
         # The texts of a data set repeat: a pair's two responses share its prompt, a paraphrased set holds
         # several pairs per prompt, an eval set may repeat the training pairs, and short responses ("yes")
         # recur. Each distinct text is formatted and tokenized once (a template render and a tokenizer call
@@ -207,7 +207,7 @@ class PairEncoder:
                 raise DataError("bare responses (nothing after the response) need an RM type that scores the "
                                 "response as the assistant's turn (EX-RM, IM-RM); this one puts it in its prompt")
             suffix = response
-        prefix_ids = self._ids(prefix, self._prefix_special)
+        prefix_ids = self._ids(prefix, self.prefix_special)
         suffix_ids = self._ids(suffix, False) if suffix else ()
         return list(prefix_ids + suffix_ids), len(prefix_ids)
 
