@@ -148,8 +148,7 @@ class PreferenceDataModule(L.LightningDataModule):
                             f"the eval sets are {', '.join(eval_sets)}")
         self.eval_sets = {name: self._encode(name, s.pairs, s.tag, self.eval_set_encoder(name, encoder))
                           for name, s in eval_sets.items() if isinstance(s, EvalSet)}
-        self.response_sets = {name: self._encode_responses(name, s, self.eval_set_encoder(name, encoder),
-                                                           self.invalid_pairs)
+        self.response_sets = {name: self._encode_responses(name, s, self.eval_set_encoder(name, encoder))
                               for name, s in eval_sets.items() if isinstance(s, ResponseSet)}
         if not needs_train and not self.eval_sets and not (stage == "predict" and self.response_sets):
             raise DataError(f"{type(self).__name__}: {stage} needs at least one eval set of pairs "
@@ -166,15 +165,17 @@ class PreferenceDataModule(L.LightningDataModule):
         return EncodedPairs(name, [e for _, e in kept], tag, len(encoded) - len(kept), counts,
                             texts=[pair for pair, _ in kept])
 
-    @staticmethod
-    def _encode_responses(name: str, responses: ResponseSet, encoder, invalid_pairs: str = "drop") -> EncodedResponses:
-        """Tokenize single responses; a blank prompt or response is dropped (or fails, as for pairs)."""
+    def _encode_responses(self, name: str, responses: ResponseSet, encoder) -> EncodedResponses:
+        """Tokenize single responses; a blank prompt or response is dropped (or fails, as for pairs). Each is
+        encoded as a pair of itself with itself, which is what ``PairEncoder.encode_response`` does, so that
+        response sets take the one cached path."""
         blank = [r for r in responses.responses if not r.prompt.strip() or not r.response.strip()]
-        if blank and invalid_pairs == "fail":
+        if blank and self.invalid_pairs == "fail":
             raise DataError(f"{blank[0].source or name}: empty or whitespace-only prompt or response")
         records = [r for r in responses.responses if r.prompt.strip() and r.response.strip()]
-        encoded = [encoder.encode_response(r.prompt, r.response) for r in records]
-        kept = [(r, e) for r, e in zip(records, encoded) if e is not None]
+        as_pairs = [PreferencePair(r.prompt, r.response, r.response) for r in records]
+        encoded = encode_pairs(encoder, as_pairs, name, token_cache_dir() if self.cache_tokenized else None)
+        kept = [(r, (e.chosen_ids, e.chosen_start)) for r, e in zip(records, encoded) if e is not None]
         return EncodedResponses(name, [e for _, e in kept], responses.tag, len(encoded) - len(kept),
                                 {"empty": len(blank)} if blank else {}, texts=[r for r, _ in kept])
 

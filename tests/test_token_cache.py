@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_modules.base import EvalSet, PreferenceDataModule
+from data_modules.base import EvalSet, PreferenceDataModule, ResponseSet
 from rm_lightning import cache_entries
 from rm_lightning.models.explicit import ExplicitRM
 from rm_lightning.models.generative import ExplicitGenerativeRM
-from rm_lightning.pairs import PairEncoder, PreferencePair, Turn
+from rm_lightning.pairs import PairEncoder, PreferencePair, ResponseRecord, Turn
 from rm_lightning.pairs import token_cache
 
 PAIRS = [PreferencePair("What is 2+2?", "It is 4.", "It is 5.", margin=1.5),
@@ -21,14 +21,15 @@ PAIRS = [PreferencePair("What is 2+2?", "It is 4.", "It is 5.", margin=1.5),
 
 
 class GivenPairs(PreferenceDataModule):
-    """The pairs handed to it: training set and one eval set."""
+    """The pairs handed to it: training set, one eval set, and their chosen responses as a set of responses."""
 
     def __init__(self, pairs, **options):
         super().__init__(max_prompt_tokens=64, max_response_tokens=40, **options)
         self.pairs = pairs
 
     def load_pairs(self):
-        return list(self.pairs), {"held_out": EvalSet(list(self.pairs[::-1]))}
+        responses = [ResponseRecord(p.prompt, p.chosen) for p in self.pairs if isinstance(p.prompt, str)]
+        return list(self.pairs), {"held_out": EvalSet(list(self.pairs[::-1])), "responses": ResponseSet(responses)}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_a_second_run_reads_back_exactly_what_tokenizing_gives(exrm, tmp_path):
     fresh = tokenized(exrm, None)
     assert fresh["train"][1] == 1  # the cap dropped a pair: which ones were kept is stored too
     tokenized(exrm, tmp_path)
-    assert len(entries(tmp_path)) == 2
+    assert len(entries(tmp_path)) == 3  # the training set, the eval set and the set of responses
     assert tokenized(exrm, tmp_path) == fresh
 
 

@@ -120,7 +120,8 @@ def formatting_digest(formatter) -> str:
     digest = hashlib.sha256()
     for path in sorted(formatting_sources(formatter)):
         digest.update(path.encode())
-        digest.update(Path(path).read_bytes())
+        if Path(path).is_file():  # not for code without a file of its own (a zip import, an interactive session)
+            digest.update(Path(path).read_bytes())
     for prompt in PROBE_PROMPTS:
         try:
             digest.update(repr(formatter(prompt, "4")).encode())
