@@ -70,9 +70,12 @@ def encode_pairs(encoder, pairs: Sequence[PreferencePair], name: str,
 # --- the identity ---------------------------------------------------------------------------------
 
 
+_ENCODER_IDENTITIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def set_identity(encoder, pairs: Sequence[PreferencePair]) -> Optional[dict[str, str]]:
     """What ``encoder``'s ids of ``pairs`` depend on, or None when the tokenizer cannot be named."""
-    encoder_identity = getattr(encoder, "_token_cache_identity", None)
+    encoder_identity = _ENCODER_IDENTITIES.get(encoder)
     if encoder_identity is None:
         tokenizer = tokenizer_digest(encoder.tokenizer)
         if tokenizer is None:
@@ -81,7 +84,7 @@ def set_identity(encoder, pairs: Sequence[PreferencePair]) -> Optional[dict[str,
                    encoder.prefix_special)
         encoder_identity = {"format_version": str(FORMAT_VERSION), "tokenizer": tokenizer, "encoder": repr(options),
                             "formatting": formatting_digest(encoder.formatter)}
-        encoder._token_cache_identity = encoder_identity  # the same for every set the encoder tokenizes
+        _ENCODER_IDENTITIES[encoder] = encoder_identity  # the same for every set the encoder tokenizes
     return {**encoder_identity, "pairs": pairs_digest(pairs)}
 
 
