@@ -11,6 +11,7 @@ from data_modules.base import EvalSet, PreferenceDataModule, ResponseSet
 from rm_lightning import cache_entries
 from rm_lightning.models.explicit import ExplicitRM
 from rm_lightning.models.generative import ExplicitGenerativeRM
+from rm_lightning.models.implicit import ImplicitRM
 from rm_lightning.pairs import PairEncoder, PreferencePair, ResponseRecord, Turn
 from rm_lightning.pairs import token_cache
 
@@ -68,6 +69,15 @@ def test_a_second_run_does_not_tokenize(exrm, tmp_path, monkeypatch):
         raise AssertionError("tokenized although the set was cached")
     monkeypatch.setattr(PairEncoder, "encode", refuse)
     assert tokenized(exrm, tmp_path)["train"][0]
+
+
+def test_rm_types_that_format_alike_share_their_entries(exrm, tmp_path, monkeypatch):
+    tokenized(exrm, tmp_path)
+
+    def refuse(self, pair):
+        raise AssertionError("tokenized although EX-RM had tokenized the same set alike")
+    monkeypatch.setattr(PairEncoder, "encode", refuse)
+    assert tokenized(ImplicitRM(backbone="tiny-llama-chat"), tmp_path)["train"][0]
 
 
 class ShoutingRM(ExplicitRM):

@@ -8,8 +8,8 @@ encoder. So each set is stored under an identity that names all of it:
 * ``tokenizer``: its serialized vocabulary, merges, normalizer and special tokens, its chat template,
   the ids it gives a probe text, and the ``tokenizers`` library that ran it;
 * ``encoder``: the length caps, truncation, bare responses, BOS on prefixes;
-* ``formatting``: the source files of the formatter's code (an RM type's ``format_texts``, its class
-  and every base class outside torch and Lightning, and ``pairs/encoding.py``) and what the formatter
+* ``formatting``: the source files of the formatter's code (``pairs/encoding.py`` and the RM type's
+  classes that define ``format_texts``, ``base_format`` or ``pair_encoder``) and what the formatter
   makes of two probe prompts, a string and a conversation.
 
 A changed text, tokenizer, option or formatting code is another identity, so another file: nothing is
@@ -37,10 +37,10 @@ FORMAT_VERSION = 1
 TOKEN_CACHE_ENV = "RM_LIGHTNING_TOKEN_CACHE"
 ENTRY_TENSORS = ("kept", "starts", "lengths", "ids")
 PROBE_TEXT = "Probe: héllo, wörld!  2 + 2 = 4\n"
+PROBE_RESPONSE = "It is four."
 PROBE_PROMPTS = ("What is 2 + 2?", (Turn("system", "Be brief."), Turn("user", "What is 2 + 2?")))
-# modules whose classes are not formatting code of the project's or a user's (an RM type's bases)
-FRAMEWORK_MODULES = ("builtins", "torch", "lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics",
-                     "typing", "abc")
+# what an RM type's formatting reads: a class that defines one of these is part of the formatting code
+FORMATTING_ATTRIBUTES = frozenset({"format_texts", "base_format", "pair_encoder"})
 
 
 def token_cache_dir() -> Path:
@@ -127,19 +127,20 @@ def formatting_digest(formatter) -> str:
             digest.update(Path(path).read_bytes())
     for prompt in PROBE_PROMPTS:
         try:
-            digest.update(repr(formatter(prompt, "4")).encode())
+            digest.update(repr(formatter(prompt, PROBE_RESPONSE)).encode())
         except Exception as err:  # noqa: BLE001 - a template may refuse a system turn: that, too, is its behaviour
             digest.update(f"raises {type(err).__name__}".encode())
     return digest.hexdigest()
 
 
 def formatting_sources(formatter) -> set[str]:
-    """Source files of the code that formats: the formatter's own module, or a bound method's class and its
-    bases (outside torch and Lightning), and ``pairs/encoding.py``."""
+    """Source files of the code that formats: ``pairs/encoding.py``, and the formatter's own module, or for a
+    bound method (an RM type's ``format_texts``) the files of the classes in its MRO that define one of
+    ``FORMATTING_ATTRIBUTES``. So EX-RM and IM-RM, which format alike, share their entries."""
     from rm_lightning.pairs import encoding
 
     owner = getattr(formatter, "__self__", None)
-    code = [cls for cls in type(owner).__mro__ if cls.__module__.split(".")[0] not in FRAMEWORK_MODULES] \
+    code = [cls for cls in type(owner).__mro__ if FORMATTING_ATTRIBUTES & set(vars(cls))] \
         if owner is not None else [formatter]
     files = {inspect.getsourcefile(encoding)}
     for item in code:
