@@ -362,16 +362,26 @@ def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repe
     groups and their sizes change from batch to batch, and a compiled graph would be
     specialized to them, recompiling the layer for almost every batch of a varied dataset.
     """
-    if repeats > 1:  # grouped-query attention: every query head needs its key/value head
-        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     outputs = []
     for group in packed_pairs.attention_groups:
-        out = segment_attention(_gather_segments(query, group.query_index),
-                                _gather_segments(key, group.key_index), _gather_segments(value, group.key_index),
-                                group.mask_within(sliding_window), scaling, dropout)  # [segments, heads, queries, dim]
-        outputs.append(out.transpose(0, 1).flatten(1, 2))
+        queries = _gather_segments(query, group.query_index)  # [segments, heads, queries, dim]
+        stacked, mask = stack_heads_per_key(queries, group.mask_within(sliding_window), repeats)
+        out = segment_attention(stacked, _gather_segments(key, group.key_index),
+                                _gather_segments(value, group.key_index), mask, scaling, dropout)
+        outputs.append(out.reshape(queries.shape).transpose(0, 1).flatten(1, 2))
     out = torch.cat(outputs, dim=1).index_select(1, packed_pairs.output_index)  # [heads, N, dim]
     return out.transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def stack_heads_per_key(queries: torch.Tensor, mask: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention without a copy of the keys and values per query head: the ``repeats`` query
+    heads that share a key/value head (heads ``j * repeats`` to ``(j + 1) * repeats - 1`` share head ``j``,
+    as ``repeat_interleave`` pairs them) stacked along the queries, [segments, heads, Q, dim] ->
+    [segments, kv heads, repeats * Q, dim], with the [segments, 1, Q, keys] mask repeated to match."""
+    if repeats == 1:
+        return queries, mask
+    segments, heads, length, dim = queries.shape
+    return queries.reshape(segments, heads // repeats, repeats * length, dim), mask.repeat(1, 1, repeats, 1)
 
 
 def enable_packed_attention(config) -> None:
