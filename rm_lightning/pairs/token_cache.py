@@ -12,9 +12,10 @@ encoder. So each set is stored under an identity that names all of it:
   classes that define ``format_texts``, ``base_format`` or ``pair_encoder``) and what the formatter
   makes of two probe prompts, a string and a conversation.
 
-A changed text, tokenizer, option or formatting code is another identity, so another file: nothing is
-read back that the encoder would not produce again. Entries check themselves (``cache_entries``); an
-unusable one is named in one line and the set tokenized again. A tokenizer without a serialized form
+A changed text, tokenizer, option or formatting code is another identity, so another file. A subclass
+that changes its formatting only through some other method of its own is caught by the probe outputs
+alone (``cache_tokenized: false`` turns the cache off). Entries check themselves (``cache_entries``);
+an unusable one is named in one line and the set tokenized again. A tokenizer without a serialized form
 (a slow, Python one) is not cached.
 """
 
@@ -122,9 +123,11 @@ def formatting_digest(formatter) -> str:
     """The formatter's code (source files) and its output on the probe prompts."""
     digest = hashlib.sha256()
     for path in sorted(formatting_sources(formatter)):
-        digest.update(path.encode())
-        if Path(path).is_file():  # not for code without a file of its own (a zip import, an interactive session)
-            digest.update(Path(path).read_bytes())
+        source = Path(path)
+        if source.is_file():  # by content, so that clones in other folders share entries
+            digest.update(source.name.encode() + source.read_bytes())
+        else:  # code without a file of its own (a zip import, an interactive session): its name
+            digest.update(path.encode())
     for prompt in PROBE_PROMPTS:
         try:
             digest.update(repr(formatter(prompt, PROBE_RESPONSE)).encode())
