@@ -12,8 +12,7 @@ from rm_lightning import cache_entries
 from rm_lightning.models.explicit import ExplicitRM
 from rm_lightning.models.generative import ExplicitGenerativeRM
 from rm_lightning.models.implicit import ImplicitRM
-from rm_lightning.pairs import PairEncoder, PreferencePair, ResponseRecord, Turn
-from rm_lightning.pairs import token_cache
+from rm_lightning.pairs import PairEncoder, PreferencePair, ResponseRecord, Turn, token_cache
 
 PAIRS = [PreferencePair("What is 2+2?", "It is 4.", "It is 5.", margin=1.5),
          PreferencePair("Name a colour.", "Blue.", "A long answer " * 30),  # over the response cap below
