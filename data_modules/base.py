@@ -8,6 +8,7 @@ training loop never tokenizes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import lightning as L
@@ -158,9 +159,13 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.trainer is not None and stage in (None, "fit"):
             check_validation_fits_an_epoch(self.trainer, len(self.train_dataloader()))
 
+    def _token_cache(self) -> Optional[Path]:
+        """Where tokenized sets are kept, or None with ``cache_tokenized: false``."""
+        return token_cache_dir() if self.cache_tokenized else None
+
     def _encode(self, name: str, pairs: list[PreferencePair], tag: str, encoder) -> EncodedPairs:
         screened, counts = screen_pairs(name, pairs, self.invalid_pairs)
-        encoded = encode_pairs(encoder, screened, name, token_cache_dir() if self.cache_tokenized else None)
+        encoded = encode_pairs(encoder, screened, name, self._token_cache())
         kept = [(pair, e) for pair, e in zip(screened, encoded) if e is not None]
         return EncodedPairs(name, [e for _, e in kept], tag, len(encoded) - len(kept), counts,
                             texts=[pair for pair, _ in kept])
@@ -174,7 +179,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise DataError(f"{blank[0].source or name}: empty or whitespace-only prompt or response")
         records = [r for r in responses.responses if r.prompt.strip() and r.response.strip()]
         as_pairs = [PreferencePair(r.prompt, r.response, r.response) for r in records]
-        encoded = encode_pairs(encoder, as_pairs, name, token_cache_dir() if self.cache_tokenized else None)
+        encoded = encode_pairs(encoder, as_pairs, name, self._token_cache())
         kept = [(r, (e.chosen_ids, e.chosen_start)) for r, e in zip(records, encoded) if e is not None]
         return EncodedResponses(name, [e for _, e in kept], responses.tag, len(encoded) - len(kept),
                                 {"empty": len(blank)} if blank else {}, texts=[r for r, _ in kept])

@@ -61,21 +61,21 @@ def test_a_second_run_reads_back_exactly_what_tokenizing_gives(exrm, tmp_path):
     assert tokenized(exrm, tmp_path) == fresh
 
 
-def test_a_second_run_does_not_tokenize(exrm, tmp_path, monkeypatch):
-    tokenized(exrm, tmp_path)
-
+def refuse_to_tokenize(monkeypatch) -> None:
     def refuse(self, pair):
         raise AssertionError("tokenized although the set was cached")
     monkeypatch.setattr(PairEncoder, "encode", refuse)
+
+
+def test_a_second_run_does_not_tokenize(exrm, tmp_path, monkeypatch):
+    tokenized(exrm, tmp_path)
+    refuse_to_tokenize(monkeypatch)
     assert tokenized(exrm, tmp_path)["train"][0]
 
 
 def test_rm_types_that_format_alike_share_their_entries(exrm, tmp_path, monkeypatch):
     tokenized(exrm, tmp_path)
-
-    def refuse(self, pair):
-        raise AssertionError("tokenized although EX-RM had tokenized the same set alike")
-    monkeypatch.setattr(PairEncoder, "encode", refuse)
+    refuse_to_tokenize(monkeypatch)
     assert tokenized(ImplicitRM(backbone="tiny-llama-chat"), tmp_path)["train"][0]
 
 
