@@ -134,9 +134,11 @@ def _variant(run: dict | None) -> str:
     return "-" if run is None else f"{variant_name(run)} {run['precision']}"
 
 
-# MFU goals: 70% of the bf16 matmul peak on the CPU the issue was written on; on a GPU, 45% (for a 1B model,
-# with a batch big enough to keep the GPU busy: see --pairs)
-MFU_GOALS = {"cpu": 0.7, "cuda": 0.45}
+# On a GPU: 45% MFU (for a 1B model, with a batch big enough to keep the GPU busy: see --pairs). On a CPU the
+# speed issue retired its MFU goal (the linear layers already run near the matmul peak) for one on what the step
+# spends beside them: the decoder's linear layers at least half of the step.
+GPU_MFU_GOAL = 0.45
+CPU_LINEAR_SHARE_GOAL = 0.5
 
 
 def targets(runs: list[dict], peaks: dict[str, float], device: str = "cpu") -> list[Target]:
@@ -151,18 +153,26 @@ def targets(runs: list[dict], peaks: dict[str, float], device: str = "cpu") -> l
     trl = leanest(runs, "persona", "imrm", PEERS["trl"])
     found.append(Target("persona IM-RM peak memory / TRL DPOTrainer", _ratio(ours, trl, "peak_mem_mb"), 0.6, False,
                         f"{_variant(ours)} vs {_variant(trl)}"))
-    best_precision = max(peaks, key=peaks.get)
     for rm in RM_NAMES:
-        ours = fastest(runs, "persona", rm, OURS_FAST)
-        detail = "" if ours is None else (f"{_variant(ours)}: {ours['useful_gflops_per_s']:.1f} GFLOP/s, peak "
-                                          f"{peaks[best_precision]:.0f} GFLOP/s in {best_precision}")
-        if ours is not None and "linear_layers_share" in ours:
-            detail += f"; {linear_layers_summary(ours)}"
-        found.append(Target(f"persona {RM_NAMES[rm]} MFU (vs the machine's matmul peak)",
-                            None if ours is None else ours["mfu"], MFU_GOALS[device], True, detail))
+        found.append(step_efficiency_target(fastest(runs, "persona", rm, OURS_FAST), rm, peaks, device))
     for rm in RM_NAMES:
         found.append(padding_target(runs, rm))
     return found
+
+
+def step_efficiency_target(ours: dict | None, rm: str, peaks: dict[str, float], device: str) -> Target:
+    """MFU on a GPU; on a CPU the decoder's linear layers' share of the step, with the MFU in the detail."""
+    best_precision = max(peaks, key=peaks.get)
+    detail = "" if ours is None else (f"{_variant(ours)}: {ours['useful_gflops_per_s']:.1f} GFLOP/s, MFU "
+                                      f"{100 * ours['mfu']:.0f}% of the {peaks[best_precision]:.0f} GFLOP/s "
+                                      f"{best_precision} peak")
+    if ours is not None and "linear_layers_share" in ours:
+        detail += f"; {linear_layers_summary(ours)}"
+    if device == "cuda":
+        return Target(f"persona {RM_NAMES[rm]} MFU (vs the machine's matmul peak)",
+                      None if ours is None else ours["mfu"], GPU_MFU_GOAL, True, detail)
+    return Target(f"persona {RM_NAMES[rm]} linear layers' share of the step",
+                  None if ours is None else ours.get("linear_layers_share"), CPU_LINEAR_SHARE_GOAL, True, detail)
 
 
 def padding_target(runs: list[dict], rm: str) -> Target:
