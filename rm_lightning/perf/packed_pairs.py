@@ -301,31 +301,9 @@ def _gather_segments(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return states[0].index_select(1, index.reshape(-1)).unflatten(1, index.shape).transpose(0, 1)
 
 
-# Above this many bytes of fp32 attention scores a CPU call uses the SDPA kernel, which stores less for backward.
-CPU_MATH_ATTENTION_MAX_BYTES = 256 * 2 ** 20
-
-
 def segment_attention(query, key, value, mask, scaling: float | None, dropout: float) -> torch.Tensor:
-    """Masked attention over [segments, heads, slots, dim]; on a CPU in fp32 with an explicit softmax.
-
-    torch's CPU SDPA kernel runs bf16 slower than fp32, and for these short segments its fp32
-    backward is slower than matmul, softmax and matmul (``benchmarks/README.md``), so short
-    segments take the explicit path and only large grids, where its smaller saved state pays,
-    take the kernel.
-    """
-    if query.device.type != "cpu":
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    dtype = query.dtype
-    with torch.autocast("cpu", enabled=False):  # autocast would cast back to bf16
-        query, key, value = query.float(), key.float(), value.float()
-        if 4 * query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2] > CPU_MATH_ATTENTION_MAX_BYTES:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-        else:
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            scores = (query @ key.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-            weights = torch.softmax(scores, dim=-1)
-            out = (F.dropout(weights, p=dropout) if dropout else weights) @ value
-    return out.to(dtype)
+    """Masked attention over [segments, heads, slots, dim] (a GPU's: see ``grouped_segment_attention``)."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
 
 
 def packed_pair_attention(base: str):
@@ -362,6 +340,8 @@ def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repe
     groups and their sizes change from batch to batch, and a compiled graph would be
     specialized to them, recompiling the layer for almost every batch of a varied dataset.
     """
+    if query.device.type == "cpu":
+        return token_major_attention(query, key, value, packed_pairs, scaling, dropout, sliding_window)
     outputs = []
     for group in packed_pairs.attention_groups:
         queries = _gather_segments(query, group.query_index)  # [segments, heads, queries, dim]
@@ -371,6 +351,37 @@ def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repe
         outputs.append(out.reshape(queries.shape).transpose(0, 1).flatten(1, 2))
     out = torch.cat(outputs, dim=1).index_select(1, packed_pairs.output_index)  # [heads, N, dim]
     return out.transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def token_major_attention(query, key, value, packed_pairs: PackedPairs, scaling: float | None, dropout: float,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """``grouped_segment_attention`` on a CPU: in fp32, gathering whole tokens, one SDPA call per group.
+
+    A decoder's projections leave queries, keys and values token-major in memory ([N, heads, dim]
+    under the [1, heads, N, dim] view), so each group's segments are gathered as rows of all
+    heads at once and handed to SDPA as strided views, grouped-query heads included
+    (``enable_gqa``), and the outputs come back token-major: one copy per gather instead of a
+    copy per transpose, head stacking and layout change around every call. torch's CPU SDPA
+    kernel runs bf16 slower than fp32 and, from these token-major views, also beats an explicit
+    fp32 matmul-softmax-matmul, forward and backward (``benchmarks/README.md``); it never holds
+    a segment's full score grid either.
+    """
+    tokens, heads, dim, key_heads = query.shape[2], query.shape[1], query.shape[3], key.shape[1]
+    with torch.autocast("cpu", enabled=False):  # autocast would cast back to bf16
+        by_token = [states[0].transpose(0, 1).float().reshape(tokens, -1) for states in (query, key, value)]
+        outputs = []
+        for group in packed_pairs.attention_groups:
+            segments, queries = group.query_index.shape
+            keys = group.key_index.shape[1]
+            q = by_token[0].index_select(0, group.query_index.reshape(-1)).view(segments, queries, heads, dim)
+            k, v = (states.index_select(0, group.key_index.reshape(-1)).view(segments, keys, key_heads, dim)
+                    for states in by_token[1:])
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=group.mask_within(sliding_window), dropout_p=dropout,
+                                                 scale=scaling, enable_gqa=key_heads != heads)
+            outputs.append(out.transpose(1, 2).reshape(segments * queries, heads * dim))
+        out = torch.cat(outputs).index_select(0, packed_pairs.output_index)
+    return out.to(query.dtype).view(1, tokens, heads, dim)
 
 
 def stack_heads_per_key(queries: torch.Tensor, mask: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
