@@ -7,7 +7,8 @@ from conftest import edge_case_pairs, loss_and_grads, random_tokens
 from rm_lightning import ExplicitRM, ImplicitRM
 from rm_lightning.pairs import EncodedPair, PairCollator
 from rm_lightning.perf.layouts import padded_hidden_states
-from rm_lightning.perf.packed_pairs import PackedPairs, packed_hidden_states, plan_attention_groups
+from rm_lightning.perf.packed_pairs import (PackedPairs, packed_hidden_states, per_head_attention, plan_attention_groups,
+                                           token_major_attention)
 
 
 def test_layout_runs_a_shared_prefix_once_and_continues_its_positions():
@@ -172,3 +173,26 @@ def test_prefix_tree_states_and_gradients_match_padded():
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_cpu_and_gpu_attention_paths_agree_in_values_and_gradients(window):
+    """The GPU's per-head grids (run here on CPU tensors) against the CPU's token-major gathers, with grouped-query
+    heads (4 query heads on 2 key/value heads) and a sliding window, on the projections' token-major layout."""
+    packed = PackedPairs.from_batch(PairCollator(0)(prompt_tree_pairs(vocab=100)), sliding_windows=(3,))
+    generator = torch.Generator().manual_seed(0)
+
+    def states(heads):  # [1, heads, N, 16] over token-major memory, as a projection's view lays it out
+        return torch.randn(1, packed.num_tokens, heads, 16, generator=generator).transpose(1, 2).requires_grad_()
+
+    query, key, value = states(4), states(2), states(2)
+    outputs = {}
+    for name, run in (("per head", lambda: per_head_attention(query, key, value, packed, 2, 0.25, 0.0, window)),
+                      ("token major", lambda: token_major_attention(query, key, value, packed, 0.25, 0.0, window))):
+        out = run()
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        outputs[name] = [out.detach()] + [t.grad.clone() for t in (query, key, value)]
+        for t in (query, key, value):
+            t.grad = None
+    for expected, got in zip(outputs["per head"], outputs["token major"]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

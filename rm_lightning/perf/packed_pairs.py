@@ -301,11 +301,6 @@ def _gather_segments(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return states[0].index_select(1, index.reshape(-1)).unflatten(1, index.shape).transpose(0, 1)
 
 
-def segment_attention(query, key, value, mask, scaling: float | None, dropout: float) -> torch.Tensor:
-    """Masked attention over [segments, heads, slots, dim] (a GPU's: see ``grouped_segment_attention``)."""
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-
-
 def packed_pair_attention(base: str):
     """The attention function ``rm_packed_<base>``: grouped segment attention on packed calls, ``base`` otherwise."""
 
@@ -336,18 +331,27 @@ def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repe
     """[1, heads, N, dim] packed queries, keys and values -> [1, N, heads, dim] attention outputs
     (keys within ``sliding_window`` positions of their query only, for a sliding-window layer).
 
-    Never compiled (``compile_layers`` compiles the layers around it): the number of attention
-    groups and their sizes change from batch to batch, and a compiled graph would be
-    specialized to them, recompiling the layer for almost every batch of a varied dataset.
+    On a CPU ``token_major_attention``, elsewhere ``per_head_attention``. Never compiled
+    (``compile_layers`` compiles the layers around it): the number of attention groups and their
+    sizes change from batch to batch, and a compiled graph would be specialized to them,
+    recompiling the layer for almost every batch of a varied dataset.
     """
     if query.device.type == "cpu":
         return token_major_attention(query, key, value, packed_pairs, scaling, dropout, sliding_window)
+    return per_head_attention(query, key, value, packed_pairs, repeats, scaling, dropout, sliding_window)
+
+
+def per_head_attention(query, key, value, packed_pairs: PackedPairs, repeats: int, scaling: float | None,
+                       dropout: float, sliding_window: int | None = None) -> torch.Tensor:
+    """``grouped_segment_attention`` on a GPU: per group, each head's segments gathered into grids, the
+    ``repeats`` query heads that share a key/value head stacked (``stack_heads_per_key``), one SDPA call."""
     outputs = []
     for group in packed_pairs.attention_groups:
         queries = _gather_segments(query, group.query_index)  # [segments, heads, queries, dim]
         stacked, mask = stack_heads_per_key(queries, group.mask_within(sliding_window), repeats)
-        out = segment_attention(stacked, _gather_segments(key, group.key_index),
-                                _gather_segments(value, group.key_index), mask, scaling, dropout)
+        out = F.scaled_dot_product_attention(stacked, _gather_segments(key, group.key_index),
+                                             _gather_segments(value, group.key_index), attn_mask=mask,
+                                             dropout_p=dropout, scale=scaling)
         outputs.append(out.reshape(queries.shape).transpose(0, 1).flatten(1, 2))
     out = torch.cat(outputs, dim=1).index_select(1, packed_pairs.output_index)  # [heads, N, dim]
     return out.transpose(0, 1).unsqueeze(0).contiguous()
