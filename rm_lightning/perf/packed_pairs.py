@@ -26,12 +26,15 @@ since on a GPU hundreds of small device operations per batch kept the GPU waitin
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -371,7 +374,8 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, scaling:
     a segment's full score grid either.
     """
     tokens, heads, dim, key_heads = query.shape[2], query.shape[1], query.shape[3], key.shape[1]
-    with torch.autocast("cpu", enabled=False):  # autocast would cast back to bf16
+    # autocast off: it would cast the fp32 states back to bf16
+    with torch.autocast("cpu", enabled=False), math_kernel_under_forward_ad(query, key, value):
         by_token = [states[0].transpose(0, 1).float().reshape(tokens, -1) for states in (query, key, value)]
         outputs = []
         for group in packed_pairs.attention_groups:
@@ -386,6 +390,14 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, scaling:
             outputs.append(out.transpose(1, 2).reshape(segments * queries, heads * dim))
         out = torch.cat(outputs).index_select(0, packed_pairs.output_index)
     return out.to(query.dtype).view(1, tokens, heads, dim)
+
+
+def math_kernel_under_forward_ad(*tensors: torch.Tensor):
+    """SDPA's math kernel where any of ``tensors`` carries a forward-mode tangent (the paper's §4 tools
+    predict a step's effect with ``jvp``): torch's CPU flash kernel has no forward derivative."""
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 def stack_heads_per_key(queries: torch.Tensor, mask: torch.Tensor, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
