@@ -1,4 +1,8 @@
-"""Freed host memory kept for reuse (rm_lightning.perf.host_memory): what glibc is asked, and when it is not."""
+"""Freed host memory kept for reuse (rm_lightning.perf.host_memory): what glibc is asked, and when it is not;
+and the rest of the process tuning (rm_lightning.perf.process_tuning)."""
+
+import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +69,13 @@ def test_free_pages_are_handed_back_with_malloc_trim(monkeypatch):
     monkeypatch.setattr(host_memory, "is_glibc", lambda: True)
     assert host_memory.release_free_pages() is True
     assert trims == [0]
+
+
+def test_the_exit_collections_skip_every_object_once_tuned():
+    """After ``tune_process`` the objects are frozen by the time the interpreter's exit collects garbage."""
+    script = ("import atexit, gc\n"
+              "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"  # runs after tuning's
+              "from rm_lightning.perf.process_tuning import tune_process\n"
+              "tune_process()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "frozen at exit: True", done.stderr[-2000:]

@@ -16,9 +16,9 @@ CUDA tensors are unaffected (PyTorch caches those itself). Its effect on step ti
 ``benchmarks/README.md``.
 
 It is applied by the CLI and by the benchmark (to every variant, TRL's included), through
-``perf/process_tuning.tune_process``. Scripts of your own can call ``tune_process()`` (this and
-the kernel-cache bound) or ``keep_freed_memory()`` first thing. Set ``RM_LIGHTNING_KEEP_FREED_MEMORY=0``
-to keep glibc's defaults; it is also left alone when ``MALLOC_MMAP_MAX_``,
+``perf/process_tuning.tune_process``. Scripts of your own can call ``tune_process()`` (this, the
+kernel-cache bound and the exit without collections) or ``keep_freed_memory()`` first thing. Set
+``RM_LIGHTNING_KEEP_FREED_MEMORY=0`` to keep glibc's defaults; it is also left alone when ``MALLOC_MMAP_MAX_``,
 ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set (your own tuning) and when
 the C library is not glibc (macOS, musl), or another allocator is preloaded (jemalloc,
 tcmalloc, mimalloc).
