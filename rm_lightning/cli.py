@@ -36,22 +36,25 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 
-from data_modules.base import PreferenceDataModule
-from rm_lightning.callbacks import MarginHistory, ResultsWriter
-from rm_lightning.callbacks.last_checkpoint import DEFAULT_EVERY_MINUTES, LastCheckpoint
-from rm_lightning.callbacks.predictions import PredictionsWriter
-from rm_lightning.callbacks.phase_times import PhaseTimes
-from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
-from rm_lightning.console import quiet_console
-from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
-from rm_lightning.models.reward_module import RewardModule
-from rm_lightning.perf import precision
-from rm_lightning.perf.checkpoint_io import use_local_checkpoint_io
-from rm_lightning.perf.process_tuning import tune_process
-from rm_lightning.settings import check_config
+from rm_lightning.perf.process_tuning import imports_without_collections, tune_process
+
+with imports_without_collections():  # Lightning and what it imports: see the function's docstring
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from data_modules.base import PreferenceDataModule
+    from rm_lightning.callbacks import MarginHistory, ResultsWriter
+    from rm_lightning.callbacks.last_checkpoint import DEFAULT_EVERY_MINUTES, LastCheckpoint
+    from rm_lightning.callbacks.predictions import PredictionsWriter
+    from rm_lightning.callbacks.phase_times import PhaseTimes
+    from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
+    from rm_lightning.console import quiet_console
+    from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
+    from rm_lightning.models.reward_module import RewardModule
+    from rm_lightning.perf import precision
+    from rm_lightning.perf.checkpoint_io import use_local_checkpoint_io
+    from rm_lightning.settings import check_config
 
 COMPOSE_KEY = "compose"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

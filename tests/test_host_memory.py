@@ -1,6 +1,7 @@
 """Freed host memory kept for reuse (rm_lightning.perf.host_memory): what glibc is asked, and when it is not;
 and the rest of the process tuning (rm_lightning.perf.process_tuning)."""
 
+import gc
 import subprocess
 import sys
 
@@ -79,3 +80,15 @@ def test_the_exit_collections_skip_every_object_once_tuned():
               "tune_process()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "frozen at exit: True", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_imports_run_without_collections_and_leave_the_collector_as_found(collecting):
+    was = gc.isenabled()
+    try:
+        (gc.enable if collecting else gc.disable)()
+        with process_tuning.imports_without_collections():
+            assert not gc.isenabled()
+        assert gc.isenabled() is collecting and gc.get_freeze_count() > 0
+    finally:
+        (gc.enable if was else gc.disable)()

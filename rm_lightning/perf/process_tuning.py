@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+from contextlib import contextmanager
+from typing import Iterator
 
 from rm_lightning.perf.host_memory import keep_freed_memory
 from rm_lightning.perf.kernel_caches import bound_kernel_caches
@@ -38,3 +40,22 @@ def skip_exit_collections() -> None:
     if not _exit_collection_skipped:
         atexit.register(gc.freeze)
         _exit_collection_skipped = True
+
+
+@contextmanager
+def imports_without_collections() -> Iterator[None]:
+    """The garbage collector paused while the block imports, then every object so far frozen (``gc.freeze``).
+
+    Importing torch, Lightning, torchmetrics and transformers creates about 700,000 objects, and the
+    collector, triggered by their number alone, walks all of them again several times on the way (about
+    half a second of a command's start-up, ``benchmarks/README.md``). None of them is garbage: modules,
+    classes and functions that live as long as the process. Frozen, the collections of the run that
+    follows do not walk them either; they are still freed by reference counting."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
