@@ -29,7 +29,7 @@ def tune_process(keep_freed: bool = True) -> bool:
 
 def skip_exit_collections() -> None:
     """Freeze every object at exit (``gc.freeze``, once the ``atexit`` handlers run), so that the collections
-    Python runs while it tears its modules down do not walk the millions of objects torch, Lightning and
+    Python runs while it tears its modules down do not walk the many objects torch, Lightning and
     ``torch._dynamo`` leave behind: about a second of every command's exit otherwise (``benchmarks/README.md``).
 
     Objects are still freed by reference counting, finalizers included; only garbage in reference cycles is
