@@ -188,7 +188,7 @@ def test_cpu_and_gpu_attention_paths_agree_in_values_and_gradients(window):
     query, key, value = states(4), states(2), states(2)
     outputs = {}
     for name, run in (("per head", lambda: per_head_attention(query, key, value, packed, 2, 0.25, 0.0, window)),
-                      ("token major", lambda: token_major_attention(query, key, value, packed, 0.25, 0.0, window))):
+                      ("token major", lambda: token_major_attention(query, key, value, packed, 2, 0.25, 0.0, window))):
         out = run()
         out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
         outputs[name] = [out.detach()] + [t.grad.clone() for t in (query, key, value)]
@@ -196,3 +196,4 @@ def test_cpu_and_gpu_attention_paths_agree_in_values_and_gradients(window):
             t.grad = None
     for expected, got in zip(outputs["per head"], outputs["token major"]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+

@@ -340,7 +340,7 @@ def grouped_segment_attention(query, key, value, packed_pairs: PackedPairs, repe
     recompiling the layer for almost every batch of a varied dataset.
     """
     if query.device.type == "cpu":
-        return token_major_attention(query, key, value, packed_pairs, scaling, dropout, sliding_window)
+        return token_major_attention(query, key, value, packed_pairs, repeats, scaling, dropout, sliding_window)
     return per_head_attention(query, key, value, packed_pairs, repeats, scaling, dropout, sliding_window)
 
 
@@ -360,34 +360,50 @@ def per_head_attention(query, key, value, packed_pairs: PackedPairs, repeats: in
     return out.transpose(0, 1).unsqueeze(0).contiguous()
 
 
-def token_major_attention(query, key, value, packed_pairs: PackedPairs, scaling: float | None, dropout: float,
-                          sliding_window: int | None = None) -> torch.Tensor:
-    """``grouped_segment_attention`` on a CPU: in fp32, gathering whole tokens, one SDPA call per group.
+# Above this many bytes of fp32 attention scores a CPU call uses the SDPA kernel, which stores less for backward.
+CPU_MATH_ATTENTION_MAX_BYTES = 256 * 2 ** 20
+
+
+def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats: int, scaling: float | None,
+                          dropout: float, sliding_window: int | None = None) -> torch.Tensor:
+    """``grouped_segment_attention`` on a CPU: in fp32, gathering whole tokens, matmul, softmax and matmul.
 
     A decoder's projections leave queries, keys and values token-major in memory ([N, heads, dim]
-    under the [1, heads, N, dim] view), so each group's segments are gathered as rows of all
-    heads at once and handed to SDPA as strided views, grouped-query heads included
-    (``enable_gqa``), and the outputs come back token-major: one copy per gather instead of a
-    copy per transpose, head stacking and layout change around every call. torch's CPU SDPA
-    kernel runs bf16 slower than fp32 and, from these token-major views, also beats an explicit
-    fp32 matmul-softmax-matmul, forward and backward (``benchmarks/README.md``); it never holds
-    a segment's full score grid either.
+    under the [1, heads, N, dim] view), so each group's segments are gathered as rows of all heads
+    at once, the ``repeats`` query heads that share a key/value head stacked along the queries in
+    the same copy, and the outputs laid back token-major in one more: no copy per transpose and
+    head stacking around every call, as gathering each head's grids took.
+
+    An explicit softmax rather than torch's CPU SDPA kernel, although that kernel is faster here
+    (``benchmarks/README.md``): its blocked softmax rounds differently with the number of padded keys
+    in a group, so a row's values would depend on which rows share its batch, and an IM-RM's rewards
+    before its first update would no longer be exactly 0 under every batching. Masked keys add exact
+    zeros here. Only grids whose scores would take more than ``CPU_MATH_ATTENTION_MAX_BYTES`` use the
+    kernel, which stores less for backward; in bf16 it runs at under half its fp32 speed.
     """
     tokens, heads, dim, key_heads = query.shape[2], query.shape[1], query.shape[3], key.shape[1]
+    scale = scaling if scaling is not None else dim ** -0.5
     # autocast off: it would cast the fp32 states back to bf16
-    with torch.autocast("cpu", enabled=False), math_kernel_under_forward_ad(query, key, value):
+    with torch.autocast("cpu", enabled=False):
         by_token = [states[0].transpose(0, 1).float().reshape(tokens, -1) for states in (query, key, value)]
         outputs = []
         for group in packed_pairs.attention_groups:
             segments, queries = group.query_index.shape
             keys = group.key_index.shape[1]
-            q = by_token[0].index_select(0, group.query_index.reshape(-1)).view(segments, queries, heads, dim)
+            q = (by_token[0].index_select(0, group.query_index.reshape(-1))
+                 .view(segments, queries, key_heads, repeats, dim).permute(0, 2, 3, 1, 4)
+                 .reshape(segments, key_heads, repeats * queries, dim))
             k, v = (states.index_select(0, group.key_index.reshape(-1)).view(segments, keys, key_heads, dim)
-                    for states in by_token[1:])
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=group.mask_within(sliding_window), dropout_p=dropout,
-                                                 scale=scaling, enable_gqa=key_heads != heads)
-            outputs.append(out.transpose(1, 2).reshape(segments * queries, heads * dim))
+                    .transpose(1, 2) for states in by_token[1:])
+            mask = group.mask_within(sliding_window).repeat(1, 1, repeats, 1)
+            if 4 * q.shape[0] * q.shape[1] * q.shape[2] * keys > CPU_MATH_ATTENTION_MAX_BYTES:
+                with math_kernel_under_forward_ad(q, k, v):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+            else:
+                weights = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), dim=-1)
+                out = (F.dropout(weights, p=dropout) if dropout else weights) @ v
+            outputs.append(out.view(segments, key_heads, repeats, queries, dim).permute(0, 3, 1, 2, 4)
+                           .reshape(segments * queries, heads * dim))
         out = torch.cat(outputs).index_select(0, packed_pairs.output_index)
     return out.to(query.dtype).view(1, tokens, heads, dim)
 
