@@ -376,9 +376,8 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats:
 
     An explicit softmax rather than torch's CPU SDPA kernel, although that kernel is faster here
     (``benchmarks/README.md``): its blocked softmax rounds differently with the number of padded keys
-    in a group, so a row's values would depend on which rows share its batch, and an IM-RM's rewards
-    before its first update would no longer be exactly 0 under every batching. Masked keys add exact
-    zeros here. Only grids whose scores would take more than ``CPU_MATH_ATTENTION_MAX_BYTES`` use the
+    in a group, so a row's values would depend on which rows share its batch (the step-0 IM-RM rewards of
+    ``tests/test_token_budget_fsdp.py``, split and unsplit, came apart). Masked keys add exact zeros here. Only grids whose scores would take more than ``CPU_MATH_ATTENTION_MAX_BYTES`` use the
     kernel, which stores less for backward; in bf16 it runs at under half its fp32 speed.
     """
     tokens, heads, dim, key_heads = query.shape[2], query.shape[1], query.shape[3], key.shape[1]
