@@ -370,15 +370,16 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats:
 
     A decoder's projections leave queries, keys and values token-major in memory ([N, heads, dim]
     under the [1, heads, N, dim] view), so each group's segments are gathered as rows of all heads
-    at once, the ``repeats`` query heads that share a key/value head stacked along the queries in
-    the same copy, and the outputs laid back token-major in one more: no copy per transpose and
-    head stacking around every call, as gathering each head's grids took.
+    at once (the queries then stacked per key/value head, ``stack_heads_per_key``), and the outputs
+    laid back token-major in one copy: not a copy per transpose and layout change around every call,
+    as gathering each head's grids took.
 
     An explicit softmax rather than torch's CPU SDPA kernel, although that kernel is faster here
     (``benchmarks/README.md``): its blocked softmax rounds differently with the number of padded keys
-    in a group, so a row's values would depend on which rows share its batch (the step-0 IM-RM rewards of
-    ``tests/test_token_budget_fsdp.py``, split and unsplit, came apart). Masked keys add exact zeros here. Only grids whose scores would take more than ``CPU_MATH_ATTENTION_MAX_BYTES`` use the
-    kernel, which stores less for backward; in bf16 it runs at under half its fp32 speed.
+    in a group, so a row's values would depend on which rows share its batch (the step-0 IM-RM rewards
+    of ``tests/test_token_budget_fsdp.py``, split and unsplit, came apart). Masked keys add exact zeros
+    here. Only grids whose scores would take more than ``CPU_MATH_ATTENTION_MAX_BYTES`` use the kernel,
+    which stores less for backward; in bf16 it runs at under half its fp32 speed.
     """
     tokens, heads, dim, key_heads = query.shape[2], query.shape[1], query.shape[3], key.shape[1]
     scale = scaling if scaling is not None else dim ** -0.5
@@ -389,20 +390,17 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats:
         for group in packed_pairs.attention_groups:
             segments, queries = group.query_index.shape
             keys = group.key_index.shape[1]
-            q = (by_token[0].index_select(0, group.query_index.reshape(-1))
-                 .view(segments, queries, key_heads, repeats, dim).permute(0, 2, 3, 1, 4)
-                 .reshape(segments, key_heads, repeats * queries, dim))
+            per_head = by_token[0].index_select(0, group.query_index.reshape(-1)).view(segments, queries, heads, dim)
+            q, mask = stack_heads_per_key(per_head.transpose(1, 2), group.mask_within(sliding_window), repeats)
             k, v = (states.index_select(0, group.key_index.reshape(-1)).view(segments, keys, key_heads, dim)
                     .transpose(1, 2) for states in by_token[1:])
-            mask = group.mask_within(sliding_window).repeat(1, 1, repeats, 1)
             if 4 * q.shape[0] * q.shape[1] * q.shape[2] * keys > CPU_MATH_ATTENTION_MAX_BYTES:
                 with math_kernel_under_forward_ad(q, k, v):
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
             else:
                 weights = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), dim=-1)
                 out = (F.dropout(weights, p=dropout) if dropout else weights) @ v
-            outputs.append(out.view(segments, key_heads, repeats, queries, dim).permute(0, 3, 1, 2, 4)
-                           .reshape(segments * queries, heads * dim))
+            outputs.append(out.reshape(segments, heads, queries, dim).transpose(1, 2).reshape(segments * queries, -1))
         out = torch.cat(outputs).index_select(0, packed_pairs.output_index)
     return out.to(query.dtype).view(1, tokens, heads, dim)
 
