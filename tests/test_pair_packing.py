@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import edge_case_pairs, loss_and_grads, random_tokens
+from conftest import edge_case_pairs, loss_and_grads, ragged_pairs, random_tokens
 from rm_lightning import ExplicitRM, ImplicitRM
 from rm_lightning.pairs import EncodedPair, PairCollator
 from rm_lightning.perf.layouts import padded_hidden_states
@@ -81,6 +81,12 @@ def test_attention_groups_keep_similar_segments_together():
     assert sorted(i for g in groups for i in g) == list(range(6))
     assert sorted(map(sorted, groups)) == [[0, 2], [1, 3], [4, 5]]
     assert plan_attention_groups(sizes, call_cells=10 ** 9) == [sorted(range(6), key=lambda i: sizes[i])]
+
+
+def test_with_a_key_multiple_a_group_holds_one_padded_key_length_however_cheap_joining_would_be():
+    sizes = [(5, 10), (5, 17), (5, 30), (5, 31), (6, 32)]  # keys padded to 16, 32, 32, 32, 32
+    groups = plan_attention_groups(sizes, call_cells=10 ** 9, key_multiple=16)
+    assert sorted(map(sorted, groups)) == [[0], [1, 2, 3, 4]]
 
 
 def flex_packed_hidden_states(decoder, batch):
@@ -197,3 +203,30 @@ def test_cpu_and_gpu_attention_paths_agree_in_values_and_gradients(window):
     for expected, got in zip(outputs["per head"], outputs["token major"]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
+
+
+def test_a_pairs_cpu_attention_is_the_same_to_the_bit_whatever_shares_its_batch():
+    """On a CPU every segment's keys are padded to a length of its own (``CPU_KEY_MULTIPLE``), since the SDPA
+    kernel there rounds a row by its padded length: a pair's attention alone and beside others is the same to the
+    bit. The states are a function of a token and its position, as a layer's are; 4 query heads on 2 key/value
+    heads."""
+    generator = torch.Generator().manual_seed(0)
+    tables = [(torch.randn(100, heads, 16, generator=generator), torch.randn(64, heads, 16, generator=generator))
+              for heads in (4, 2, 2)]
+
+    def attention_rows(pairs):
+        batch = PairCollator(0)(pairs)
+        packed = PackedPairs.from_batch(batch)
+        ids, positions = packed.input_ids[0], packed.position_ids[0]
+        # [1, heads, N, 16] over token-major memory, as a projection's view lays it out
+        query, key, value = ((by_token[ids] + by_position[positions]).transpose(0, 1)[None]
+                             for by_token, by_position in tables)
+        out = token_major_attention(query, key, value, packed, 2, 0.25, 0.0)
+        real = batch["attention_mask"].bool()
+        return [row[mask] for row, mask in zip(packed.unpack(out.flatten(2)), real)]
+
+    pairs = ragged_pairs(vocab=100)
+    together = attention_rows(pairs)
+    for index, pair in enumerate(pairs):
+        chosen, rejected = attention_rows([pair])
+        assert torch.equal(together[index], chosen) and torch.equal(together[len(pairs) + index], rejected), index

@@ -224,22 +224,45 @@ def cheapest_runs(count: int, run_costs: Callable[[int], np.ndarray]) -> list[tu
 
 # One more attention call costs about as much as this many (query, key) cells of a group's grid.
 ATTENTION_CALL_CELLS = {"cpu": 4096, "cuda": 2 ** 18}
+# On a CPU each segment's keys are padded to the next multiple of this, and a group holds segments of one padded
+# length: torch's SDPA kernel there rounds a row's softmax by the length it is padded to, which must then not
+# depend on the other segments of a batch (``token_major_attention``). A larger multiple: fewer, more padded calls.
+CPU_KEY_MULTIPLE = 16
 
 
-def plan_attention_groups(sizes: list[tuple[int, int]], call_cells: int) -> list[list[int]]:
+def plan_attention_groups(sizes: list[tuple[int, int]], call_cells: int,
+                          key_multiple: int | None = None) -> list[list[int]]:
     """Segment indices grouped so that grid cells (segments x longest queries x longest keys) plus
-    ``call_cells`` per group are fewest, over groups that are runs of the segments sorted by size."""
-    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    ``call_cells`` per group are fewest, over groups that are runs of the segments sorted by size.
+
+    With ``key_multiple`` every segment's keys count rounded up to a multiple of it, and a group holds
+    segments of one rounded key count only: each segment's keys are then padded to a length of its own,
+    whatever segments share its batch (``padded_key_length``).
+    """
+    def rounded_keys(i: int) -> int:
+        return padded_key_length(sizes[i][1], key_multiple)
+
+    # by size; by rounded keys first where a group must keep to one
+    order = sorted(range(len(sizes)),
+                   key=lambda i: sizes[i] if key_multiple is None else (rounded_keys(i), sizes[i][0]))
     queries = np.array([sizes[i][0] for i in order], dtype=np.float64)
-    keys = np.array([sizes[i][1] for i in order], dtype=np.float64)
+    keys = np.array([rounded_keys(i) for i in order], dtype=np.float64)
     longest_keys = np.zeros(0)  # for the current end: the longest keys of order[start:end], for every start
 
     def grid_cells(end: int) -> np.ndarray:
         nonlocal longest_keys
         longest_keys = np.maximum(np.append(longest_keys, 0.0), keys[end - 1])
-        return (end - np.arange(end)) * queries[end - 1] * longest_keys + call_cells
+        cells = (end - np.arange(end)) * queries[end - 1] * longest_keys + call_cells
+        if key_multiple is not None:
+            cells[keys[:end] != keys[end - 1]] = np.inf
+        return cells
 
     return [order[start:end] for start, end in cheapest_runs(len(order), grid_cells)]
+
+
+def padded_key_length(keys: int, key_multiple: int | None) -> int:
+    """The keys of a segment once padded: ``keys`` rounded up to a multiple of ``key_multiple`` (None: as is)."""
+    return keys if key_multiple is None else -(-keys // key_multiple) * key_multiple
 
 
 def _window_covers(positions: torch.Tensor, window: int) -> bool:
@@ -259,11 +282,13 @@ def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torc
     """
     device = torch.device(device)
     call_cells = ATTENTION_CALL_CELLS.get(device.type, ATTENTION_CALL_CELLS["cuda"])
-    plan = plan_attention_groups([(len(q), len(k)) for q, k in segments], call_cells)
+    key_multiple = CPU_KEY_MULTIPLE if device.type == "cpu" else None
+    plan = plan_attention_groups([(len(q), len(k)) for q, k in segments], call_cells, key_multiple)
     groups, output_index, slots = [], torch.empty(len(positions), dtype=torch.long), 0
     for members in plan:
         query_index, query_real = _padded_index([segments[i][0] for i in members])
-        key_index, key_real = _padded_index([segments[i][1] for i in members])
+        key_lists = [segments[i][1] for i in members]
+        key_index, key_real = _padded_index(key_lists, padded_key_length(max(map(len, key_lists)), key_multiple))
         # causal within a segment: a key is seen when its position is not after the query's
         query_positions, key_positions = positions[query_index][:, :, None], positions[key_index][:, None, :]
         sees = (key_positions <= query_positions) & key_real[:, None, :]
@@ -283,10 +308,10 @@ def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torc
     return groups, output_index
 
 
-def _padded_index(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index lists as a [len(lists), longest] tensor padded with 0, and where it is real."""
+def _padded_index(lists: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index lists as a [len(lists), length (default: the longest)] tensor padded with 0, and where it is real."""
     lengths = np.array([len(x) for x in lists], dtype=np.int64)
-    longest = int(lengths.max()) if len(lists) else 0
+    longest = length if length is not None else int(lengths.max()) if len(lists) else 0
     real = np.arange(longest) < lengths[:, None]
     index = np.zeros((len(lists), longest), dtype=np.int64)
     index[real] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
@@ -360,13 +385,9 @@ def per_head_attention(query, key, value, packed_pairs: PackedPairs, repeats: in
     return out.transpose(0, 1).unsqueeze(0).contiguous()
 
 
-# Above this many bytes of fp32 attention scores a CPU call uses the SDPA kernel, which stores less for backward.
-CPU_MATH_ATTENTION_MAX_BYTES = 256 * 2 ** 20
-
-
 def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats: int, scaling: float | None,
                           dropout: float, sliding_window: int | None = None) -> torch.Tensor:
-    """``grouped_segment_attention`` on a CPU: in fp32, gathering whole tokens, matmul, softmax and matmul.
+    """``grouped_segment_attention`` on a CPU: torch's fp32 SDPA kernel on gathers of whole tokens.
 
     A decoder's projections leave queries, keys and values token-major in memory ([N, heads, dim]
     under the [1, heads, N, dim] view), so each group's segments are gathered as rows of all heads
@@ -374,12 +395,10 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats:
     laid back token-major in one copy: not a copy per transpose and layout change around every call,
     as gathering each head's grids took.
 
-    An explicit softmax rather than torch's CPU SDPA kernel, although that kernel is faster here
-    (``benchmarks/README.md``): its blocked softmax rounds differently with the number of padded keys
-    in a group, so a row's values would depend on which rows share its batch (the step-0 IM-RM rewards
-    of ``tests/test_token_budget_fsdp.py``, split and unsplit, came apart). Masked keys add exact zeros
-    here. Only grids whose scores would take more than ``CPU_MATH_ATTENTION_MAX_BYTES`` use the kernel,
-    which stores less for backward; in bf16 it runs at under half its fp32 speed.
+    The kernel's blocked softmax rounds a row by the number of keys it is padded to, so the groups
+    pad every segment's keys to a length of its own (``CPU_KEY_MULTIPLE``): a row's attention is then
+    the same to the bit whichever rows share its batch or micro-batch (the kernel was withdrawn once
+    for breaking that: ``benchmarks/README.md``). fp32: the CPU kernel runs bf16 at under half that speed.
     """
     tokens, heads, dim, key_heads = query.shape[2], query.shape[1], query.shape[3], key.shape[1]
     scale = scaling if scaling is not None else dim ** -0.5
@@ -394,12 +413,8 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats:
             q, mask = stack_heads_per_key(per_head.transpose(1, 2), group.mask_within(sliding_window), repeats)
             k, v = (states.index_select(0, group.key_index.reshape(-1)).view(segments, keys, key_heads, dim)
                     .transpose(1, 2) for states in by_token[1:])
-            if 4 * q.shape[0] * q.shape[1] * q.shape[2] * keys > CPU_MATH_ATTENTION_MAX_BYTES:
-                with math_kernel_under_forward_ad(q, k, v):
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
-            else:
-                weights = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), dim=-1)
-                out = (F.dropout(weights, p=dropout) if dropout else weights) @ v
+            with math_kernel_under_forward_ad(q, k, v):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
             outputs.append(out.reshape(segments, heads, queries, dim).transpose(1, 2).reshape(segments * queries, -1))
         out = torch.cat(outputs).index_select(0, packed_pairs.output_index)
     return out.to(query.dtype).view(1, tokens, heads, dim)
