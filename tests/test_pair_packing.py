@@ -204,7 +204,6 @@ def test_cpu_and_gpu_attention_paths_agree_in_values_and_gradients(window):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-
 def test_a_pairs_cpu_attention_is_the_same_to_the_bit_whatever_shares_its_batch():
     """On a CPU every segment's keys are padded to a length of its own (``CPU_KEY_MULTIPLE``), since the SDPA
     kernel there rounds a row by its padded length: a pair's attention alone and beside others is the same to the

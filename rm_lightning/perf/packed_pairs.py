@@ -51,7 +51,8 @@ ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
 
 @dataclass
 class AttentionGroup:
-    """Segments whose attention runs in one call, padded to the group's longest queries and keys."""
+    """Segments whose attention runs in one call, padded to the group's longest queries and keys (on a CPU
+    the keys to the next multiple of ``CPU_KEY_MULTIPLE``, the same for every segment of the group)."""
 
     query_index: torch.Tensor  # [segments, queries]: packed position of each query (0 at padding)
     key_index: torch.Tensor  # [segments, keys]: packed position of each key (0 at padding)
