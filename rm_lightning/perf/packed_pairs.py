@@ -236,8 +236,8 @@ def plan_attention_groups(sizes: list[tuple[int, int]], call_cells: int,
     """Segment indices grouped so that grid cells (segments x longest queries x longest keys) plus
     ``call_cells`` per group are fewest, over groups that are runs of the segments sorted by size.
 
-    With ``key_multiple`` every segment's keys count rounded up to a multiple of it, and a group holds
-    segments of one rounded key count only: each segment's keys are then padded to a length of its own,
+    With ``key_multiple``, every segment's key count is rounded up to a multiple of it and a group holds
+    segments of one rounded count only: each segment's keys are then padded to a length of its own,
     whatever segments share its batch (``padded_key_length``).
     """
     def rounded_keys(i: int) -> int:
