@@ -288,8 +288,7 @@ def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torc
     groups, output_index, slots = [], torch.empty(len(positions), dtype=torch.long), 0
     for members in plan:
         query_index, query_real = _padded_index([segments[i][0] for i in members])
-        key_lists = [segments[i][1] for i in members]
-        key_index, key_real = _padded_index(key_lists, padded_key_length(max(map(len, key_lists)), key_multiple))
+        key_index, key_real = _padded_index([segments[i][1] for i in members], key_multiple)
         # causal within a segment: a key is seen when its position is not after the query's
         query_positions, key_positions = positions[query_index][:, :, None], positions[key_index][:, None, :]
         sees = (key_positions <= query_positions) & key_real[:, None, :]
@@ -309,10 +308,11 @@ def segment_tensors(segments: list[tuple[list[int], list[int]]], positions: torc
     return groups, output_index
 
 
-def _padded_index(lists: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index lists as a [len(lists), length (default: the longest)] tensor padded with 0, and where it is real."""
+def _padded_index(lists: list[list[int]], multiple: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index lists as a [len(lists), longest] tensor padded with 0, and where it is real; the width rounded up
+    to a multiple of ``multiple`` when given."""
     lengths = np.array([len(x) for x in lists], dtype=np.int64)
-    longest = length if length is not None else int(lengths.max()) if len(lists) else 0
+    longest = padded_key_length(int(lengths.max()), multiple) if len(lists) else 0
     real = np.arange(longest) < lengths[:, None]
     index = np.zeros((len(lists), longest), dtype=np.int64)
     index[real] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
@@ -404,7 +404,7 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats:
     tokens, heads, dim, key_heads = query.shape[2], query.shape[1], query.shape[3], key.shape[1]
     scale = scaling if scaling is not None else dim ** -0.5
     # autocast off: it would cast the fp32 states back to bf16
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast("cpu", enabled=False), math_kernel_under_forward_ad(query, key, value):
         by_token = [states[0].transpose(0, 1).float().reshape(tokens, -1) for states in (query, key, value)]
         outputs = []
         for group in packed_pairs.attention_groups:
@@ -414,8 +414,7 @@ def token_major_attention(query, key, value, packed_pairs: PackedPairs, repeats:
             q, mask = stack_heads_per_key(per_head.transpose(1, 2), group.mask_within(sliding_window), repeats)
             k, v = (states.index_select(0, group.key_index.reshape(-1)).view(segments, keys, key_heads, dim)
                     .transpose(1, 2) for states in by_token[1:])
-            with math_kernel_under_forward_ad(q, k, v):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
             outputs.append(out.reshape(segments, heads, queries, dim).transpose(1, 2).reshape(segments * queries, -1))
         out = torch.cat(outputs).index_select(0, packed_pairs.output_index)
     return out.to(query.dtype).view(1, tokens, heads, dim)
