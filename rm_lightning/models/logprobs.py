@@ -54,20 +54,28 @@ def prefix_canonical_positions(input_ids: torch.Tensor, attention_mask: Optional
     return canonical.to(input_ids.device)
 
 
-def response_token_logps(lm_head: torch.nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor,
-                         response_mask: torch.Tensor, chunk_size: int = 2048,
-                         attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of every response token and the row it belongs to.
-
-    Token t is predicted by the hidden state at t - 1, so a response token at the very first
-    position (no prefix) cannot be scored and is skipped.
-    Returns (logps [N] float32, rows [N] long) over the N scored response tokens, row by row in
-    position order (so that a row's sum adds its tokens in one order, whatever else its batch holds).
-    """
-    predicts_response = response_mask[:, 1:]
+def response_predictions(input_ids: torch.Tensor, response_mask: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every scorable response token as (row, canonical position of the state that predicts it, token id),
+    row by row in position order. Token t is predicted by the state at t - 1, so a response token at the
+    very first position (no prefix) is skipped; states with the same prefix share one canonical position
+    (``prefix_canonical_positions``), so each distinct state is one node of the graph."""
+    predicts_response = response_mask[:, 1:].bool()
     rows = predicts_response.nonzero()[:, 0]
     targets = input_ids[:, 1:][predicts_response]
     canonical = prefix_canonical_positions(input_ids, attention_mask)[:, :-1][predicts_response]
+    return rows, canonical, targets
+
+
+def response_token_logps(lm_head: torch.nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+                         response_mask: torch.Tensor, chunk_size: int = 2048,
+                         attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of every scorable response token (``response_predictions``) and the row it belongs to.
+
+    Returns (logps [N] float32, rows [N] long) over the N scored response tokens, row by row in
+    position order (so that a row's sum adds its tokens in one order, whatever else its batch holds).
+    """
+    rows, canonical, targets = response_predictions(input_ids, response_mask, attention_mask)
     states, slot = torch.unique(canonical, return_inverse=True)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])[states]
     by_state = torch.argsort(slot, stable=True)  # each chunk's tokens in one run
@@ -90,25 +98,6 @@ def sum_per_row(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torc
     return torch.zeros(num_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
 
 
-def predicting_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every response token of a pair batch as (row, position of the state that predicts it, token id).
-
-    Rows are chosen 0..B-1 then rejected B..2B-1. Returns (rows, canonical positions, targets);
-    a canonical position is ``row * width + position``, where a rejected row's position inside
-    the prefix it shares with its chosen row is written as the chosen row's: the two hidden
-    states are the same state, and one state should be one node of the graph (see
-    ``response_logratios``).
-    """
-    pairs, width = input_ids.shape[0] // 2, input_ids.shape[1]
-    same = (input_ids[:pairs] == input_ids[pairs:]) & attention_mask[:pairs].bool() & attention_mask[pairs:].bool()
-    shared = same.int().cumprod(dim=1).sum(dim=1)  # common prefix length of each pair
-    rows, positions = response_mask[:, 1:].nonzero(as_tuple=True)  # token positions - 1
-    targets = input_ids[rows, positions + 1]
-    owner = torch.where((rows >= pairs) & (positions < shared[rows % pairs]), rows - pairs, rows)
-    return rows, owner * width + positions, targets
-
-
 def response_logratios(head: torch.nn.Module, initial_head: torch.nn.Module, hidden_states: torch.Tensor,
                        batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over response tokens of log pi(y_t) - log pi_0(y_t) per row, where pi and pi_0 differ only in
@@ -122,8 +111,8 @@ def response_logratios(head: torch.nn.Module, initial_head: torch.nn.Module, hid
     contains never move, and their reward differences stay exactly 0 (Theorem 2), not 0 up to
     rounding.
     """
-    rows, canonical, targets = predicting_positions(batch["input_ids"], batch["attention_mask"],
-                                                    batch["response_mask"])
+    rows, canonical, targets = response_predictions(batch["input_ids"], batch["response_mask"],
+                                                    batch["attention_mask"])
     unique, slot = torch.unique(canonical, return_inverse=True)
     states = hidden_states.reshape(-1, hidden_states.shape[-1])[unique]
     logits = head(states.to(head.weight.dtype)).float()
