@@ -89,7 +89,7 @@ def test_a_yaml_typo_is_one_line_naming_the_key(tmp_path, capsys, no_model_load)
 def test_a_misspelt_command_line_option_is_not_taken_for_the_one_it_abbreviates(tmp_path, capsys, no_model_load):
     line = one_error_line(capsys, ["fit", "--config", EXRM, "--config", str(tiny_override(tmp_path)),
                                    "--trainer.max_epoch", "3"])
-    assert "unrecognized arguments: --trainer.max_epoch 3" in line
+    assert "unrecognized arguments: --trainer.max_epoch 3" in line.lower()  # jsonargparse capitalizes it in some versions
 
 
 @pytest.mark.parametrize("kind", ["file", "file_parent"])
