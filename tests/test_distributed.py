@@ -132,7 +132,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     logs["fsdp_first_epoch"] = run_cli(root / "fsdp_first", [fsdp, experiment], "--trainer.max_epochs", "1")
     (checkpoint,) = list((logs["fsdp_first_epoch"] / "checkpoints").glob("*.ckpt"))
     logs["fsdp_resumed"] = run_cli(root / "fsdp_resumed", [fsdp, experiment], "--ckpt_path", str(checkpoint))
-    logs["ddp"] = run_cli(root / "ddp", [ddp, experiment])
+    # with its progress bar, which computes the epoch's synced metrics on rank 0 alone (it hung once)
+    logs["ddp"] = run_cli(root / "ddp", [ddp, experiment], "--trainer.enable_progress_bar", "true")
     logs["checkpoint"], logs["reference_cache"] = checkpoint, root / "reference_cache"
     return logs
 

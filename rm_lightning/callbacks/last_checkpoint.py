@@ -66,9 +66,17 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_last(trainer)
 
     def _interval_passed(self, trainer) -> bool:
+        """Whether rank 0's clock says a save is due, on every rank (every rank must join the save).
+
+        The epoch's synced metrics are computed first, on every rank: the progress bar, on rank 0 only,
+        computes them at the epoch's end before this hook, and their computation gathers from every
+        rank. Had the other ranks gone on to the broadcast, each side would wait for the other forever
+        (a DDP or FSDP run with its progress bar on hung at its first epoch's end).
+        """
+        trainer.callback_metrics  # noqa: B018 - computed (collectively) when read; then kept for the epoch
         since = None if self._last_save_time is None else monotonic() - self._last_save_time
         due = since is None or since >= 60.0 * self.every_minutes
-        return bool(trainer.strategy.broadcast(due))  # rank 0 decides: every rank must join the save
+        return bool(trainer.strategy.broadcast(due))
 
     def _save_last(self, trainer) -> None:
         """Write last.ckpt unless nothing changed since the last save (no step taken, or not fitting)."""
