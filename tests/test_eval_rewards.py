@@ -4,10 +4,12 @@ metrics as scoring batch by batch, with fewer decoder calls; batch by batch wher
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from data_modules import PersonaDataModule
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM
 from rm_lightning.models import reward_module
+from rm_lightning.pairs import LengthBucketSampler
 from rm_lightning.perf import eval_rewards
 
 
@@ -58,3 +60,21 @@ def test_row_keys_of_a_batch_are_those_of_its_pairs():
     keys = [eval_rewards.row_keys_of_pair(pair) for pair in pairs]
     expected = [chosen for chosen, _ in keys] + [rejected for _, rejected in keys]
     assert eval_rewards.row_keys_of_batch(module.collator()(pairs)) == expected
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_several_processes_a_rank_scores_ahead_the_pairs_its_own_loader_holds(rank):
+    module = ExplicitRM(backbone="tiny-llama-chat")
+    data = tiny_persona()
+    data.attach(module).setup("fit")
+    dataset = data.eval_sets["paraphrased_test_prompts"]  # 16 pairs in batches of 6: 3 batches, one repeated
+    sampler = LengthBucketSampler([len(pair) for pair in dataset.pairs], 6, shuffle=False, num_replicas=2, rank=rank)
+    loader = DataLoader(dataset, batch_size=6, sampler=sampler, collate_fn=list)
+    part = eval_rewards.rank_part(dataset, loader, len(loader))
+    assert part.pairs == [pair for batch in loader for pair in batch]
+
+
+def test_ddp_scores_ahead(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False, default_root_dir=tmp_path)
+    assert trainer.world_size == 2
+    assert eval_rewards.why_not_ahead(ExplicitRM(backbone="tiny-llama-chat"), trainer) is None

@@ -23,7 +23,7 @@ from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.encoding import BaseFormat, PairEncoder, chat_formatter, check_base_format
 from rm_lightning.pairs.records import EncodedPairs, Prompt
 from rm_lightning.perf.checkpointing import autocast_weight_cache, enable_activation_checkpointing
-from rm_lightning.perf.eval_rewards import EvalRewards, evaluated_part, why_not_ahead
+from rm_lightning.perf.eval_rewards import EvalRewards, rank_part, why_not_ahead
 from rm_lightning.perf.layouts import DECODER_LAYOUTS, DecoderLayout, decoder_hidden_states
 from rm_lightning.perf.micro_batches import encoded_pair_tokens, plan_for, run_in_micro_batches
 from rm_lightning.perf.model_setup import prepare_model
@@ -348,11 +348,16 @@ class RewardModule(L.LightningModule):
         counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
         if not all(isinstance(getattr(loader, "dataset", None), EncodedPairs) for loader in loaders):
             return  # a data module of other loaders: scored batch by batch
-        due = [evaluated_part(loader.dataset, loader, count)
-               for index, (loader, count) in enumerate(zip(loaders, counts))
+        due = [(loader, count) for index, (loader, count) in enumerate(zip(loaders, counts))
                if self.eval_sets.is_due(self.eval_sets.name_of(index), trainer)]
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        self._eval_rewards.fill(self, due, show_progress=show)
+        if trainer.world_size > 1 and all(count >= len(loader) for loader, count in due):
+            # every rank the whole sets, each scoring its share of the pass: a prompt's pairs stay together
+            self._eval_rewards.fill(self, [loader.dataset for loader, _ in due], show_progress=show,
+                                    share=(trainer.global_rank, trainer.world_size))
+        else:
+            self._eval_rewards.fill(self, [rank_part(loader.dataset, loader, count) for loader, count in due],
+                                    show_progress=show)
 
     def on_validation_epoch_start(self) -> None:
         self._share_weight_casts()

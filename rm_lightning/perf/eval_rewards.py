@@ -9,10 +9,14 @@ by a row's tokens and where its response starts. A row's reward depends on that 
 values are the ones the step would compute, up to float rounding (other batches). Metrics, losses
 and everything downstream of a step are unchanged.
 
-Only where that is safe (``why_not_ahead``): one process (ranks would otherwise run different
-passes, which FSDP cannot gather for), no token budget (``auto`` measures a training forward inside
-the first evaluation), every weight trainable (no frozen features riding in the batches), a loss
-computed from the rewards alone, and not in a sanity check (a few batches).
+Under DDP the ranks split the pass (every rank the same sets, each every n-th batch of it) and then
+exchange their rewards; where ``limit_val_batches`` cuts a set, each rank scores the rows of its own
+loaders only (its sampler's indices). The ranks' passes differ in length, which DDP's evaluation does
+not mind, since no forward outside training synchronizes. Only where that is safe (``why_not_ahead``): no sharded weights (FSDP gathers every
+layer's weights with all ranks at once, so ranks running passes of different lengths would wait on
+each other forever), no token budget (``auto`` measures a training forward inside the first
+evaluation), every weight trainable (no frozen features riding in the batches), a loss computed from
+the rewards alone, and not in a sanity check (a few batches).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from rm_lightning.pairs.records import EncodedPair, EncodedPairs
 from rm_lightning.perf.by_prompt import collated_batches, consecutive_batches, distinct_by_prompt
@@ -29,8 +34,8 @@ from rm_lightning.perf.weight_casts import evaluation_forward
 
 def why_not_ahead(module, trainer) -> Optional[str]:
     """Why ``module``'s evaluation computes its rewards batch by batch, or None when they may be computed ahead."""
-    if trainer.world_size > 1 or is_sharded(module):
-        return "several processes or sharded weights"
+    if is_sharded(module):
+        return "sharded weights"
     if trainer.sanity_checking:
         return "a sanity check"
     if module.hparams.token_budget is not None:
@@ -47,7 +52,19 @@ def evaluated_part(dataset: EncodedPairs, loader, batches: int) -> EncodedPairs:
     under ``limit_val_batches``), in the loader's order."""
     if batches >= len(loader):
         return dataset
-    indices = list(loader.sampler)[:batches * loader.batch_size]
+    return _subset(dataset, list(loader.sampler)[:batches * loader.batch_size])
+
+
+def rank_part(dataset: EncodedPairs, loader, batches: int) -> EncodedPairs:
+    """What this process evaluates of ``dataset``: ``evaluated_part`` in one process; under several, the pairs
+    of this rank's first ``batches`` batches (its distributed sampler's indices, with the batches it repeats
+    so that every rank runs as many steps)."""
+    if getattr(loader.sampler, "num_replicas", 1) == 1:
+        return evaluated_part(dataset, loader, batches)
+    return _subset(dataset, list(loader.sampler)[:batches * loader.batch_size])
+
+
+def _subset(dataset: EncodedPairs, indices: list[int]) -> EncodedPairs:
     return EncodedPairs(dataset.name, [dataset.pairs[i] for i in indices], dataset.tag)
 
 
@@ -74,14 +91,23 @@ class EvalRewards:
     def clear(self) -> None:
         self.rewards, self.dtype = {}, None
 
-    def fill(self, module, datasets: list[EncodedPairs], show_progress: bool) -> None:
+    def fill(self, module, datasets: list[EncodedPairs], show_progress: bool,
+             share: Optional[tuple[int, int]] = None) -> None:
         """Score every row of ``datasets`` in one pass by prompt (the module in its evaluation loop: no
-        gradients, its trainer's precision)."""
+        gradients, its trainer's precision).
+
+        With ``share`` = (rank, ranks), ``datasets`` being the same on every rank, each rank scores every
+        ranks-th batch of the pass and the ranks then exchange their rewards, so that each ends with all
+        of them: the pairs of a prompt stay together, in whichever rank's batch, and no row is scored twice.
+        """
         self.clear()
         pairs = distinct_by_prompt(pair for dataset in datasets for pair in dataset.pairs)
         if not pairs:
             return
         batches = consecutive_batches(pairs, module.hparams.decoder_layout)
+        if share is not None:
+            rank, ranks = share
+            batches = batches[rank::ranks]
         names = ", ".join(dataset.name for dataset in datasets)
         with torch.no_grad():
             for members, batch in collated_batches(module, pairs, batches, f"rewards by prompt [{names}]",
@@ -95,6 +121,15 @@ class EvalRewards:
                                                                 rejected.tolist()):
                     chosen_key, rejected_key = row_keys_of_pair(pair)
                     self.rewards[chosen_key], self.rewards[rejected_key] = chosen_reward, rejected_reward
+        if share is not None:
+            self._gather_from_ranks(share[1])
+
+    def _gather_from_ranks(self, ranks: int) -> None:
+        """Every rank's rewards on every rank (their reward dtype: that of any rank that scored a batch)."""
+        parts: list = [None] * ranks
+        dist.all_gather_object(parts, (self.rewards, self.dtype))
+        self.rewards = {key: value for rewards, _ in parts for key, value in rewards.items()}
+        self.dtype = next((dtype for _, dtype in parts if dtype is not None), None)
 
     def lookup(self, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """The rewards [2B] of ``batch``'s rows when every one was scored ahead, else None."""
