@@ -109,7 +109,9 @@ def test_fsdp_with_a_budget_gives_the_unsplit_losses_metrics_and_weights(fsdp_ru
     assert evals.keys() == whole_evals.keys()
     for step, sets in whole_evals.items():
         for name, row in sets.items():
-            for key in EVAL_METRICS:
+            # at step 0 every reward is 0 up to rounding (with sharded weights the policy's log-probs are computed,
+            # here in batches other than the reference pass's), so what ranks or normalizes them is rounding alone
+            for key in (EVAL_METRICS if step else ("chosen_reward", "rejected_reward", "margin", "loss")):
                 # as test_token_budget's eval comparison: a normalized margin of near-equal rewards amplifies rounding
                 assert float(evals[step][name][key]) == pytest.approx(float(row[key]), rel=1e-4, abs=1e-6), \
                     (step, name, key)

@@ -351,11 +351,12 @@ class RewardModule(L.LightningModule):
         due = [(loader, count) for index, (loader, count) in enumerate(zip(loaders, counts))
                if self.eval_sets.is_due(self.eval_sets.name_of(index), trainer)]
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        if trainer.world_size > 1 and all(count >= len(loader) for loader, count in due):
+        several = trainer.world_size > 1 or is_sharded(self)
+        if several and all(count >= len(loader) for loader, count in due):
             # every rank the whole sets, each scoring its share of the pass: a prompt's pairs stay together
             self._eval_rewards.fill(self, [loader.dataset for loader, _ in due], show_progress=show,
                                     share=(trainer.global_rank, trainer.world_size))
-        else:
+        elif not is_sharded(self):  # sharded: each rank's own loaders would give passes of different lengths
             self._eval_rewards.fill(self, [rank_part(loader.dataset, loader, count) for loader, count in due],
                                     show_progress=show)
 

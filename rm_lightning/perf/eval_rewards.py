@@ -9,14 +9,14 @@ by a row's tokens and where its response starts. A row's reward depends on that 
 values are the ones the step would compute, up to float rounding (other batches). Metrics, losses
 and everything downstream of a step are unchanged.
 
-Under DDP the ranks split the pass (every rank the same sets, each every n-th batch of it) and then
-exchange their rewards; where ``limit_val_batches`` cuts a set, each rank scores the rows of its own
-loaders only (its sampler's indices). The ranks' passes differ in length, which DDP's evaluation does
-not mind, since no forward outside training synchronizes. Only where that is safe (``why_not_ahead``): no sharded weights (FSDP gathers every
-layer's weights with all ranks at once, so ranks running passes of different lengths would wait on
-each other forever), no token budget (``auto`` measures a training forward inside the first
-evaluation), every weight trainable (no frozen features riding in the batches), a loss computed from
-the rewards alone, and not in a sanity check (a few batches).
+Under several processes the ranks split the pass (every rank the same sets, each every n-th batch of
+it) and then exchange their rewards. Sharded (FSDP) weights are gathered by all ranks together at every
+forward, so there each rank runs as many forwards (``fill``); DDP's evaluation forwards synchronize
+nothing. Where ``limit_val_batches`` cuts a set, each rank scores the rows of its own loaders only (its
+sampler's indices): under DDP, since the ranks' passes then differ in length, not with sharded weights.
+Only where that is safe (``why_not_ahead``): no token budget (``auto`` measures a training forward
+inside the first evaluation), every weight trainable (no frozen features riding in the batches), a
+loss computed from the rewards alone, and not in a sanity check (a few batches).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from rm_lightning.perf.weight_casts import evaluation_forward
 
 def why_not_ahead(module, trainer) -> Optional[str]:
     """Why ``module``'s evaluation computes its rewards batch by batch, or None when they may be computed ahead."""
-    if is_sharded(module):
-        return "sharded weights"
     if trainer.sanity_checking:
         return "a sanity check"
     if module.hparams.token_budget is not None:
@@ -99,6 +97,8 @@ class EvalRewards:
         With ``share`` = (rank, ranks), ``datasets`` being the same on every rank, each rank scores every
         ranks-th batch of the pass and the ranks then exchange their rewards, so that each ends with all
         of them: the pairs of a prompt stay together, in whichever rank's batch, and no row is scored twice.
+        Sharded weights are gathered by all ranks at every forward, so there a rank with a batch fewer
+        scores its first batch again: every rank runs as many forwards.
         """
         self.clear()
         pairs = distinct_by_prompt(pair for dataset in datasets for pair in dataset.pairs)
@@ -107,7 +107,10 @@ class EvalRewards:
         batches = consecutive_batches(pairs, module.hparams.decoder_layout)
         if share is not None:
             rank, ranks = share
-            batches = batches[rank::ranks]
+            mine = batches[rank::ranks]
+            if is_sharded(module) and len(mine) < -(-len(batches) // ranks):
+                mine.append(batches[0])
+            batches = mine
         names = ", ".join(dataset.name for dataset in datasets)
         with torch.no_grad():
             for members, batch in collated_batches(module, pairs, batches, f"rewards by prompt [{names}]",
