@@ -12,8 +12,9 @@ and everything downstream of a step are unchanged.
 Under several processes the ranks split the pass (every rank the same sets, each every n-th batch of
 it) and then exchange their rewards. Sharded (FSDP) weights are gathered by all ranks together at every
 forward, so there each rank runs as many forwards (``fill``); DDP's evaluation forwards synchronize
-nothing. Where ``limit_val_batches`` cuts a set, each rank scores the rows of its own loaders only (its
-sampler's indices): under DDP, since the ranks' passes then differ in length, not with sharded weights.
+nothing. Where ``limit_val_batches`` cuts a set, each DDP rank scores ahead the rows of its own loaders
+only (its sampler's indices); sharded weights then go batch by batch (the ranks' passes would differ in
+length).
 Only where that is safe (``why_not_ahead``): no token budget (``auto`` measures a training forward
 inside the first evaluation), every weight trainable (no frozen features riding in the batches), a
 loss computed from the rewards alone, and not in a sanity check (a few batches).
