@@ -18,9 +18,9 @@ SNAPSHOTS = Path(__file__).parent / "fixtures" / "resolved_configs_6723d7e"
 # evaluate_*.yaml have no model on purpose (the RM type is given after them): tests/test_evaluate_only.py
 EXPERIMENTS = sorted(path.stem for path in CONFIGS.glob("*.yaml") if not path.stem.startswith("evaluate_"))
 SNAPSHOTTED = sorted(path.stem for path in SNAPSHOTS.glob("*.yaml") if "+" not in path.stem)
-# what the module's default optimizer, ``adam_1e5``, is: the configs before the split spelled it out
 # the snapshots' top-level keys that are arguments of ``Trainer.fit`` (its sections aside)
 FIT_ARGUMENTS = ("ckpt_path", "weights_only")
+# what the module's default optimizer, ``adam_1e5``, is: the configs before the split spelled it out
 DEFAULT_OPTIMIZER = "rm_lightning.models.reward_module.adam_1e5"
 ADAM_1E5 = {"class_path": "torch.optim.Adam", "init_args": {
     "lr": 1.0e-05, "betas": [0.9, 0.999], "eps": 1.0e-08, "weight_decay": 0.0, "amsgrad": False, "foreach": None,

@@ -74,7 +74,7 @@ def test_under_several_processes_a_rank_scores_ahead_the_pairs_its_own_loader_ho
     assert part.pairs == [pair for batch in loader for pair in batch]
 
 
-def test_ddp_scores_ahead(tmp_path):
+def test_two_ddp_processes_may_score_ahead(tmp_path):
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, logger=False, default_root_dir=tmp_path)
     assert trainer.world_size == 2
     assert eval_rewards.why_not_ahead(ExplicitRM(backbone="tiny-llama-chat"), trainer) is None
