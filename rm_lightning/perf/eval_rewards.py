@@ -15,6 +15,7 @@ forward, so there each rank runs as many forwards (``fill``); DDP's evaluation f
 nothing. Where ``limit_val_batches`` cuts a set, each DDP rank scores ahead the rows of its own loaders
 only (its sampler's indices); sharded weights then go batch by batch (the ranks' passes would differ in
 length).
+
 Only where that is safe (``why_not_ahead``): no token budget (``auto`` measures a training forward
 inside the first evaluation), every weight trainable (no frozen features riding in the batches), a
 loss computed from the rewards alone, and not in a sanity check (a few batches).
@@ -49,9 +50,7 @@ def why_not_ahead(module, trainer) -> Optional[str]:
 def evaluated_part(dataset: EncodedPairs, loader, batches: int) -> EncodedPairs:
     """The pairs of ``dataset`` that the first ``batches`` batches of ``loader`` hold (its whole set, or fewer
     under ``limit_val_batches``), in the loader's order."""
-    if batches >= len(loader):
-        return dataset
-    return _subset(dataset, list(loader.sampler)[:batches * loader.batch_size])
+    return dataset if batches >= len(loader) else _first_batches(dataset, loader, batches)
 
 
 def rank_part(dataset: EncodedPairs, loader, batches: int) -> EncodedPairs:
@@ -60,10 +59,11 @@ def rank_part(dataset: EncodedPairs, loader, batches: int) -> EncodedPairs:
     so that every rank runs as many steps)."""
     if getattr(loader.sampler, "num_replicas", 1) == 1:
         return evaluated_part(dataset, loader, batches)
-    return _subset(dataset, list(loader.sampler)[:batches * loader.batch_size])
+    return _first_batches(dataset, loader, batches)
 
 
-def _subset(dataset: EncodedPairs, indices: list[int]) -> EncodedPairs:
+def _first_batches(dataset: EncodedPairs, loader, batches: int) -> EncodedPairs:
+    indices = list(loader.sampler)[:batches * loader.batch_size]
     return EncodedPairs(dataset.name, [dataset.pairs[i] for i in indices], dataset.tag)
 
 
