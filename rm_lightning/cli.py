@@ -102,7 +102,10 @@ class RewardCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        if self.subcommand == "fit" and config.get("enable_checkpointing") is True and not any(
+        # every subcommand, though only fit writes: predict/test/validate from a run's checkpoint then restore
+        # its callback state into this class, which knows it belongs to the other run, not into Lightning's
+        # default ModelCheckpoint, which warns that it cannot restore it
+        if config.get("enable_checkpointing") is True and not any(
                 isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, LastCheckpoint(self._get(self.config_init, "last_checkpoint.every_minutes"))]
         if self.subcommand == "fit" and not any(isinstance(c, PhaseTimes) for c in configured):

@@ -194,3 +194,19 @@ def test_the_cli_refuses_a_negative_interval_before_any_model_loads(tmp_path, ca
     assert exited.value.code == 2
     assert "error: last_checkpoint.every_minutes: expected a finite number >= 0, got -1" in capsys.readouterr().err
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_resuming_into_a_new_run_directory_restores_nothing_of_the_old_one_and_says_nothing(tmp_path, recwarn):
+    old = LastCheckpoint(dirpath=str(tmp_path / "version_0" / "checkpoints"))
+    old.best_model_path = str(tmp_path / "version_0" / "checkpoints" / "last.ckpt")
+    new = LastCheckpoint(dirpath=str(tmp_path / "version_1" / "checkpoints"))
+    new.load_state_dict(old.state_dict())
+    assert new.best_model_path == "" and not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def test_resuming_in_the_same_directory_restores_its_paths(tmp_path):
+    saved = LastCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    saved.best_model_path = saved.last_model_path = str(tmp_path / "checkpoints" / "last.ckpt")
+    resumed = LastCheckpoint(dirpath=str(tmp_path / "checkpoints"))
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.best_model_path == resumed.last_model_path == saved.best_model_path

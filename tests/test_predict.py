@@ -75,6 +75,15 @@ def test_predict_writes_a_row_per_pair_with_the_rewards_of_a_direct_forward(trai
     assert all(abs(r["margin"] - (r["chosen_reward"] - r["rejected_reward"])) < 1e-6 for r in rows)
 
 
+def test_predict_from_a_checkpoint_writes_no_checkpoint_and_no_warning_about_the_run_it_came_from(trained_run,
+                                                                                                 recwarn):
+    before = set(trained_run.parent.iterdir())
+    predict(trained_run)
+    (new_run,) = set(trained_run.parent.iterdir()) - before
+    assert not (new_run / "checkpoints").exists()
+    assert not [str(w.message) for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
 def test_predict_scores_single_responses_one_reward_each(trained_run):
     responses = trained_run.parent.parent / "responses.jsonl"
     rows = predict(trained_run, "--data.init_args.eval_sets",

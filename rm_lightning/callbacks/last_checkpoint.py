@@ -48,6 +48,16 @@ class LastCheckpoint(ModelCheckpoint):
         class existed resume without Lightning's warning about a missing callback."""
         return ModelCheckpoint.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the saved paths only when resuming into the directory they name.
+
+        A run resumed from another run's last.ckpt is a run of its own (the next ``version_N``), and
+        what that run wrote has nothing to restore here: Lightning would warn that it restores only
+        ``best_model_path``, of a file this run never writes or deletes.
+        """
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_save_time = monotonic()
