@@ -73,6 +73,18 @@ def test_time_is_charged_to_the_innermost_phase_only():
                                 "other": 2, "total": 31}
 
 
+def test_work_of_other_callbacks_before_the_first_step_is_training_not_start_up():
+    now = [0.0]
+    times = PhaseTimes()
+    times.clock = PhaseClock("start_up", started=0.0, clock=lambda: now[0])
+    now[0] += 4                         # imports, model, data
+    times.on_train_start(None, None)
+    now[0] += 20                        # e.g. DynamicsMonitor's step-0 analysis in on_train_batch_start
+    times.on_train_batch_end(None, None, None, None, 0)
+    seconds = times.clock.snapshot()
+    assert (seconds["start_up"], seconds["training"]) == (4, 20)
+
+
 def test_leaving_an_outer_phase_also_leaves_one_an_exception_left_open():
     now = [0.0]
     clock = PhaseClock("training", started=0.0, clock=lambda: now[0])

@@ -4,12 +4,13 @@ training, evaluation and checkpoint saving, for ``results.json`` (``timings``) a
 Every second from the process's start to the end of training is charged to exactly one phase
 (the one innermost at that moment), so the parts add up to the total:
 
-* ``start_up_s``: the process's start (``process_start_seconds_ago``) to the first training
-  step: imports, parsing, model and data loading, tokenization, optimizer set-up, less the parts
+* ``start_up_s``: the process's start (``process_start_seconds_ago``) to the start of the training
+  loop: imports, parsing, model and data loading, tokenization, optimizer set-up, less the parts
   below that happen before it;
 * ``reference_s``: the reward module's ``setup`` hook, which for an IM-RM is its reference pass
   (read from the cache or computed); for the other RM types only bookkeeping;
-* ``training_s``: the training loop (steps, data loading, logging), less evaluation and checkpoints;
+* ``training_s``: the training loop (steps, data loading, logging, and what callbacks do at a step,
+  e.g. ``DynamicsMonitor``'s analysis), less evaluation and checkpoints;
 * ``evaluation_s``: every validation loop, the step-0 one of ``MarginHistory(validate_at_start)``
   and a sanity check included (``evaluations`` counts them);
 * ``checkpoints_s``: every ``trainer.save_checkpoint`` call (what every checkpoint callback calls);
@@ -146,7 +147,9 @@ class PhaseTimes(L.Callback):
             restore()
         self._unwrap.clear()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Training from here on: what other callbacks do before the first step (the dynamics monitor's
+        step-0 analysis: 20 s on the Persona IM-RM) is not start-up."""
         if self.clock.stack[0] == START_UP:
             self.clock.switch(TRAINING)
 
