@@ -53,12 +53,18 @@ def trained_run(tmp_path_factory) -> Path:
     return run
 
 
-def predict(run: Path, *args: str) -> list[dict]:
-    """``predict`` with the run's own config and checkpoint; the rows of the predictions file it wrote."""
+def predict_run(run: Path, *args: str) -> Path:
+    """``predict`` with the run's own config and checkpoint; the run directory it wrote."""
     before = set(run.parent.iterdir())
     cli.main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
               *FP32, *args])
     (new_run,) = set(run.parent.iterdir()) - before
+    return new_run
+
+
+def predict(run: Path, *args: str) -> list[dict]:
+    """The rows of the predictions file ``predict_run`` wrote."""
+    new_run = predict_run(run, *args)
     return [json.loads(line) for line in (new_run / "predictions.jsonl").read_text().splitlines()]
 
 
@@ -77,9 +83,7 @@ def test_predict_writes_a_row_per_pair_with_the_rewards_of_a_direct_forward(trai
 
 def test_predict_from_a_checkpoint_writes_no_checkpoint_and_no_warning_about_the_run_it_came_from(trained_run,
                                                                                                  recwarn):
-    before = set(trained_run.parent.iterdir())
-    predict(trained_run)
-    (new_run,) = set(trained_run.parent.iterdir()) - before
+    new_run = predict_run(trained_run)
     assert not (new_run / "checkpoints").exists()
     assert not [str(w.message) for w in recwarn if "dirpath has changed" in str(w.message)]
 
