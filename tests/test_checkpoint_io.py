@@ -17,6 +17,7 @@ from rm_lightning import cli
 from rm_lightning.callbacks import last_checkpoint
 from rm_lightning.callbacks.last_checkpoint import LastCheckpoint
 from rm_lightning.errors import SettingError
+from rm_lightning.models import explicit
 from rm_lightning.perf.checkpoint_io import LocalCheckpointIO, use_local_checkpoint_io
 
 STEPS_PER_EPOCH = 2
@@ -186,6 +187,15 @@ def test_a_run_resumed_from_its_end_of_fit_checkpoint_ends_as_an_uninterrupted_o
     assert results(resumed)["status"] == "finished" and results(resumed)["global_step"] == 4
     assert len(logged_train_steps(resumed)) == 2  # only the second epoch: it went on from the checkpoint
     assert results(resumed)["eval_sets"] == results(whole)["eval_sets"]
+
+
+def test_a_run_saved_while_the_exrm_still_trained_its_untied_lm_head_resumes(tmp_path, monkeypatch):
+    """Checkpoints of versions before the EX-RM froze the LM head it never reads list it among Adam's parameters."""
+    with monkeypatch.context() as as_before:
+        as_before.setattr(explicit, "freeze_unused_output_embeddings", lambda model: None)
+        fit(tmp_path, max_epochs=1)
+    fit(tmp_path, "--ckpt_path", "last", max_epochs=2)
+    assert results(versions(tmp_path)[1])["global_step"] == 4
 
 
 def test_the_cli_refuses_a_negative_interval_before_any_model_loads(tmp_path, capsys):

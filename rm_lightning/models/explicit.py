@@ -10,7 +10,8 @@ from torch import nn
 from rm_lightning.errors import BackboneError
 from rm_lightning.models.backbones import is_sequence_classification, sequence_classification_score
 from rm_lightning.models.reward_module import RewardModule
-from rm_lightning.models.trainable import prepare_trainable
+from rm_lightning.models.trainable import (drop_from_optimizer_states, freeze_unused_output_embeddings,
+                                           prepare_trainable, untied_output_embeddings)
 
 
 class ExplicitRM(RewardModule):
@@ -23,6 +24,9 @@ class ExplicitRM(RewardModule):
             Face's sequence-classification head) or ``zeros``. A zero head passes no gradient to
             the backbone until it has grown, so it first fits the untrained features; on Persona
             that generalized worse to paraphrases than a normal head.
+
+    A backbone's untied LM head, which no EX-RM reward reads, is frozen
+    (``models/trainable.freeze_unused_output_embeddings``), so DDP needs no ``find_unused_parameters``.
 
     A ``backbone`` that is a sequence-classification model (``*ForSequenceClassification`` in its
     config.json: a reward model from the hub, or one exported by ``rm_lightning.export``) gives
@@ -41,6 +45,7 @@ class ExplicitRM(RewardModule):
         if is_sequence_classification(self.hparams.backbone):
             self.load_sequence_classification_head(self.hparams.backbone)
         prepare_trainable(self)
+        freeze_unused_output_embeddings(self.model)
 
     def load_sequence_classification_head(self, name_or_path: str) -> None:
         """Take the ``score`` layer of a sequence-classification checkpoint as the head (one output only)."""
@@ -50,6 +55,11 @@ class ExplicitRM(RewardModule):
                                 f"needs one output over the hidden size, {tuple(self.head.weight.shape)}")
         with torch.no_grad():
             self.head.weight.copy_(score)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        unused = untied_output_embeddings(self.model)
+        if unused is not None:
+            drop_from_optimizer_states(checkpoint, self, unused.weight)
 
     def output_layer(self) -> nn.Module:
         return self.head

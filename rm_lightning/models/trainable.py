@@ -9,7 +9,7 @@ input embedding: the hidden states stay those of the initial model.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -52,3 +52,43 @@ def prepare_trainable(module, data=None) -> None:
     train_only(module, module.output_layer())
     if data is not None:
         attach_frozen_features(module, data.encoded_sets().values())
+
+
+def untied_output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """``model``'s output embedding (LM head) when it has a weight of its own, else None."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or output.weight is embedding.weight:
+        return None
+    return output
+
+
+def freeze_unused_output_embeddings(model: nn.Module) -> None:
+    """Freeze an untied LM head that the reward never reads (an EX-RM's).
+
+    A trainable parameter that never gets a gradient makes DDP wait for it at every step: it stops
+    with an error unless ``find_unused_parameters`` is on, which costs a traversal of the autograd
+    graph a step and prints a warning on every run of the models that have no such parameter.
+    Frozen, it is also left out of the optimizer and of the token budget's estimate of Adam's memory.
+    """
+    output = untied_output_embeddings(model)
+    if output is not None:
+        output.requires_grad_(False)
+
+
+def drop_from_optimizer_states(checkpoint: dict, module: nn.Module, frozen: nn.Parameter) -> None:
+    """Remove ``frozen`` from optimizer states saved while it was still trainable, so a run saved by a version
+    that trained an EX-RM's untied LM head resumes. It never had a gradient, so it was never stepped: its slot
+    goes, with the state ``optimizer_in_backward`` allocated for it up front (still zero). States that already
+    leave it out (one entry fewer) are not touched."""
+    order = [p for p in module.parameters() if p.requires_grad or p is frozen]
+    slot = next(index for index, param in enumerate(order) if param is frozen)
+    for state in checkpoint.get("optimizer_states", []):
+        if "per_parameter" in state:  # optimizer_in_backward: one state per parameter
+            if len(state["per_parameter"]) == len(order):
+                del state["per_parameter"][slot]
+        elif len(state.get("param_groups", ())) == 1 and len(state["param_groups"][0]["params"]) == len(order):
+            ids = state["param_groups"][0]["params"]
+            dropped = ids.pop(slot)
+            renumber = {old: new for new, old in enumerate(ids)}
+            state["param_groups"][0]["params"] = list(range(len(ids)))
+            state["state"] = {renumber[key]: value for key, value in state["state"].items() if key != dropped}
