@@ -16,6 +16,7 @@ type, tied embeddings, activation checkpointing and bf16 autocast.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair, cli
 from rm_lightning.metrics.keys import EVAL_METRICS as EVAL_KEYS
 from rm_lightning.pairs import LengthBucketSampler, is_repeated_batch
@@ -68,8 +69,8 @@ data:
     return path
 
 
-def cli_arguments(run_dir: Path, configs: list[Path], *extra: str) -> list[str]:
-    arguments = ["fit", "--config", str(PROJECT_ROOT / "configs/imrm_persona.yaml")]
+def cli_arguments(run_dir: Path, configs: list[Path], *extra: str, experiment: str = "imrm_persona") -> list[str]:
+    arguments = ["fit", "--config", str(PROJECT_ROOT / f"configs/{experiment}.yaml")]
     for config in configs:
         arguments += ["--config", str(config)]
     return arguments + ["--trainer.default_root_dir", str(run_dir), *extra]
@@ -86,9 +87,9 @@ def run_in_process(run_dir: Path, configs: list[Path], *extra: str) -> Path:
     return log_dir_of(run_dir)
 
 
-def run_cli(run_dir: Path, configs: list[Path], *extra: str) -> Path:
+def run_cli(run_dir: Path, configs: list[Path], *extra: str, experiment: str = "imrm_persona") -> Path:
     """Run ``cli.py fit`` (which launches its own processes) and return the run's log directory."""
-    command = [sys.executable, "cli.py", *cli_arguments(run_dir, configs, *extra)]
+    command = [sys.executable, "cli.py", *cli_arguments(run_dir, configs, *extra, experiment=experiment)]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -172,6 +173,16 @@ def test_ddp_on_two_processes_matches_one_process(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_an_exrm_with_an_untied_lm_head_trains_under_ddp_as_shipped(tmp_path):
+    """ddp.yaml leaves find_unused_parameters off, under which DDP stops at the second step if a trainable
+    parameter got no gradient at the first: tiny-llama's LM head, which no EX-RM reward reads, is frozen."""
+    override = tiny_override(tmp_path, max_epochs=1, max_steps=2)
+    log_dir = run_cli(tmp_path, [PROJECT_ROOT / "configs/trainer/ddp.yaml", override], "--data.init_args.num_train",
+                      "16", "--data.init_args.num_test", "4", experiment="exrm_persona")
+    assert json.loads((log_dir / "results.json").read_text())["global_step"] == 2
+
+
 @pytest.mark.parametrize("strategy", ["ddp"])  # FSDP with a budget: tests/test_token_budget_fsdp.py
 def test_token_budget_on_two_processes_matches_one_process(runs, strategy):
     """Batches split into micro-batches (eval batches too) give the unsplit one-process run's losses and metrics."""
