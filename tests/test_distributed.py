@@ -81,9 +81,9 @@ def log_dir_of(run_dir: Path) -> Path:
     return log_dir
 
 
-def run_in_process(run_dir: Path, configs: list[Path], *extra: str) -> Path:
+def run_in_process(run_dir: Path, configs: list[Path], *extra: str, experiment: str = "imrm_persona") -> Path:
     """``cli.py fit`` of a 1-process run, in this process; returns the run's log directory."""
-    cli.main(cli_arguments(run_dir, configs, *extra))
+    cli.main(cli_arguments(run_dir, configs, *extra, experiment=experiment))
     return log_dir_of(run_dir)
 
 
@@ -181,6 +181,36 @@ def test_an_exrm_with_an_untied_lm_head_trains_under_ddp_as_shipped(tmp_path):
     log_dir = run_cli(tmp_path, [PROJECT_ROOT / "configs/trainer/ddp.yaml", override], "--data.init_args.num_train",
                       "16", "--data.init_args.num_test", "4", experiment="exrm_persona")
     assert json.loads((log_dir / "results.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_the_generation_check_samples_under_fsdp_what_one_process_samples(tmp_path, monkeypatch):
+    """With the weights left as they were (lr 1e-30), the sharded model's samples are the whole model's, token for
+    token: every rank gathers the root's weights and samples in step with the others. The first epoch has no
+    validation, so its check finds the root unit sharded, as the backward left it."""
+    monkeypatch.setenv("RM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    override = tmp_path / "tiny_hamcycle.yaml"
+    override.write_text("""\
+trainer:
+  max_epochs: 2
+  check_val_every_n_epoch: 2
+  enable_progress_bar: false
+  callbacks:
+    - class_path: rm_lightning.callbacks.GenerationCheck
+      init_args: {every_n_epochs: 1, max_new_tokens: 48, batch_size: 20}
+model:
+  init_args:
+    backbone: tiny-llama-chat
+    optimizer: {class_path: torch.optim.Adam, init_args: {lr: 1.0e-30}}
+data: {init_args: {num_vertices: 6, num_train: 8, num_test: 4, batch_size: 2, eval_batch_size: 8}}
+""")
+    runs = {"one": run_in_process(tmp_path / "one", [override], experiment="imrm_hamcycle"),
+            "fsdp": run_cli(tmp_path / "fsdp", [PROJECT_ROOT / "configs/trainer/fsdp.yaml", override],
+                            experiment="imrm_hamcycle")}
+    checks = {name: json.loads((log_dir / "generation_check.json").read_text())["history"]
+              for name, log_dir in runs.items()}
+    assert [check["total"] for check in checks["fsdp"]] == [{"train": 8, "test": 4}] * 2
+    assert [check["examples"] for check in checks["fsdp"]] == [check["examples"] for check in checks["one"]]
 
 
 @pytest.mark.parametrize("strategy", ["ddp"])  # FSDP with a budget: tests/test_token_budget_fsdp.py

@@ -25,6 +25,7 @@ from rm_lightning.files import save_figure_atomically, write_json_atomically
 from rm_lightning.models.implicit import ImplicitRM
 from rm_lightning.pairs.contract import VerifiableData
 from rm_lightning.pairs.encoding import uses_plain_format
+from rm_lightning.perf.sharding import is_sharded, root_gathered
 from rm_lightning.settings import Rule, check_options, whole_number
 
 SPLITS = ("train", "test")
@@ -60,8 +61,9 @@ class GenerationCheck(L.Callback):
     the same stem (correct rate against epochs trained, one line per prompt set) in the run
     directory; ``results.json`` keeps the rates of every check too. A check never runs twice at
     the same optimizer step, so the end of fit adds one only when the last epoch had none. The
-    history is saved in checkpoints, so a resumed run continues it. Runs on global rank 0 with the
-    module's full model (single device or DDP; not sharded strategies).
+    history is saved in checkpoints, so a resumed run continues it. Runs on global rank 0 alone where
+    it holds the whole model (one process, DDP); under FSDP every rank samples the same prompts with
+    the same seed, in step (each layer is gathered for each token), and rank 0 logs and writes.
 
     Args:
         max_prompts: the first prompts of each split to check, or ``all`` (the paper).
@@ -90,9 +92,6 @@ class GenerationCheck(L.Callback):
     # --- hooks -----------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if getattr(pl_module, "device_mesh", None) is not None:
-            raise RMLightningError("GenerationCheck does not support FSDP sharding yet (generate() bypasses the "
-                                   "FSDP hooks); run the check on one process or with DDP")
         datamodule = trainer.datamodule
         if not isinstance(datamodule, VerifiableData):
             raise RMLightningError(f"GenerationCheck needs a datamodule with generation_prompts() and verify(); "
@@ -129,22 +128,23 @@ class GenerationCheck(L.Callback):
 
     def check(self, trainer, pl_module, trigger: str) -> dict | None:
         """Run a check unless one already ran at this optimizer step; returns the latest (None on other ranks)."""
-        if not trainer.is_global_zero:
+        if not samples_here(trainer, pl_module):
             return None
         if self.history and self.history[-1]["step"] == trainer.global_step:
-            return self.history[-1]
+            return self.history[-1] if trainer.is_global_zero else None
         return self.run(trainer, pl_module, trigger)
 
     def run(self, trainer, pl_module, trigger: str = "fit_end") -> dict | None:
         """Sample, verify, log and save; returns this check's result (None on other ranks)."""
-        if not trainer.is_global_zero:
+        if not samples_here(trainer, pl_module):
             return None
         datamodule = trainer.datamodule
         prompts = self.chosen_prompts(datamodule.generation_prompts())
         epoch = epochs_trained(trainer)
         result = {"epoch": epoch, "step": trainer.global_step, "trigger": trigger, "rates": {}, "correct": {},
                   "total": {}, "examples": {}}
-        show = trainer.progress_bar_callback is not None and trainer.progress_bar_callback.is_enabled
+        show = (trainer.is_global_zero and trainer.progress_bar_callback is not None
+                and trainer.progress_bar_callback.is_enabled)
         with tqdm(total=sum(map(len, prompts.values())), desc=f"generation check (epoch {epoch})", unit="prompt",
                   leave=False, disable=not show) as bar:
             for split, chosen in prompts.items():
@@ -155,7 +155,9 @@ class GenerationCheck(L.Callback):
                 result["rates"][split] = sum(verdicts) / len(verdicts)
                 result["examples"][split] = [{"prompt": p, "response": r, "correct": v}
                                              for p, r, v in list(zip(chosen, responses, verdicts))[:self.num_examples]]
-        self.history.append(result)
+        self.history.append(result)  # on every rank that sampled: the next check's "already ran" test reads it
+        if not trainer.is_global_zero:
+            return None
         metrics = {f"gen/{split}_correct_rate": rate for split, rate in result["rates"].items()}
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "gen/epoch": epoch}, step=trainer.global_step)
@@ -188,6 +190,11 @@ class GenerationCheck(L.Callback):
             plot_correct_rates(self.history, plot, self._title)
         except Exception as err:  # noqa: BLE001 - the figures are in the JSON; the plot is a convenience
             rank_zero_warn(f"could not write {plot} ({type(err).__name__}: {err}); the rates are in {path.name}")
+
+
+def samples_here(trainer, pl_module) -> bool:
+    """Rank 0 samples alone where it holds the whole model; a sharded model needs every rank in each forward."""
+    return trainer.is_global_zero or is_sharded(pl_module)
 
 
 def generation_summary(trainer) -> dict | None:
@@ -244,6 +251,9 @@ def sample_responses(pl_module, prompts: list[str], max_new_tokens: int, batch_s
                      precision_context=None, desc: str = "sampling", bar: Optional[tqdm] = None) -> list[str]:
     """One sampled response per raw prompt, from ``pl_module.model``, formatted as in training.
 
+    A sharded (FSDP) module runs a forward only with every rank: each of its ranks must call this with
+    the same prompts, and ``generate`` keeps them in step until the last one's sequences have ended.
+
     Progress goes to ``bar`` (advanced by prompts) when given, else to a bar of its own over batches.
     """
     model, tokenizer = pl_module.model, pl_module.tokenizer
@@ -257,15 +267,16 @@ def sample_responses(pl_module, prompts: list[str], max_new_tokens: int, batch_s
     model.eval()
     responses = []
     cuda_devices = [device] if device.type == "cuda" else []
+    sharded = is_sharded(pl_module)
     try:
-        with torch.random.fork_rng(devices=cuda_devices):
+        with torch.random.fork_rng(devices=cuda_devices), root_gathered(pl_module):
             torch.manual_seed(seed)
             starts = range(0, len(prefixes), batch_size)
             for begin in (starts if bar is not None else tqdm(starts, desc=desc, leave=False)):
                 input_ids, attention_mask = left_padded(prefixes[begin:begin + batch_size], tokenizer.pad_token_id)
                 with (precision_context() if precision_context else nullcontext()):
                     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                            generation_config=config)
+                                            generation_config=config, synced_gpus=sharded)
                 for row in output[:, input_ids.shape[1]:].tolist():
                     responses.append(decode_response(tokenizer, row, stops, drop))
                 if bar is not None:

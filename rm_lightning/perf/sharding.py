@@ -19,6 +19,9 @@ initial model stay exactly zero.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -78,3 +81,18 @@ def shard_reward_module(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     fully_shard(module, mesh=shard_mesh, reshard_after_forward=False)
     register_fsdp_forward_method(module, ROOT_FORWARD_METHOD)
     return module
+
+
+@contextmanager
+def root_gathered(module: nn.Module) -> Iterator[None]:
+    """The root unit's weights (embeddings, final norm, LM head) whole inside the block, for code that runs the
+    HF model without the root's forward (``generate``); each decoder layer still gathers its own in its hooks.
+    A module that is not sharded is left as it is."""
+    if not is_sharded(module):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
