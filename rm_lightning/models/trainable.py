@@ -5,6 +5,9 @@ hidden representations are fixed, and what an RM learns is a function of them al
 EX-RM the output layer is its head u; for an IM-RM (and an EX-GRM) it is the unembedding U.
 Backbones that tie U to the input embeddings get an untied copy, so that training U moves no
 input embedding: the hidden states stay those of the initial model.
+
+Whatever ``trainable`` says, a parameter no reward reads is not trained: an EX-RM freezes an untied
+LM head (``freeze_unused_output_embeddings``).
 """
 
 from __future__ import annotations
