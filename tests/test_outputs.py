@@ -12,7 +12,7 @@ import pytest
 
 from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import cli
-from rm_lightning.callbacks import margin_history
+from rm_lightning.callbacks import margin_history, results
 from rm_lightning.console import quiet_console
 
 TINY_DATA = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4"]
@@ -116,3 +116,11 @@ def test_a_normal_start_prints_no_library_tips_or_deprecations(tmp_path):
                    "LightningCLI's args", "deprecated", "Warning:"):
         assert notice not in console, notice
     assert sum(line.startswith("precision: auto -> ") for line in console.splitlines()) == 1
+
+
+def test_a_checkout_without_install_reads_the_version_tomllib_reads():
+    """results.json's rm-lightning version from pyproject.toml, without tomllib (not in Python 3.10)."""
+    import tomllib
+
+    pyproject = PROJECT_ROOT / "pyproject.toml"
+    assert results._source_tree_version(pyproject) == tomllib.loads(pyproject.read_text())["project"]["version"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -244,12 +245,13 @@ def package_versions() -> dict[str, Optional[str]]:
     return versions
 
 
-def _source_tree_version() -> Optional[str]:
-    """rm-lightning run from a checkout without ``pip install``: the version in pyproject.toml."""
-    import tomllib
+def _source_tree_version(pyproject: Path = Path(__file__).resolve().parent.parent / "pyproject.toml") -> Optional[str]:
+    """rm-lightning run from a checkout without ``pip install``: the version in pyproject.toml.
 
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    Read as the first ``version = "..."`` line, the [project] table's, rather than with ``tomllib``,
+    which Python 3.10 lacks."""
     try:
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), flags=re.MULTILINE)
+    except OSError:
         return None
+    return found.group(1) if found else None
