@@ -173,7 +173,6 @@ def test_ddp_on_two_processes_matches_one_process(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_an_exrm_with_an_untied_lm_head_trains_under_ddp_as_shipped(tmp_path):
     """ddp.yaml leaves find_unused_parameters off, under which DDP stops at the second step if a trainable
     parameter got no gradient at the first: tiny-llama's LM head, which no EX-RM reward reads, is frozen."""
@@ -213,6 +212,7 @@ data: {init_args: {num_vertices: 6, num_train: 8, num_test: 4, batch_size: 2, ev
     assert [check["examples"] for check in checks["fsdp"]] == [check["examples"] for check in checks["one"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp"])  # FSDP with a budget: tests/test_token_budget_fsdp.py
 def test_token_budget_on_two_processes_matches_one_process(runs, strategy):
     """Batches split into micro-batches (eval batches too) give the unsplit one-process run's losses and metrics."""
