@@ -74,7 +74,7 @@ case "$mode" in
         $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl || exit 1
         export PYTHONPATH=/tmp/site
-        nvidia-smi -L > "$out/gpu.txt" 2>&1
+        mkdir -p "$out" && nvidia-smi -L > "$out/gpu.txt" 2>&1
         checks cuda llama-1b 128 10 ;;
     smoke)
         [ -n "$out" ] || { echo "usage: $0 smoke OUT" >&2; exit 2; }
