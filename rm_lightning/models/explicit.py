@@ -57,6 +57,7 @@ class ExplicitRM(RewardModule):
             self.head.weight.copy_(score)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Optimizer states saved while the untied LM head was still trained list it: its slot goes."""
         super().on_load_checkpoint(checkpoint)
         unused = untied_output_embeddings(self.model)
         if unused is not None:
