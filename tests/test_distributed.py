@@ -183,10 +183,12 @@ def test_an_exrm_with_an_untied_lm_head_trains_under_ddp_as_shipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_generation_check_samples_under_fsdp_what_one_process_samples(tmp_path, monkeypatch):
-    """With the weights left as they were (lr 1e-30), the sharded model's samples are the whole model's, token for
-    token: every rank gathers the root's weights and samples in step with the others. The first epoch has no
-    validation, so its check finds the root unit sharded, as the backward left it."""
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_the_generation_check_samples_on_two_processes_what_one_process_samples(tmp_path, monkeypatch, strategy):
+    """With the weights left as they were (lr 1e-30), two ranks sampling every other batch of 3 prompts (8 train
+    prompts: 2 batches and 1, so under FSDP rank 1 samples one again to stay in step) give the one process's
+    responses, token for token. The first epoch has no validation, so under FSDP its check finds the root
+    unit sharded, as the backward left it, and has to gather it."""
     monkeypatch.setenv("RM_LIGHTNING_CACHE", str(tmp_path / "cache"))
     override = tmp_path / "tiny_hamcycle.yaml"
     override.write_text("""\
@@ -196,7 +198,7 @@ trainer:
   enable_progress_bar: false
   callbacks:
     - class_path: rm_lightning.callbacks.GenerationCheck
-      init_args: {every_n_epochs: 1, max_new_tokens: 48, batch_size: 20}
+      init_args: {every_n_epochs: 1, max_new_tokens: 48, batch_size: 3, num_examples: 8}
 model:
   init_args:
     backbone: tiny-llama-chat
@@ -204,12 +206,12 @@ model:
 data: {init_args: {num_vertices: 6, num_train: 8, num_test: 4, batch_size: 2, eval_batch_size: 8}}
 """)
     runs = {"one": run_in_process(tmp_path / "one", [override], experiment="imrm_hamcycle"),
-            "fsdp": run_cli(tmp_path / "fsdp", [PROJECT_ROOT / "configs/trainer/fsdp.yaml", override],
-                            experiment="imrm_hamcycle")}
+            strategy: run_cli(tmp_path / strategy, [PROJECT_ROOT / f"configs/trainer/{strategy}.yaml", override],
+                              experiment="imrm_hamcycle")}
     checks = {name: json.loads((log_dir / "generation_check.json").read_text())["history"]
               for name, log_dir in runs.items()}
-    assert [check["total"] for check in checks["fsdp"]] == [{"train": 8, "test": 4}] * 2
-    assert [check["examples"] for check in checks["fsdp"]] == [check["examples"] for check in checks["one"]]
+    assert [check["total"] for check in checks[strategy]] == [{"train": 8, "test": 4}] * 2
+    assert [check["examples"] for check in checks[strategy]] == [check["examples"] for check in checks["one"]]
 
 
 @pytest.mark.slow

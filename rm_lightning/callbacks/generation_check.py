@@ -61,9 +61,10 @@ class GenerationCheck(L.Callback):
     the same stem (correct rate against epochs trained, one line per prompt set) in the run
     directory; ``results.json`` keeps the rates of every check too. A check never runs twice at
     the same optimizer step, so the end of fit adds one only when the last epoch had none. The
-    history is saved in checkpoints, so a resumed run continues it. Runs on global rank 0 alone where
-    it holds the whole model (one process, DDP); under FSDP every rank samples the same prompts with
-    the same seed, in step (each layer is gathered for each token), and rank 0 logs and writes.
+    history is saved in checkpoints, so a resumed run continues it. With several processes (DDP or
+    FSDP) each rank samples its share of the prompt batches and every rank gathers the responses;
+    since each batch has a seed of its own, they are the ones one process samples from the same
+    weights. Rank 0 logs and writes.
 
     Args:
         max_prompts: the first prompts of each split to check, or ``all`` (the paper).
@@ -73,7 +74,8 @@ class GenerationCheck(L.Callback):
         batch_size: prompts per ``generate`` call.
         every_validation: also check after each validation (not the sanity check).
         num_examples: sample generations kept per split and check in the JSON file.
-        seed: sampling seed, the same for every check; the training RNG state is left untouched.
+        seed: sampling seed, the same for every check (a check's batch b uses seed + b); the training RNG
+            state is left untouched.
         filename: the JSON file; the plot takes its stem (``generation_check.png``).
     """
 
@@ -128,16 +130,12 @@ class GenerationCheck(L.Callback):
 
     def check(self, trainer, pl_module, trigger: str) -> dict | None:
         """Run a check unless one already ran at this optimizer step; returns the latest (None on other ranks)."""
-        if not samples_here(trainer, pl_module):
-            return None
         if self.history and self.history[-1]["step"] == trainer.global_step:
             return self.history[-1] if trainer.is_global_zero else None
         return self.run(trainer, pl_module, trigger)
 
     def run(self, trainer, pl_module, trigger: str = "fit_end") -> dict | None:
-        """Sample, verify, log and save; returns this check's result (None on other ranks)."""
-        if not samples_here(trainer, pl_module):
-            return None
+        """Sample, verify, log and save; returns this check's result (None on other ranks). Every rank calls it."""
         datamodule = trainer.datamodule
         prompts = self.chosen_prompts(datamodule.generation_prompts())
         epoch = epochs_trained(trainer)
@@ -145,17 +143,19 @@ class GenerationCheck(L.Callback):
                   "total": {}, "examples": {}}
         show = (trainer.is_global_zero and trainer.progress_bar_callback is not None
                 and trainer.progress_bar_callback.is_enabled)
-        with tqdm(total=sum(map(len, prompts.values())), desc=f"generation check (epoch {epoch})", unit="prompt",
-                  leave=False, disable=not show) as bar:
+        ranks = (trainer.global_rank, trainer.world_size)
+        own = sum(prompts_sampled_by(len(chosen), self.batch_size, *ranks) for chosen in prompts.values())
+        with tqdm(total=own, desc=f"generation check (epoch {epoch})", unit="prompt", leave=False,
+                  disable=not show) as bar:
             for split, chosen in prompts.items():
                 responses = sample_responses(pl_module, chosen, self.max_new_tokens, self.batch_size, self.seed,
-                                             trainer.precision_plugin.forward_context, bar=bar)
+                                             trainer.precision_plugin.forward_context, bar=bar, ranks=ranks)
                 verdicts = [bool(datamodule.verify(p, r)) for p, r in zip(chosen, responses)]
                 result["correct"][split], result["total"][split] = sum(verdicts), len(verdicts)
                 result["rates"][split] = sum(verdicts) / len(verdicts)
                 result["examples"][split] = [{"prompt": p, "response": r, "correct": v}
                                              for p, r, v in list(zip(chosen, responses, verdicts))[:self.num_examples]]
-        self.history.append(result)  # on every rank that sampled: the next check's "already ran" test reads it
+        self.history.append(result)  # on every rank: the next check's "already ran" test reads it
         if not trainer.is_global_zero:
             return None
         metrics = {f"gen/{split}_correct_rate": rate for split, rate in result["rates"].items()}
@@ -192,9 +192,9 @@ class GenerationCheck(L.Callback):
             rank_zero_warn(f"could not write {plot} ({type(err).__name__}: {err}); the rates are in {path.name}")
 
 
-def samples_here(trainer, pl_module) -> bool:
-    """Rank 0 samples alone where it holds the whole model; a sharded model needs every rank in each forward."""
-    return trainer.is_global_zero or is_sharded(pl_module)
+def prompts_sampled_by(count: int, batch_size: int, rank: int, world_size: int) -> int:
+    """How many of ``count`` prompts ``rank`` samples itself (``sample_responses``: every world_size-th batch)."""
+    return sum(min(batch_size, count - start) for start in range(rank * batch_size, count, world_size * batch_size))
 
 
 def generation_summary(trainer) -> dict | None:
@@ -248,11 +248,16 @@ def plot_correct_rates(history: list[dict], path: Path, title: str = "") -> None
 
 @torch.no_grad()
 def sample_responses(pl_module, prompts: list[str], max_new_tokens: int, batch_size: int = 16, seed: int = 0,
-                     precision_context=None, desc: str = "sampling", bar: Optional[tqdm] = None) -> list[str]:
+                     precision_context=None, desc: str = "sampling", bar: Optional[tqdm] = None,
+                     ranks: tuple[int, int] = (0, 1)) -> list[str]:
     """One sampled response per raw prompt, from ``pl_module.model``, formatted as in training.
 
-    A sharded (FSDP) module runs a forward only with every rank: each of its ranks must call this with
-    the same prompts, and ``generate`` keeps them in step until the last one's sequences have ended.
+    Batch ``b`` (prompts ``b * batch_size`` onwards) is sampled with seed ``seed + b``, so its responses depend
+    on that batch alone. With ``ranks = (rank, world_size)`` and several processes, every rank must call this
+    with the same prompts: each samples batches ``rank, rank + world_size, ...`` and all get every response
+    (``torch.distributed.all_gather_object``), the same ones one process samples. A sharded (FSDP) module
+    runs a forward only with every rank, so there each rank makes the same number of ``generate`` calls (a
+    rank short of a batch samples one of its own again and drops it), kept in step by ``synced_gpus``.
 
     Progress goes to ``bar`` (advanced by prompts) when given, else to a bar of its own over batches.
     """
@@ -263,27 +268,37 @@ def sample_responses(pl_module, prompts: list[str], max_new_tokens: int, batch_s
     keep = set(tokenizer.convert_tokens_to_ids(list(pl_module.hparams.get("extra_tokens", []))))
     drop = set(tokenizer.all_special_ids) - keep
     stops = set(config.eos_token_id)
+    rank, world_size = ranks
+    sharded = is_sharded(pl_module)
+    batches = list(range(-(-len(prefixes) // batch_size)))
+    mine = batches[rank::world_size]
+    calls = -(-len(batches) // world_size) if sharded else len(mine)
     was_training = model.training
     model.eval()
-    responses = []
+    sampled: dict[int, list[str]] = {}
     cuda_devices = [device] if device.type == "cuda" else []
-    sharded = is_sharded(pl_module)
     try:
         with torch.random.fork_rng(devices=cuda_devices), root_gathered(pl_module):
-            torch.manual_seed(seed)
-            starts = range(0, len(prefixes), batch_size)
-            for begin in (starts if bar is not None else tqdm(starts, desc=desc, leave=False)):
-                input_ids, attention_mask = left_padded(prefixes[begin:begin + batch_size], tokenizer.pad_token_id)
+            for call in (range(calls) if bar is not None else tqdm(range(calls), desc=desc, leave=False)):
+                batch = mine[call] if call < len(mine) else (mine or batches)[0]  # past its share: in step only
+                torch.manual_seed(seed + batch)
+                input_ids, attention_mask = left_padded(prefixes[batch * batch_size:(batch + 1) * batch_size],
+                                                        tokenizer.pad_token_id)
                 with (precision_context() if precision_context else nullcontext()):
                     output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                             generation_config=config, synced_gpus=sharded)
-                for row in output[:, input_ids.shape[1]:].tolist():
-                    responses.append(decode_response(tokenizer, row, stops, drop))
-                if bar is not None:
-                    bar.update(input_ids.shape[0])
+                if call < len(mine):
+                    sampled[batch] = [decode_response(tokenizer, row, stops, drop)
+                                      for row in output[:, input_ids.shape[1]:].tolist()]
+                    if bar is not None:
+                        bar.update(input_ids.shape[0])
     finally:
         model.train(was_training)
-    return responses
+    if world_size > 1:
+        shares: list[dict[int, list[str]]] = [{} for _ in range(world_size)]
+        torch.distributed.all_gather_object(shares, sampled)
+        sampled = {batch: responses for share in shares for batch, responses in share.items()}
+    return [response for batch in batches for response in sampled[batch]]
 
 
 def encode_prefix(pl_module, prompt: str) -> list[int]:
