@@ -144,7 +144,8 @@ class GenerationCheck(L.Callback):
         show = (trainer.is_global_zero and trainer.progress_bar_callback is not None
                 and trainer.progress_bar_callback.is_enabled)
         ranks = (trainer.global_rank, trainer.world_size)
-        own = sum(prompts_sampled_by(len(chosen), self.batch_size, *ranks) for chosen in prompts.values())
+        own = sum(min(self.batch_size, len(chosen) - batch * self.batch_size) for chosen in prompts.values()
+                  for batch in batches_sampled_by(len(chosen), self.batch_size, *ranks))
         with tqdm(total=own, desc=f"generation check (epoch {epoch})", unit="prompt", leave=False,
                   disable=not show) as bar:
             for split, chosen in prompts.items():
@@ -192,9 +193,10 @@ class GenerationCheck(L.Callback):
             rank_zero_warn(f"could not write {plot} ({type(err).__name__}: {err}); the rates are in {path.name}")
 
 
-def prompts_sampled_by(count: int, batch_size: int, rank: int, world_size: int) -> int:
-    """How many of ``count`` prompts ``rank`` samples itself (``sample_responses``: every world_size-th batch)."""
-    return sum(min(batch_size, count - start) for start in range(rank * batch_size, count, world_size * batch_size))
+def batches_sampled_by(count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The batches of ``count`` prompts (``batch_size`` each, the last maybe fewer) that ``rank`` samples itself:
+    every ``world_size``-th, from its own index (all of them for one process)."""
+    return list(range(rank, -(-count // batch_size), world_size))
 
 
 def generation_summary(trainer) -> dict | None:
@@ -270,8 +272,8 @@ def sample_responses(pl_module, prompts: list[str], max_new_tokens: int, batch_s
     stops = set(config.eos_token_id)
     rank, world_size = ranks
     sharded = is_sharded(pl_module)
-    batches = list(range(-(-len(prefixes) // batch_size)))
-    mine = batches[rank::world_size]
+    batches = batches_sampled_by(len(prefixes), batch_size)
+    mine = batches_sampled_by(len(prefixes), batch_size, rank, world_size)
     calls = -(-len(batches) // world_size) if sharded else len(mine)
     was_training = model.training
     model.eval()
