@@ -1,16 +1,18 @@
 """Evaluation casts the weights to the autocast dtype once per loop, and leaves autocast as it found it.
 
-Lightning's bf16-mixed plugin opens autocast with its weight cache off (``cache_enabled=False``), so the
-tests that go through a Trainer run its evaluation under ``no_grad`` as the CLI's does (the CLI's gloo
-process group rules out ``inference_mode``, under which autocast caches nothing)."""
+Lightning's bf16-mixed plugin opens autocast with its weight cache off (``cache_enabled=False``), and its
+validate, test and predict loops run in inference mode, under which autocast caches nothing; fit's
+validation runs under ``no_grad``."""
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
 from data_modules import PersonaDataModule
 from rm_lightning import ExplicitRM
 from rm_lightning.perf import by_prompt, eval_rewards
+from rm_lightning.perf.checkpointing import autocast_weight_cache
 from rm_lightning.perf.weight_casts import reusing_casts, shared_weight_casts
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
@@ -92,9 +94,10 @@ def test_validation_leaves_autocast_nesting_where_it_was():
     assert autocast_nesting() == 0
 
 
-def rewards_scored_ahead(monkeypatch, weight_changes: bool) -> dict:
+def rewards_scored_ahead(monkeypatch, weight_changes: bool, inference_mode: bool = False) -> dict:
     """The rewards a bf16-mixed validation scores ahead, in batches of 4 pairs; ``weight_changes``: a decoder
-    weight is changed after every forward it takes part in."""
+    weight is changed after every forward it takes part in; ``inference_mode``: the loop in Lightning's
+    default evaluation context (``cli.py validate``'s), else under ``no_grad`` (fit's validation)."""
     torch.manual_seed(0)
     module = ExplicitRM(backbone="tiny-llama-chat", head_init="normal")
     monkeypatch.setattr(eval_rewards, "consecutive_batches",
@@ -112,13 +115,22 @@ def rewards_scored_ahead(monkeypatch, weight_changes: bool) -> dict:
         def on_validation_batch_start(self, trainer, pl_module, *args):
             scored.update(pl_module._eval_rewards.rewards)
 
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", inference_mode=False, logger=False,
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", inference_mode=inference_mode, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[KeepScores()])
     trainer.validate(module, PersonaDataModule(num_train=4, num_test=4, eval_batch_size=4), verbose=False)
     return scored
 
 
-def test_scoring_ahead_casts_the_weights_once_for_all_of_its_batches(monkeypatch):
-    unchanged = rewards_scored_ahead(monkeypatch, weight_changes=False)
-    assert len(unchanged) > 8 and rewards_scored_ahead(monkeypatch, weight_changes=True) == unchanged
+@pytest.mark.parametrize("inference_mode", [False, True], ids=["no_grad", "inference_mode"])
+def test_scoring_ahead_casts_the_weights_once_for_all_of_its_batches(monkeypatch, inference_mode):
+    unchanged = rewards_scored_ahead(monkeypatch, weight_changes=False, inference_mode=inference_mode)
+    changed = rewards_scored_ahead(monkeypatch, weight_changes=True, inference_mode=inference_mode)
+    assert len(unchanged) > 8 and changed == unchanged
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_weight_cache_leaves_inference_mode_only_when_on(enabled):
+    with torch.inference_mode(), autocast_weight_cache(enabled=enabled):
+        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+    assert modes == ((False, False) if enabled else (True, False))

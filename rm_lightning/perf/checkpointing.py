@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
@@ -32,10 +32,18 @@ def autocast_weight_cache(enabled: bool) -> Iterator[None]:
     while a packed forward uses each decoder weight once. Without checkpointing the cached
     copies are the very tensors backward saves, so the cache costs nothing. Checkpoint
     recomputation in backward restores the setting it finds here.
+
+    Autocast caches nothing under inference mode, which Lightning's validate, test and predict
+    loops run in, so there the cache also takes the block out of inference mode (still without
+    gradients): the forwards of such a loop reuse one cast of the weights as fit's validation does.
     """
     previous = torch.is_autocast_cache_enabled()
     torch.set_autocast_cache_enabled(enabled)
+    leave_inference = enabled and torch.is_inference_mode_enabled()
+    outside_inference_mode = torch.inference_mode(False) if leave_inference else nullcontext()
+    without_gradients = torch.no_grad() if leave_inference else nullcontext()
     try:
-        yield
+        with outside_inference_mode, without_gradients:
+            yield
     finally:
         torch.set_autocast_cache_enabled(previous)

@@ -12,9 +12,10 @@ Autocast caches only weights that require gradients (a frozen reference model is
 as before), and only where its cache is on: Lightning's mixed-precision plugin opens every
 autocast block with ``cache_enabled=False``, so a loop's forwards run inside ``reusing_casts``,
 which turns it back on (training does the same unless activation checkpointing is on,
-``perf/checkpointing.autocast_weight_cache``). Sharded (FSDP2) modules are left alone: the
-copies of gathered weights would keep a whole unsharded bf16 model on every process for the
-length of the loop.
+``perf/checkpointing.autocast_weight_cache``) and, in the inference mode of Lightning's validate,
+test and predict loops, where autocast caches nothing, runs them under ``no_grad`` instead.
+Sharded (FSDP2) modules are left alone: the copies of gathered weights would keep a whole
+unsharded bf16 model on every process for the length of the loop.
 """
 
 from __future__ import annotations
