@@ -22,11 +22,18 @@ from rm_lightning.perf.frozen_features import attach_frozen_features
 Trainable = Literal["all", "output_layer"]
 
 
+def output_embeddings(model: nn.Module) -> tuple[Optional[nn.Module], bool]:
+    """``model``'s output embedding (LM head, None where it has none), and whether it shares the input
+    embedding's weight."""
+    output = model.get_output_embeddings()
+    return output, output is not None and output.weight is model.get_input_embeddings().weight
+
+
 def untie_output_embeddings(model: nn.Module) -> None:
     """Give ``model`` an output embedding of its own when it shares the input embedding's weight."""
-    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is not None and output.weight is embedding.weight:
-        output.weight = nn.Parameter(embedding.weight.detach().clone())
+    output, tied = output_embeddings(model)
+    if tied:
+        output.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
         model.config.tie_word_embeddings = False
 
 
@@ -59,10 +66,8 @@ def prepare_trainable(module, data=None) -> None:
 
 def untied_output_embeddings(model: nn.Module) -> Optional[nn.Module]:
     """``model``'s output embedding (LM head) when it has a weight of its own, else None."""
-    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is None or output.weight is embedding.weight:
-        return None
-    return output
+    output, tied = output_embeddings(model)
+    return None if tied else output
 
 
 def freeze_unused_output_embeddings(model: nn.Module) -> None:
