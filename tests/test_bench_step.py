@@ -289,3 +289,12 @@ def test_backward_nodes_refuse_a_gpu_and_a_trace(capsys):
         with pytest.raises(SystemExit) as refused:
             parse_args(["--backward-nodes", *extra])
         assert refused.value.code == 2 and "--backward-nodes times a CPU backward" in capsys.readouterr().err
+
+
+def test_a_linear_layer_share_over_the_whole_step_is_not_read_as_met():
+    run = {**persona_imrm_run("ours", "bf16", 1.0), "linear_layers_s": 1.15, "distinct_tokens": 100,
+           "linear_shapes": [[1000, 1000, 300]]}
+    peaks = {"fp32": 100.0, "bf16": 1000.0}
+    report.derive(run, peaks)
+    cpu = {g.name: g for g in report.targets([run], peaks, "cpu")}["persona IM-RM linear layers' share of the step"]
+    assert cpu.met is None and "disturbed reading" in cpu.detail
