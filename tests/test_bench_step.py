@@ -202,14 +202,21 @@ def test_a_bigger_persona_batch_starts_with_the_usual_eight_pairs():
         encoded_batch(BatchSpec("persona", pairs=PERSONA_MAX_PAIRS + 1), module)
 
 
-def test_step_goal_is_mfu_on_cuda_and_the_linear_layers_share_on_a_cpu():
-    run = {**persona_imrm_run("ours", "bf16", 1.0), "linear_layers_s": 0.55, "distinct_tokens": 100,
+def step_target(linear_layers_s: float, device: str):
+    """The step target of a 1-second IM-RM step whose linear layers alone took ``linear_layers_s``."""
+    run = {**persona_imrm_run("ours", "bf16", 1.0), "linear_layers_s": linear_layers_s, "distinct_tokens": 100,
            "linear_shapes": [[1000, 1000, 300]]}
     peaks = {"fp32": 100.0, "bf16": 1000.0}
     report.derive(run, peaks)
-    gpu = {g.name: g for g in report.targets([run], peaks, "cuda")}["persona IM-RM MFU (vs the machine's matmul peak)"]
+    name = ("persona IM-RM MFU (vs the machine's matmul peak)" if device == "cuda"
+            else "persona IM-RM linear layers' share of the step")
+    return {g.name: g for g in report.targets([run], peaks, device)}[name]
+
+
+def test_step_goal_is_mfu_on_cuda_and_the_linear_layers_share_on_a_cpu():
+    gpu = step_target(0.55, "cuda")
     assert gpu.goal == 0.45 and gpu.value == pytest.approx(0.4) and gpu.met is False
-    cpu = {g.name: g for g in report.targets([run], peaks, "cpu")}["persona IM-RM linear layers' share of the step"]
+    cpu = step_target(0.55, "cpu")
     assert cpu.goal == 0.5 and cpu.value == pytest.approx(0.55) and cpu.met is True
 
 
@@ -292,9 +299,5 @@ def test_backward_nodes_refuse_a_gpu_and_a_trace(capsys):
 
 
 def test_a_linear_layer_share_over_the_whole_step_is_not_read_as_met():
-    run = {**persona_imrm_run("ours", "bf16", 1.0), "linear_layers_s": 1.15, "distinct_tokens": 100,
-           "linear_shapes": [[1000, 1000, 300]]}
-    peaks = {"fp32": 100.0, "bf16": 1000.0}
-    report.derive(run, peaks)
-    cpu = {g.name: g for g in report.targets([run], peaks, "cpu")}["persona IM-RM linear layers' share of the step"]
+    cpu = step_target(1.15, "cpu")
     assert cpu.met is None and "disturbed reading" in cpu.detail
