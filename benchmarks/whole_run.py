@@ -139,13 +139,13 @@ def run_trl(settings: dict, workdir: Path) -> dict:
     return {"wall_s": wall, "max_rss_kib": max_rss_kib(log), **json.loads(result_path.read_text())}
 
 
-def due_sets(names: list[str], every_n_epochs: dict, epoch: int, epochs: int) -> list[str]:
-    """The eval sets rm-lightning evaluates at the end of ``epoch`` (0-based; the step-0 validation is epoch 0's
-    start), by its own rule (rm_lightning.metrics.eval_sets.is_due)."""
+def due_sets(names: list[str], every_n_epochs: dict, epoch: int, epochs: int, step: int) -> list[str]:
+    """The eval sets rm-lightning evaluates after ``step`` optimizer steps in ``epoch`` (0-based; the step-0
+    validation is epoch 0's start, the others epochs' ends), by its own rule (rm_lightning.metrics.eval_sets.is_due)."""
     from rm_lightning.metrics.eval_sets import is_due
 
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), sanity_checking=False, current_epoch=epoch,
-                              max_epochs=epochs, max_steps=-1, global_step=0, should_stop=False)
+                              max_epochs=epochs, max_steps=-1, global_step=step, should_stop=False)
     return [name for name in names if is_due(name, every_n_epochs, trainer)]
 
 
@@ -183,7 +183,8 @@ def trl_worker(spec_path: Path) -> None:
     state = {"epoch": 0, "trainer": None}
 
     def evaluate(epoch: int) -> None:
-        for name in due_sets(list(eval_pairs), spec["eval_every_n_epochs"], epoch, spec["epochs"]):
+        step = state["trainer"].state.global_step
+        for name in due_sets(list(eval_pairs), spec["eval_every_n_epochs"], epoch, spec["epochs"], step):
             metrics = state["trainer"].evaluate(eval_dataset=name, metric_key_prefix=f"eval_{name}")
             accuracies[name] = metrics.get("eval_rewards/accuracies", metrics.get("eval_accuracy"))
 

@@ -57,9 +57,9 @@ class PreferenceDataModule(L.LightningDataModule):
         truncate: cut over-long texts instead of dropping the pair (never to an empty response).
         length_bucketing: batch pairs of similar length together (less padding, same data).
         seed: shuffling seed of the training order.
-        eval_every_n_epochs: ``{eval set: N}`` evaluates that set only at every N-th epoch's
-            validation and at the last epoch's, while training (``validate``/``test`` always
-            evaluate every set). For large sets whose curve matters less than their final figure:
+        eval_every_n_epochs: ``{eval set: N}`` evaluates that set only before the first step, at
+            every N-th epoch's validation and at the last epoch's, while training (``validate``/``test``
+            always evaluate every set). For large sets whose curve matters less than their final figure:
             evaluation can cost more than training.
         invalid_pairs: what to do with a pair whose chosen and rejected responses are identical, or
             whose prompt or a response is empty or whitespace-only: ``drop`` it (counted in the data

@@ -65,13 +65,19 @@ def test_tensorboard_holds_margin_scalars_and_histograms(tmp_path):
     assert "val/paraphrased_test_prompts/margins" in events.Tags()["histograms"]
 
 
-def test_eval_every_n_epochs_evaluates_a_set_at_its_epochs_and_the_last(tmp_path):
+@pytest.fixture(scope="module")
+def scheduled_eval_rows(tmp_path_factory) -> list[dict]:
+    """The validation rows of margin_history.csv of a 3-epoch fit with two sets on a schedule."""
+    tmp_path = tmp_path_factory.mktemp("eval_schedule")
     override = tiny_override(tmp_path, max_steps=-1, max_epochs=3)
     cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
               "--data.init_args.num_train", "8", "--data.init_args.num_test", "4",
               "--data.init_args.eval_every_n_epochs", '{"paraphrased_train_prompts": 2, "original_train_prompts": 5}'])
-    rows = [row for row in csv.DictReader(open(run_dir_of(tmp_path) / "margin_history.csv"))
-            if row["split"] == "val" and row["step"] != "0"]  # step 0: the evaluation before training
+    return [row for row in csv.DictReader(open(run_dir_of(tmp_path) / "margin_history.csv")) if row["split"] == "val"]
+
+
+def test_eval_every_n_epochs_evaluates_a_set_at_its_epochs_and_the_last(scheduled_eval_rows):
+    rows = [row for row in scheduled_eval_rows if row["step"] != "0"]  # step 0: the evaluation before training
 
     def epochs(name: str) -> list[int]:
         return sorted(int(row["epoch"]) for row in rows if row["set"] == name)
@@ -79,6 +85,12 @@ def test_eval_every_n_epochs_evaluates_a_set_at_its_epochs_and_the_last(tmp_path
     assert epochs("paraphrased_test_prompts") == epochs("original_test_prompts") == [0, 1, 2]
     assert epochs("paraphrased_train_prompts") == [1, 2]
     assert epochs("original_train_prompts") == [2]
+
+
+def test_every_eval_set_is_evaluated_before_the_first_step_whatever_its_schedule(scheduled_eval_rows):
+    at_start = sorted(row["set"] for row in scheduled_eval_rows if row["step"] == "0")
+    assert at_start == sorted(["original_train_prompts", "original_test_prompts", "paraphrased_train_prompts",
+                               "paraphrased_test_prompts"])
 
 
 def error_line(capsys, *args: str) -> str:

@@ -113,8 +113,9 @@ def test_the_trl_side_evaluates_the_sets_the_cli_evaluates_when_it_does():
 
     names = ["original_train_prompts", "paraphrased_train_prompts"]
     every = {"paraphrased_train_prompts": 2}
-    assert [len(due_sets(names, every, epoch, 4)) for epoch in range(4)] == [1, 2, 1, 2]
-    assert due_sets(names, every, 0, 1) == names  # the last epoch evaluates every set
+    assert [len(due_sets(names, every, epoch, 4, step=5 * (epoch + 1))) for epoch in range(4)] == [1, 2, 1, 2]
+    assert due_sets(names, every, 0, 4, step=0) == names  # before the first step every set, as every curve starts there
+    assert due_sets(names, every, 0, 1, step=5) == names  # the last epoch evaluates every set
 
 
 def test_the_table_shows_both_sides_and_says_when_trl_has_no_trainer():

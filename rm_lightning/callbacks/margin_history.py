@@ -33,8 +33,8 @@ class MarginHistory(L.Callback):
         validate_at_start: run Lightning's validation loop once before the first training step of a
             fit that starts from step 0, so every curve starts at step 0 (the margins of the model before
             training; an IM-RM's rewards are exactly 0 there, its policy being its reference). It costs
-            one evaluation of the eval sets due in the first epoch, as much as any later one; off, the
-            first point is the first scheduled validation.
+            one evaluation of every eval set, those on an ``eval_every_n_epochs`` schedule included;
+            off, the first point is the first scheduled validation.
     """
 
     def __init__(self, filename: str = "margin_history", validate_at_start: bool = True):

@@ -56,11 +56,14 @@ def eval_set_metrics() -> MetricCollection:
 def is_due(name: str, every_n_epochs: dict[str, int], trainer) -> bool:
     """Whether eval set ``name`` is evaluated at this validation.
 
-    Every set is due outside fit, at every N-th epoch, and in the last epoch (the final figures
-    must cover every set); all ranks decide alike, so metrics stay collective.
+    Every set is due outside fit, before the first step (so that every curve starts where training
+    started: ``MarginHistory(validate_at_start)``), at every N-th epoch, and in the last epoch (the final
+    figures must cover every set); all ranks decide alike, so metrics stay collective.
     """
     every = every_n_epochs.get(name, 1)
     if every == 1 or trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
+        return True
+    if trainer.global_step == 0:
         return True
     epoch = trainer.current_epoch
     last_epoch = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs
