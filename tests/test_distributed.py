@@ -246,7 +246,7 @@ def test_ranks_share_one_reference_cache_file_per_dataset(runs):
 def test_repeated_eval_batches_are_recognized_on_every_rank():
     lengths = [5, 3, 8, 1, 9, 2, 7, 4, 6, 3, 5]  # 11 pairs in batches of 2: 6 batches, the last short
     single = LengthBucketSampler(lengths, batch_size=2, shuffle=False)
-    for ranks in (2, 4, 5):
+    for ranks in (2, 4, 5, 13):  # 13: more than twice as many ranks as batches, each still gets one
         counted = []
         for rank in range(ranks):
             sampler = LengthBucketSampler(lengths, batch_size=2, shuffle=False, num_replicas=ranks, rank=rank)

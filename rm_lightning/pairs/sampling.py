@@ -41,7 +41,9 @@ class LengthBucketSampler(DistributedSampler):
             rng.shuffle(batches)
         batches += short
         per_rank = -(-len(batches) // self.num_replicas)
-        batches += batches[: per_rank * self.num_replicas - len(batches)]  # equal step counts on all ranks
+        # equal step counts on all ranks: batches repeated, cyclically where ranks outnumber them
+        missing = per_rank * self.num_replicas - len(batches)
+        batches += [batches[i % len(batches)] for i in range(missing)]
         return batches[self.rank::self.num_replicas]
 
     def is_repeated(self, step: int) -> bool:
