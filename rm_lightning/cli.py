@@ -42,6 +42,7 @@ from rm_lightning.perf.process_tuning import imports_without_collections, tune_p
 with imports_without_collections():  # Lightning and what it imports: see the function's docstring
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from data_modules.base import PreferenceDataModule
     from rm_lightning.callbacks import MarginHistory, ResultsWriter
@@ -59,6 +60,7 @@ with imports_without_collections():  # Lightning and what it imports: see the fu
 COMPOSE_KEY = "compose"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUNS_ROOT = Path("runs")
+FSDP_ON_CPU_HINT = " (add --config configs/trainer/fsdp.yaml instead: FSDP2, which runs on CPUs too)"
 
 
 class RewardCLI(LightningCLI):
@@ -112,7 +114,11 @@ class RewardCLI(LightningCLI):
             callbacks = [*callbacks, PhaseTimes()]  # results.json's timings: start-up, reference, training, ...
         if self.subcommand == "predict" and not any(isinstance(c, PredictionsWriter) for c in configured):
             callbacks = [*callbacks, PredictionsWriter()]  # predictions.jsonl in the run directory
-        trainer = super()._instantiate_trainer(config, callbacks)
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except (MisconfigurationException, ValueError) as err:  # trainer options this machine or Lightning refuses
+            hint = FSDP_ON_CPU_HINT if config.get("strategy") == "fsdp" else ""
+            raise SettingError(f"trainer: {err}{hint}") from err
         use_local_checkpoint_io(trainer)  # local checkpoints without an in-memory copy
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             claim = claim_logger_directory(trainer.logger)  # spawned ranks > 0 follow rank 0's directory

@@ -103,6 +103,16 @@ def test_a_run_directory_that_cannot_be_a_folder_is_one_line(kind, tmp_path, cap
     assert blocker.read_text() == "a file"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--trainer.strategy", "nosuch"], "error: trainer: You selected an invalid strategy name"),
+    (["--trainer.strategy", "fsdp", "--trainer.devices", "2"], "add --config configs/trainer/fsdp.yaml instead"),
+])
+def test_a_trainer_option_lightning_refuses_is_one_line(args, message, tmp_path, capsys):
+    """Lightning checks these when it builds the trainer, after the model; its exception is shown as one line."""
+    line = one_error_line(capsys, ["fit", "--config", EXRM, "--config", str(tiny_override(tmp_path)), *args])
+    assert message in line
+
+
 def test_null_on_the_command_line_is_null_inside_a_dataclass(tmp_path, capsys, no_model_load):
     """``train.path null`` used to become the string "None" (a file name); now both sources are null."""
     line = one_error_line(capsys, ["fit", "--config", str(PROJECT_ROOT / "configs" / "exrm_ultrafeedback.yaml"),
