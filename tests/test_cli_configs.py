@@ -1,6 +1,7 @@
 """The shipped configs run end to end (tiny model) and bad input ends in one clear line."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,14 @@ def test_every_eval_set_is_evaluated_before_the_first_step_whatever_its_schedule
     at_start = sorted(row["set"] for row in scheduled_eval_rows if row["step"] == "0")
     assert at_start == sorted(["original_train_prompts", "original_test_prompts", "paraphrased_train_prompts",
                                "paraphrased_test_prompts"])
+
+
+def test_fast_dev_run_trains_one_step_and_writes_its_results_in_the_root_dir(tmp_path):
+    """Lightning swaps the logger for a stand-in without a directory under ``fast_dev_run``: no version is claimed."""
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(tiny_override(tmp_path)),
+              "--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.fast_dev_run", "true"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (results["status"], results["global_step"]) == ("finished", 1)
 
 
 def error_line(capsys, *args: str) -> str:

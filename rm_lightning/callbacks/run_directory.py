@@ -107,9 +107,10 @@ def claim_logger_directory(logger) -> Optional[RunClaim]:
     """Give ``logger`` (TensorBoard or CSV, Lightning's) a directory no other run uses, and hold it.
 
     A logger without a version gets a freshly created ``version_N``; one with a fixed version
-    (e.g. a sweep's) keeps it, and fails in one line if a live process holds it.
+    (e.g. a sweep's) keeps it, and fails in one line if a live process holds it. A logger without a root
+    directory (none, or the stand-in ``fast_dev_run`` puts in place of the configured one) claims nothing.
     """
-    if logger is None or not hasattr(logger, "root_dir") or not hasattr(logger, "_version"):
+    if getattr(logger, "root_dir", None) is None or not hasattr(logger, "_version"):
         return None
     created = False
     if logger._version is None:
