@@ -197,6 +197,29 @@ def check_trainer(trainer: dict[str, Any], prefix: str = "trainer") -> None:
     root = trainer.get("default_root_dir")
     if root is not None:
         check_writable_folder(f"{prefix}.default_root_dir", root)
+    check_model_parallel_sizes(trainer, prefix)
+
+
+def check_model_parallel_sizes(trainer: dict[str, Any], prefix: str = "trainer") -> None:
+    """ModelParallelStrategy's mesh must hold every process: otherwise each of them fails at its start, each
+    with its own traceback. rm-lightning shards along data_parallel only, so that is the size to change."""
+    strategy = trainer.get("strategy")
+    if not (isinstance(strategy, dict) and str(strategy.get("class_path", "")).endswith("ModelParallelStrategy")):
+        return
+    sizes = init_args(strategy)
+    data, tensor = sizes.get("data_parallel_size"), sizes.get("tensor_parallel_size")
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)  # the command line's --trainer.devices 3 arrives as "3"
+    devices = len(devices) if isinstance(devices, list) else devices
+    if not all(_is_int(value) for value in (data, tensor, devices, nodes)):
+        return  # "auto" somewhere: Lightning decides
+    if data * tensor != devices * nodes:
+        processes = devices * nodes
+        raise SettingError(
+            f"{prefix}.strategy.init_args.data_parallel_size: {data} x tensor_parallel_size {tensor} must equal the "
+            f"number of processes, {prefix}.devices {devices} x num_nodes {nodes} = {processes}; "
+            f"add --{prefix}.strategy.init_args.data_parallel_size {processes // tensor}")
 
 
 def check_writable_folder(option: str, path: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ from rm_lightning.models.backbones import check_backbone_name
 
 EXRM = str(PROJECT_ROOT / "configs" / "exrm_persona.yaml")
 IMRM = str(PROJECT_ROOT / "configs" / "imrm_persona.yaml")
+FSDP = str(PROJECT_ROOT / "configs" / "trainer" / "fsdp.yaml")
 
 
 @pytest.fixture
@@ -64,6 +65,9 @@ BAD_SETTINGS = [
      "cannot load backbone 'smollm2-135m-instrct' (model.init_args.backbone): not a built-in name "
      "(smollm2-135m-instruct, gemma3-270m, tiny-llama, tiny-llama-chat)"),
     (EXRM, ["--ckpt_path", "/no/such/run/last.ckpt"], "ckpt_path: no checkpoint file at /no/such/run/last.ckpt"),
+    (EXRM, ["--config", FSDP, "--trainer.devices", "3"],
+     "trainer.strategy.init_args.data_parallel_size: 2 x tensor_parallel_size 1 must equal the number of processes, "
+     "trainer.devices 3 x num_nodes 1 = 3; add --trainer.strategy.init_args.data_parallel_size 3"),
     # parser errors: one line naming the option, never the usage
     (EXRM, ["--data.init_args.batch_size", "abc"], "data.init_args.batch_size: Expected a <class 'int'>"),
     (EXRM, ["--trainer.precision", "17"], "trainer.precision: expected one of"),
