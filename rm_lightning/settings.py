@@ -216,10 +216,12 @@ def check_model_parallel_sizes(trainer: dict[str, Any], prefix: str = "trainer")
         return  # "auto" somewhere: Lightning decides
     if data * tensor != devices * nodes:
         processes = devices * nodes
+        fix = f"--{prefix}.strategy.init_args.data_parallel_size {processes}"
+        if tensor != 1:
+            fix += f" --{prefix}.strategy.init_args.tensor_parallel_size 1"
         raise SettingError(
             f"{prefix}.strategy.init_args.data_parallel_size: {data} x tensor_parallel_size {tensor} must equal the "
-            f"number of processes, {prefix}.devices {devices} x num_nodes {nodes} = {processes}; "
-            f"add --{prefix}.strategy.init_args.data_parallel_size {processes // tensor}")
+            f"number of processes, {prefix}.devices {devices} x num_nodes {nodes} = {processes}; add {fix}")
 
 
 def check_writable_folder(option: str, path: str | os.PathLike) -> None:

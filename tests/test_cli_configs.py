@@ -96,7 +96,8 @@ def test_every_eval_set_is_evaluated_before_the_first_step_whatever_its_schedule
 
 def test_fast_dev_run_trains_one_step_and_writes_its_results_in_the_root_dir(tmp_path):
     """Lightning swaps the logger for a stand-in without a directory under ``fast_dev_run``: no version is claimed."""
-    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(tiny_override(tmp_path)),
+    override = tiny_override(tmp_path)
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
               "--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.fast_dev_run", "true"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["status"], results["global_step"]) == ("finished", 1)
