@@ -181,6 +181,14 @@ def test_a_resumed_run_writes_the_whole_margin_history(tmp_path):
     assert (resumed / "margin_history.csv").read_text() == (whole / "margin_history.csv").read_text()
 
 
+def test_resuming_a_finished_run_says_that_nothing_was_left_to_train(tmp_path):
+    assert fit(tmp_path, max_epochs=1) == 0
+    with pytest.warns(UserWarning, match="no training step ran after resuming"):
+        assert fit(tmp_path, "--ckpt_path", "last", max_epochs=1) == 0
+    resumed = results(versions(tmp_path)[1])
+    assert resumed["status"] == "not_evaluated" and "raise one of them to train on" in resumed["reason"]
+
+
 def test_resuming_with_no_checkpoint_is_one_line(tmp_path, capsys):
     assert fit(tmp_path, "--ckpt_path", "last") == 2
     assert "ckpt_path: 'last' found no" in capsys.readouterr().err

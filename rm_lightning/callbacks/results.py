@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import lightning as L
 import yaml
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rm_lightning.callbacks.generation_check import generation_summary
 from rm_lightning.callbacks.margin_history import is_last_batch_of_fit, stop_after_validation
@@ -69,12 +69,15 @@ class ResultsWriter(L.Callback):
         self._started = time.monotonic()
         self._eval_source, self._eval_step = None, None
         self._peak_memory: Optional[dict] = None
+        self._trained = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._started = time.monotonic()
+        self._trained = False
         run_dir(trainer)  # collective: resolve the run directory on every rank now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._trained = True
         out_of_steps = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
         if out_of_steps or is_last_batch_of_fit(trainer, batch_idx):
             stop_after_validation(trainer, pl_module)  # Lightning does not validate at max_steps by itself
@@ -106,7 +109,11 @@ class ResultsWriter(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         self._peak_memory = peak_memory(trainer)
         evaluated_at_end = bool(pl_module.eval_sets.last) and self._eval_step == trainer.global_step
-        self.write(trainer, pl_module, stage="fit", status="finished" if evaluated_at_end else "not_evaluated")
+        reason = None if self._trained or trainer.ckpt_path is None else nothing_left_to_train(trainer)
+        if reason:
+            rank_zero_warn(reason)
+        self.write(trainer, pl_module, stage="fit", status="finished" if evaluated_at_end else "not_evaluated",
+                   reason=reason)
 
     def path(self, trainer) -> Path:
         return Path(self.dirpath) / self.filename if self.dirpath else run_dir(trainer) / self.filename
@@ -153,6 +160,14 @@ class ResultsWriter(L.Callback):
             "versions": package_versions(),
             "config": config,
         }
+
+
+def nothing_left_to_train(trainer) -> str:
+    """Why a fit resumed from a checkpoint ran no step: said in results.json and at the end, since Lightning's
+    own line (max_epochs reached) reads like a run that trained, and the new run directory holds no training."""
+    return (f"no training step ran after resuming from {trainer.ckpt_path}: at step {trainer.global_step}, epoch "
+            f"{trainer.current_epoch}, the run's limits (max_epochs {trainer.max_epochs}, max_steps "
+            f"{trainer.max_steps}) were already reached; raise one of them to train on")
 
 
 def eval_set_metrics(last_eval: dict[str, dict], tags: dict[str, str]) -> dict[str, dict[str, Any]]:
