@@ -116,6 +116,8 @@ class RewardCLI(LightningCLI):
             callbacks = [*callbacks, PredictionsWriter()]  # predictions.jsonl in the run directory
         try:
             trainer = super()._instantiate_trainer(config, callbacks)
+        except RMLightningError:
+            raise  # ours already names its option
         except (MisconfigurationException, ValueError) as err:  # trainer options this machine or Lightning refuses
             hint = FSDP_ON_CPU_HINT if config.get("strategy") == "fsdp" else ""
             raise SettingError(f"trainer: {err}{hint}") from err

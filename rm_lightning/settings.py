@@ -202,7 +202,8 @@ def check_trainer(trainer: dict[str, Any], prefix: str = "trainer") -> None:
 
 def check_model_parallel_sizes(trainer: dict[str, Any], prefix: str = "trainer") -> None:
     """ModelParallelStrategy's mesh must hold every process: otherwise each of them fails at its start, each
-    with its own traceback. rm-lightning shards along data_parallel only, so that is the size to change."""
+    with its own traceback. rm-lightning shards along data_parallel only, so tensor_parallel_size must be 1
+    and data_parallel_size the number of processes."""
     strategy = trainer.get("strategy")
     if not (isinstance(strategy, dict) and str(strategy.get("class_path", "")).endswith("ModelParallelStrategy")):
         return
@@ -214,14 +215,16 @@ def check_model_parallel_sizes(trainer: dict[str, Any], prefix: str = "trainer")
     devices = len(devices) if isinstance(devices, list) else devices
     if not all(_is_int(value) for value in (data, tensor, devices, nodes)):
         return  # "auto" somewhere: Lightning decides
-    if data * tensor != devices * nodes:
-        processes = devices * nodes
-        fix = f"--{prefix}.strategy.init_args.data_parallel_size {processes}"
-        if tensor != 1:
-            fix += f" --{prefix}.strategy.init_args.tensor_parallel_size 1"
+    processes = devices * nodes
+    fix = f"--{prefix}.strategy.init_args.data_parallel_size {processes}"
+    if tensor != 1:  # perf/sharding refuses it too, in configure_model: here it is one line before any load
         raise SettingError(
-            f"{prefix}.strategy.init_args.data_parallel_size: {data} x tensor_parallel_size {tensor} must equal the "
-            f"number of processes, {prefix}.devices {devices} x num_nodes {nodes} = {processes}; add {fix}")
+            f"{prefix}.strategy.init_args.tensor_parallel_size: {tensor}, but rm-lightning shards with FSDP only; "
+            f"add {fix} --{prefix}.strategy.init_args.tensor_parallel_size 1")
+    if data != processes:
+        raise SettingError(
+            f"{prefix}.strategy.init_args.data_parallel_size: {data} must equal the number of processes, "
+            f"{prefix}.devices {devices} x num_nodes {nodes} = {processes}; add {fix}")
 
 
 def check_writable_folder(option: str, path: str | os.PathLike) -> None:

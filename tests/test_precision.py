@@ -67,8 +67,27 @@ def test_cpuinfo_is_read_from_the_first_processor():
 def test_an_explicit_precision_is_kept_and_nothing_is_said():
     said = []
     trainer = {"accelerator": "cpu", "precision": "bf16-mixed"}
-    assert resolve_in_config(trainer, say=said.append) is None
+    assert resolve_in_config(trainer, say=said.append, machine=Machine(ZEN4)) is None
     assert trainer["precision"] == "bf16-mixed" and said == []
+
+
+@pytest.mark.parametrize("given", ["bf16-mixed", "bf16-true", "16-mixed"])
+def test_an_explicit_bf16_precision_on_a_cpu_that_emulates_bf16_is_kept_with_a_warning(given):
+    said = []
+    trainer = {"accelerator": "cpu", "precision": given}
+    resolve_in_config(trainer, say=said.append, machine=Machine(EPYC))
+    assert trainer["precision"] == given
+    assert len(said) == 1 and said[0].startswith(f"warning: precision {given}") and "emulates bf16" in said[0]
+
+
+@pytest.mark.parametrize("accelerator, given, machine", [
+    ("cpu", "32-true", Machine(EPYC)), ("gpu", "bf16-mixed", Machine(EPYC, ("NVIDIA H100", True))),
+    ("cpu", "bf16-mixed", Machine(cpu=None)),  # flags unknown: no claim about them
+])
+def test_no_warning_where_bf16_is_not_emulated_on_a_cpu(accelerator, given, machine):
+    said = []
+    resolve_in_config({"accelerator": accelerator, "precision": given}, say=said.append, machine=machine)
+    assert said == []
 
 
 def test_auto_is_replaced_in_the_config_and_said_once(monkeypatch):

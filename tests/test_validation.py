@@ -66,8 +66,12 @@ BAD_SETTINGS = [
      "(smollm2-135m-instruct, gemma3-270m, tiny-llama, tiny-llama-chat)"),
     (EXRM, ["--ckpt_path", "/no/such/run/last.ckpt"], "ckpt_path: no checkpoint file at /no/such/run/last.ckpt"),
     (EXRM, ["--config", FSDP, "--trainer.devices", "3"],
-     "trainer.strategy.init_args.data_parallel_size: 2 x tensor_parallel_size 1 must equal the number of processes, "
+     "trainer.strategy.init_args.data_parallel_size: 2 must equal the number of processes, "
      "trainer.devices 3 x num_nodes 1 = 3; add --trainer.strategy.init_args.data_parallel_size 3"),
+    (EXRM, ["--config", FSDP, "--trainer.strategy.init_args.data_parallel_size", "1",
+            "--trainer.strategy.init_args.tensor_parallel_size", "2"],
+     "trainer.strategy.init_args.tensor_parallel_size: 2, but rm-lightning shards with FSDP only; add "
+     "--trainer.strategy.init_args.data_parallel_size 2 --trainer.strategy.init_args.tensor_parallel_size 1"),
     # parser errors: one line naming the option, never the usage
     (EXRM, ["--data.init_args.batch_size", "abc"], "data.init_args.batch_size: Expected a <class 'int'>"),
     (EXRM, ["--trainer.precision", "17"], "trainer.precision: expected one of"),
@@ -115,6 +119,15 @@ def test_a_trainer_option_lightning_refuses_is_one_line(args, message, tmp_path,
     """Lightning checks these when it builds the trainer, after the model; its exception is shown as one line."""
     line = one_error_line(capsys, ["fit", "--config", EXRM, "--config", str(tiny_override(tmp_path)), *args])
     assert message in line
+
+
+def test_our_own_error_from_building_the_trainer_keeps_its_one_line(tmp_path, capsys, monkeypatch):
+    """Only Lightning's refusals get the ``trainer:`` prefix; ours already name their option."""
+    def refuse(self, config, callbacks):
+        raise SettingError("trainer.devices: refused here")
+    monkeypatch.setattr(cli.LightningCLI, "_instantiate_trainer", refuse)
+    line = one_error_line(capsys, ["fit", "--config", EXRM, "--config", str(tiny_override(tmp_path))])
+    assert line == "error: trainer.devices: refused here"
 
 
 def test_null_on_the_command_line_is_null_inside_a_dataclass(tmp_path, capsys, no_model_load):

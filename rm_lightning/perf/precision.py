@@ -10,8 +10,9 @@ training step is tens of times slower than in fp32. So ``auto`` reads what the m
 
 The CLI resolves ``auto`` before the Trainer is built (``resolve_in_config``), says the choice in one
 line, and the run's config.yaml, results.json and the IM-RM reference cache all see the resolved value.
-A precision given explicitly (``--trainer.precision 32-true``) is never changed. Which flags were read is
-injectable (``choose``), so the decision is testable on any machine.
+A precision given explicitly (``--trainer.precision 32-true``) is never changed; when it computes in bf16 on
+a CPU without native bf16, one warning line says so. Which flags were read is injectable (``choose``,
+``emulated_bf16_warning``), so the decisions are testable on any machine.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISIO
 AUTO = "auto"
 BF16 = "bf16-mixed"
 FP32 = "32-true"
+# explicit precisions that compute in bf16 on a CPU (16-mixed: Lightning swaps in bf16-mixed there)
+BF16_ON_CPU = frozenset({"bf16-mixed", "bf16-true", "bf16", "16-mixed", "16"})
 # /proc/cpuinfo flag -> the name people know it by
 NATIVE_BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}
 CPUINFO = Path("/proc/cpuinfo")
@@ -143,17 +146,39 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def resolve_in_config(trainer: dict, say=None) -> Optional[Choice]:
+def emulated_bf16_warning(accelerator: object, given: object, machine: Machine) -> Optional[str]:
+    """The line to say when an explicit precision runs bf16 on a CPU that only emulates it, else None.
+
+    Lightning runs ``16-mixed`` on a CPU as ``bf16-mixed`` (fp16 autocast has no CPU path), so it counts too.
+    """
+    name = str(given)
+    if accelerator_kind(accelerator, machine) != "cpu" or name not in BF16_ON_CPU:
+        return None
+    if machine.cpu is None or cpu_has_native_bf16(machine.cpu):
+        return None  # native, or flags unknown: nothing to warn about
+    becomes = "" if name.startswith("bf16") else f" (Lightning runs it as {BF16} on a CPU)"
+    return (f"warning: precision {name}{becomes} on {machine.cpu.model}, which has no AVX512-BF16/AMX: PyTorch "
+            f"emulates bf16 here, tens of times slower than {FP32}; precision {AUTO} picks {FP32} on this CPU")
+
+
+def resolve_in_config(trainer: dict, say=None, machine: Optional[Machine] = None) -> Optional[Choice]:
     """Replace ``precision: auto`` in a parsed ``trainer`` block by the resolved value, in place.
 
-    Returns the choice (None when the precision was given explicitly); ``say`` (default: print to
-    stderr on the first process only) gets the one line.
+    Returns the choice (None when the precision was given explicitly: kept, with a warning when it is bf16
+    on a CPU that emulates bf16); ``say`` (default: print to stderr on the first process only) gets the
+    one line.
     """
-    if trainer.get("precision") != AUTO:
+    say = say or _say_once
+    accelerator, given = trainer.get("accelerator", "auto"), trainer.get("precision")
+    machine = machine if machine is not None else Machine.this_one()
+    if given != AUTO:
+        warning = emulated_bf16_warning(accelerator, given, machine)
+        if warning:
+            say(warning)
         return None
-    choice = choose(trainer.get("accelerator", "auto"))
+    choice = choose(accelerator, machine)
     trainer["precision"] = choice.precision
-    (say or _say_once)(choice.line())
+    say(choice.line())
     return choice
 
 
