@@ -164,11 +164,25 @@ class PreferenceDataModule(L.LightningDataModule):
         return token_cache_dir() if self.cache_tokenized else None
 
     def _encode(self, name: str, pairs: list[PreferencePair], tag: str, encoder) -> EncodedPairs:
-        screened, counts = screen_pairs(name, pairs, self.invalid_pairs)
-        encoded = encode_pairs(encoder, screened, name, self._token_cache())
-        kept = [(pair, e) for pair, e in zip(screened, encoded) if e is not None]
-        return EncodedPairs(name, [e for _, e in kept], tag, len(encoded) - len(kept), counts,
-                            texts=[pair for pair, _ in kept])
+        positions, counts = screen_pairs(name, pairs, self.invalid_pairs)
+        encoded = encode_pairs(encoder, [pairs[i] for i in positions], name, self._token_cache())
+        capped = [(i, e) for i, e in zip(positions, encoded) if e is not None]
+        kept = [(i, e) for i, e in capped if not self._identical_once_truncated(name, pairs[i], i, e)]
+        if len(kept) < len(capped):
+            counts["identical"] += len(capped) - len(kept)
+        return EncodedPairs(name, [e for _, e in kept], tag, len(encoded) - len(capped), counts,
+                            texts=[pairs[i] for i, _ in kept], positions=[i for i, _ in kept])
+
+    def _identical_once_truncated(self, name: str, pair: PreferencePair, position: int, encoded) -> bool:
+        """``truncate: true`` can cut two responses that differ late to the same tokens: such a pair says as
+        little as an identical one, so it is dropped (or fails) by the same rule."""
+        if encoded.chosen_ids != encoded.rejected_ids:
+            return False
+        if self.invalid_pairs == "fail":
+            where = pair.source or f"set '{name}', pair {position + 1}"
+            raise DataError(f"{where}: chosen and rejected responses are the same tokens once tokenized and cut to "
+                            f"the length caps (data.invalid_pairs: drop skips such pairs and counts them)")
+        return True
 
     def _encode_responses(self, name: str, responses: ResponseSet, encoder) -> EncodedResponses:
         """Tokenize single responses; a blank prompt or response is dropped (or fails, as for pairs). Each is
@@ -177,12 +191,15 @@ class PreferenceDataModule(L.LightningDataModule):
         blank = [r for r in responses.responses if not r.prompt.strip() or not r.response.strip()]
         if blank and self.invalid_pairs == "fail":
             raise DataError(f"{blank[0].source or name}: empty or whitespace-only prompt or response")
-        records = [r for r in responses.responses if r.prompt.strip() and r.response.strip()]
+        positions = [i for i, r in enumerate(responses.responses) if r.prompt.strip() and r.response.strip()]
+        records = [responses.responses[i] for i in positions]
         as_pairs = [PreferencePair(r.prompt, r.response, r.response) for r in records]
         encoded = encode_pairs(encoder, as_pairs, name, self._token_cache())
-        kept = [(r, (e.chosen_ids, e.chosen_start)) for r, e in zip(records, encoded) if e is not None]
-        return EncodedResponses(name, [e for _, e in kept], responses.tag, len(encoded) - len(kept),
-                                {"empty": len(blank)} if blank else {}, texts=[r for r, _ in kept])
+        kept = [(i, r, (e.chosen_ids, e.chosen_start)) for i, r, e in zip(positions, records, encoded)
+                if e is not None]
+        return EncodedResponses(name, [e for _, _, e in kept], responses.tag, len(encoded) - len(kept),
+                                {"empty": len(blank)} if blank else {}, texts=[r for _, r, _ in kept],
+                                positions=[i for i, _, _ in kept])
 
     def summary(self) -> str:
         """One row per set: pairs kept, then how many each rule dropped (and duplicates, kept)."""

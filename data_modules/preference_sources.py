@@ -133,20 +133,27 @@ def _margin(record: dict, columns: dict[str, str], where: str) -> float | None:
     return margin
 
 
-def _json_cell(value: Any, where: str, name: str, conversational: bool) -> Any:
-    """A text cell holding a JSON list (how a CSV file holds a conversation) as that list; other values as they are.
+def _json_cell(value: Any, where: str, name: str, format: PairFormat) -> Any:
+    """A text cell holding a JSON list of messages (how a CSV file holds a conversation) as that list; other
+    values as they are.
 
-    A cell that starts with ``[`` but is no JSON list is text, unless the format says conversational.
+    ``standard`` reads every cell as text. ``auto`` takes a cell for messages only when it is a JSON list of
+    objects: ``[1, 2, 3]`` or ``["a", "b"]`` is an answer's text (code, math). ``conversational`` parses
+    every cell that starts with ``[``, and one that is no JSON is an error.
     """
-    if not (isinstance(value, str) and value.lstrip().startswith("[")):
+    if format == "standard" or not (isinstance(value, str) and value.lstrip().startswith("[")):
         return value
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as err:
-        if conversational:
+        if format == "conversational":
             raise DataError(f"{where}: field '{name}' is not a valid JSON list of messages ({err.msg})") from None
         return value
-    return parsed if isinstance(parsed, list) else value
+    if not isinstance(parsed, list):
+        return value
+    if format == "auto" and not (parsed and all(isinstance(message, dict) for message in parsed)):
+        return value
+    return parsed
 
 
 def _turns(value: Any, where: str, name: str) -> tuple[Turn, ...]:
@@ -235,7 +242,7 @@ def record_pair(record: dict, where: str, columns: Optional[dict[str, str]] = No
     values = {field: _column(record, field, columns, where, required=field != "prompt" or format == "standard")
               for field in ("prompt", "chosen", "rejected")}
     if json_cells:
-        values = {field: _json_cell(value, where, columns.get(field, field), format == "conversational")
+        values = {field: _json_cell(value, where, columns.get(field, field), format)
                   for field, value in values.items()}
     prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
     margin = _margin(record, columns, where)

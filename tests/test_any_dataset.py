@@ -188,6 +188,14 @@ def test_a_csv_cell_that_starts_with_a_bracket_but_is_no_json_list_stays_text(tm
         PairSource(path=str(path), format="conversational").load()
 
 
+@pytest.mark.parametrize("format", ["auto", "standard"])
+def test_a_csv_answer_that_is_a_json_list_of_values_stays_text(format, tmp_path):
+    path = write_records(tmp_path / "pairs.csv", [{"prompt": "Sort: 3, 1, 2", "chosen": "[1, 2, 3]",
+                                                   "rejected": "[3, 2, 1]"}])
+    assert PairSource(path=str(path), format=format).load() == [PreferencePair("Sort: 3, 1, 2", "[1, 2, 3]",
+                                                                               "[3, 2, 1]")]
+
+
 def test_a_json_lines_file_named_json_is_read_as_json_lines(tmp_path):
     path = write_jsonl(tmp_path / "lines.json", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
     assert PairSource(path=str(path)).load() == [PreferencePair("p", "c", "r")]

@@ -348,6 +348,19 @@ def test_problem_pairs_are_dropped_and_counted_in_the_summary(tmp_path, capsys):
     assert row.split()[2:] == ["3", "0", "1", "2", "1"]  # kept, too long, identical, empty, duplicates
 
 
+def test_responses_that_truncation_cuts_to_the_same_tokens_are_dropped_as_identical(tmp_path):
+    from data_modules import RealWorldDataModule
+    from rm_lightning import ExplicitRM
+
+    shared = "the same long opening words of both answers " * 4
+    train = jsonl(tmp_path / "train.jsonl", [PAIRS_WITH_PROBLEMS[0],
+                                              {"prompt": "Q?", "chosen": shared + "yes", "rejected": shared + "no"}])
+    data = RealWorldDataModule(train={"path": str(train)}, eval_sets={"held_out": {"path": str(train)}},
+                               max_response_tokens=8, truncate=True)
+    data.attach(ExplicitRM(backbone="tiny-llama")).setup("fit")
+    assert len(data.train_set) == 1 and data.train_set.screened == {"identical": 1}
+
+
 @pytest.mark.parametrize("line, message", [
     (2, "chosen and rejected responses are identical"),
     (3, "empty or whitespace-only prompt"),

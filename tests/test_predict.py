@@ -140,6 +140,22 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
     assert len(errors) == 2 and "no.ckpt" in errors[0] and "missing field 'response'" in errors[1]
 
 
+def test_a_pair_s_index_is_its_record_s_position_in_the_file_dropped_records_counted(trained_run, tmp_path):
+    records = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS[:4]]
+    records[1]["rejected"] = records[1]["chosen"]  # identical: dropped
+    records[2]["chosen"] = " "  # empty: dropped
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", records)
+    rows = predict(trained_run, "--data.init_args.eval_sets", f"{{mixed: {{path: {mixed}}}}}")
+    assert [(r["index"], r["prompt"]) for r in rows] == [(0, PAIRS[0][0]), (3, PAIRS[3][0])]
+
+
+def test_a_conversation_prompt_is_written_as_its_messages(trained_run, tmp_path):
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": turns, "chosen": "4", "rejected": "5"}])
+    (row,) = predict(trained_run, "--data.init_args.eval_sets", f"{{chat: {{path: {chat}}}}}")
+    assert row["prompt"] == turns
+
+
 def test_a_checkpoint_evaluated_on_another_file_with_the_evaluate_config(trained_run, tmp_path):
     # the run's config, then the eval-only data block of configs/evaluate_rewardbench_math.yaml, then one's own file
     own = write_jsonl(tmp_path / "own.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS[6:]])

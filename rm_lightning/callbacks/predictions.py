@@ -1,7 +1,8 @@
 """``predictions.jsonl``: every reward ``predict`` computed, one JSON object a line, in the run directory.
 
 A row per pair of every eval set (``eval_set``, ``shift_tag``, ``kind: pair``, ``index`` in the set,
-``source`` ``file:line``, ``prompt``, ``chosen_reward``, ``rejected_reward``, ``margin`` = chosen -
+``source`` ``file:line``, ``prompt`` (a string, or a conversation as its list of ``{role, content}`` messages),
+``chosen_reward``, ``rejected_reward``, ``margin`` = chosen -
 rejected) and a row per response of every set of kind ``responses`` (``kind: response``, ``prompt``,
 ``response``, ``reward``). Sets come in dataloader order, rows in each set's order. Non-finite
 rewards are written as null. The file is written once, atomically, when prediction ends.

@@ -176,17 +176,25 @@ def prediction_rows(dataset: EncodedPairs, outputs: Sequence[dict[str, torch.Ten
             rewards[2 * k] = c
             if 2 * k + 1 < dataset.num_responses:
                 rewards[2 * k + 1] = r
-        return [{**head, "kind": "response", "index": i, "source": _source(texts[i]),
+        return [{**head, "kind": "response", "index": _position(dataset, i), "source": _source(texts[i]),
                  "prompt": _text(texts[i], "prompt"), "response": _text(texts[i], "response"),
                  "reward": _reward(reward)} for i, reward in sorted(rewards.items())]
-    return [{**head, "kind": "pair", "index": i, "source": _source(texts[i]), "prompt": _text(texts[i], "prompt"),
-             "chosen_reward": _reward(c), "rejected_reward": _reward(r), "margin": _reward(c - r)}
-            for i, c, r in zip(index, chosen, rejected)]
+    return [{**head, "kind": "pair", "index": _position(dataset, i), "source": _source(texts[i]),
+             "prompt": _text(texts[i], "prompt"), "chosen_reward": _reward(c), "rejected_reward": _reward(r),
+             "margin": _reward(c - r)} for i, c, r in zip(index, chosen, rejected)]
+
+
+def _position(dataset: EncodedPairs, kept_index: int) -> int:
+    """Where a kept item stood among the items its source gave (dropped ones counted)."""
+    return dataset.positions[kept_index] if dataset.positions is not None else kept_index
 
 
 def _source(record) -> Optional[str]:
     return getattr(record, "source", None) or None
 
 
-def _text(record, field: str) -> Optional[str]:
-    return getattr(record, field, None)
+def _text(record, field: str):
+    """A text field as JSON: a string, or a conversation's turns as the ``{role, content}`` messages it was read
+    from."""
+    value = getattr(record, field, None)
+    return [turn.as_message() for turn in value] if isinstance(value, tuple) else value

@@ -90,11 +90,15 @@ class EncodedPairs(Dataset):
     """A named, already tokenized set of pairs (tokenized once in the data module's ``setup``)."""
 
     def __init__(self, name: str, pairs: list[EncodedPair], tag: str = "in_distribution", dropped: int = 0,
-                 screened: dict[str, int] | None = None, texts: Sequence[PreferencePair] | None = None):
+                 screened: dict[str, int] | None = None, texts: Sequence[PreferencePair] | None = None,
+                 positions: Sequence[int] | None = None):
         self.name, self.pairs, self.tag, self.dropped = name, pairs, check_shift_tag(tag), dropped
         self.screened = dict(screened or {})  # pairs per screening rule (``pairs/screening.py``)
         # the text each encoded pair came from (after screening and caps), same order: predictions write prompts
         self.texts = list(texts) if texts is not None else None
+        # each kept item's position among the items its source gave, dropped ones counted (a file's record
+        # number): what predictions call ``index``, so that they join with the file; None: 0, 1, 2, ...
+        self.positions = list(positions) if positions is not None else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -120,8 +124,8 @@ class EncodedResponses(EncodedPairs):
 
     def __init__(self, name: str, responses: list[tuple[list[int], int]], tag: str = "in_distribution",
                  dropped: int = 0, screened: dict[str, int] | None = None,
-                 texts: Sequence[ResponseRecord] | None = None):
-        super().__init__(name, pair_up(responses), tag, dropped, screened, texts)
+                 texts: Sequence[ResponseRecord] | None = None, positions: Sequence[int] | None = None):
+        super().__init__(name, pair_up(responses), tag, dropped, screened, texts, positions)
         self.num_responses = len(responses)
 
 

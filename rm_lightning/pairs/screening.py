@@ -1,6 +1,7 @@
 """Pairs that cannot teach a preference, found before tokenization and named by where they came from.
 
-* ``identical``: chosen == rejected (the loss is log 2 whatever the model; the pair says nothing);
+* ``identical``: chosen == rejected (the loss is log 2 whatever the model; the pair says nothing); also,
+  counted by the data module after tokenization, two responses that ``truncate: true`` cut to the same tokens;
 * ``empty``: an empty or whitespace-only prompt, chosen or rejected response;
 * ``duplicate``: a pair seen before in the same set (counted, kept: repeated pairs are legitimate data,
   but a count that is not 0 is worth knowing).
@@ -43,8 +44,9 @@ def describe(rule: str, pair: PreferencePair) -> str:
 
 
 def screen_pairs(set_name: str, pairs: list[PreferencePair], policy: InvalidPairs = "drop"
-                 ) -> tuple[list[PreferencePair], Counter]:
-    """(the pairs kept, counts per rule: ``identical``, ``empty`` dropped; ``duplicate`` seen and kept)."""
+                 ) -> tuple[list[int], Counter]:
+    """(the positions of the pairs kept, counts per rule: ``identical``, ``empty`` dropped; ``duplicate`` seen
+    and kept). Positions, not pairs, so that predictions can name each pair's place in its source."""
     if policy not in INVALID_PAIR_POLICIES:
         raise DataError(f"invalid_pairs: expected one of {', '.join(INVALID_PAIR_POLICIES)}, got {policy!r}")
     kept, counts, seen = [], Counter(), set()
@@ -61,5 +63,5 @@ def screen_pairs(set_name: str, pairs: list[PreferencePair], policy: InvalidPair
         if key in seen:
             counts["duplicate"] += 1
         seen.add(key)
-        kept.append(pair)
+        kept.append(number - 1)
     return kept, counts
