@@ -50,7 +50,8 @@ with imports_without_collections():  # Lightning and what it imports: see the fu
     from rm_lightning.callbacks.predictions import PredictionsWriter
     from rm_lightning.callbacks.phase_times import PhaseTimes
     from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
-    from rm_lightning.console import quiet_console
+    from rm_lightning import checkpoint_options
+    from rm_lightning.console import quiet_console, say_once
     from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
     from rm_lightning.models.reward_module import RewardModule
     from rm_lightning.perf import precision
@@ -90,13 +91,41 @@ class RewardCLI(LightningCLI):
             parser.set_defaults(verbose=False)
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """Which model options a checkpoint brings: ``rm_lightning/checkpoint_options.py`` says why fit keeps
+        its own and the other commands take the checkpoint's (``--ckpt_path last`` resolved first, so both
+        spellings behave alike)."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True):
+            config["ckpt_path"] = str(newest_last_checkpoint(config.get("trainer.default_root_dir") or "."))
+        path = Path(str(config.get("ckpt_path"))) if config.get("ckpt_path") else None
+        if path is None or not path.exists():
+            return  # none, or a missing file: check_config says so in one line
+        checkpoint_options.check_checkpoint_path(path)
+        saved = checkpoint_options.read_model_options(path) if path.is_file() else None
+        if not saved:
+            return
+        model = config.get("model")
+        class_path = model.get("class_path") if model is not None else None
+        given = model.get("init_args").as_dict() if model is not None and model.get("init_args") else {}
+        if subcommand == "fit":
+            line = checkpoint_options.check_resume(path, class_path, given, saved)
+        else:
+            options = checkpoint_options.evaluation_options(given, saved)
+            merged = {"class_path": saved.get("_class_path") or class_path, "dict_kwargs": options}
+            self.config = self.parser.parse_object({subcommand: {"model": merged}}, self.config)
+            line = checkpoint_options.describe_checkpoint_model(class_path, given, saved)
+        if line:
+            say_once(line)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         for option in self.null_options:
             if option in config and config[option] == "None":
                 config[option] = None
-        if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True):
-            config["ckpt_path"] = str(newest_last_checkpoint(config.get("trainer.default_root_dir") or "."))
         check_config(config.as_dict())
         if config.get("trainer") is not None:  # ``precision: auto``: the value itself from here on (config.yaml too)
             precision.resolve_in_config(config["trainer"])

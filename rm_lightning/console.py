@@ -11,6 +11,8 @@ class that Lightning itself still uses. None of them is about the user's run or 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
 # (regular expression matched at the start of the message, warning category)
@@ -40,3 +42,9 @@ def quiet_console() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, QuietLines) for f in logger.filters):
             logger.addFilter(QuietLines())
+
+
+def say_once(line: str) -> None:
+    """Print ``line`` to stderr, on the first process only (every rank parses the same command line)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)

@@ -17,13 +17,14 @@ a CPU without native bf16, one warning line says so. Which flags were read is in
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+from rm_lightning.console import say_once
 
 AUTO = "auto"
 BF16 = "bf16-mixed"
@@ -168,7 +169,7 @@ def resolve_in_config(trainer: dict, say=None, machine: Optional[Machine] = None
     on a CPU that emulates bf16); ``say`` (default: print to stderr on the first process only) gets the
     one line.
     """
-    say = say or _say_once
+    say = say or say_once
     accelerator, given = trainer.get("accelerator", "auto"), trainer.get("precision")
     machine = machine if machine is not None else Machine.this_one()
     if given != AUTO:
@@ -180,13 +181,6 @@ def resolve_in_config(trainer: dict, say=None, machine: Optional[Machine] = None
     trainer["precision"] = choice.precision
     say(choice.line())
     return choice
-
-
-def _say_once(line: str) -> None:
-    import os
-
-    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-        print(line, file=sys.stderr, flush=True)
 
 
 class Trainer(L.Trainer):
@@ -203,6 +197,6 @@ class Trainer(L.Trainer):
     def __init__(self, *, precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = None, **kwargs):
         if precision == AUTO:
             choice = choose(kwargs.get("accelerator", "auto"))
-            _say_once(choice.line())
+            say_once(choice.line())
             precision = choice.precision
         super().__init__(precision=precision, **kwargs)
