@@ -142,3 +142,16 @@ def test_cli_fits_an_imrm_with_ipo_and_the_bt_options(tmp_path):
     assert checkpoint["global_step"] == 2
     assert checkpoint["hyper_parameters"]["loss"] == "ipo"
     assert checkpoint["hyper_parameters"]["center_rewards_coefficient"] == 0.1
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradients_are_clipped_under_bf16_mixed_with_the_fused_adam_the_configs_use(algorithm, tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which only matters with a
+    GradScaler (16-mixed); bf16-mixed has none."""
+    override = tiny_override(tmp_path, max_steps=2)
+    cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
+              "--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.limit_val_batches", "0",
+              "--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "0.5",
+              "--trainer.gradient_clip_algorithm", algorithm])
+    checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2

@@ -6,7 +6,8 @@ from typing import Callable, Iterable, Literal, Optional, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch import nn
 
 from rm_lightning.errors import RMLightningError, SettingError
@@ -393,6 +394,17 @@ class RewardModule(L.LightningModule):
             self._zeroed_for_micro_batches = False
             return
         super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip under bf16-mixed with the fused Adam the configs use. Lightning's mixed-precision plugin refuses
+        any optimizer that unscales gradients itself, because a GradScaler's scaled gradients would be clipped;
+        bf16-mixed has no scaler, so the gradients are true ones and the plain clip is right."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
