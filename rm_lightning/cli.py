@@ -42,7 +42,7 @@ from rm_lightning.perf.process_tuning import imports_without_collections, tune_p
 with imports_without_collections():  # Lightning and what it imports: see the function's docstring
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
     from data_modules.base import PreferenceDataModule
     from rm_lightning.callbacks import MarginHistory, ResultsWriter
@@ -61,6 +61,7 @@ with imports_without_collections():  # Lightning and what it imports: see the fu
 COMPOSE_KEY = "compose"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUNS_ROOT = Path("runs")
+SIGTERM_EXIT_STATUS = 128 + 15  # the shell's status for a process ended by SIGTERM
 FSDP_ON_CPU_HINT = " (add --config configs/trainer/fsdp.yaml instead: FSDP2, which runs on CPUs too)"
 
 
@@ -174,6 +175,8 @@ def main(args: list[str] | None = None) -> RewardCLI | None:
     claims: list[RunClaim] = []
     try:
         return _run(args, claims)
+    except SIGTERMException:  # Lightning's is a SystemExit without a code: exit status 0 for a killed run
+        raise SystemExit(SIGTERM_EXIT_STATUS) from None
     except ArgumentError as err:
         raise SystemExit(print_user_error(RMLightningError(one_line(str(err))))) from None
     except Exception as err:

@@ -5,7 +5,7 @@
 * ``finished``: fit ended as configured and the metrics come from an evaluation at its last step;
 * ``not_evaluated``: fit ended, but no evaluation ran at its last step (validation off, or a
   schedule that skipped it): ``eval_sets`` holds the last evaluation there was, if any;
-* ``interrupted``: Ctrl-C (KeyboardInterrupt) stopped it; the last evaluation is kept;
+* ``interrupted``: Ctrl-C (KeyboardInterrupt) or SIGTERM stopped it; the last evaluation is kept;
 * ``failed``: an exception stopped it after training had begun; the last evaluation is kept.
 
 Sweeps skip only ``finished`` runs, and ``rm_lightning.report`` aggregates these files into the
@@ -26,6 +26,7 @@ from typing import Any, Optional
 import lightning as L
 import yaml
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rm_lightning.callbacks.generation_check import generation_summary
 from rm_lightning.callbacks.margin_history import is_last_batch_of_fit, stop_after_validation
@@ -85,9 +86,13 @@ class ResultsWriter(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if user_error_behind(exception) is not None or (trainer.global_step == 0 and self._eval_step is None):
             return  # nothing ran: no results, and the run directory can be removed
-        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        if isinstance(exception, SIGTERMException):
+            status, reason = "interrupted", "SIGTERM: the process was asked to stop (kill, a scheduler, a sweep)"
+        else:
+            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            reason = f"{type(exception).__name__}: {exception}".strip().rstrip(":")
         self.write(trainer, pl_module, stage=trainer.state.stage.value if trainer.state.stage else "fit",
-                   status=status, reason=f"{type(exception).__name__}: {exception}".strip().rstrip(":"))
+                   status=status, reason=reason)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._eval_source = "sanity_check" if trainer.sanity_checking else "validation"
