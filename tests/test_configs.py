@@ -243,6 +243,14 @@ def test_ultrafeedback_full_uses_every_pair_and_stops_at_a_plateau(capsys):
         {None}, (512, 512, False, None, None, 200), ["rm_lightning.callbacks.TrainingPlateau"], 7)
 
 
+def test_the_callbacks_files_add_to_an_experiment_s_own_callbacks(capsys):
+    resolved = resolve(capsys, CONFIGS / "imrm_hamcycle.yaml", CONFIGS / "callbacks" / "training_plateau.yaml",
+                       CONFIGS / "callbacks" / "dynamics.yaml")
+    assert [callback["class_path"] for callback in resolved["trainer"]["callbacks"]] == [
+        "rm_lightning.callbacks.GenerationCheck", "rm_lightning.callbacks.TrainingPlateau",
+        "rm_lightning.dynamics.DynamicsMonitor"]
+
+
 def test_ultrafeedback_full_sweep_runs_both_rm_types_from_their_configs_over_three_seeds(tmp_path):
     from rm_lightning.experiments.sweep import command, load_grid, plan_runs
 
