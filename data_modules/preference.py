@@ -8,17 +8,15 @@ under token-level shifts (the same responses paraphrased or translated) and unde
 
 from __future__ import annotations
 
-import re
 from typing import Optional, Union
 
 from data_modules.base import EvalSet, PreferenceDataModule, ResponseSet
 from data_modules.preference_sources import EvalSetSource, PairSource, subsample
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import PreferencePair
-from rm_lightning.settings import check_options
+from rm_lightning.settings import RESERVED_SET_NAMES, check_eval_set_names, check_options
 
-_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-TRAIN_SAMPLE = "train_sample"  # the eval set of training pairs (``train_sample``)
+TRAIN_SAMPLE = RESERVED_SET_NAMES[1]  # the eval set of training pairs (``train_sample``)
 CAPS = ("max_prompt_tokens", "max_response_tokens")
 
 
@@ -49,7 +47,7 @@ class RealWorldDataModule(PreferenceDataModule):
             see ``PairSource``: JSONL/JSON/Parquet/CSV or any hub id, standard or conversational); null:
             evaluation only.
         eval_sets: set name -> source with a shift tag (in_distribution, token_shift, domain_shift).
-            Names become metric keys, so they may hold only letters, digits, ``_``, ``.`` and ``-``.
+            Names become metric keys, so they may hold only letters, digits, ``_`` and ``-``.
             ``kind: responses`` makes a set of single prompt/response records that ``predict`` scores
             one reward each (``validate``/``test`` skip it).
         data_seed: seed of every ``limit`` draw and of the training sample; one seed for all sets keeps
@@ -73,10 +71,7 @@ class RealWorldDataModule(PreferenceDataModule):
                                "eval_max_response_tokens": eval_max_response_tokens})
         self.train_source = None if train is None else self._as_source(train, PairSource, "train")
         self.eval_sources = {name: self._as_source(source, EvalSetSource, name) for name, source in eval_sets.items()}
-        for name in self.eval_sources:
-            if name in ("train", TRAIN_SAMPLE) or not _SET_NAME.fullmatch(name):
-                raise DataError(f"eval set name {name!r} is not allowed: use letters, digits, '_', '.' or '-', "
-                                f"and not 'train' or '{TRAIN_SAMPLE}'")
+        check_eval_set_names(self.eval_sources)
         self.data_seed = data_seed
         self.train_sample = train_sample or 0
         self.eval_caps = {"max_prompt_tokens": eval_max_prompt_tokens, "max_response_tokens": eval_max_response_tokens}

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from numbers import Real
 from pathlib import Path
 from typing import Any, Callable
 
-from rm_lightning.errors import SettingError
+from rm_lightning.errors import DataError, SettingError
 
 Rule = Callable[[str, Any], None]
 
@@ -266,6 +267,8 @@ def check_config(config: dict[str, Any]) -> None:
     check_options("model.init_args", {k: v for k, v in model.items() if k not in ("optimizer", "lr_scheduler")})
     check_options("data.init_args", {k: v for k, v in data.items() if k != "eval_every_n_epochs"})
     check_eval_every_n_epochs("data.init_args.eval_every_n_epochs", data.get("eval_every_n_epochs"))
+    if isinstance(data.get("eval_sets"), dict):
+        check_eval_set_names(data["eval_sets"])
     results = config.get("results") or {}
     if results.get("dirpath"):
         check_writable_folder("results.dirpath", results["dirpath"])
@@ -273,6 +276,18 @@ def check_config(config: dict[str, Any]) -> None:
     last_checkpoint = config.get("last_checkpoint") or {}
     if "every_minutes" in last_checkpoint:
         non_negative_number(none=False)("last_checkpoint.every_minutes", last_checkpoint["every_minutes"])
+
+
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no '.': a name keys a torch ModuleDict of its metrics
+RESERVED_SET_NAMES = ("train", "train_sample")  # the training set and the eval set of training pairs
+
+
+def check_eval_set_names(names: Any) -> None:
+    """Eval set names become metric keys (``val/<name>/accuracy``) and keys of a ``ModuleDict``."""
+    for name in names or ():
+        if name in RESERVED_SET_NAMES or not EVAL_SET_NAME.fullmatch(str(name)):
+            raise DataError(f"eval set name {name!r} is not allowed: use letters, digits, '_' or '-', and not "
+                            f"{' or '.join(map(repr, RESERVED_SET_NAMES))}")
 
 
 def check_callbacks(callbacks: Any) -> None:

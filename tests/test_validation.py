@@ -72,6 +72,9 @@ BAD_SETTINGS = [
             "--trainer.strategy.init_args.tensor_parallel_size", "2"],
      "trainer.strategy.init_args.tensor_parallel_size: 2, but rm-lightning shards with FSDP only; add "
      "--trainer.strategy.init_args.data_parallel_size 2 --trainer.strategy.init_args.tensor_parallel_size 1"),
+    (str(PROJECT_ROOT / "configs" / "exrm_ultrafeedback.yaml"),
+     ["--data.init_args.eval_sets", '{"v1.0": {path: any.jsonl}}'],
+     "eval set name 'v1.0' is not allowed: use letters, digits, '_' or '-'"),
     # parser errors: one line naming the option, never the usage
     (EXRM, ["--data.init_args.batch_size", "abc"], "data.init_args.batch_size: Expected a <class 'int'>"),
     (EXRM, ["--trainer.precision", "17"], "trainer.precision: expected one of"),
