@@ -125,6 +125,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.trainer.lightning_module
 
     def setup(self, stage: str | None = None) -> None:
+        stage = getattr(stage, "value", stage)  # Lightning's TrainerFn, a str enum: its value in messages
         needs_train = stage in (None, "fit")
         if self._set_up and (self.train_set is not None or not needs_train):
             return
@@ -154,8 +155,12 @@ class PreferenceDataModule(L.LightningDataModule):
         if not needs_train and not self.eval_sets and not (stage == "predict" and self.response_sets):
             raise DataError(f"{type(self).__name__}: {stage} needs at least one eval set of pairs "
                             f"(data.init_args.eval_sets); sets of kind 'responses' are only scored by predict")
-        self._set_up = True
         rank_zero_info(self.summary())
+        scored = [*self.eval_sets.values(), *(self.response_sets.values() if stage == "predict" else ())]
+        if not needs_train and not any(len(dataset) for dataset in scored):
+            raise DataError(f"{type(self).__name__}: {stage} has nothing to score: every eval set is empty after "
+                            f"screening and the length caps (the data summary above counts what was dropped)")
+        self._set_up = True
         if self.trainer is not None and stage in (None, "fit"):
             check_validation_fits_an_epoch(self.trainer, len(self.train_dataloader()))
 

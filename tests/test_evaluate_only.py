@@ -61,6 +61,20 @@ def test_fit_without_a_training_set_fails_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(errors) == 1 and "fit needs a training set" in errors[0]
 
 
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluating_sets_that_screening_empties_is_one_line(stage, tmp_path, capsys):
+    identical = write_jsonl(tmp_path / "identical.jsonl", [{"prompt": p, "chosen": c, "rejected": c}
+                                                           for p, c, _ in PAIRS])
+    data = tmp_path / "data.yaml"
+    data.write_text("data:\n  class_path: data_modules.RealWorldDataModule\n  init_args:\n    eval_sets:\n"
+                    f"      same: {{path: {identical}}}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([stage, "--config", TRAINER, "--config", EXRM, "--config", str(data),
+                  "--config", str(tiny_override(tmp_path))])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and f"{stage} has nothing to score" in errors[0]
+
+
 def test_eval_only_data_module_from_python(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
     data = RealWorldDataModule(eval_sets={"a": {"path": str(tmp_path / "a.jsonl")}})
