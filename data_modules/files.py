@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from data_modules.jsonl import DATA_ENV, located_jsonl, resolve_data_path
+from data_modules.jsonl import DATA_ENV, SURROGATE_ESCAPE, located_jsonl, reject_lone_surrogates, resolve_data_path
 from rm_lightning.errors import DataError
 
 Located = list[tuple[str, dict]]
@@ -71,7 +71,11 @@ def located_json(path: str | os.PathLike) -> Located:
     if not isinstance(content, list):
         raise DataError(f"{resolved}: expected a JSON array of objects (or one object per line), "
                         f"got a {type(content).__name__}")
-    return _objects(resolved, content, "JSON")
+    records = _objects(resolved, content, "JSON")
+    if SURROGATE_ESCAPE in text.lower():
+        for where, record in records:
+            reject_lone_surrogates(record, where)
+    return records
 
 
 def located_parquet(path: str | os.PathLike) -> Located:

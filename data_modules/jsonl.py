@@ -37,6 +37,19 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict
     return [record for _, record in located_jsonl(path, fields)]
 
 
+SURROGATE_ESCAPE = "\\ud"  # how a JSON text spells a UTF-16 surrogate (\ud800 to \udfff), lower-cased
+
+
+def reject_lone_surrogates(record: dict, where: str) -> None:
+    """JSON may escape half of a UTF-16 pair (``"\\ud800"``, common in scraped text): Python reads it as a
+    string the tokenizer cannot encode, which failed deep inside it without the line."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{where}: holds a lone UTF-16 surrogate (\\u{ord(err.object[err.start]):04x}), which is "
+                        f"not text; remove it or pair it") from None
+
+
 def located_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[tuple[str, dict]]:
     """(``file:line``, record) for every record of a JSON Lines file (UTF-8; each an object with string ``fields``)."""
     resolved = resolve_data_path(path)
@@ -60,6 +73,8 @@ def located_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[t
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if SURROGATE_ESCAPE in line.lower():
+                reject_lone_surrogates(record, where)
             check_text_fields(record, fields, where)
             records.append((where, record))
     if not records:

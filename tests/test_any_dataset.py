@@ -291,3 +291,12 @@ def test_fit_runs_on_a_conversational_jsonl_file(rm_type, tmp_path):
     run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
     rows = list(csv.DictReader(open(run / "margin_history.csv")))
     assert {"train", "persona_conversations"} <= {row["set"] for row in rows}
+
+
+@pytest.mark.parametrize("suffix, where", [(".jsonl", ":1"), (".json", " row 1")])
+def test_a_lone_surrogate_escape_is_one_line_naming_the_record(suffix, where, tmp_path):
+    path = tmp_path / f"pairs{suffix}"
+    path.write_text('[{"prompt": "p", "chosen": "bad \\ud800 x", "rejected": "b"}]' if suffix == ".json" else
+                    '{"prompt": "p", "chosen": "bad \\ud800 x", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=f"pairs\\{suffix}{where}: holds a lone UTF-16 surrogate"):
+        PairSource(path=str(path)).load()

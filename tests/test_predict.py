@@ -130,6 +130,8 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
         load_reward_model(tmp_path / "missing.ckpt")
     with pytest.raises(DataError, match="differ in length"):
         ExplicitRM(backbone="tiny-llama-chat").score(["a", "b"], ["c"])
+    with pytest.raises(DataError, match="prompts must be a list of strings, got one string"):
+        ExplicitRM(backbone="tiny-llama-chat").score("hello", "world")
     with pytest.raises(SystemExit) as missing_ckpt:
         cli.main(["predict", "--config", str(trained_run / "config.yaml"), "--ckpt_path", str(tmp_path / "no.ckpt")])
     no_response = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])

@@ -97,6 +97,9 @@ def pair_rewards(module, pairs: Sequence[EncodedPair], batch_size: int = 16) -> 
 
 
 def _check_lengths(**texts: Sequence[str]) -> int:
+    for name, values in texts.items():
+        if isinstance(values, str):  # a string is a sequence too: it would be scored character by character
+            raise DataError(f"score: {name} must be a list of strings, got one string (wrap it: [{name}])")
     lengths = {name: len(values) for name, values in texts.items()}
     if len(set(lengths.values())) > 1:
         raise DataError("score: the text lists differ in length (" +
