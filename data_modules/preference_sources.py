@@ -28,6 +28,7 @@ HubName = Literal["ultrafeedback", "rewardmath", "rewardbench_math", "rewardbenc
 PairFormat = Literal["auto", "standard", "conversational"]
 PAIR_FORMATS = ("auto", "standard", "conversational")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "margin")  # what ``columns`` may map
+RESPONSE_COLUMNS = ("prompt", "response")  # the same for a set of kind ``responses``
 ROLES = ("system", "user", "assistant")
 
 # The authors' rule: drop UltraFeedback prompts that contain "translate" or "translation" in any case
@@ -335,13 +336,14 @@ def load_jsonl_pairs(path: str) -> list[PreferencePair]:
     return load_file_pairs(path, format="standard")
 
 
-def load_file_responses(path: str) -> list[ResponseRecord]:
-    """Single responses of a file (JSONL, JSON, Parquet, CSV) with string fields prompt/response (no preference:
-    scored, not evaluated)."""
+def load_file_responses(path: str, columns: Optional[dict[str, str]] = None) -> list[ResponseRecord]:
+    """Single responses of a file (JSONL, JSON, Parquet, CSV) with string fields prompt/response, or the columns
+    ``columns`` maps them to (no preference: scored, not evaluated)."""
+    names = [(columns or {}).get(field, field) for field in RESPONSE_COLUMNS]
     records = located_records(path)
     for where, record in records:
-        check_text_fields(record, ("prompt", "response"), where)
-    return [ResponseRecord(r["prompt"], r["response"], where) for where, r in records]
+        check_text_fields(record, names, where)
+    return [ResponseRecord(r[names[0]], r[names[1]], where) for where, r in records]
 
 
 def subsample(pairs: list[PreferencePair], limit: Optional[int], seed: int) -> list[PreferencePair]:
@@ -406,15 +408,20 @@ class PairSource:
                             f"hub={self.hub!r}); an override merges into the config's set, so set the other to null")
         if self.format not in PAIR_FORMATS:
             raise DataError(f"format must be one of {', '.join(PAIR_FORMATS)}, got {self.format!r}")
-        unknown = sorted(set(self.columns or {}) - set(PAIR_COLUMNS))
+        fields = self.column_fields()
+        unknown = sorted(set(self.columns or {}) - set(fields))
         if unknown:
-            raise DataError(f"columns: unknown pair field {', '.join(map(repr, unknown))}; the fields are "
-                            f"{', '.join(PAIR_COLUMNS)} (field: column of the data)")
+            raise DataError(f"columns: unknown field {', '.join(map(repr, unknown))}; the fields are "
+                            f"{', '.join(fields)} (field: column of the data)")
         if any(not isinstance(column, str) or not column for column in (self.columns or {}).values()):
             raise DataError(f"columns: every column name must be a non-empty string, got {self.columns!r}")
         if self.hub in HUB_DATASETS and (self.columns or self.format != "auto"):
             raise DataError(f"hub {self.hub!r} has its own conversion: `columns` and `format` apply to files and "
                             f"other hub ids (e.g. hub: {HUB_DATASETS[self.hub].dataset_id})")
+
+    def column_fields(self) -> tuple[str, ...]:
+        """The fields ``columns`` may map to a column of the data."""
+        return PAIR_COLUMNS
 
     def load(self, seed: int = 0) -> list[PreferencePair]:
         self.check()
@@ -450,9 +457,13 @@ class EvalSetSource(PairSource):
     max_prompt_tokens: Optional[int] = None
     max_response_tokens: Optional[int] = None
 
+    def column_fields(self) -> tuple[str, ...]:
+        return RESPONSE_COLUMNS if self.kind == "responses" else PAIR_COLUMNS
+
     def load_responses(self, seed: int = 0) -> list[ResponseRecord]:
         if self.hub is not None or self.path is None:
             raise DataError(f"a set of kind 'responses' needs a local file `path` (JSONL, JSON, Parquet, CSV) "
                             f"with prompt/response fields "
                             f"(got path={self.path!r}, hub={self.hub!r})")
-        return subsample(load_file_responses(self.path), self.limit, seed)
+        self.check()
+        return subsample(load_file_responses(self.path, self.columns), self.limit, seed)

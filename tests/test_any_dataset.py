@@ -237,7 +237,7 @@ def test_bad_records_fail_with_the_file_line_and_field(record, message, tmp_path
 @pytest.mark.parametrize("source, message", [
     (PairSource(path="x.txt"), "unknown data file type '.txt'"),
     (PairSource(path="x.jsonl", format="chat"), "format must be one of auto, standard, conversational"),
-    (PairSource(path="x.jsonl", columns={"question": "q"}), "columns: unknown pair field 'question'"),
+    (PairSource(path="x.jsonl", columns={"question": "q"}), "columns: unknown field 'question'"),
     (PairSource(hub="rewardmath", columns={"prompt": "q"}), "hub 'rewardmath' has its own conversion"),
 ])
 def test_bad_source_options_are_named(source, message, tmp_path):
@@ -300,3 +300,11 @@ def test_a_lone_surrogate_escape_is_one_line_naming_the_record(suffix, where, tm
                     '{"prompt": "p", "chosen": "bad \\ud800 x", "rejected": "b"}\n')
     with pytest.raises(DataError, match=f"pairs\\{suffix}{where}: holds a lone UTF-16 surrogate"):
         PairSource(path=str(path)).load()
+
+
+def test_a_response_set_maps_its_columns(tmp_path):
+    from data_modules.preference_sources import EvalSetSource
+
+    path = write_jsonl(tmp_path / "answers.jsonl", [{"question": "q?", "answer": "a."}])
+    source = EvalSetSource(path=str(path), kind="responses", columns={"prompt": "question", "response": "answer"})
+    assert [(r.prompt, r.response) for r in source.load_responses()] == [("q?", "a.")]
