@@ -187,3 +187,11 @@ def test_activation_checkpointing_and_micro_batches_give_the_same_adapter_gradie
         assert grads.keys() == whole_grads.keys()
         for name, grad in whole_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_target_module_the_model_lacks_is_one_line_naming_its_linear_layers():
+    from rm_lightning.models.lora import apply_lora
+
+    model = ExplicitRM(backbone="tiny-llama-chat").model
+    with pytest.raises(SettingError, match=r"lora.target_modules: .*nonexistent_proj.*its linear layers: .*q_proj"):
+        apply_lora(model, {"target_modules": ["nonexistent_proj"]})

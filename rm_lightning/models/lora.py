@@ -21,6 +21,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from rm_lightning.errors import SettingError
+
 LORA_DEFAULTS: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
@@ -37,7 +39,13 @@ def apply_lora(model: nn.Module, options: dict[str, Any]) -> None:
     target = settings["target_modules"]
     config = LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
                         target_modules=target if isinstance(target, str) else list(target), bias="none")
-    inject_adapter_in_model(config, model)
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as err:  # peft's "Target modules {...} not found": names only the model can check
+        linear = sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                         if isinstance(module, nn.Linear)})
+        raise SettingError(f"model.init_args.lora.target_modules: {str(err).splitlines()[0]} (its linear layers: "
+                           f"{', '.join(linear)}; or all-linear)") from None
 
 
 def adapter_layers(model: nn.Module) -> list[nn.Module]:
