@@ -98,3 +98,11 @@ def test_shipped_evaluate_config_scores_the_model_as_imrm_against_itself_at_zero
     assert results["rm_type"] == "ImplicitRM" and results["config_name"] == "evaluate_rewardbench_math"
     assert entry["shift_tag"] == "token_shift" and entry["num_pairs"] == 4
     assert entry["accuracy"] == 0.5 and entry["chosen_reward"] == entry["rejected_reward"] == entry["margin"] == 0.0
+
+
+def test_validate_without_a_checkpoint_says_its_steps_are_unknown(tmp_path):
+    cli.main(["validate", "--config", TRAINER, "--config", EXRM, "--config", str(eval_only_data(tmp_path)),
+              "--config", str(tiny_override(tmp_path))])
+    results = results_of(tmp_path)
+    assert (results["global_step"], results["epoch"], results["eval_step"], results.get("checkpoint")) == (None,) * 4
+    assert "no checkpoint loaded" in results["steps_unknown"]

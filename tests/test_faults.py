@@ -132,6 +132,7 @@ def test_a_crash_mid_training_keeps_the_history_and_says_failed(tmp_path):
     run = versions(tmp_path)[0]
     record = results(run)
     assert record["status"] == "failed" and record["reason"] == "RuntimeError: boom" and record["eval_step"] == 2
+    assert record["stage"] == "fit"  # the command, not the loop it failed in ("train"): sweeps go by it
     assert (run / "margin_history.csv").is_file() and not (run / LOCK_FILENAME).exists()
 
 

@@ -8,8 +8,14 @@
 * ``interrupted``: Ctrl-C (KeyboardInterrupt) or SIGTERM stopped it; the last evaluation is kept;
 * ``failed``: an exception stopped it after training had begun; the last evaluation is kept.
 
-Sweeps skip only ``finished`` runs, and ``rm_lightning.report`` aggregates these files into the
-paper's tables and win rates.
+``stage`` is the command that wrote the record (``fit``, ``validate``, ``test``). Sweeps skip only
+``finished`` fit records, and ``rm_lightning.report`` aggregates the fit records into the paper's tables
+and win rates: a validate or test record evaluates a model trained by another run.
+
+``global_step`` and ``epoch`` are those the evaluated weights were trained to: a fit's own; for
+validate and test those of the checkpoint loaded (``checkpoint``), since Lightning restores only the
+weights there and leaves the trainer at step 0. Without a checkpoint they are null, and
+``steps_unknown`` says why.
 """
 
 from __future__ import annotations
@@ -71,11 +77,18 @@ class ResultsWriter(L.Callback):
         self._eval_source, self._eval_step = None, None
         self._peak_memory: Optional[dict] = None
         self._trained = False
+        self._loaded_steps: Optional[tuple[Optional[int], Optional[int]]] = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._started = time.monotonic()
         self._trained = False
+        self._loaded_steps = None
         run_dir(trainer)  # collective: resolve the run directory on every rank now
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        """validate/test/predict restore only the weights, so the trainer's step and epoch stay 0: the ones
+        the weights were trained to are known only from the checkpoint, which Lightning hands over here."""
+        self._loaded_steps = (checkpoint.get("global_step"), checkpoint.get("epoch"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._trained = True
@@ -91,18 +104,38 @@ class ResultsWriter(L.Callback):
         else:
             status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
             reason = f"{type(exception).__name__}: {exception}".strip().rstrip(":")
-        self.write(trainer, pl_module, stage=trainer.state.stage.value if trainer.state.stage else "fit",
+        # the command (fit, validate, test), not the loop that was running (a fit's "train" or "validate"):
+        # sweeps and reports tell a training run's record from an evaluation's by it
+        self.write(trainer, pl_module, stage=trainer.state.fn.value if trainer.state.fn else "fit",
                    status=status, reason=reason)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._eval_source = "sanity_check" if trainer.sanity_checking else "validation"
-        self._eval_step = trainer.global_step
+        self._eval_step = self.trained_steps(trainer)[0]
         if trainer.state.fn == "validate":  # a validate run (not fit's validations) ends here
             self._write_evaluation(trainer, pl_module, "validate")
 
     def on_test_end(self, trainer, pl_module) -> None:
-        self._eval_source, self._eval_step = "test", trainer.global_step
+        self._eval_source, self._eval_step = "test", self.trained_steps(trainer)[0]
         self._write_evaluation(trainer, pl_module, "test")
+
+    def trained_steps(self, trainer) -> tuple[Optional[int], Optional[int], Optional[str]]:
+        """(global step, epoch) the evaluated weights were trained to, and why they are unknown when they are.
+
+        A fit's are the trainer's. Outside fit they are the loaded checkpoint's; with no checkpoint, the
+        trainer's only when it trained the module itself (a ``test`` after ``fit`` in one process): a fresh
+        trainer's 0 would claim that weights of unknown training had none.
+        """
+        if trainer.state.fn == "fit":
+            return trainer.global_step, trainer.current_epoch, None
+        if self._loaded_steps is not None:
+            return *self._loaded_steps, None
+        if trainer.global_step > 0:
+            return trainer.global_step, trainer.current_epoch, None
+        if trainer.ckpt_path:
+            return None, None, f"the checkpoint {trainer.ckpt_path} holds no callback states (weights only)"
+        return None, None, ("no checkpoint loaded (ckpt_path null): the weights as the config builds them, "
+                            "trained for an unknown number of steps (none by this code)")
 
     def _write_evaluation(self, trainer, pl_module, stage: str) -> None:
         self._peak_memory = peak_memory(trainer)  # collective: every rank, before the rank-0 write
@@ -136,6 +169,7 @@ class ResultsWriter(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         data = preference_data_of(trainer)
         tags = data.eval_set_tags if data is not None else {}
+        global_step, epoch, steps_unknown = self.trained_steps(trainer)
         return {
             "format_version": FORMAT_VERSION,
             "status": status,
@@ -147,8 +181,11 @@ class ResultsWriter(L.Callback):
             "config_name": self.config_name or (Path(config_files[0]).stem if config_files else None),
             "config_files": config_files,
             "seed": global_seed(),
-            "global_step": trainer.global_step,
-            "epoch": trainer.current_epoch,
+            # fit: the checkpoint it resumed from; validate/test: the weights evaluated
+            "checkpoint": checkpoint_location(trainer.ckpt_path),
+            "global_step": global_step,
+            "epoch": epoch,
+            **({"steps_unknown": steps_unknown} if steps_unknown else {}),
             "eval_source": self._eval_source,
             "eval_step": self._eval_step,
             "eval_sets": eval_set_metrics(pl_module.eval_sets.last, tags),
@@ -173,6 +210,13 @@ def nothing_left_to_train(trainer) -> str:
     return (f"no training step ran after resuming from {trainer.ckpt_path}: at step {trainer.global_step}, epoch "
             f"{trainer.current_epoch}, the run's limits (max_epochs {trainer.max_epochs}, max_steps "
             f"{trainer.max_steps}) were already reached; raise one of them to train on")
+
+
+def checkpoint_location(ckpt_path) -> Optional[str]:
+    """A local checkpoint as an absolute path (a record read from elsewhere still finds it); a URL as given."""
+    if not ckpt_path:
+        return None
+    return str(ckpt_path) if "://" in str(ckpt_path) else os.path.abspath(ckpt_path)
 
 
 def eval_set_metrics(last_eval: dict[str, dict], tags: dict[str, str]) -> dict[str, dict[str, Any]]:
