@@ -16,7 +16,7 @@ from rm_lightning.experiments.report import (collect, compare, main, mean_rows, 
 
 def write_result(root: Path, rm_type: str, seed: int, eval_sets: dict[str, tuple],
                  config: str = "persona", backbone: str = "tiny", status: str = "finished",
-                 train_path: str | None = None, epochs: int | None = None) -> Path:
+                 train_path: str | None = None, epochs: int | None = None, stage: str = "fit") -> Path:
     """eval_sets: name -> (shift tag, accuracy, normalized margin[, signed normalized margin]); ``train_path``:
     the training file of a RealWorldDataModule run (else a PersonaDataModule run)."""
     path = root / config / rm_type / backbone / f"seed{seed}" / "results.json"
@@ -24,7 +24,7 @@ def write_result(root: Path, rm_type: str, seed: int, eval_sets: dict[str, tuple
     module = "RealWorldDataModule" if train_path else "PersonaDataModule"
     data = {"class_path": f"data_modules.{module}", "init_args": {"train": {"path": train_path}} if train_path else {}}
     path.write_text(json.dumps({
-        "status": status, "rm_type": rm_type, "backbone": backbone, "config_name": config, "seed": seed,
+        "status": status, "stage": stage, "rm_type": rm_type, "backbone": backbone, "config_name": config, "seed": seed,
         "global_step": 10, "datamodule": module, "config": {"data": data},
         **({"epoch": epochs} if epochs is not None else {}),
         "eval_sets": {name: {"shift_tag": values[0], "accuracy": values[1], "normalized_margin": values[2],
@@ -205,3 +205,11 @@ def test_runs_csv_says_how_many_epochs_each_run_trained(tmp_path, tmp_path_facto
     paths = write_report(collect(tmp_path), tmp_path_factory.mktemp("report"), title="plateau")
     epochs = {r["rm_type"]: r["epochs"] for r in csv.DictReader(paths["runs_csv"].open())}
     assert epochs == {"ExplicitRM": "4", "ImplicitRM": "3"}
+
+
+def test_records_of_test_runs_are_left_out_and_listed(two_types):
+    # a test of seed 0's IM-RM on another set: not a training run of its own
+    evaluation = write_result(two_types / "evaluations", "ImplicitRM", 0, {"math": ("domain_shift", 0.2, 0.1)},
+                              stage="test")
+    collection = collect(two_types)
+    assert (len(collection.evaluations), collection.not_training) == (8, [(evaluation, "test")])

@@ -73,7 +73,7 @@ def test_finished_means_a_readable_finished_results_file(tmp_path):
     for text in ('{"status": "finished"', '["finished"]', '{"status": "running"}'):
         results.write_text(text)
         assert not is_finished(tmp_path)
-    results.write_text('{"status": "finished"}')
+    results.write_text('{"status": "finished", "stage": "fit"}')
     assert is_finished(tmp_path)
 
 
@@ -189,7 +189,7 @@ from pathlib import Path
 directory = Path(sys.argv[sys.argv.index("--results.dirpath") + 1])
 with open(directory / "launches.txt", "a") as launches:
     launches.write(" ".join(sys.argv[1:]) + "\\n")
-(directory / "results.json").write_text(json.dumps({"status": "finished"}))
+(directory / "results.json").write_text(json.dumps({"status": "finished", "stage": "fit"}))
 """
 
 
@@ -234,3 +234,10 @@ def test_an_interrupted_run_launched_with_other_arguments_restarts(tmp_path):
                  "--cli", str(cli_script)]) == 0
     launches = (run.directory / "launches.txt").read_text().splitlines()
     assert len(launches) == 1 and "--ckpt_path" not in launches[0]
+
+
+def test_a_test_record_in_a_run_directory_is_not_a_finished_run(tmp_path, capsys):
+    grid_path, out, cli_script, run = interrupted_run(tmp_path, checkpoint=True)
+    (run.directory / "results.json").write_text(json.dumps({"status": "finished", "stage": "test"}))
+    assert main([str(grid_path), "--out", str(out), "--cli", str(cli_script)]) == 1
+    assert f"{run.directory / 'results.json'} is a 'test' record, not this run's training" in capsys.readouterr().out

@@ -7,7 +7,9 @@ Writes ``report.md`` (the tables), ``report.csv`` (means and win shares per RM t
 tag), ``win_rates.csv`` (pairwise), ``runs.csv`` (one row per run and eval set) and
 ``report.png`` (grouped bars and win rates); for Persona runs also ``figure4.csv`` and
 ``figure4.png`` (the paper's Figure 4 layout, below). RM types are the class names stored in
-results.json, so any number of them works, user-defined subclasses included.
+results.json, so any number of them works, user-defined subclasses included. Only training runs count
+(``"stage": "fit"``): the results.json of a validate or test below the directory evaluates a model
+trained by another run, and is left out and listed (in report.md, and as a ``note:``).
 
 Grouping. Runs are grouped by what they were trained on (the paper reports UltraFeedback-trained and
 RewardMATH-trained models apart): the data module, and its training file or hub dataset where it has
@@ -53,7 +55,7 @@ import math
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -93,6 +95,8 @@ class Evaluation:
 class Collection:
     evaluations: list[Evaluation]
     unfinished: list[Path]
+    # finished records of validate/test runs (path, stage): an evaluation of a trained model, not a training run
+    not_training: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def rm_types(self) -> list[str]:
@@ -106,7 +110,8 @@ class Collection:
         """The evaluations of runs trained on ``training_data`` (all of them for None)."""
         if training_data is None:
             return self
-        return Collection([e for e in self.evaluations if e.training_data == training_data], self.unfinished)
+        return Collection([e for e in self.evaluations if e.training_data == training_data], self.unfinished,
+                          self.not_training)
 
     @property
     def shift_tags(self) -> list[str]:
@@ -124,13 +129,17 @@ def collect(root: str | Path) -> Collection:
     paths = sorted(root.rglob(RESULTS_FILENAME))
     if not paths:
         raise RMLightningError(f"report: no {RESULTS_FILENAME} found below {root}")
-    evaluations, unfinished = [], []
+    evaluations, unfinished, not_training = [], [], []
     seen: dict[tuple, Path] = {}
     for path in paths:
         record = read_results(path)
         if record is None:
             unfinished.append(path)
             continue
+        if record.get("stage") != "fit":  # its model, trained elsewhere, would count as a run of its own
+            not_training.append((path, str(record.get("stage"))))
+            continue
+        check_training_record(path, record)
         for evaluation in evaluations_of(path, record):
             identity = (evaluation.rm_type, *evaluation.key)
             if identity in seen:
@@ -139,13 +148,14 @@ def collect(root: str | Path) -> Collection:
             seen[identity] = path
             evaluations.append(evaluation)
     if not evaluations:
-        raise RMLightningError(f"report: no finished run with eval results below {root} "
-                               f"({len(unfinished)} unfinished {RESULTS_FILENAME})")
-    return Collection(evaluations, unfinished)
+        raise RMLightningError(f"report: no finished training run with eval results below {root} "
+                               f"({len(unfinished)} unfinished {RESULTS_FILENAME}, {len(not_training)} of "
+                               f"validate/test runs)")
+    return Collection(evaluations, unfinished, not_training)
 
 
 def read_results(path: Path) -> Optional[dict[str, Any]]:
-    """The record of a finished run, ``None`` for an unfinished one."""
+    """The record of a finished run (of any stage), ``None`` for an unfinished one."""
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -154,6 +164,11 @@ def read_results(path: Path) -> Optional[dict[str, Any]]:
         raise RMLightningError(f"{path}: not a results file (expected a JSON object with a 'status' field)")
     if record["status"] != "finished":
         return None
+    return record
+
+
+def check_training_record(path: Path, record: dict[str, Any]) -> None:
+    """Every field the report reads from a finished training run's record; an error names the file and field."""
     if not isinstance(record.get("rm_type"), str) or not record["rm_type"]:
         raise RMLightningError(f"{path}: field 'rm_type' must be a non-empty string")
     if not isinstance(record.get("eval_sets"), dict):
@@ -167,7 +182,6 @@ def read_results(path: Path) -> Optional[dict[str, Any]]:
                 raise RMLightningError(f"{path}: eval_sets.{name}.{metric} must be a number or null, got {value!r}")
         if entry.get("shift_tag") is not None and not isinstance(entry["shift_tag"], str):
             raise RMLightningError(f"{path}: eval_sets.{name}.shift_tag must be a string or null")
-    return record
 
 
 def evaluations_of(path: Path, record: dict[str, Any]) -> Iterable[Evaluation]:
@@ -442,6 +456,8 @@ def markdown(collection: Collection, parts: list[Section], tie_pp: float, title:
              f"seeds: {_distinct(e.seed for e in evaluations)}."]
     if collection.unfinished:
         lines += ["", f"Left out, not finished: {', '.join(str(p) for p in collection.unfinished)}."]
+    if collection.not_training:
+        lines += ["", f"Left out, not training runs: {not_training_text(collection)}."]
     lines += ["", "Each training dataset has its own section; runs trained on different data are never pooled. "
               "Cells are the mean ± sd over seeds (each seed's evaluations, i.e. eval sets x configs x backbones, "
               "averaged first; no sd with one seed) and, in brackets, the number of seeds."]
@@ -450,6 +466,10 @@ def markdown(collection: Collection, parts: list[Section], tie_pp: float, title:
     lines += ["", "## Accuracy per eval set", "", "Mean ± sd over seeds (seeds), backbones averaged within a seed.", ""]
     lines += md_table(["training data", "config", "eval set", "shift tag", *rm_types], per_eval_set_rows(collection))
     return "\n".join(lines) + "\n"
+
+
+def not_training_text(collection: Collection) -> str:
+    return ", ".join(f"{path} (stage {stage})" for path, stage in collection.not_training)
 
 
 def section_markdown(part: Section, tie_pp: float) -> list[str]:
@@ -691,6 +711,9 @@ def run(argv: Optional[list[str]] = None) -> int:
     for part in sections(collection, args.tie_pp):
         if part.note:
             print(f"note: {part.note}", file=sys.stderr)
+    if collection.not_training:
+        print(f"note: left out {len(collection.not_training)} {RESULTS_FILENAME} of validate/test runs, which "
+              f"evaluate a model trained elsewhere: {not_training_text(collection)}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -4,11 +4,13 @@
 
 Every run gets its own directory ``<out>/<config stem>/<RM class name>/<backbone>/seed<k>/``
 holding its logs, ``run.log`` (stdout and stderr) and ``results.json``. A run counts as done
-only when ``results.json`` says ``"status": "finished"``, so re-running the same command skips
-finished runs. An unfinished run resumes from its ``checkpoints/last.ckpt`` when it has one and
-was launched with the same arguments (``--ckpt_path``, the log appended to), and restarts from
-scratch otherwise or with ``--restart``. Each run is a separate process: a crash, a bad override
-or an out-of-memory error fails that run only.
+only when ``results.json`` is its training's record (``"stage": "fit"``) and says ``"status": "finished"``,
+so re-running the same command skips finished runs. A finished ``validate``/``test`` record in its place
+(an evaluation from the run's config.yaml wrote there before evaluations got a directory of their own)
+fails that run with a note, and ``--restart`` trains it again. An unfinished run resumes from its
+``checkpoints/last.ckpt`` when it has one and was launched with the same arguments (``--ckpt_path``, the
+log appended to), and restarts from scratch otherwise or with ``--restart``. Each run is a separate
+process: a crash, a bad override or an out-of-memory error fails that run only.
 
 Grid file keys (lists; ``overrides``, ``rm_type_overrides`` and ``rm_type_configs`` optional):
 
@@ -255,11 +257,30 @@ def command(run: Run, grid: Grid, cli: Optional[Path] = None) -> list[str]:
 # --- state and execution ---------------------------------------------------------------------------
 
 def is_finished(directory: Path) -> bool:
-    """True when the run left a readable results.json with status finished."""
+    """True when the run left a readable results.json of its training (stage fit) with status finished."""
+    record = results_record(directory)
+    return record.get("status") == "finished" and record.get("stage") == "fit"
+
+
+def evaluation_in_place(directory: Path) -> Optional[str]:
+    """The stage of a finished validate/test record that took the place of the run's own results.json.
+
+    Before evaluations got a directory of their own, one started from a sweep run's config.yaml wrote into
+    the run's directory; its record is no training run, and treating it as unfinished would resume a
+    finished run, which trains nothing.
+    """
+    record = results_record(directory)
+    stage = record.get("stage")
+    return str(stage) if record.get("status") == "finished" and stage != "fit" else None
+
+
+def results_record(directory: Path) -> dict:
+    """The run's results.json, or an empty dict when it is missing or unreadable."""
     try:
-        return json.loads((directory / RESULTS_FILENAME).read_text()).get("status") == "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
+        record = json.loads((directory / RESULTS_FILENAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def previous_arguments(run: Run) -> Optional[list[str]]:
@@ -311,10 +332,7 @@ def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
 
 
 def results_status(directory: Path) -> Optional[str]:
-    try:
-        return json.loads((directory / RESULTS_FILENAME).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return results_record(directory).get("status")
 
 
 def _die_with_parent() -> None:
@@ -367,6 +385,14 @@ def run_sweep(grid: Grid, out: Path, cli: Optional[Path] = None, dry_run: bool =
                 reason += f", with other arguments (first line of {run.log_path}); delete the directory to rerun"
             outcomes.append(Outcome(run, "skipped", reason=reason))
             echo(f"{prefix} skip      {run.name} ({reason})")
+            continue
+        stage = evaluation_in_place(run.directory)
+        if stage is not None and not restart:
+            reason = (f"{run.directory / RESULTS_FILENAME} is a '{stage}' record, not this run's training: an "
+                      f"evaluation written into the run directory replaced it; --restart trains the run again "
+                      f"(replacing the directory)")
+            outcomes.append(Outcome(run, "failed", reason=reason))
+            echo(f"{prefix} failed    {run.name} ({reason})")
             continue
         resume = not restart and can_resume(run, arguments)
         if dry_run:
@@ -422,7 +448,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
     parser.add_argument("--cli", help="a cli.py-like script to launch instead of `python -m rm_lightning`")
     parser.add_argument("--restart", action="store_true",
-                        help="start unfinished runs from scratch instead of resuming them from their last.ckpt")
+                        help="start unfinished runs from scratch instead of resuming them from their last.ckpt, "
+                             "and runs whose results.json an evaluation replaced")
     args = parser.parse_args(argv)
     grid = load_grid(args.grid)
     cli = Path(args.cli) if args.cli else None
