@@ -153,7 +153,8 @@ class RewardCLI(LightningCLI):
             raise SettingError(f"trainer: {err}{hint}") from err
         use_local_checkpoint_io(trainer)  # local checkpoints without an in-memory copy
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
-            claim = claim_logger_directory(trainer.logger)  # spawned ranks > 0 follow rank 0's directory
+            # spawned ranks > 0 follow rank 0's directory
+            claim = claim_logger_directory(trainer.logger, self.subcommand, trainer.callbacks)
             if claim is not None:
                 self.claims.append(claim)
         return trainer

@@ -236,6 +236,40 @@ def test_an_interrupted_run_launched_with_other_arguments_restarts(tmp_path):
     assert len(launches) == 1 and "--ckpt_path" not in launches[0]
 
 
+@pytest.fixture(scope="module")
+def tested_sweep_run(tmp_path_factory):
+    """A sweep run trained in-process, its files before and after the README's evaluation command on it."""
+    tmp_path = tmp_path_factory.mktemp("tested_sweep_run")
+    grid = load_grid(write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"],
+                                backbones=["tiny-llama-chat"], seeds=[0], overrides=TINY_OVERRIDES))
+    run = plan_runs(grid, tmp_path / "sweep")[0]
+    run.directory.mkdir(parents=True)
+    cli.main(command(run, grid)[3:])  # the sweep's fit, without its interpreter and module name
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in run.directory.iterdir() if p.is_file()}
+
+    before = files()
+    cli.main(["test", "--config", str(run.directory / "config.yaml"), "--ckpt_path", str(run.checkpoint),
+              "--trainer.enable_progress_bar", "false"])
+    return run, before, files()
+
+
+def test_testing_a_sweep_run_leaves_its_files_alone(tested_sweep_run):
+    run, before, after = tested_sweep_run
+    assert after == before  # results.json and config.yaml included: the test writes in a directory of its own
+
+
+def test_test_of_a_checkpoint_records_the_checkpoints_step_and_epoch(tested_sweep_run):
+    import torch
+
+    run, _, _ = tested_sweep_run
+    (record,) = [r for p in run.directory.rglob("results.json") if (r := json.loads(p.read_text()))["stage"] == "test"]
+    checkpoint = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+    assert (record["global_step"], record["epoch"], record["eval_step"]) == (
+        checkpoint["global_step"], checkpoint["epoch"], checkpoint["global_step"])
+
+
 def test_a_test_record_in_a_run_directory_is_not_a_finished_run(tmp_path, capsys):
     grid_path, out, cli_script, run = interrupted_run(tmp_path, checkpoint=True)
     (run.directory / "results.json").write_text(json.dumps({"status": "finished", "stage": "test"}))

@@ -6,6 +6,11 @@ runs started together both take ``version_0``; here a run claims its version wit
 then holds its directory with a lock file naming its process, so a second run pointed at the
 same fixed directory (a sweep re-run, ``logger.version`` given) fails in one line while the
 first is alive. A start that fails before training leaves no directory behind.
+
+A run directory belongs to the run that trained in it. ``validate``, ``test`` and ``predict`` started
+from that run's config.yaml inherit its directory when the config pins one (a sweep's does, as absolute
+paths): they take the next ``version_N`` under it instead, so their results.json, config.yaml and
+events never replace the training run's.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import atexit
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -103,17 +109,42 @@ def is_unused(directory: Path) -> bool:
     return all(p.is_file() and START_FILES.fullmatch(p.name) for p in directory.iterdir())
 
 
-def claim_logger_directory(logger) -> Optional[RunClaim]:
+EVALUATIONS = ("validate", "test", "predict")
+
+
+def claim_logger_directory(logger, subcommand: Optional[str] = None, callbacks: tuple = ()) -> Optional[RunClaim]:
     """Give ``logger`` (TensorBoard or CSV, Lightning's) a directory no other run uses, and hold it.
 
     A logger without a version gets a freshly created ``version_N``; one with a fixed version
     (e.g. a sweep's) keeps it, and fails in one line if a live process holds it. A logger without a root
     directory (none, or the stand-in ``fast_dev_run`` puts in place of the configured one) claims nothing.
+
+    An evaluation (``subcommand`` validate, test or predict) whose fixed directory already holds files
+    (the training run whose config.yaml it started from) takes a fresh ``version_N`` under the logger's
+    root instead, and ``callbacks`` that would write into that directory (``dirpath``, as results.json's
+    writer has in a sweep's config) follow it: a fit in that directory (a sweep resuming) keeps it.
     """
     if getattr(logger, "root_dir", None) is None or not hasattr(logger, "_version"):
         return None
-    created = False
+    created, taken = False, None
+    if logger._version is not None and subcommand in EVALUATIONS and holds_files(Path(logger.log_dir)):
+        taken = Path(logger.log_dir).resolve()
+        logger._version = None
+        for callback in callbacks:
+            dirpath = getattr(callback, "dirpath", None)
+            if isinstance(dirpath, (str, os.PathLike)) and Path(dirpath).resolve() == taken:
+                callback.dirpath = None  # the run directory, claimed below
     if logger._version is None:
         logger._version = claim_version(logger.root_dir)
         created = True
+        if taken is not None:
+            print(f"{subcommand}: {taken} holds the run this config comes from; this {subcommand} writes in "
+                  f"{Path(logger.log_dir).resolve()}", file=sys.stderr, flush=True)
     return RunClaim(Path(logger.log_dir), created)
+
+
+def holds_files(directory: Path) -> bool:
+    try:
+        return any(directory.iterdir())
+    except OSError:
+        return False
