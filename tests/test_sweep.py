@@ -240,8 +240,9 @@ def test_an_interrupted_run_launched_with_other_arguments_restarts(tmp_path):
 def tested_sweep_run(tmp_path_factory):
     """A sweep run trained in-process, its files before and after the README's evaluation command on it."""
     tmp_path = tmp_path_factory.mktemp("tested_sweep_run")
-    grid = load_grid(write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"],
-                                backbones=["tiny-llama-chat"], seeds=[0], overrides=TINY_OVERRIDES))
+    grid = load_grid(write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], seeds=[0],
+                                rm_types=["rm_lightning.ExplicitRM"], backbones=["tiny-llama-chat"],
+                                overrides=TINY_OVERRIDES))
     run = plan_runs(grid, tmp_path / "sweep")[0]
     run.directory.mkdir(parents=True)
     cli.main(command(run, grid)[3:])  # the sweep's fit, without its interpreter and module name

@@ -712,8 +712,8 @@ def run(argv: Optional[list[str]] = None) -> int:
         if part.note:
             print(f"note: {part.note}", file=sys.stderr)
     if collection.not_training:
-        print(f"note: left out {len(collection.not_training)} {RESULTS_FILENAME} of validate/test runs, which "
-              f"evaluate a model trained elsewhere: {not_training_text(collection)}", file=sys.stderr)
+        print(f"note: left out {len(collection.not_training)} {RESULTS_FILENAME} of validate/test runs (evaluations "
+              f"of a trained model, not training runs): {not_training_text(collection)}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
