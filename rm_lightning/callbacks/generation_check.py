@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from rm_lightning.callbacks.epoch_progress import epoch_cut_short, uncount_cut_short_epoch
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.errors import RMLightningError, SettingError
 from rm_lightning.files import save_figure_atomically, write_json_atomically
@@ -110,11 +111,14 @@ class GenerationCheck(L.Callback):
             self.check(trainer, pl_module, "validation")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if epoch_cut_short(trainer):
+            return  # the epoch goes on when the fit resumes; the end of fit checks these weights
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.check(trainer, pl_module, "epoch_end")
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The end of fit (before any ``on_fit_end``, so ``results.json`` has this check too)."""
+        uncount_cut_short_epoch(trainer)  # the check's epoch: the one a stop ended inside, not the next
         result = self.check(trainer, pl_module, "fit_end")
         if result is not None:
             rates = ", ".join(f"{split} {result['correct'][split]}/{result['total'][split]}" for split in result["rates"])

@@ -7,7 +7,9 @@ So ``last.ckpt`` is written at the end of fit, always (also when ``max_steps`` o
 it inside an epoch, or before the first evaluation of a ``check_val_every_n_epoch: 2`` config), and
 at an epoch's end only once ``every_minutes`` have passed since the last save (or since training
 began). Ctrl-C or a crash writes nothing: the run keeps the last.ckpt it had, whose epoch-end state
-resumes (``--ckpt_path last``) to the same final metrics as a run never stopped.
+resumes (``--ckpt_path last``) to the same final metrics as a run never stopped. A save at the end of a
+fit that a stop ended inside an epoch records that epoch as unfinished (``epoch_progress.py``), so it
+resumes there, to the same final metrics too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from rm_lightning.callbacks.epoch_progress import epoch_cut_short, uncount_cut_short_epoch
 from rm_lightning.settings import non_negative_number
 
 DEFAULT_EVERY_MINUTES = 10.0
@@ -69,10 +72,15 @@ class LastCheckpoint(ModelCheckpoint):
         """Validation does not save: the epoch's end, after its validation, does."""
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """An epoch a stop cut short is not at its end: Lightning calls this hook for it with the epoch
+        counted as finished, and a save here would resume at the next epoch (on_train_end saves it right)."""
+        if epoch_cut_short(trainer):
+            return
         if self._interval_passed(trainer):
             self._save_last(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        uncount_cut_short_epoch(trainer)
         self._save_last(trainer)
 
     def _interval_passed(self, trainer) -> bool:

@@ -34,6 +34,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from rm_lightning.callbacks.epoch_progress import uncount_cut_short_epoch
 from rm_lightning.callbacks.generation_check import generation_summary
 from rm_lightning.callbacks.margin_history import is_last_batch_of_fit, stop_after_validation
 from rm_lightning.callbacks.peak_memory import peak_memory
@@ -95,6 +96,9 @@ class ResultsWriter(L.Callback):
         out_of_steps = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
         if out_of_steps or is_last_batch_of_fit(trainer, batch_idx):
             stop_after_validation(trainer, pl_module)  # Lightning does not validate at max_steps by itself
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        uncount_cut_short_epoch(trainer)  # ``epoch``: the one a stop ended inside, not the next
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if user_error_behind(exception) is not None or (trainer.global_step == 0 and self._eval_step is None):
@@ -206,10 +210,20 @@ class ResultsWriter(L.Callback):
 
 def nothing_left_to_train(trainer) -> str:
     """Why a fit resumed from a checkpoint ran no step: said in results.json and at the end, since Lightning's
-    own line (max_epochs reached) reads like a run that trained, and the new run directory holds no training."""
-    return (f"no training step ran after resuming from {trainer.ckpt_path}: at step {trainer.global_step}, epoch "
-            f"{trainer.current_epoch}, the run's limits (max_epochs {trainer.max_epochs}, max_steps "
-            f"{trainer.max_steps}) were already reached; raise one of them to train on")
+    own line (max_epochs reached) reads like a run that trained, and the new run directory holds no training.
+    It names only the limits that were reached: raising another one would train nothing either."""
+    reached = []
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
+        reached.append(f"max_epochs ({trainer.max_epochs})")
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        reached.append(f"max_steps ({trainer.max_steps})")
+    where = (f"no training step ran after resuming from {trainer.ckpt_path}: at step {trainer.global_step}, "
+             f"epoch {trainer.current_epoch}")
+    if not reached:
+        return f"{where}, with max_epochs {trainer.max_epochs} and max_steps {trainer.max_steps}"
+    if len(reached) == 1:
+        return f"{where}, the run's {reached[0]} was already reached; raise it to train on"
+    return f"{where}, the run's {' and '.join(reached)} were already reached; raise both to train on"
 
 
 def checkpoint_location(ckpt_path) -> Optional[str]:
