@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rm_lightning.errors import DataError, SettingError
 from rm_lightning.pairs import (EncodedPairs, EncodedResponses, LengthBucketSampler, PreferencePair, ResponseRecord,
-                                check_shift_tag)
+                                ResumableLoader, check_shift_tag)
 from rm_lightning.pairs.screening import INVALID_PAIR_POLICIES, InvalidPairs, screen_pairs
 from rm_lightning.pairs.token_cache import encode_pairs, token_cache_dir
 from rm_lightning.settings import check_eval_every_n_epochs, check_options, check_validation_fits_an_epoch
@@ -242,8 +242,10 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler = LengthBucketSampler([len(p) for p in dataset.pairs], batch_size, shuffle=shuffle,
                                           seed=self.seed, num_replicas=world, rank=rank,
                                           pool_batches=50 if self.length_bucketing else 1)
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                              num_workers=self.num_workers)
+            # training: a fit resumed inside an epoch goes on where it stopped (ResumableLoader)
+            loader_class = ResumableLoader if shuffle else DataLoader
+            return loader_class(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                num_workers=self.num_workers)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
                           num_workers=self.num_workers)
 
