@@ -17,6 +17,7 @@ from rm_lightning import cache_entries, cli
 from rm_lightning.callbacks import margin_history
 from rm_lightning.callbacks.run_directory import LOCK_FILENAME, RunClaim, claim_version, holder_of
 from rm_lightning.errors import SettingError
+from rm_lightning.pairs import LengthBucketSampler, ResumableLoader
 
 EXRM = str(PROJECT_ROOT / "configs" / "exrm_persona.yaml")
 SMALL = ["--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.enable_progress_bar", "false"]
@@ -187,7 +188,72 @@ def test_resuming_a_finished_run_says_that_nothing_was_left_to_train(tmp_path):
     with pytest.warns(UserWarning, match="no training step ran after resuming"):
         assert fit(tmp_path, "--ckpt_path", "last", max_epochs=1) == 0
     resumed = results(versions(tmp_path)[1])
-    assert resumed["status"] == "not_evaluated" and "raise one of them to train on" in resumed["reason"]
+    assert resumed["status"] == "not_evaluated" and "max_epochs (1) was already reached; raise it" in resumed["reason"]
+
+
+EXACT = ["--data.init_args.num_train", "16", "--trainer.precision", "32-true"]  # 4 batches an epoch, no bf16 rounding
+
+
+@pytest.fixture(scope="module")
+def stopped_inside_an_epoch(tmp_path_factory) -> dict[str, Path]:
+    """Two epochs of 4 batches: never stopped, and stopped by max_steps after batch 2 then resumed."""
+    root = tmp_path_factory.mktemp("max_steps_resume")
+    assert fit(root / "whole", *EXACT, max_epochs=2) == 0
+    assert fit(root / "cut", *EXACT, max_epochs=2, max_steps=2) == 0
+    assert fit(root / "cut", *EXACT, "--ckpt_path", "last", max_epochs=2) == 0
+    (whole,), (cut, resumed) = versions(root / "whole"), versions(root / "cut")
+    return {"whole": whole, "cut": cut, "resumed": resumed}
+
+
+def train_rows(run: Path) -> list[str]:
+    """margin_history.csv's training rows: step, epoch and the batch's metrics, one per optimizer step."""
+    return [row for row in (run / "margin_history.csv").read_text().splitlines() if ",train,train," in row]
+
+
+def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_the_batches_it_left(stopped_inside_an_epoch):
+    """The resumed fit goes on inside the epoch: the same batches, in the same order, as a run never stopped."""
+    runs = stopped_inside_an_epoch
+    assert train_rows(runs["resumed"]) == train_rows(runs["whole"])
+
+
+def test_a_run_stopped_by_max_steps_inside_an_epoch_resumes_to_the_uninterrupted_metrics(stopped_inside_an_epoch):
+    runs = stopped_inside_an_epoch
+    assert metrics(results(runs["resumed"])) == metrics(results(runs["whole"]))
+
+
+def test_a_run_stopped_inside_its_first_epoch_says_epoch_0(stopped_inside_an_epoch):
+    assert results(stopped_inside_an_epoch["cut"])["epoch"] == 0
+
+
+def bucketed_loader(epoch: int) -> ResumableLoader:
+    lengths = [5, 1, 4, 2, 8, 3, 7, 6, 9, 0]
+    sampler = LengthBucketSampler(lengths, batch_size=2, seed=3)
+    sampler.set_epoch(epoch)
+    return ResumableLoader(list(range(len(lengths))), batch_size=2, sampler=sampler)
+
+
+def test_a_loader_restored_inside_an_epoch_yields_the_batches_that_epoch_had_left():
+    stopped = bucketed_loader(epoch=1)
+    batches = iter(stopped)
+    next(batches), next(batches)
+    restored = bucketed_loader(epoch=1)
+    restored.load_state_dict(stopped.state_dict())
+    assert [b.tolist() for b in restored] == [b.tolist() for b in bucketed_loader(epoch=1)][2:]
+
+
+def test_a_loader_restored_from_an_epochs_end_yields_the_whole_next_epoch():
+    finished = bucketed_loader(epoch=0)
+    list(finished)
+    restored = bucketed_loader(epoch=1)
+    restored.load_state_dict(finished.state_dict())
+    assert [b.tolist() for b in restored] == [b.tolist() for b in bucketed_loader(epoch=1)]
+
+
+def test_resuming_at_max_steps_inside_an_epoch_names_only_max_steps(tmp_path):
+    assert fit(tmp_path, "--data.init_args.num_train", "16", max_epochs=1, max_steps=2) == 0
+    with pytest.warns(UserWarning, match="no training step ran after resuming"):
+        assert fit(tmp_path, "--data.init_args.num_train", "16", "--ckpt_path", "last", max_epochs=1, max_steps=2) == 0
+    assert "the run's max_steps (2) was already reached; raise it" in results(versions(tmp_path)[1])["reason"]
 
 
 def test_resuming_with_no_checkpoint_is_one_line(tmp_path, capsys):
