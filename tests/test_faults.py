@@ -225,6 +225,16 @@ def test_a_run_stopped_inside_its_first_epoch_says_epoch_0(stopped_inside_an_epo
     assert results(stopped_inside_an_epoch["cut"])["epoch"] == 0
 
 
+def test_a_run_resumed_at_an_epochs_end_with_loader_workers_trains_that_epochs_batches(tmp_path):
+    """Workers take their first indices when Lightning first iterates, before it sets the resumed epoch."""
+    workers = [*EXACT, "--data.init_args.num_workers", "1"]
+    assert fit(tmp_path / "whole", *workers, max_epochs=2) == 0
+    assert fit(tmp_path / "cut", *workers, max_epochs=2, max_steps=4) == 0
+    assert fit(tmp_path / "cut", *workers, "--ckpt_path", "last", max_epochs=2) == 0
+    (whole,), (_, resumed) = versions(tmp_path / "whole"), versions(tmp_path / "cut")
+    assert train_rows(resumed) == train_rows(whole)
+
+
 def bucketed_loader(epoch: int) -> ResumableLoader:
     lengths = [5, 1, 4, 2, 8, 3, 7, 6, 9, 0]
     sampler = LengthBucketSampler(lengths, batch_size=2, seed=3)
