@@ -216,8 +216,12 @@ def one_line(message: str, limit: int = 400) -> str:
         allowed = list(dict.fromkeys(re.findall(r"Literal\[([^\]]+)\]", message)))
         given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
         unknown = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
+        required = re.search(r"Problem with given class_path '([^']+)':\s*the following arguments are required: "
+                             r"([^\n]+)", message)
         if unknown:
             text = f"{option}.init_args: {unknown.group(1)} has no option '{unknown.group(2)}'"
+        elif required:  # else the union's last alternative (an Iterable, a bool) would be named instead
+            text = f"{option}.init_args: {required.group(1)} needs {required.group(2).strip()}"
         elif reasons and "Got value" in reasons[0]:
             text = f"{option}: {reasons[0]}"
         elif allowed:

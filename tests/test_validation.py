@@ -78,6 +78,8 @@ BAD_SETTINGS = [
     # parser errors: one line naming the option, never the usage
     (EXRM, ["--data.init_args.batch_size", "abc"], "data.init_args.batch_size: Expected a <class 'int'>"),
     (EXRM, ["--trainer.precision", "17"], "trainer.precision: expected one of"),
+    (EXRM, ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger"],
+     "trainer.logger.init_args: lightning.pytorch.loggers.CSVLogger needs save_dir"),
     (EXRM, ["--data.init_args.batch_sise", "3"], "data.init_args: data_modules.PersonaDataModule has no option"),
     (EXRM, ["--model.init_args.decoder_layout", "stacked"], "model.init_args.decoder_layout: Expected a"),
 ]
