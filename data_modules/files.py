@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from data_modules.jsonl import DATA_ENV, SURROGATE_ESCAPE, located_jsonl, reject_lone_surrogates, resolve_data_path
+from data_modules.jsonl import DATA_ENV, located_jsonl, may_hold_surrogate, reject_lone_surrogates, resolve_data_path
 from rm_lightning.errors import DataError
 
 Located = list[tuple[str, dict]]
@@ -72,7 +72,7 @@ def located_json(path: str | os.PathLike) -> Located:
         raise DataError(f"{resolved}: expected a JSON array of objects (or one object per line), "
                         f"got a {type(content).__name__}")
     records = _objects(resolved, content, "JSON")
-    if SURROGATE_ESCAPE in text.lower():
+    if may_hold_surrogate(text):
         for where, record in records:
             reject_lone_surrogates(record, where)
     return records

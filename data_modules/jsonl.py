@@ -37,7 +37,10 @@ def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict
     return [record for _, record in located_jsonl(path, fields)]
 
 
-SURROGATE_ESCAPE = "\\ud"  # how a JSON text spells a UTF-16 surrogate (\ud800 to \udfff), lower-cased
+def may_hold_surrogate(text: str) -> bool:
+    """Whether JSON ``text`` escapes a UTF-16 surrogate (``\\ud800`` to ``\\udfff``, either case): a test on the
+    raw text, so that records without one (nearly all) are never re-encoded."""
+    return "\\ud" in text or "\\uD" in text
 
 
 def reject_lone_surrogates(record: dict, where: str) -> None:
@@ -73,7 +76,7 @@ def located_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[t
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if SURROGATE_ESCAPE in line.lower():
+            if may_hold_surrogate(line):
                 reject_lone_surrogates(record, where)
             check_text_fields(record, fields, where)
             records.append((where, record))
