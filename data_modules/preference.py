@@ -14,9 +14,8 @@ from data_modules.base import EvalSet, PreferenceDataModule, ResponseSet
 from data_modules.preference_sources import EvalSetSource, PairSource, subsample
 from rm_lightning.errors import DataError
 from rm_lightning.pairs import PreferencePair
-from rm_lightning.settings import RESERVED_SET_NAMES, check_eval_set_names, check_options
+from rm_lightning.settings import TRAIN_SAMPLE, check_eval_set_names, check_options
 
-TRAIN_SAMPLE = RESERVED_SET_NAMES[1]  # the eval set of training pairs (``train_sample``)
 CAPS = ("max_prompt_tokens", "max_response_tokens")
 
 

@@ -279,7 +279,8 @@ def check_config(config: dict[str, Any]) -> None:
 
 
 EVAL_SET_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no '.': a name keys a torch ModuleDict of its metrics
-RESERVED_SET_NAMES = ("train", "train_sample")  # the training set and the eval set of training pairs
+TRAIN_SAMPLE = "train_sample"  # the eval set of training pairs a data module may add
+RESERVED_SET_NAMES = ("train", TRAIN_SAMPLE)  # the training set's name and that one
 
 
 def check_eval_set_names(names: Any) -> None:
