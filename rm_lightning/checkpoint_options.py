@@ -99,7 +99,9 @@ def describe_checkpoint_model(class_path: Optional[str], given: dict[str, Any], 
     saved_class = saved.get("_class_path")
     if saved_class and rm_class(saved_class) is not rm_class(class_path):
         parts.append(f"RM type {short_name(class_path)} -> {short_name(saved_class)}")
-    changed = {key: (new, old) for key, (old, new) in differences(given, saved).items() if key not in HOW_NOT_WHAT}
+    # the given value -> the checkpoint's, which replaces it (``differences`` pairs them the other way)
+    changed = {key: (given_value, saved_value) for key, (saved_value, given_value) in differences(given, saved).items()
+               if key not in HOW_NOT_WHAT}
     if changed:
         parts.append(describe(changed))
     return f"the model is the checkpoint's: {', '.join(parts)}" if parts else ""
