@@ -49,7 +49,7 @@ with imports_without_collections():  # Lightning and what it imports: see the fu
     from rm_lightning.callbacks.last_checkpoint import DEFAULT_EVERY_MINUTES, LastCheckpoint
     from rm_lightning.callbacks.predictions import PredictionsWriter
     from rm_lightning.callbacks.phase_times import PhaseTimes
-    from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory
+    from rm_lightning.callbacks.run_directory import RunClaim, claim_logger_directory, claim_loggerless_directory
     from rm_lightning import checkpoint_options
     from rm_lightning.console import quiet_console, say_once
     from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
@@ -154,7 +154,8 @@ class RewardCLI(LightningCLI):
         use_local_checkpoint_io(trainer)  # local checkpoints without an in-memory copy
         if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
             # spawned ranks > 0 follow rank 0's directory
-            claim = claim_logger_directory(trainer.logger, self.subcommand, trainer.callbacks)
+            claim = (claim_logger_directory(trainer.logger, self.subcommand, trainer.callbacks)
+                     or claim_loggerless_directory(trainer, self.subcommand))
             if claim is not None:
                 self.claims.append(claim)
         return trainer

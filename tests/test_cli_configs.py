@@ -103,6 +103,20 @@ def test_fast_dev_run_trains_one_step_and_writes_its_results_in_the_root_dir(tmp
     assert (results["status"], results["global_step"]) == ("finished", 1)
 
 
+def test_runs_without_a_logger_each_keep_their_own_directory(tmp_path):
+    """With ``trainer.logger: false`` a second run in the same root replaced the first one's results and checkpoint."""
+    override = tiny_override(tmp_path, max_steps=1)
+    args = ["fit", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
+            "--data.init_args.num_train", "8", "--data.init_args.num_test", "4", "--trainer.logger", "false"]
+    cli.main(args)
+    cli.main(args)
+    runs = tmp_path / "lightning_logs"
+    written = sorted(p.relative_to(runs).as_posix() for p in runs.glob("version_*/*")
+                     if p.name in ("results.json", "checkpoints"))
+    assert written == ["version_0/checkpoints", "version_0/results.json",
+                       "version_1/checkpoints", "version_1/results.json"]
+
+
 def error_line(capsys, *args: str) -> str:
     """The one ``error:`` line ``cli.main(args)`` ends with (exit status 2)."""
     capsys.readouterr()

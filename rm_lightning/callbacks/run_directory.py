@@ -26,6 +26,7 @@ from typing import Optional
 from rm_lightning.errors import SettingError
 
 LOCK_FILENAME = ".run.lock"
+DEFAULT_LOGGER_NAME = "lightning_logs"  # TensorBoardLogger's default name: the folder of a run's versions
 # what a run writes before its first training step; a directory holding nothing else is an unused start
 START_FILES = re.compile(r"(config\.yaml|hparams\.yaml|events\.out\.tfevents\..*|\.run\.lock)")
 _VERSION = re.compile(r"version_(\d+)")
@@ -141,6 +142,23 @@ def claim_logger_directory(logger, subcommand: Optional[str] = None, callbacks: 
             print(f"{subcommand}: {taken} holds the run this config comes from; this {subcommand} writes in "
                   f"{Path(logger.log_dir).resolve()}", file=sys.stderr, flush=True)
     return RunClaim(Path(logger.log_dir), created)
+
+
+def claim_loggerless_directory(trainer, subcommand: Optional[str]) -> Optional[RunClaim]:
+    """Give a run without a logger (``trainer.logger: false``) its own ``lightning_logs/version_N`` too.
+
+    Without a logger Lightning writes checkpoints, and the callbacks results.json, straight into
+    ``default_root_dir``: a second run with the same root replaced the first one's, and ``--ckpt_path
+    last`` found neither. The run's root becomes the claimed directory, so everything it writes lands
+    there exactly as with a logger, less the event files. ``fast_dev_run`` (a smoke test) and a CLI built
+    without a subcommand (the analysis commands only build a model) keep the root.
+    """
+    if trainer.loggers or trainer.fast_dev_run or subcommand is None:
+        return None
+    root = Path(trainer.default_root_dir) / DEFAULT_LOGGER_NAME
+    directory = root / f"version_{claim_version(root)}"
+    trainer._default_root_dir = str(directory)  # Lightning's own field behind trainer.default_root_dir
+    return RunClaim(directory, created=True)
 
 
 def holds_files(directory: Path) -> bool:
