@@ -4,10 +4,13 @@ cannot apply."""
 
 import math
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from conftest import PROJECT_ROOT, edge_case_pairs, ragged_pairs, tiny_override
+from data_modules import PersonaDataModule
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, cli
 from rm_lightning.errors import SettingError
 from rm_lightning.models.loss import PairLossOptions, bradley_terry_loss, preference_loss
@@ -155,3 +158,30 @@ def test_gradients_are_clipped_under_bf16_mixed_with_the_fused_adam_the_configs_
               "--trainer.gradient_clip_algorithm", algorithm])
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2
+
+
+class GradientNorms(L.Callback):
+    """The gradients' total norm as the optimizer's step starts (Lightning's hook before it runs before clipping)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.optimizers[0].register_step_pre_hook(self.record)
+
+    def record(self, optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        scale = getattr(optimizer, "grad_scale", None)  # a fused step divides by it when the scaler sets it
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)) / (1.0 if scale is None else float(scale)))
+
+
+def test_gradients_are_unscaled_then_clipped_under_16_mixed_with_a_fused_adam():
+    """16-mixed has a GradScaler (on a GPU; here its CPU one): Lightning refused to clip for a fused optimizer
+    at the first step. The gradients the optimizer steps with are the true ones, clipped."""
+    module = ExplicitRM(backbone="tiny-llama-chat", optimizer=lambda params: torch.optim.Adam(params, fused=True))
+    norms = GradientNorms()
+    trainer = L.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu")], gradient_clip_val=1e-3,
+                        max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[norms])
+    trainer.fit(module, PersonaDataModule(num_train=8, num_test=4, batch_size=4))
+    assert norms.norms == pytest.approx([1e-3, 1e-3], rel=1e-2)

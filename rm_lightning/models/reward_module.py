@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info
 from torch import nn
@@ -396,11 +397,15 @@ class RewardModule(L.LightningModule):
         super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip under bf16-mixed with the fused Adam the configs use. Lightning's mixed-precision plugin refuses
-        any optimizer that unscales gradients itself, because a GradScaler's scaled gradients would be clipped;
-        bf16-mixed has no scaler, so the gradients are true ones and the plain clip is right."""
+        """Clip under mixed precision with the fused Adam the configs use. Lightning's mixed-precision plugin
+        refuses any optimizer that unscales gradients itself, because a GradScaler's scaled gradients would be
+        clipped. bf16-mixed has no scaler: the gradients are true ones and the plain clip is right. Under
+        16-mixed (a GPU without bf16) they are unscaled here first; the scaler's step then tells the fused
+        optimizer they already are (and still skips the step when one is not finite)."""
         plugin = self.trainer.precision_plugin
-        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+        if isinstance(plugin, MixedPrecision) and gradient_clip_val:
+            if plugin.scaler is not None and _optimizer_handles_unscaling(optimizer):
+                plugin.scaler.unscale_(optimizer)  # Lightning unscales every other optimizer before this hook
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
                                      GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
             return
