@@ -203,3 +203,28 @@ def test_monitor_refuses_several_processes():
 
     with pytest.raises(RMLightningError, match="needs one process"):
         DynamicsMonitor().setup(SimpleNamespace(world_size=2), None, "fit")
+
+
+def dynamics_fit(root, *args: str, interrupt_at: int | None = None) -> int:
+    """A tiny dynamics IM-RM fit under ``root`` (a check every 2 steps); its exit status."""
+    override = tiny_override(root, max_epochs=2, max_steps=-1, reference_cache_dir=root.parent / "ref")
+    extra = []
+    if interrupt_at is not None:
+        interrupt = root / "interrupt.yaml"
+        interrupt.write_text(f"trainer:\n  callbacks+:\n    - class_path: test_faults.InterruptAt\n"
+                             f"      init_args: {{step: {interrupt_at}}}\n")
+        extra = ["--config", str(interrupt)]
+    try:
+        cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/dynamics_imrm_persona.yaml"), "--config",
+                  str(override), "--data.init_args.num_train", "12", "--data.init_args.num_test", "4",
+                  "--trainer.callbacks.init_args.every_n_steps", "2", "--trainer.callbacks.init_args.probe_pairs", "2",
+                  *extra, "--trainer.enable_progress_bar", "false", "--last_checkpoint.every_minutes", "0", *args])
+    except SystemExit as exited:
+        return exited.code
+    return 0
+
+
+def test_an_interrupted_monitor_keeps_the_checks_it_finished(tmp_path):
+    assert dynamics_fit(tmp_path, interrupt_at=3) == 1
+    (run,) = tmp_path.glob("lightning_logs/version_*")
+    assert {int(r["step"]) for r in csv.DictReader(open(run / "dynamics.csv"))} == {0, 2}

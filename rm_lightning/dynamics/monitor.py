@@ -149,6 +149,12 @@ class DynamicsMonitor(L.Callback):
                   f"took {self.seconds:.0f} s, {self.seconds / max(total, 1e-9):.0%} of fit "
                   f"({run_dir(trainer) / self.filename}.csv, .png)")
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """An interrupted or failed fit keeps the checks it finished (a check cut short by the stop is dropped)."""
+        self.pending = None
+        if self.rows:
+            self.write(run_dir(trainer))
+
     # --- output ------------------------------------------------------------------------------------
 
     @rank_zero_only
