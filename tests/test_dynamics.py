@@ -228,3 +228,10 @@ def test_an_interrupted_monitor_keeps_the_checks_it_finished(tmp_path):
     assert dynamics_fit(tmp_path, interrupt_at=3) == 1
     (run,) = tmp_path.glob("lightning_logs/version_*")
     assert {int(r["step"]) for r in csv.DictReader(open(run / "dynamics.csv"))} == {0, 2}
+
+
+def test_a_resumed_monitor_writes_the_checks_before_the_checkpoint(tmp_path):
+    assert dynamics_fit(tmp_path, interrupt_at=5) == 1  # 3 steps an epoch: last.ckpt at step 3
+    assert dynamics_fit(tmp_path, "--ckpt_path", "last") == 0
+    resumed = tmp_path / "lightning_logs" / "version_1"
+    assert sorted({int(r["step"]) for r in csv.DictReader(open(resumed / "dynamics.csv"))}) == [0, 2, 4]

@@ -155,6 +155,13 @@ class DynamicsMonitor(L.Callback):
         if self.rows:
             self.write(run_dir(trainer))
 
+    def state_dict(self) -> dict:
+        """The rows travel in checkpoints, so a resumed fit writes every check, not only its own."""
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
+
     # --- output ------------------------------------------------------------------------------------
 
     @rank_zero_only
