@@ -50,6 +50,15 @@ def test_imrm_unembedding_closed_form_splits_the_entk_prediction(eta):
     torch.testing.assert_close(total, step.predicted_margin, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("module_class, options", [(ExplicitRM, {"label_smoothing": 0.3}),
+                                                    (ExplicitRM, {"center_rewards_coefficient": 1.0}),
+                                                    (ImplicitRM, {"loss": "ipo"})])
+def test_closed_forms_split_the_step_of_the_modules_own_loss(module_class, options):
+    step = change(built(module_class, trainable="output_layer", **options), 1e-3)
+    total = sum(step.output_layer.values())
+    torch.testing.assert_close(total, step.predicted_margin, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("module_class", [ExplicitRM, ImplicitRM, ExplicitGenerativeRM])
 def test_forward_mode_prediction_equals_a_backward_pass_per_pair(module_class):
     module = built(module_class)

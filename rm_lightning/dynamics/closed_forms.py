@@ -1,8 +1,8 @@
 """The paper's §4 closed forms: how one gradient step through the output layer moves other rewards.
 
-One plain step of size eta on the Bradley-Terry loss of a training batch, with w_i = dL/dr_i
-for every training row i (chosen and rejected), moves the output layer by -eta * sum_i w_i *
-grad r_i, and so the reward of any other response (x', y') by
+One plain step of size eta on the loss of a training batch (the module's own: Bradley-Terry, or
+with its loss options), with w_i = dL/dr_i for every training row i (chosen and rejected), moves
+the output layer by -eta * sum_i w_i * grad r_i, and so the reward of any other response (x', y') by
 
 * EX-RM, head u (r = <u, h>):  -eta * sum_i w_i <h(x', y'), h_i>. Only hidden-representation
   similarity enters; exact, since r is linear in u.
@@ -26,14 +26,16 @@ Batch = dict[str, torch.Tensor]
 
 
 def reward_weights(module, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
-    """w = dL/dr [2B] of the Bradley-Terry loss at the module's current rewards on ``batch``."""
-    from rm_lightning.models.loss import bradley_terry_loss
+    """w = dL/dr [2B] of the module's own loss (its ``loss_options()`` and the batch's margins, as
+    ``pair_loss``) at its current rewards on ``batch``: label smoothing, centering or IPO change w, and
+    the closed forms must split the step that was analysed, not a Bradley-Terry one."""
+    from rm_lightning.models.loss import preference_loss
 
     with torch.no_grad():
         rewards = module.compute_rewards(hidden, batch).float()
     rewards.requires_grad_(True)
     with torch.enable_grad():
-        loss = bradley_terry_loss(*rewards.chunk(2))
+        loss = preference_loss(*rewards.chunk(2), batch.get("margin"), module.loss_options())
         (weights,) = torch.autograd.grad(loss, rewards)
     return weights
 
