@@ -59,6 +59,12 @@ def test_closed_forms_split_the_step_of_the_modules_own_loss(module_class, optio
     torch.testing.assert_close(total, step.predicted_margin, rtol=1e-4, atol=1e-7)
 
 
+def test_a_frozen_output_layer_has_no_share_of_the_step():
+    """LoRA freezes an IM-RM's unembedding (it has no closed-form terms); an EX-RM's head still trains."""
+    assert change(built(ImplicitRM, lora={"r": 4, "alpha": 8}), 1e-2).output_layer == {}
+    assert set(change(built(ExplicitRM, lora={"r": 4, "alpha": 8}), 1e-2).output_layer) == {"hidden_similarity"}
+
+
 @pytest.mark.parametrize("module_class", [ExplicitRM, ImplicitRM, ExplicitGenerativeRM])
 def test_forward_mode_prediction_equals_a_backward_pass_per_pair(module_class):
     module = built(module_class)

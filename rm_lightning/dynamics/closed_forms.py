@@ -89,11 +89,14 @@ def imrm_token_terms(module, train: Batch, train_hidden: torch.Tensor, probe: Ba
 
 def output_layer_terms(module, train: Batch, train_hidden: torch.Tensor, probe: Batch, probe_hidden: torch.Tensor,
                        eta: float) -> dict[str, torch.Tensor]:
-    """The closed-form output-layer margin terms of ``module``'s RM type ({} for types without one), from
-    the final hidden states of the training and probe batches."""
+    """The closed-form output-layer margin terms of ``module``'s RM type, from the final hidden states of
+    the training and probe batches; {} for types without one, and where the output layer does not train
+    (an IM-RM with LoRA: its unembedding is frozen, so a plain step does not move it)."""
     from rm_lightning.models.explicit import ExplicitRM
     from rm_lightning.models.implicit import ImplicitRM
 
+    if not isinstance(module, (ExplicitRM, ImplicitRM)) or not module.output_layer().weight.requires_grad:
+        return {}
     if isinstance(module, ExplicitRM):
         return {"hidden_similarity": exrm_hidden_similarity(module, train, train_hidden, probe, probe_hidden, eta)}
     if isinstance(module, ImplicitRM):
