@@ -9,6 +9,7 @@ import torch
 from data_modules import PersonaDataModule
 from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair, cli
+from rm_lightning.dynamics import max_margin
 from rm_lightning.dynamics.max_margin import accuracy, analyse, hard_margin_separator
 from rm_lightning.dynamics.one_step import (loss_gradient, one_step_change, one_step_changes,
                                             predicted_by_backward, predicted_by_forward_mode,
@@ -183,6 +184,16 @@ def test_max_margin_report_scores_eval_sets_with_the_separator_and_the_head():
     assert report["head_cosine_to_separator"] == pytest.approx(2 ** -0.5)
     assert report["footnote3"]["paraphrased"]["inner_product"]["fraction_positive"] == pytest.approx(4 / 6)
     assert accuracy(torch.tensor([1.0, 0.0, -1.0])) == 0.5
+
+
+def test_max_margin_takes_a_checkpoint_for_its_run_and_names_a_file_that_is_not_one(tmp_path):
+    checkpoint = tmp_path / "version_0" / "checkpoints" / "epoch=1.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    (tmp_path / "version_0" / "config.yaml").write_text("{}")
+    assert max_margin.run_and_checkpoint(checkpoint) == (tmp_path / "version_0", checkpoint)
+    with pytest.raises(RMLightningError, match="config.yaml is a file: give a run directory"):
+        max_margin.run_and_checkpoint(tmp_path / "version_0" / "config.yaml")
 
 
 def test_theorem1_margin_is_delta_while_generation_stays_bounded():

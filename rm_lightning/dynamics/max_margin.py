@@ -2,6 +2,7 @@
 
     python -m rm_lightning.dynamics.max_margin RUN_DIR            # a fitted EX-RM run (its config.yaml
                                                                   # and newest checkpoint)
+    python -m rm_lightning.dynamics.max_margin RUN_DIR/checkpoints/last.ckpt   # the run, that checkpoint
     python -m rm_lightning.dynamics.max_margin --config CONFIG    # a backbone and a data config, no head
 
 With the hidden representations h fixed, a linear head trained with the Bradley-Terry (logistic)
@@ -97,8 +98,20 @@ def footnote3(seen: torch.Tensor, unseen: dict[str, torch.Tensor], separator: to
 # --- features of a run ----------------------------------------------------------------------------
 
 
-def load_run(run: Optional[Path], config: Optional[Path]):
-    """(module with its trained weights when the run has a checkpoint, data module, output directory)."""
+def run_and_checkpoint(path: Optional[Path]) -> tuple[Optional[Path], Optional[Path]]:
+    """(run directory, checkpoint): a checkpoint file ``<run>/checkpoints/<name>.ckpt`` stands for its run,
+    analysed with that checkpoint instead of the newest; any other file is not a run."""
+    if path is None or not path.is_file():
+        return path, None
+    if path.suffix == ".ckpt" and path.parent.name == "checkpoints":
+        return path.parent.parent, path
+    raise RMLightningError(f"{path} is a file: give a run directory (holding config.yaml and checkpoints/), "
+                           f"one of its checkpoints, or --config FILE")
+
+
+def load_run(run: Optional[Path], config: Optional[Path], checkpoint: Optional[Path] = None):
+    """(module with its trained weights when the run has a checkpoint, data module, the checkpoint loaded):
+    ``checkpoint``, or else the run's newest."""
     from data_modules.base import PreferenceDataModule
     from rm_lightning.cli import RewardCLI, expand_composed_configs
     from rm_lightning.models.explicit import ExplicitRM
@@ -122,6 +135,7 @@ def load_run(run: Optional[Path], config: Optional[Path]):
         raise RMLightningError(f"{path}: the max-margin analysis is about an EX-RM head; this model is "
                                f"{type(module).__name__} (use --model rm_lightning.ExplicitRM with --config)")
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if run else []
+    checkpoints = [checkpoint] if checkpoint is not None else checkpoints
     if checkpoints:
         state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -237,13 +251,15 @@ def plot(report: dict, path: Path) -> None:
 def run(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rm_lightning.dynamics.max_margin",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", nargs="?", type=Path, help="a fitted EX-RM run directory (config.yaml, checkpoints/)")
+    parser.add_argument("run_dir", nargs="?", type=Path,
+                        help="a fitted EX-RM run directory (config.yaml, checkpoints/), or one of its checkpoints")
     parser.add_argument("--config", type=Path, help="a config instead of a run: the backbone's features, no head")
     parser.add_argument("--out", type=Path, help="where to write max_margin.json/.png (default: the run directory)")
     args = parser.parse_args(argv)
     if (args.run_dir is None) == (args.config is None):
         parser.error("give a run directory or --config (one of them)")
-    module, data, checkpoint = load_run(args.run_dir, args.config)
+    args.run_dir, checkpoint = run_and_checkpoint(args.run_dir)
+    module, data, checkpoint = load_run(args.run_dir, args.config, checkpoint)
     differences = set_differences(module, data)
     head = module.head.weight[0].detach() if checkpoint is not None else None
     report = analyse(differences, head, data.eval_set_tags)
