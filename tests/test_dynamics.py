@@ -196,6 +196,15 @@ def test_max_margin_takes_a_checkpoint_for_its_run_and_names_a_file_that_is_not_
         max_margin.run_and_checkpoint(tmp_path / "version_0" / "config.yaml")
 
 
+def test_max_margin_of_an_imrm_says_what_to_give_with_options_it_has(tmp_path, capsys):
+    config = tmp_path / "imrm.yaml"
+    config.write_text(f"compose: [{PROJECT_ROOT / 'configs/imrm_persona.yaml'}]\n"
+                      f"model: {{init_args: {{backbone: tiny-llama-chat}}}}\n")
+    assert max_margin.main(["--config", str(config)]) != 0
+    error = capsys.readouterr().err
+    assert "this model is ImplicitRM (give an EX-RM run, or --config with an EX-RM config)" in error
+
+
 def test_theorem1_margin_is_delta_while_generation_stays_bounded():
     result = theorem1_check(vertices=5, beta=0.01, delta=0.02, seed=1)
     assert result["min_margin"] == pytest.approx(0.02, abs=1e-12) and result["max_margin"] == pytest.approx(0.02, abs=1e-12)

@@ -133,7 +133,7 @@ def load_run(run: Optional[Path], config: Optional[Path], checkpoint: Optional[P
     module, data = cli.model, cli.datamodule
     if not isinstance(module, ExplicitRM):
         raise RMLightningError(f"{path}: the max-margin analysis is about an EX-RM head; this model is "
-                               f"{type(module).__name__} (use --model rm_lightning.ExplicitRM with --config)")
+                               f"{type(module).__name__} (give an EX-RM run, or --config with an EX-RM config)")
     checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if run else []
     checkpoints = [checkpoint] if checkpoint is not None else checkpoints
     if checkpoints:
