@@ -205,6 +205,17 @@ def test_max_margin_of_an_imrm_says_what_to_give_with_options_it_has(tmp_path, c
     assert "this model is ImplicitRM (give an EX-RM run, or --config with an EX-RM config)" in error
 
 
+def test_max_margin_of_a_run_without_a_checkpoint_says_that_it_has_no_trained_head(tmp_path, capsys):
+    run = tmp_path / "version_0"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        "model: {class_path: rm_lightning.ExplicitRM, init_args: {backbone: tiny-llama-chat}}\n"
+        "data: {class_path: data_modules.PersonaDataModule, init_args: {num_train: 8, num_test: 4}}\n"
+        "trainer: {accelerator: cpu}\n")
+    assert max_margin.main([str(run)]) == 0
+    assert f"{run}: no checkpoint in checkpoints/: the initial model's features" in capsys.readouterr().out
+
+
 def test_theorem1_margin_is_delta_while_generation_stays_bounded():
     result = theorem1_check(vertices=5, beta=0.01, delta=0.02, seed=1)
     assert result["min_margin"] == pytest.approx(0.02, abs=1e-12) and result["max_margin"] == pytest.approx(0.02, abs=1e-12)

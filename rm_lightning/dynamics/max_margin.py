@@ -262,6 +262,9 @@ def run(argv: Optional[list[str]] = None) -> int:
     module, data, checkpoint = load_run(args.run_dir, args.config, checkpoint)
     differences = set_differences(module, data)
     head = module.head.weight[0].detach() if checkpoint is not None else None
+    if args.run_dir is not None and checkpoint is None:  # e.g. stopped before its first save
+        print(f"{args.run_dir}: no checkpoint in checkpoints/: the initial model's features and no trained head "
+              f"(nothing of the run's training)")
     report = analyse(differences, head, data.eval_set_tags)
     report["source"] = {"config": str(args.config or args.run_dir / "config.yaml"),
                         "checkpoint": str(checkpoint) if checkpoint else None}
