@@ -1,6 +1,7 @@
 """The paper's §4 as tools: one-step reward changes, their closed forms, Theorem 2's exact ties, Theorem 1."""
 
 import csv
+import functools
 
 import lightning as L
 import pytest
@@ -64,6 +65,13 @@ def test_a_frozen_output_layer_has_no_share_of_the_step():
     """LoRA freezes an IM-RM's unembedding (it has no closed-form terms); an EX-RM's head still trains."""
     assert change(built(ImplicitRM, lora={"r": 4, "alpha": 8}), 1e-2).output_layer == {}
     assert set(change(built(ExplicitRM, lora={"r": 4, "alpha": 8}), 1e-2).output_layer) == {"hidden_similarity"}
+
+
+def test_a_step_under_bf16_autocast_is_measured_at_the_weights_precision():
+    """Under a bf16-mixed run's context an eta-sized change is below bf16's resolution of the rewards."""
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    step = change(built(ExplicitRM, trainable="output_layer"), 2e-5, context=bf16)
+    torch.testing.assert_close(step.measured_margin, step.predicted_margin, rtol=2e-2, atol=0)
 
 
 @pytest.mark.parametrize("module_class", [ExplicitRM, ImplicitRM, ExplicitGenerativeRM])

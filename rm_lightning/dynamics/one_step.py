@@ -204,8 +204,9 @@ def probe_change(module, params, grads, train_batch: Batch, train_hidden: torch.
         probe_hidden = module.hidden_states(probe)
     with context():
         before = probe_rewards(module, probe, probe_hidden)
-    with context():
-        measured = measured_change(module, params, grads, eta, probe, before)
+    # outside the precision context, in the weights' own precision: a step of size eta (a learning rate) moves
+    # rewards far less than bf16 autocast resolves, so measured there the change is rounding (often exactly 0)
+    measured = measured_change(module, params, grads, eta, probe, probe_rewards(module, probe))
     with context():
         margin, rewards = predicted_change(module, params, grads, eta, probe_pairs, predict_rewards)
     terms = {}
