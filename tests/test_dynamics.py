@@ -74,6 +74,13 @@ def test_a_step_under_bf16_autocast_is_measured_at_the_weights_precision():
     torch.testing.assert_close(step.measured_margin, step.predicted_margin, rtol=2e-2, atol=0)
 
 
+def test_closed_forms_under_bf16_autocast_are_computed_in_float32():
+    """Their products end in chosen-minus-rejected differences that a bf16 matmul cannot resolve."""
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    step = change(built(ExplicitRM, trainable="output_layer"), 2e-5, context=bf16)
+    torch.testing.assert_close(step.output_layer["hidden_similarity"], step.measured_margin, rtol=2e-2, atol=0)
+
+
 @pytest.mark.parametrize("module_class", [ExplicitRM, ImplicitRM, ExplicitGenerativeRM])
 def test_forward_mode_prediction_equals_a_backward_pass_per_pair(module_class):
     module = built(module_class)

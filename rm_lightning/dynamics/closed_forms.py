@@ -40,6 +40,12 @@ def reward_weights(module, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
     return weights
 
 
+def without_autocast(tensor: torch.Tensor):
+    """Autocast off on ``tensor``'s device for the products of the closed forms: they end in chosen-minus-rejected
+    differences of near-equal terms, which a bf16 matmul under a mixed-precision run's context cannot resolve."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def margins_of(row_changes: torch.Tensor) -> torch.Tensor:
     """[2P] per-row changes (chosen rows, then rejected) -> [P] margin changes."""
     chosen, rejected = row_changes.chunk(2)
@@ -53,7 +59,8 @@ def exrm_hidden_similarity(module, train: Batch, train_hidden: torch.Tensor, pro
     weights = reward_weights(module, train, train_hidden)
     h_train = module.features(train_hidden, train).float()
     h_probe = module.features(probe_hidden, probe).float()
-    return margins_of(-eta * (h_probe @ h_train.T) @ weights)
+    with without_autocast(h_probe):
+        return margins_of(-eta * (h_probe @ h_train.T) @ weights)
 
 
 def response_token_states(module, batch: Batch,
@@ -76,8 +83,9 @@ def imrm_token_terms(module, train: Batch, train_hidden: torch.Tensor, probe: Ba
     train_rows, h_train, v_train, p_train = response_token_states(module, train, train_hidden)
     probe_rows, h_probe, y_probe, p_probe = response_token_states(module, probe, probe_hidden)
     matching = y_probe[:, None] == v_train[None, :]
-    rho = (matching.float() - p_probe[:, v_train] - p_train[:, y_probe].T + p_probe @ p_train.T)
-    terms = rho * (h_probe @ h_train.T) * weights[train_rows][None, :] * (-eta * module.beta ** 2)
+    with without_autocast(h_probe):
+        rho = (matching.float() - p_probe[:, v_train] - p_train[:, y_probe].T + p_probe @ p_train.T)
+        terms = rho * (h_probe @ h_train.T) * weights[train_rows][None, :] * (-eta * module.beta ** 2)
     rows = probe["input_ids"].shape[0]
 
     def per_probe_margin(part: torch.Tensor) -> torch.Tensor:
