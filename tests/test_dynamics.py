@@ -257,6 +257,17 @@ def test_monitor_logs_every_eval_set_at_step_zero_and_every_n_steps(tmp_path):
         <= set(events.Tags()["scalars"])
 
 
+def test_the_monitor_plot_names_every_step_size_a_schedule_gave(tmp_path, monkeypatch):
+    from rm_lightning.dynamics import monitor
+
+    figures = []
+    monkeypatch.setattr(monitor, "save_figure_atomically", lambda figure, path: figures.append(figure))
+    rows = [{"step": step, "set": "s", "eta": eta, "real_margin_change": 0.0, "sgd_margin_change": 0.0}
+            for step, eta in ((0, 2e-6), (5, 2e-5))]
+    monitor.plot_dynamics(rows, tmp_path / "dynamics.png")
+    assert figures[0].axes[len(figures[0].axes) // 2].get_ylabel() == "one SGD step (eta = 2e-06 to 2e-05)"
+
+
 def test_monitor_refuses_several_processes():
     from types import SimpleNamespace
 

@@ -171,6 +171,12 @@ class DynamicsMonitor(L.Callback):
             plot_dynamics(self.rows, directory / f"{self.filename}.png")
 
 
+def eta_label(rows: list[dict]) -> str:
+    """The analysed step size: one, or the range a learning-rate schedule gave it over the checks."""
+    low, high = min(row["eta"] for row in rows), max(row["eta"] for row in rows)
+    return f"eta = {low:.2g}" if low == high else f"eta = {low:.2g} to {high:.2g}"
+
+
 def plot_dynamics(rows: list[dict], path: Path) -> None:
     """Per eval set: the real step's mean margin change (top) and the SGD step's terms (bottom), over steps."""
     import matplotlib
@@ -197,7 +203,7 @@ def plot_dynamics(rows: list[dict], path: Path) -> None:
         top.set_title(name, fontsize=9)
         bottom.set_xlabel("optimizer step")
     axes[0][0].set_ylabel("mean margin change")
-    axes[1][0].set_ylabel(f"one SGD step (eta = {rows[0]['eta']:.2g})")
+    axes[1][0].set_ylabel(f"one SGD step ({eta_label(rows)})")
     handles, labels = [], []
     for axis in (axes[0][0], axes[1][0]):
         h, lab = axis.get_legend_handles_labels()
