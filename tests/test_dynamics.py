@@ -129,6 +129,13 @@ def test_the_probe_leaves_weights_gradients_and_mode_as_it_found_them():
     assert module.training
 
 
+def test_the_probe_leaves_an_imrm_knowing_that_it_is_at_its_reference():
+    """Else the first probe set's step is measured from an exact 0 to a policy-minus-reference reward."""
+    module = built(ImplicitRM)
+    change(module, 1e-3)
+    assert module.policy_is_reference()
+
+
 def test_output_layer_training_moves_only_the_output_layer():
     module = built(ImplicitRM, trainable="output_layer")
     assert [name for name, p in module.named_parameters() if p.requires_grad] == ["model.lm_head.weight"]
