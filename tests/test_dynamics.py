@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import json
 
 import lightning as L
 import pytest
@@ -314,3 +315,15 @@ def test_a_resumed_monitor_writes_the_checks_before_the_checkpoint(tmp_path):
     assert dynamics_fit(tmp_path, "--ckpt_path", "last") == 0
     resumed = tmp_path / "lightning_logs" / "version_1"
     assert sorted({int(r["step"]) for r in csv.DictReader(open(resumed / "dynamics.csv"))}) == [0, 2, 4]
+
+
+def test_a_monitor_plot_that_cannot_be_written_is_a_warning_and_the_run_finishes(tmp_path, monkeypatch):
+    from rm_lightning.dynamics import monitor
+
+    def disk_full(figure, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(monitor, "save_figure_atomically", disk_full)
+    with pytest.warns(UserWarning, match="could not write .*dynamics.png"):
+        assert dynamics_fit(tmp_path) == 0
+    (run,) = tmp_path.glob("lightning_logs/version_*")
+    assert json.loads((run / "results.json").read_text())["status"] == "finished"

@@ -23,7 +23,7 @@ from typing import Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.dynamics.one_step import one_step_changes, probe_rewards
@@ -166,9 +166,16 @@ class DynamicsMonitor(L.Callback):
 
     @rank_zero_only
     def write(self, directory: Path) -> None:
+        """The CSV, then the plot; a plot that cannot be written (a full disk, no backend) is a warning, as
+        ``margin_history.png``'s: the figures are in the CSV, and a finished fit must not end as failed."""
         write_csv_atomically(directory / f"{self.filename}.csv", self.rows, CSV_COLUMNS)
-        if self.rows:
+        if not self.rows:
+            return
+        try:
             plot_dynamics(self.rows, directory / f"{self.filename}.png")
+        except Exception as err:  # noqa: BLE001 - the plot is a convenience
+            rank_zero_warn(f"could not write {directory / self.filename}.png ({type(err).__name__}: {err}); "
+                           f"the figures are in {self.filename}.csv")
 
 
 def eta_label(rows: list[dict]) -> str:
