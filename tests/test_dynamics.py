@@ -246,6 +246,11 @@ def test_theorem1_margin_is_delta_while_generation_stays_bounded():
     assert result["bound"] == pytest.approx(torch.e ** 2 * result["p_ref_correct"])
 
 
+def test_theorem1_bound_past_a_float_is_infinite_not_an_overflow():
+    result = theorem1_check(beta=1e-5, delta=0.01)  # e^1000
+    assert result["bound"] == float("inf") and result["p_policy_correct"] <= 1.0
+
+
 def test_monitor_logs_every_eval_set_at_step_zero_and_every_n_steps(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -47,9 +47,11 @@ def theorem1_check(vertices: int = 6, edge_prob: float = 0.2, beta: float = 0.01
     rewards = beta * (log_policy - log_ref)
     margins = rewards[correct][:, None] - rewards[~correct][None, :]
     p_ref, p_policy = math.exp(np.logaddexp.reduce(log_ref[correct])), math.exp(np.logaddexp.reduce(log_policy[correct]))
+    log_bound = delta / beta + math.log(p_ref)  # e^(delta/beta) alone overflows a float past delta/beta ~ 709
     return {"vertices": vertices, "orders": int(correct.size), "correct_orders": int(correct.sum()), "beta": beta,
             "delta": delta, "min_margin": float(margins.min()), "max_margin": float(margins.max()),
-            "p_ref_correct": p_ref, "p_policy_correct": p_policy, "bound": math.exp(delta / beta) * p_ref}
+            "p_ref_correct": p_ref, "p_policy_correct": p_policy,
+            "bound": math.exp(log_bound) if log_bound < 700 else math.inf}
 
 
 def summary(result: dict) -> str:
