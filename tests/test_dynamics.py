@@ -332,3 +332,9 @@ def test_a_monitor_plot_that_cannot_be_written_is_a_warning_and_the_run_finishes
         assert dynamics_fit(tmp_path) == 0
     (run,) = tmp_path.glob("lightning_logs/version_*")
     assert json.loads((run / "results.json").read_text())["status"] == "finished"
+
+
+def test_two_monitors_of_a_run_keep_their_rows_apart_in_checkpoints():
+    from rm_lightning.dynamics import DynamicsMonitor
+
+    assert DynamicsMonitor(filename="a").state_key != DynamicsMonitor(filename="b", eta=1e-3).state_key

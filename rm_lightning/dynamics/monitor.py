@@ -155,6 +155,11 @@ class DynamicsMonitor(L.Callback):
         if self.rows:
             self.write(run_dir(trainer))
 
+    @property
+    def state_key(self) -> str:
+        """One per output file: two monitors of a run (another eta, another filename) keep their own rows."""
+        return self._generate_state_key(filename=self.filename)
+
     def state_dict(self) -> dict:
         """The rows travel in checkpoints, so a resumed fit writes every check, not only its own."""
         return {"rows": [dict(row) for row in self.rows]}
