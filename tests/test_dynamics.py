@@ -239,6 +239,12 @@ def test_max_margin_of_a_run_without_a_checkpoint_says_that_it_has_no_trained_he
     assert f"{run}: no checkpoint in checkpoints/: the initial model's features" in capsys.readouterr().out
 
 
+def test_max_margin_help_names_where_a_config_analysis_is_written(capsys):
+    with pytest.raises(SystemExit):
+        max_margin.run(["--help"])
+    assert "runs/max_margin/<config file stem>" in " ".join(capsys.readouterr().out.split())
+
+
 def test_theorem1_margin_is_delta_while_generation_stays_bounded():
     result = theorem1_check(vertices=5, beta=0.01, delta=0.02, seed=1)
     assert result["min_margin"] == pytest.approx(0.02, abs=1e-12) and result["max_margin"] == pytest.approx(0.02, abs=1e-12)

@@ -16,8 +16,8 @@ cvxopt), and reports:
 * the paper's footnote-3 statistics: inner products and cosines between the training ("seen")
   differences and those of each token-shift eval set ("unseen"), and against u*.
 
-Writes ``max_margin.json`` and ``max_margin.png`` (to the run directory, or ``--out``) and prints
-the tables.
+Writes ``max_margin.json`` and ``max_margin.png`` (to the run directory, or for ``--config`` to
+``runs/max_margin/<config file stem>``, or ``--out``) and prints the tables.
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", nargs="?", type=Path,
                         help="a fitted EX-RM run directory (config.yaml, checkpoints/), or one of its checkpoints")
     parser.add_argument("--config", type=Path, help="a config instead of a run: the backbone's features, no head")
-    parser.add_argument("--out", type=Path, help="where to write max_margin.json/.png (default: the run directory)")
+    parser.add_argument("--out", type=Path, help="where to write max_margin.json/.png (default: the run directory; "
+                                                 "with --config, runs/max_margin/<config file stem>)")
     args = parser.parse_args(argv)
     if (args.run_dir is None) == (args.config is None):
         parser.error("give a run directory or --config (one of them)")
