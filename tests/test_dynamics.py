@@ -344,3 +344,12 @@ def test_two_monitors_of_a_run_keep_their_rows_apart_in_checkpoints():
     from rm_lightning.dynamics import DynamicsMonitor
 
     assert DynamicsMonitor(filename="a").state_key != DynamicsMonitor(filename="b", eta=1e-3).state_key
+
+
+def test_under_bf16_mixed_the_real_sgd_step_is_the_analysed_one(tmp_path):
+    """With plain SGD at eta = lr the optimizer's step is the analysed step: both changes scored alike."""
+    assert dynamics_fit(tmp_path, "--trainer.max_steps", "1", "--trainer.precision", "bf16-mixed",
+                        "--model.init_args.optimizer", "{class_path: torch.optim.SGD, init_args: {lr: 0.05}}") == 0
+    (run,) = tmp_path.glob("lightning_logs/version_*")
+    for row in csv.DictReader(open(run / "dynamics.csv")):
+        assert float(row["real_margin_change"]) == pytest.approx(float(row["sgd_margin_change"]), rel=0.02)

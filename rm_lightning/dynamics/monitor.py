@@ -117,14 +117,12 @@ class DynamicsMonitor(L.Callback):
         if pending is None or trainer.global_step <= pending.step:  # no optimizer step yet (accumulation)
             return
         resumed = time.monotonic()
-        context = trainer.precision_plugin.forward_context
         was_training = pl_module.training
         pl_module.eval()
         metrics = {}
         for name, pairs in self.probes.items():
             probe = {k: v.to(pl_module.device) for k, v in pl_module.collator()(pairs).items()}
-            with context():
-                after = probe_rewards(pl_module, probe)
+            after = probe_rewards(pl_module, probe)  # in the weights' precision, as ``before`` (one_step.probe_change)
             change = after - pending.before[name]
             row = {"step": pending.step, "epoch": pending.epoch, "set": name, "eta": pending.eta,
                    "probe_pairs": len(pairs), "real_margin_change": (change[:, 0] - change[:, 1]).mean().item(),

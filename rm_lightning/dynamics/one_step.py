@@ -208,17 +208,17 @@ def probe_change(module, params, grads, train_batch: Batch, train_hidden: torch.
                  context: Callable[[], object]) -> OneStepChange:
     """The step's measured and predicted effect on one probe set, given the training gradient."""
     probe = {k: v.to(module.device) for k, v in module.collator()(list(probe_pairs)).items()}
-    with context(), torch.no_grad():
-        probe_hidden = module.hidden_states(probe)
-    with context():
-        before = probe_rewards(module, probe, probe_hidden)
-    # outside the precision context, in the weights' own precision: a step of size eta (a learning rate) moves
-    # rewards far less than bf16 autocast resolves, so measured there the change is rounding (often exactly 0)
-    measured = measured_change(module, params, grads, eta, probe, probe_rewards(module, probe))
+    # rewards before and after a step are scored outside the precision context, in the weights' own precision:
+    # a learning-rate-sized step moves rewards by about what bf16 autocast resolves, so scored there the change
+    # is largely rounding (often exactly 0); ``before`` also serves the monitor's real optimizer step
+    before = probe_rewards(module, probe)
+    measured = measured_change(module, params, grads, eta, probe, before)
     with context():
         margin, rewards = predicted_change(module, params, grads, eta, probe_pairs, predict_rewards)
     terms = {}
     if train_hidden is not None:
+        with context(), torch.no_grad():
+            probe_hidden = module.hidden_states(probe)
         with context():
             terms = output_layer_terms(module, train_batch, train_hidden, probe, probe_hidden, eta)
     return OneStepChange(eta, before, measured, margin, rewards, terms)
