@@ -185,7 +185,7 @@ def test_missing_field_names_file_and_field(two_types):
 
 def test_duplicate_evaluations_are_an_error(two_types):
     write_result(two_types / "again", "ExplicitRM", 0, {"orig": ("in_distribution", 1.0, 2.0)})
-    with pytest.raises(RMLightningError, match="both hold ExplicitRM"):
+    with pytest.raises(RMLightningError, match="both hold ExplicitRM.*trained twice: a resumed or repeated run"):
         collect(two_types)
 
 

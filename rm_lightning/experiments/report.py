@@ -144,7 +144,9 @@ def collect(root: str | Path) -> Collection:
             identity = (evaluation.rm_type, *evaluation.key)
             if identity in seen:
                 raise RMLightningError(f"report: {path} and {seen[identity]} both hold {evaluation.rm_type} on "
-                                       f"{'/'.join(evaluation.key)}; report one sweep at a time")
+                                       f"{'/'.join(evaluation.key)} (the same config, backbone and seed trained "
+                                       f"twice: a resumed or repeated run, or two sweeps); report a folder that "
+                                       f"holds each run once, such as one sweep")
             seen[identity] = path
             evaluations.append(evaluation)
     if not evaluations:
