@@ -308,3 +308,18 @@ def test_reference_pass_with_a_reference_backbone_caches_the_references_log_prob
     assert "reference_logps" in batch and list((tmp_path / "ref").glob("*.pt"))
     with torch.no_grad():
         assert torch.allclose(module.rewards(batch).float(), uncached, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("out", [".", "checkpoints", ".."])
+def test_overwrite_never_replaces_the_run_being_exported(out, tmp_path, capsys):
+    """``export <run> <run> --overwrite`` would replace the run directory, checkpoint included, by the export."""
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    module = ExplicitRM(backbone="tiny-llama")
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {**module.hparams,
+                                                                         "_class_path": "rm_lightning.ExplicitRM"}},
+               run / "checkpoints" / "last.ckpt")
+    assert export_main([str(run), str(run / out), "--overwrite"]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "holds the checkpoint being exported" in lines[0]
+    assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -343,6 +343,14 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise RMLightningError(f"{out}: exists and is not empty; pass --overwrite to replace it")
 
 
+def check_not_replacing_source(out: Path, checkpoint: Path) -> None:
+    """``--overwrite`` replaces ``out`` whole: a folder holding the checkpoint (the run directory, its
+    ``checkpoints/`` or a runs root) would lose the run, so it is refused before any model loads."""
+    if checkpoint.resolve().is_relative_to(out.resolve()):
+        raise RMLightningError(f"{out}: holds the checkpoint being exported ({checkpoint}); exporting there would "
+                               f"replace the run, so give a new folder")
+
+
 def write_folder(out: Path, save: Callable[[Path], None], overwrite: bool) -> None:
     """Write ``out`` through a staged folder: readers see the old folder or the new one, never a half one."""
     check_output(out, overwrite)
@@ -382,6 +390,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, push_to_hub_repo: 
     out = Path(out).expanduser()
     check_hub_repo(push_to_hub_repo)
     check_output(out, overwrite)
+    check_not_replacing_source(out, resolve_checkpoint(source))
     module = load_reward_module(source)
     summary = export_module(module, out, overwrite)
     files = sorted(p for p in out.iterdir() if p.is_file())
