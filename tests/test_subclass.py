@@ -24,3 +24,15 @@ def test_user_subclass_trains_with_the_shared_machinery(tmp_path):
     loss, chosen, rejected = module.pair_loss(batch)
     loss.backward()
     assert module.model.get_input_embeddings().weight.grad is not None
+
+
+def test_the_readme_subclass_is_not_exported_as_a_plain_imrm(tmp_path):
+    """Its export would record a summed log-ratio and load back as ImplicitRM, with other rewards."""
+    import pytest
+
+    from rm_lightning.errors import RMLightningError
+    from rm_lightning.models.export import export_module
+
+    with pytest.raises(RMLightningError, match="overrides compute_rewards of ImplicitRM"):
+        export_module(LengthNormalizedIMRM(backbone="tiny-llama-chat", reference="none"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

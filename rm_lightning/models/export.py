@@ -49,6 +49,8 @@ RUN_ONLY_OPTIONS = {"activation_checkpointing": False, "compile_layers": False, 
 # texts every export is checked on (one short, one with a longer, multi-sentence response)
 CHECK_PAIRS = [PreferencePair("What is 2 + 2?", "4", "5"),
                PreferencePair("Say hello to a friend.", "Hello there, my friend! How have you been?", "Go away.")]
+# what decides an IM-RM's or EX-GRM's reward: a subclass overriding one is not what its export format records
+REWARD_METHODS = ("format_texts", "hidden_states", "rewards", "compute_rewards")
 MAX_REWARD_DIFFERENCE = 1e-4  # fp32 forwards in two layouts agree to ~1e-6; anything larger is a format mismatch
 
 
@@ -304,8 +306,19 @@ def export_module(module: RewardModule, out: str | os.PathLike, overwrite: bool 
     for cls, export in ((ExplicitGenerativeRM, export_generative), (ImplicitRM, export_implicit),
                         (ExplicitRM, export_explicit)):
         if isinstance(module, cls):
+            if cls is not ExplicitRM:  # an EX-RM export compares its rewards with the module's instead
+                check_rewards_as_exported(module, cls)
             return export(module, out, overwrite)
     raise RMLightningError(f"no export format for reward-model type {type(module).__name__}")
+
+
+def check_rewards_as_exported(module: RewardModule, cls: type[RewardModule]) -> None:
+    """A subclass (README, "Adding an RM type") is written in ``cls``'s format, which records ``cls``'s reward:
+    one that computes or formats its rewards otherwise would load back as ``cls`` with other rewards."""
+    changed = [name for name in REWARD_METHODS if getattr(type(module), name) is not getattr(cls, name)]
+    if changed:
+        raise RMLightningError(f"{type(module).__name__} overrides {', '.join(changed)} of {cls.__name__}, so the "
+                               f"{cls.__name__} export format would not give its rewards; not exported")
 
 
 # --- loading an export back -----------------------------------------------------------------------
