@@ -219,12 +219,12 @@ def one_line(message: str, limit: int = 400) -> str:
         unknown = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
         required = re.search(r"Problem with given class_path '([^']+)':\s*the following arguments are required: "
                              r"([^\n]+)", message)
-        if unknown:
+        if reasons and "Got value" in reasons[0]:  # a union's other class (a Callback) refusing the option is moot
+            text = f"{option}: {reasons[0]}"
+        elif unknown:
             text = f"{option}.init_args: {unknown.group(1)} has no option '{unknown.group(2)}'"
         elif required:  # else the union's last alternative (an Iterable, a bool) would be named instead
             text = f"{option}.init_args: {required.group(1)} needs {required.group(2).strip()}"
-        elif reasons and "Got value" in reasons[0]:
-            text = f"{option}: {reasons[0]}"
         elif allowed:
             text = f"{option}: expected one of {', '.join(allowed)}{', or null' if 'NoneType' in message else ''}, " \
                    f"got {given}"
