@@ -293,7 +293,11 @@ def ensure_converted(name: str, verbose: bool = True) -> Path:
     target = converted_model_dir(name)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # RM_LIGHTNING_CACHE a file, or a folder that cannot be written
+        raise BackboneError(f"cannot convert '{name}': its cache folder {target.parent} cannot be created "
+                            f"({err.strerror or type(err).__name__}); set RM_LIGHTNING_CACHE to a writable folder") from None
     with tempfile.TemporaryDirectory(prefix=f".{name}-gguf-", dir=target.parent) as scratch, \
             GGUF_BACKBONES[name](Path(scratch)) as gguf:
         if verbose:

@@ -1,0 +1,12 @@
+"""``python -m rm_lightning.prepare``: bad input is one ``error:`` line and exit status 2."""
+
+from rm_lightning.experiments.prepare import main
+
+
+def test_a_cache_root_that_is_a_file_is_one_line_naming_the_variable(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cache").write_text("not a folder\n")
+    monkeypatch.setenv("RM_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    assert main(["smollm2-135m-instruct"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot convert 'smollm2-135m-instruct'")
+    assert "RM_LIGHTNING_CACHE" in err[0]
