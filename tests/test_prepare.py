@@ -10,3 +10,11 @@ def test_a_cache_root_that_is_a_file_is_one_line_naming_the_variable(tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot convert 'smollm2-135m-instruct'")
     assert "RM_LIGHTNING_CACHE" in err[0]
+
+
+def test_help_prints_the_usage_instead_of_taking_it_for_a_backbone_name(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0 and "usage: python -m rm_lightning.prepare" in capsys.readouterr().out

@@ -5,6 +5,7 @@ Doing it at install time keeps the first training run, and every test, free of t
 GGUF dequantization.
 """
 
+import argparse
 import sys
 import time
 
@@ -24,9 +25,18 @@ def run(names: list[str]) -> int:
     return 0
 
 
+def parse_names(argv: list[str]) -> list[str]:
+    """The backbone names asked for (the bundled model when none); ``--help`` prints the usage and exits."""
+    parser = argparse.ArgumentParser(prog="python -m rm_lightning.prepare",
+                                     description="Convert and cache built-in GGUF backbones.")
+    parser.add_argument("names", nargs="*", metavar="name",
+                        help=f"built-in GGUF backbones to convert ({', '.join(GGUF_BACKBONES)}; default {BUNDLED_MODEL})")
+    return parser.parse_args(argv).names or [BUNDLED_MODEL]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status; bad input is one ``error:`` line and status 2."""
-    names = list(sys.argv[1:] if argv is None else argv) or [BUNDLED_MODEL]
+    names = parse_names(list(sys.argv[1:] if argv is None else argv))
     return exit_status(lambda: run(names))
 
 
