@@ -323,3 +323,13 @@ def test_overwrite_never_replaces_the_run_being_exported(out, tmp_path, capsys):
     lines = error_lines(capsys)
     assert len(lines) == 1 and "holds the checkpoint being exported" in lines[0]
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("rm_type, option", [(ImplicitRM, "backbone"), (ImplicitRM, "reference_backbone"),
+                                             (ExplicitGenerativeRM, "backbone")])
+def test_an_exported_exrm_is_no_backbone_of_a_type_reading_lm_logits(rm_type, option, tmp_path):
+    """Its folder has no LM head: an IM-RM or EX-GRM on it would score with a random one, silently."""
+    export_module(ExplicitRM(backbone="tiny-llama-chat"), tmp_path / "exrm")
+    options = {"backbone": "tiny-llama-chat", option: str(tmp_path / "exrm")}
+    with pytest.raises(RMLightningError, match=f"model.{option} .* is a sequence-classification model"):
+        rm_type(**options)

@@ -165,11 +165,21 @@ def is_sequence_classification(name_or_path: str) -> bool:
     return any(arch.endswith(SEQUENCE_CLASSIFICATION_SUFFIX) for arch in model_architectures(name_or_path))
 
 
+def check_language_model_backbone(name: str, option: str, rm_type: str) -> None:
+    """An RM type whose rewards read LM logits (IM-RM, EX-GRM) cannot take a sequence classifier: its LM head is
+    not in the checkpoint (``_causal_lm_of_sequence_classifier``), so the rewards would come from a random one."""
+    if is_sequence_classification(name):
+        raise BackboneError(f"{option} '{name}' is a sequence-classification model (an EX-RM's format) without an LM "
+                            f"head; an {rm_type} reads LM logits: give a causal LM (an IM-RM or EX-GRM export, or "
+                            f"an instruct model)")
+
+
 def _causal_lm_of_sequence_classifier(name_or_path: str) -> PreTrainedModel:
     """The causal LM sharing a sequence classifier's decoder weights (same prefix, e.g. ``model.``).
 
     Its LM head is not in the checkpoint: tied to the input embeddings where the config ties them,
-    else seeded random. Only an EX-RM may use such a backbone, and it never computes LM logits.
+    else seeded random. Only an EX-RM may use such a backbone, and it never computes LM logits
+    (``check_language_model_backbone`` refuses it to the other types).
     """
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # "lm_head newly initialized" is expected here

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from rm_lightning.errors import BackboneError, SettingError
+from rm_lightning.models.backbones import check_language_model_backbone
 from rm_lightning.models.loss import preference_loss
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.models.trainable import prepare_trainable, untie_output_embeddings
@@ -36,6 +37,7 @@ class ExplicitGenerativeRM(RewardModule):
         if loss == "yes_no_ce" and used:
             raise SettingError(f"model.{used[0]}: applies to the bt loss only, not to loss: yes_no_ce")
         super().__init__(**kwargs)
+        check_language_model_backbone(self.hparams.backbone, "model.backbone", "EX-GRM")
         self.loss_type = loss
         self.answer_ids = [self._single_token_id(yes_token), self._single_token_id(no_token)]
         if self.hparams.trainable == "output_layer":

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rm_lightning.cache_entries import cache_dir
 from rm_lightning.errors import BackboneError, SettingError
 from rm_lightning.models import reference_cache
-from rm_lightning.models.backbones import check_backbone_name, load_backbone
+from rm_lightning.models.backbones import check_backbone_name, check_language_model_backbone, load_backbone
 from rm_lightning.models.logprobs import response_logratios, response_token_logps, sum_per_row
 from rm_lightning.models.lora import adapters_disabled
 from rm_lightning.models.loss import LOSS_KINDS, PairLossOptions, check_loss_options
@@ -70,6 +70,7 @@ class ImplicitRM(RewardModule):
         check_loss_options("model.loss", self.loss_kind, kwargs.get("label_smoothing", 0.0), beta)
         self._check_reference_backbone(reference_backbone, reference, kwargs.get("trainable", "all"))
         super().__init__(**kwargs)
+        check_language_model_backbone(self.hparams.backbone, "model.backbone", "IM-RM")
         self.beta, self.reference, self.cache_reference = beta, reference, cache_reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_dir() / "reference_logps"
         self.logprob_chunk_size = logprob_chunk_size
@@ -186,6 +187,7 @@ class ImplicitRM(RewardModule):
 
     def _load_reference_backbone(self, name: str) -> None:
         """Load the reference, key the cache on its weights, and hold it unless it equals the policy."""
+        check_language_model_backbone(name, "model.reference_backbone", "IM-RM")
         model, tokenizer = load_backbone(name, extra_tokens=self.hparams.extra_tokens)
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise BackboneError(f"model.reference_backbone '{name}' has another tokenizer than the policy "
