@@ -178,3 +178,13 @@ def test_imrm_predictions_from_the_cli_equal_its_rewards_from_python(tmp_path):
     assert torch.allclose(torch.tensor([r["chosen_reward"] for r in rows]), chosen, atol=1e-6)
     assert torch.allclose(torch.tensor([r["rejected_reward"] for r in rows]), rejected, atol=1e-6)
     assert chosen.abs().max() > 0  # trained: not the reference's zeros
+
+
+def test_load_reward_model_of_a_run_folder_or_a_non_checkpoint_names_what_to_give(tmp_path):
+    """An existing folder is not 'not found', and a file that is no checkpoint is no traceback."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_text("not a checkpoint\n")
+    with pytest.raises(SettingError, match="is a folder, not a checkpoint .its checkpoint is .*last.ckpt"):
+        load_reward_model(tmp_path / "run")
+    with pytest.raises(SettingError, match="not a readable checkpoint"):
+        load_reward_model(tmp_path / "run" / "checkpoints" / "last.ckpt")

@@ -41,9 +41,14 @@ def load_reward_model(checkpoint: str | Path, map_location: str | torch.device =
     checkpoints, from the ``config.yaml`` of the run directory the checkpoint sits in.
     """
     path = Path(checkpoint)
+    if path.is_dir():
+        raise SettingError(f"{checkpoint} is a folder, not a checkpoint ({_folder_hint(path)})")
     if not path.is_file():
         raise SettingError(f"checkpoint not found: {checkpoint}")
-    stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 - truncated, not a torch file, not a zip checkpoint: all unusable
+        raise SettingError(f"{checkpoint}: not a readable checkpoint ({type(err).__name__})") from None
     class_path = stored.get(CLASS_PATH_KEY) if isinstance(stored, dict) else None
     class_path = class_path or _class_path_from_run_config(path)
     if class_path is None:
@@ -53,6 +58,16 @@ def load_reward_model(checkpoint: str | Path, map_location: str | torch.device =
     module = getattr(importlib.import_module(module_name), class_name).load_from_checkpoint(
         path, map_location=map_location)
     return module.eval()
+
+
+def _folder_hint(folder: Path) -> str:
+    """What to give instead of a folder: a run directory's checkpoint, or ``load_exported`` for an export."""
+    inside = folder / "checkpoints" / "last.ckpt"
+    if inside.is_file():
+        return f"its checkpoint is {inside}"
+    if (folder / "config.json").is_file():
+        return "an exported reward model loads with rm_lightning.models.export.load_exported(folder)"
+    return "give a .ckpt file"
 
 
 def _class_path_from_run_config(checkpoint: Path) -> Optional[str]:
