@@ -91,7 +91,7 @@ def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrain
     if name in TINY_BACKBONES:
         model, tokenizer = TINY_BACKBONES[name]()
     elif name in GGUF_BACKBONES:
-        model, tokenizer = _load_pretrained(str(ensure_converted(name)))
+        model, tokenizer = _load_converted(name)
     else:
         model, tokenizer = _load_pretrained(name)
     _ensure_pad_token(tokenizer, model)
@@ -109,21 +109,39 @@ def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrain
 
 
 def _load_pretrained(name_or_path: str):
-    """fp32 weights: mixed precision comes from the trainer's autocast, so training keeps fp32 master weights."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        if is_sequence_classification(name_or_path):
-            model = _causal_lm_of_sequence_classifier(name_or_path)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        return _from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneError(
-            f"cannot load backbone '{name_or_path}' ({first_line}). Without internet, point `model.backbone` "
+            f"cannot load backbone '{name_or_path}' ({_first_line(err)}). Without internet, point `model.backbone` "
             f"at a local directory holding config.json, tokenizer files and weights, or use '{BUNDLED_MODEL}' "
             f"or 'tiny-llama'."
         ) from None
+
+
+def _load_converted(name: str):
+    """A built-in GGUF backbone from its converted folder. ``ensure_converted`` keeps any folder holding a
+    config.json, so one that no longer loads (a file deleted or cut short by hand) is named with the way out."""
+    folder = ensure_converted(name)
+    try:
+        return _from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"the converted '{name}' in {folder} cannot be loaded ({_first_line(err)}); delete that "
+                            f"folder and run python -m rm_lightning.prepare {name}") from None
+
+
+def _from_pretrained(name_or_path: str):
+    """fp32 weights: mixed precision comes from the trainer's autocast, so training keeps fp32 master weights."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if is_sequence_classification(name_or_path):
+        model = _causal_lm_of_sequence_classifier(name_or_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 # --- sequence-classification checkpoints (reward models) -------------------------------------------
