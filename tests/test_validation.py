@@ -82,6 +82,8 @@ BAD_SETTINGS = [
      "trainer.logger.init_args: lightning.pytorch.loggers.CSVLogger needs save_dir"),
     (EXRM, ["--data.init_args.batch_sise", "3"], "data.init_args: data_modules.PersonaDataModule has no option"),
     (EXRM, ["--model.init_args.decoder_layout", "stacked"], "model.init_args.decoder_layout: Expected a"),
+    (str(PROJECT_ROOT / "configs" / "exrm_hamcycle.yaml"), ["--data.init_args.edge_prob", "1"],
+     "data.init_args.edge_prob: expected a probability in [0, 1) (at 1 every graph is complete), got 1"),
     # a callback's option of the wrong type: not "lightning.Callback has no option" (the union's other class)
     (str(PROJECT_ROOT / "configs" / "imrm_hamcycle.yaml"), ["--trainer.callbacks.init_args.max_new_tokens", "abc"],
      "trainer.callbacks.init_args.max_new_tokens: Expected a <class 'int'>. Got value: abc"),
