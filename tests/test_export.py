@@ -333,3 +333,12 @@ def test_an_exported_exrm_is_no_backbone_of_a_type_reading_lm_logits(rm_type, op
     options = {"backbone": "tiny-llama-chat", option: str(tmp_path / "exrm")}
     with pytest.raises(RMLightningError, match=f"model.{option} .* is a sequence-classification model"):
         rm_type(**options)
+
+
+def test_an_exported_imrm_validated_without_its_reference_says_every_reward_is_0(tmp_path):
+    """Its own weights become the reference: accuracy 0.5 everywhere, which must not read as a result."""
+    export_module(perturbed(ImplicitRM(backbone="tiny-llama-chat")), tmp_path / "out")
+    config = str(PROJECT_ROOT / "configs/imrm_persona.yaml")
+    with pytest.warns(UserWarning, match="no reference_backbone is given: it is its own reference, so every reward"):
+        cli.main(["validate", "--config", config, "--config", str(tiny_override(tmp_path)),
+                  "--model.init_args.backbone", str(tmp_path / "out"), *SMALL])

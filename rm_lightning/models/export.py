@@ -35,13 +35,12 @@ from rm_lightning.files import write_directory_atomically
 from rm_lightning.models.backbones import HUB_ID, is_sequence_classification
 from rm_lightning.models.explicit import ExplicitRM
 from rm_lightning.models.generative import VERIFICATION_TEMPLATE, ExplicitGenerativeRM
-from rm_lightning.models.implicit import ImplicitRM
+from rm_lightning.models.implicit import IMPLICIT_FILE, ImplicitRM
 from rm_lightning.models.lora import merge_adapters
 from rm_lightning.models.reward_module import RewardModule
 from rm_lightning.pairs.encoding import uses_plain_format
 from rm_lightning.pairs.records import PreferencePair
 
-IMPLICIT_FILE = "implicit_reward.json"
 GENERATIVE_FILE = "generative_reward.json"
 # options that change how fast a module runs, never its weights or rewards: off for an export
 RUN_ONLY_OPTIONS = {"activation_checkpointing": False, "compile_layers": False, "optimizer_in_backward": False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
@@ -24,6 +25,9 @@ from rm_lightning.pairs.records import EncodedPairs
 from rm_lightning.perf.by_prompt import consecutive_batches
 from rm_lightning.perf.eval_rewards import evaluated_part
 from rm_lightning.settings import check_options
+
+
+IMPLICIT_FILE = "implicit_reward.json"  # beside an exported IM-RM's weights: its reference and beta
 
 
 class ImplicitRM(RewardModule):
@@ -208,7 +212,25 @@ class ImplicitRM(RewardModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage != "fit":
+            self._warn_if_an_export_is_its_own_reference()
         self._attach_references(stage)
+
+    def _warn_if_an_export_is_its_own_reference(self) -> None:
+        """An exported IM-RM's folder names its reference; evaluated without ``reference_backbone`` it is its own
+        reference, every reward exactly 0 and every accuracy 0.5, which would otherwise read as a result."""
+        info_file = Path(self.hparams.backbone).expanduser() / IMPLICIT_FILE
+        if self.reference != "frozen" or self.hparams.reference_backbone or not info_file.is_file():
+            return
+        try:
+            info = json.loads(info_file.read_text())
+        except (OSError, ValueError):
+            return
+        if info.get("reference_backbone"):
+            rank_zero_warn(f"IM-RM: backbone {self.hparams.backbone} is an exported IM-RM whose reference is "
+                           f"{info['reference_backbone']!r} ({IMPLICIT_FILE}), but no reference_backbone is given: "
+                           f"it is its own reference, so every reward is 0; add --model.init_args.reference_backbone "
+                           f"{info['reference_backbone']} --model.init_args.beta {info.get('beta')}")
 
     def _attach_references(self, stage: str) -> None:
         """Reference log-probs for every pair ``stage`` scores against another model (``_sets_needing_reference``);
