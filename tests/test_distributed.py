@@ -331,3 +331,14 @@ def test_configure_model_leaves_a_module_alone_without_a_device_mesh():
     module = build("exrm")
     module.configure_model()
     assert not is_sharded(module)
+
+
+def test_a_sharded_module_records_its_own_rm_type_in_checkpoints(one_rank_mesh):
+    """fully_shard makes the module an ``FSDPExplicitGenerativeRM`` of torch's FSDP package: the checkpoint (and
+    results.json) must still name ExplicitGenerativeRM, which load_reward_model can import back."""
+    from rm_lightning.models.scoring import CLASS_PATH_KEY
+
+    module = shard_reward_module(build("exgrm"), one_rank_mesh)
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint[CLASS_PATH_KEY] == "rm_lightning.models.generative.ExplicitGenerativeRM"

@@ -26,7 +26,7 @@ from rm_lightning.files import save_figure_atomically, write_json_atomically
 from rm_lightning.models.implicit import ImplicitRM
 from rm_lightning.pairs.contract import VerifiableData
 from rm_lightning.pairs.encoding import uses_plain_format
-from rm_lightning.perf.sharding import is_sharded, root_gathered
+from rm_lightning.perf.sharding import is_sharded, root_gathered, unsharded_class
 from rm_lightning.settings import Rule, check_options, whole_number
 
 SPLITS = ("train", "test")
@@ -100,8 +100,8 @@ class GenerationCheck(L.Callback):
             raise RMLightningError(f"GenerationCheck needs a datamodule with generation_prompts() and verify(); "
                                    f"{type(datamodule).__name__} has not both")
         if not isinstance(pl_module, ImplicitRM):
-            rank_zero_warn(f"GenerationCheck on {type(pl_module).__name__}: its LM head is not what training "
-                           f"optimizes; the check is meant for IM-RMs.")
+            rank_zero_warn(f"GenerationCheck on {unsharded_class(pl_module).__name__}: its LM head is not what "
+                           f"training optimizes; the check is meant for IM-RMs.")
         from rm_lightning.callbacks.margin_history import run_title
 
         self._title = run_title(trainer, pl_module)  # collective: resolves the run directory on every rank now

@@ -14,6 +14,7 @@ from rm_lightning.callbacks.phase_times import describe_timings, phase_timings
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.files import save_figure_atomically, write_csv_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS, TRAIN_METRICS, TRAIN_SET, train_key
+from rm_lightning.perf.sharding import unsharded_class
 
 CSV_COLUMNS = ("step", "epoch", "set", "split") + EVAL_METRICS
 
@@ -79,7 +80,7 @@ class MarginHistory(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(run_dir(trainer))
-        name = type(pl_module).__name__
+        name = unsharded_class(pl_module).__name__
         evaluated = next((row["step"] for row in reversed(self.rows) if row["split"] != TRAIN_SET), None)
         heading = (f"\nfinal evaluation ({name})" if evaluated == trainer.global_step else
                    f"\nlast evaluation ({name}), at step {evaluated}: none ran at the last step, "
@@ -164,7 +165,7 @@ def run_title(trainer, pl_module) -> str:
     names = [c.config_name for c in trainer.callbacks if isinstance(c, ResultsWriter) and c.config_name]
     experiment = names[0] if names else (directory.parent.parent.name or directory.parent.name)
     backbone = getattr(pl_module, "hparams", {}).get("backbone")
-    return " · ".join(part for part in (f"{experiment}/{directory.name}", type(pl_module).__name__,
+    return " · ".join(part for part in (f"{experiment}/{directory.name}", unsharded_class(pl_module).__name__,
                                         str(backbone) if backbone else "") if part)
 
 

@@ -44,6 +44,7 @@ from rm_lightning.errors import user_error_behind
 from rm_lightning.files import write_json_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS
 from rm_lightning.pairs.contract import preference_data_of
+from rm_lightning.perf.sharding import class_path_of, unsharded_class
 
 RESULTS_FILENAME = "results.json"
 STATUSES = ("finished", "not_evaluated", "interrupted", "failed")
@@ -178,8 +179,8 @@ class ResultsWriter(L.Callback):
             "format_version": FORMAT_VERSION,
             "status": status,
             "stage": stage,
-            "rm_type": type(pl_module).__name__,
-            "rm_class_path": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "rm_type": unsharded_class(pl_module).__name__,  # under FSDP too, not its FSDP<Name> class
+            "rm_class_path": class_path_of(pl_module),
             "backbone": pl_module.hparams.get("backbone"),
             "datamodule": type(datamodule).__name__ if datamodule is not None else None,
             "config_name": self.config_name or (Path(config_files[0]).stem if config_files else None),

@@ -31,7 +31,7 @@ from rm_lightning.perf.micro_batches import encoded_pair_tokens, plan_for, run_i
 from rm_lightning.perf.model_setup import prepare_model
 from rm_lightning.perf.optim_in_backward import backward_optimizer
 from rm_lightning.perf.packed_pairs import ATTENTION_KINDS, AttentionKind, packing_unsupported
-from rm_lightning.perf.sharding import is_sharded
+from rm_lightning.perf.sharding import class_path_of, is_sharded
 from rm_lightning.perf.token_budget import check_token_budget, parse_memory_limit, resolve_auto_budget
 from rm_lightning.perf.weight_casts import SharedWeightCasts
 from rm_lightning.settings import check_options
@@ -327,7 +327,7 @@ class RewardModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the RM type, so ``rm_lightning.load_reward_model`` needs only the checkpoint."""
-        checkpoint[scoring.CLASS_PATH_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[scoring.CLASS_PATH_KEY] = class_path_of(self)  # under FSDP too, not its FSDP<Name> class
 
     def _log_eval_sets(self, stage: str) -> None:
         self.eval_sets.compute(self._trainer)

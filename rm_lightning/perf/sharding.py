@@ -65,6 +65,20 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def unsharded_class(module: nn.Module) -> type:
+    """The module's own class. ``fully_shard`` swaps a sharded module's class for a generated ``FSDP<Name>``
+    subclass that lives in torch's FSDP package: neither the RM type to name nor a class path to import back."""
+    if not is_sharded(module):
+        return type(module)
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
+def class_path_of(module: nn.Module) -> str:
+    """``<module>.<qualname>`` of the module's own class, sharded or not (what checkpoints and results record)."""
+    cls = unsharded_class(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def shard_reward_module(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Apply FSDP2 in place: one unit per decoder layer, then the reward module as the root.
 
