@@ -59,3 +59,23 @@ def test_metric_states_merge_like_a_cross_process_reduction():
         assert torch.allclose(whole.compute(), rank0.compute(), rtol=1e-12)
         for state in rank0._defaults:
             assert rank0._reductions[state] is not None
+
+
+def test_an_eval_set_with_no_pair_is_left_out_under_several_processes_as_in_one():
+    """Every pair of 'dropped' was screened out, so no rank updated its metrics: with two processes it must be left
+    out of the results as one process leaves it out, not reported with accuracy 0 and normalized margin 0."""
+    from types import SimpleNamespace
+
+    from rm_lightning.metrics.eval_sets import EvalSets
+
+    sets = EvalSets()
+    sets.configure(["kept", "dropped"], {}, torch.device("cpu"))
+    sets.update("kept", torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor(0.7))
+    assert list(sets.compute(SimpleNamespace(world_size=2, global_step=3))) == ["kept"]
+
+
+def test_a_set_of_one_pair_synced_across_processes_counts_one_margin():
+    """After a cross-process sync CatMetric gives one margin as a 0-d tensor: a set of one pair, not an empty one."""
+    from rm_lightning.metrics.eval_sets import value_count
+
+    assert [value_count(torch.tensor(0.25)), value_count(torch.zeros(3)), value_count([])] == [1, 3, 0]

@@ -53,6 +53,11 @@ def eval_set_metrics() -> MetricCollection:
     }, compute_groups=False)
 
 
+def value_count(values) -> int:
+    """How many values a ``CatMetric`` computed: a tensor (0-d for a single value), or an empty list for none."""
+    return values.numel() if isinstance(values, torch.Tensor) else len(values)
+
+
 def is_due(name: str, every_n_epochs: dict[str, int], trainer) -> bool:
     """Whether eval set ``name`` is evaluated at this validation.
 
@@ -112,7 +117,8 @@ class EvalSets(nn.Module):
 
         A set is skipped when it was not due, or (one process) when no batch of it ran, e.g.
         under ``limit_val_batches``. With several processes every rank computes every due set,
-        since the reduction is collective.
+        since the reduction is collective, then leaves out a set no rank had a pair of (every pair dropped
+        by the length caps or as identical), which one process leaves out too, rather than score it 0.
         """
         self.last, self.last_step = {}, (trainer.global_step if trainer is not None else None)
         multi_process = trainer is not None and trainer.world_size > 1
@@ -122,6 +128,9 @@ class EvalSets(nn.Module):
                 continue
             values = {key: value for key, value in group.compute().items()}
             margins = values["margins"]
+            if multi_process and not value_count(margins):  # no rank had a pair (all dropped): left out, as alone
+                group.reset()
+                continue
             values["margins"] = margins.reshape(-1)
             values["margin"] = margins.mean() if margins.numel() else torch.tensor(float("nan"))
             group.reset()
