@@ -40,6 +40,32 @@ def check_checkpoint_path(path: Path) -> None:
     raise SettingError(f"ckpt_path: {path} is a folder, not a checkpoint (give a .ckpt file{hint})")
 
 
+CONSOLIDATE = "python -m lightning.fabric.utilities.consolidate_checkpoint"  # writes <folder>.consolidated
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """FSDP's sharded checkpoint (``configs/trainer/fsdp.yaml``): a folder of one shard per process and a ``.metadata``."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def sharded_checkpoint_error(path: Path, reader: str, otherwise: str = "") -> SettingError:
+    """``reader`` loads one checkpoint file, which a sharded folder is not; Lightning's own tool gathers the
+    shards into that file (its default name: the folder's plus ``.consolidated``)."""
+    return SettingError(f"{reader}: {path} is a sharded FSDP checkpoint (a folder, one shard per process), not one "
+                        f"file; consolidate it with `{CONSOLIDATE} {path}` and give {path}.consolidated{otherwise}")
+
+
+def check_sharded_checkpoint_use(path: Path, subcommand: str, strategy: Any) -> None:
+    """A sharded checkpoint loads only under the FSDP strategy that wrote it; ``predict`` runs in one process."""
+    if not is_sharded_checkpoint(path):
+        return
+    if subcommand == "predict":
+        raise sharded_checkpoint_error(path, "predict --ckpt_path")
+    if "ModelParallelStrategy" not in str(strategy):
+        raise sharded_checkpoint_error(path, f"{subcommand} --ckpt_path",
+                                       " (or load it as it was written: add --config configs/trainer/fsdp.yaml)")
+
+
 def read_model_options(path: Path) -> Optional[dict[str, Any]]:
     """The checkpoint's saved model options (``_class_path`` among them), or None when it saved none."""
     import torch

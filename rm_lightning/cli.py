@@ -106,6 +106,7 @@ class RewardCLI(LightningCLI):
         if path is None or not path.exists():
             return  # none, or a missing file: check_config says so in one line
         checkpoint_options.check_checkpoint_path(path)
+        checkpoint_options.check_sharded_checkpoint_use(path, subcommand, config.get("trainer.strategy"))
         saved = checkpoint_options.read_model_options(path) if path.is_file() else None
         if not saved:
             return

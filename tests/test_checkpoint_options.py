@@ -76,3 +76,25 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
     line = error_line(capsys, "validate", "--config", EXRM, "--config", str(tiny_override(tmp_path)),
                       "--ckpt_path", str(text))
     assert f"ckpt_path: {text} is not a Lightning checkpoint" in line
+
+
+@pytest.mark.parametrize("reader", ["predict", "test", "load_reward_model", "export"])
+def test_a_sharded_fsdp_checkpoint_read_in_one_process_is_one_line_naming_the_consolidation(reader, tmp_path, capsys):
+    """An FSDP run's last.ckpt is a folder of shards (``.metadata``): one process cannot load it (predict
+    ended in IsADirectoryError, load_reward_model said 'not found', export 'no checkpoints/last.ckpt')."""
+    from rm_lightning.checkpoint_options import CONSOLIDATE
+    from rm_lightning.errors import SettingError
+    from rm_lightning.models.export import resolve_checkpoint
+    from rm_lightning.models.scoring import load_reward_model
+
+    sharded = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").write_bytes(b"")
+    if reader in ("predict", "test"):
+        line = error_line(capsys, reader, "--config", EXRM, "--config", str(tiny_override(tmp_path)),
+                          "--ckpt_path", str(sharded))
+    else:  # export is given the run directory, as its --help says it may be
+        with pytest.raises(SettingError) as raised:
+            load_reward_model(sharded) if reader == "load_reward_model" else resolve_checkpoint(sharded.parent.parent)
+        line = str(raised.value)
+    assert f"`{CONSOLIDATE} {sharded}`" in line

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 
+from rm_lightning.checkpoint_options import is_sharded_checkpoint, sharded_checkpoint_error
 from rm_lightning.errors import RMLightningError
 from rm_lightning.files import write_directory_atomically
 from rm_lightning.models.backbones import HUB_ID, is_sequence_classification
@@ -65,6 +66,9 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
+    for sharded in (path, path / "checkpoints" / "last.ckpt"):
+        if is_sharded_checkpoint(sharded):
+            raise sharded_checkpoint_error(sharded, "export")
     if path.is_dir():
         last = path / "checkpoints" / "last.ckpt"
         if last.is_file():

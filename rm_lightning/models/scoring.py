@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import yaml
 
+from rm_lightning.checkpoint_options import is_sharded_checkpoint, sharded_checkpoint_error
 from rm_lightning.errors import DataError, SettingError
 from rm_lightning.pairs.records import (EncodedPair, EncodedPairs, EncodedResponses, PreferencePair, pair_up,
                                         unpair)
@@ -41,6 +42,8 @@ def load_reward_model(checkpoint: str | Path, map_location: str | torch.device =
     checkpoints, from the ``config.yaml`` of the run directory the checkpoint sits in.
     """
     path = Path(checkpoint)
+    if is_sharded_checkpoint(path):
+        raise sharded_checkpoint_error(path, "load_reward_model")
     if path.is_dir():
         raise SettingError(f"{checkpoint} is a folder, not a checkpoint ({_folder_hint(path)})")
     if not path.is_file():
