@@ -44,7 +44,7 @@ CONSOLIDATE = "python -m lightning.fabric.utilities.consolidate_checkpoint"  # w
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    """FSDP's sharded checkpoint (``configs/trainer/fsdp.yaml``): a folder of one shard per process and a ``.metadata``."""
+    """FSDP's sharded checkpoint (``configs/trainer/fsdp.yaml``): a folder of one shard per process, a ``.metadata``."""
     return path.is_dir() and (path / ".metadata").is_file()
 
 

@@ -56,7 +56,7 @@ with imports_without_collections():  # Lightning and what it imports: see the fu
     from rm_lightning.models.reward_module import RewardModule
     from rm_lightning.perf import precision
     from rm_lightning.perf.checkpoint_io import use_local_checkpoint_io
-    from rm_lightning.settings import check_config
+    from rm_lightning.settings import check_config, check_one_process
 
 COMPOSE_KEY = "compose"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -129,6 +129,8 @@ class RewardCLI(LightningCLI):
             if option in config and config[option] == "None":
                 config[option] = None
         check_config(config.as_dict())
+        if self.subcommand == "predict":
+            check_one_process(config.as_dict().get("trainer") or {}, "predict")
         if config.get("trainer") is not None:  # ``precision: auto``: the value itself from here on (config.yaml too)
             precision.resolve_in_config(config["trainer"])
 

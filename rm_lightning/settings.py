@@ -211,10 +211,7 @@ def check_model_parallel_sizes(trainer: dict[str, Any], prefix: str = "trainer")
         return
     sizes = init_args(strategy)
     data, tensor = sizes.get("data_parallel_size"), sizes.get("tensor_parallel_size")
-    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
-    if isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)  # the command line's --trainer.devices 3 arrives as "3"
-    devices = len(devices) if isinstance(devices, list) else devices
+    devices, nodes = device_count(trainer), trainer.get("num_nodes", 1)
     if not all(_is_int(value) for value in (data, tensor, devices, nodes)):
         return  # "auto" somewhere: Lightning decides
     processes = devices * nodes
@@ -227,6 +224,23 @@ def check_model_parallel_sizes(trainer: dict[str, Any], prefix: str = "trainer")
         raise SettingError(
             f"{prefix}.strategy.init_args.data_parallel_size: {data} must equal the number of processes, "
             f"{prefix}.devices {devices} x num_nodes {nodes} = {processes}; add {fix}")
+
+
+def device_count(trainer: dict[str, Any]) -> Any:
+    """``trainer.devices`` as a number where it is one (a list counts its devices); "auto" stays as it is."""
+    devices = trainer.get("devices")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)  # the command line's --trainer.devices 3 arrives as "3"
+    return len(devices) if isinstance(devices, list) else devices
+
+
+def check_one_process(trainer: dict[str, Any], command: str) -> None:
+    """``predict`` writes one predictions file from one process. Checked before Lightning starts the processes,
+    each of which would otherwise load the model, fail with the same line and leave a run directory behind."""
+    devices, nodes = device_count(trainer), trainer.get("num_nodes", 1)
+    if (_is_int(devices) and devices > 1) or (_is_int(nodes) and nodes > 1):
+        raise SettingError(f"{command} runs in one process: trainer.devices is {devices} and trainer.num_nodes "
+                           f"{nodes}; add --trainer.devices 1 --trainer.num_nodes 1 --trainer.strategy auto")
 
 
 def check_writable_folder(option: str, path: str | os.PathLike) -> None:

@@ -97,6 +97,15 @@ def test_bad_setting_is_one_line_before_any_model_loads(config, args, message, t
     assert not (tmp_path / "lightning_logs").exists()
 
 
+def test_predict_on_two_processes_is_one_line_before_any_process_starts(tmp_path, capsys, no_model_load):
+    """A DDP run's config.yaml says devices: 2; predict refused only inside each launched process, after loading
+    the checkpoint: the line twice, and a run directory left behind holding a copy of the training history."""
+    ddp = str(PROJECT_ROOT / "configs" / "trainer" / "ddp.yaml")
+    line = one_error_line(capsys, ["predict", "--config", EXRM, "--config", ddp,
+                                   "--config", str(tiny_override(tmp_path))])
+    assert "predict runs in one process: trainer.devices is 2" in line
+
+
 def test_a_yaml_typo_is_one_line_naming_the_key(tmp_path, capsys, no_model_load):
     typo = tmp_path / "typo.yaml"
     typo.write_text("trainer:\n  max_epoch: 3\n")
