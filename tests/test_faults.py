@@ -174,6 +174,17 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_an_uninterrupted_one(tmp_pat
     assert metrics(results(resumed)) == metrics(whole)
 
 
+def test_a_run_resumed_at_an_epochs_end_under_max_steps_trains_the_epochs_an_uninterrupted_one_trains(tmp_path):
+    """With a max_steps (not reached), Lightning took an epoch-end last.ckpt for one from inside the epoch: one
+    batch more in it, one epoch fewer after it (7 steps of 8), and no evaluation at the end."""
+    limits = [*EVERY_EPOCH, "--trainer.max_steps", "100"]
+    assert fit(tmp_path / "whole", *limits, max_epochs=3) == 0
+    assert fit(tmp_path / "cut", *limits, max_epochs=3, interrupt_at=3) == 1  # last.ckpt: the first epoch's end
+    assert fit(tmp_path / "cut", *limits, "--ckpt_path", "last", max_epochs=3) == 0
+    (whole,), (_, resumed) = versions(tmp_path / "whole"), versions(tmp_path / "cut")
+    assert train_rows(resumed) == train_rows(whole)
+
+
 def test_a_resumed_run_writes_the_whole_margin_history(tmp_path):
     """The rows before the checkpoint travel in it: the resumed run's CSV is the uninterrupted run's."""
     assert fit(tmp_path / "whole", max_epochs=2) == 0

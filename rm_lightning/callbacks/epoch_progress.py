@@ -41,3 +41,27 @@ def uncount_cut_short_epoch(trainer) -> None:
     for counts in (progress.current, progress.total):
         counts.processed -= 1
         counts.completed -= 1
+
+
+def resume_at_the_next_epoch(trainer, checkpoint: dict) -> None:
+    """A checkpoint written at an epoch's end (``on_train_epoch_end``: the epoch processed, not yet counted
+    completed) resumes at the next epoch's first batch.
+
+    Lightning does so only when ``max_steps`` is -1. With a ``max_steps`` it restarts such a checkpoint as one
+    from inside the epoch: it trains one batch more in that epoch, then one epoch fewer than ``max_epochs``
+    asks, and the last epoch's evaluation never runs. Rewritten here (before the loops are restored) to what
+    it means, the epoch completed and no batch of the next one begun, it resumes alike with or without.
+    """
+    if trainer is None or trainer.max_steps == -1:
+        return
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or not batches.get("is_last_batch"):
+        return
+    current = epochs["current"]
+    if not current["ready"] == current["started"] == current["processed"] == current["completed"] + 1:
+        return
+    for counts in (epochs["current"], epochs["total"]):
+        counts["completed"] = counts["processed"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False

@@ -325,6 +325,12 @@ class RewardModule(L.LightningModule):
         """(chosen rewards, rejected rewards) of preference pairs, as evaluation computes them."""
         return scoring.score_pairs(self, prompts, chosen, rejected, batch_size, **encoding_options)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A fit resumed from an epoch's end goes on at the next epoch, also under ``max_steps``."""
+        from rm_lightning.callbacks.epoch_progress import resume_at_the_next_epoch  # the callbacks import this module
+
+        resume_at_the_next_epoch(self._trainer, checkpoint)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the RM type, so ``rm_lightning.load_reward_model`` needs only the checkpoint."""
         checkpoint[scoring.CLASS_PATH_KEY] = class_path_of(self)  # under FSDP too, not its FSDP<Name> class
