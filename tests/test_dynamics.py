@@ -10,6 +10,7 @@ import torch
 
 from data_modules import PersonaDataModule
 from conftest import PROJECT_ROOT, tiny_override
+from test_faults import interrupt_options
 from rm_lightning import ExplicitGenerativeRM, ExplicitRM, ImplicitRM, PreferencePair, cli
 from rm_lightning.dynamics import max_margin
 from rm_lightning.dynamics.max_margin import accuracy, analyse, hard_margin_separator
@@ -299,12 +300,7 @@ def test_monitor_refuses_several_processes():
 def dynamics_fit(root, *args: str, interrupt_at: int | None = None) -> int:
     """A tiny dynamics IM-RM fit under ``root`` (a check every 2 steps); its exit status."""
     override = tiny_override(root, max_epochs=2, max_steps=-1, reference_cache_dir=root.parent / "ref")
-    extra = []
-    if interrupt_at is not None:
-        interrupt = root / "interrupt.yaml"
-        interrupt.write_text(f"trainer:\n  callbacks+:\n    - class_path: test_faults.InterruptAt\n"
-                             f"      init_args: {{step: {interrupt_at}}}\n")
-        extra = ["--config", str(interrupt)]
+    extra = [] if interrupt_at is None else interrupt_options(root, interrupt_at)
     try:
         cli.main(["fit", "--config", str(PROJECT_ROOT / "configs/dynamics_imrm_persona.yaml"), "--config",
                   str(override), "--data.init_args.num_train", "12", "--data.init_args.num_test", "4",

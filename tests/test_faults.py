@@ -35,6 +35,14 @@ class InterruptAt(L.Callback):
             raise RuntimeError("boom") if self.crash else KeyboardInterrupt
 
 
+def interrupt_options(root: Path, step: int, crash: bool = False) -> list[str]:
+    """A second ``--config`` adding ``InterruptAt`` to a config's callbacks."""
+    callback = root / "interrupt.yaml"
+    callback.write_text(f"trainer:\n  callbacks+:\n    - class_path: test_faults.InterruptAt\n"
+                        f"      init_args: {{step: {step}, crash: {str(crash).lower()}}}\n")
+    return ["--config", str(callback)]
+
+
 @pytest.fixture(autouse=True)
 def sigint_restored():
     """Lightning ignores SIGINT after a KeyboardInterrupt (for its shutdown); give pytest its Ctrl-C back."""
@@ -48,12 +56,7 @@ def fit(root: Path, *args: str, max_epochs: int = 2, max_steps: int = -1, interr
     """``fit`` of the Persona EX-RM on the tiny model under ``root``; the exit status (0 when it returned)."""
     root.mkdir(parents=True, exist_ok=True)
     override = tiny_override(root, max_epochs=max_epochs, max_steps=max_steps)
-    extra = []
-    if interrupt_at is not None:
-        callback = root / "interrupt.yaml"
-        callback.write_text(f"trainer:\n  callbacks:\n    - class_path: test_faults.InterruptAt\n"
-                            f"      init_args: {{step: {interrupt_at}, crash: {str(crash).lower()}}}\n")
-        extra = ["--config", str(callback)]
+    extra = [] if interrupt_at is None else interrupt_options(root, interrupt_at, crash)
     try:
         cli.main(["fit", "--config", EXRM, "--config", str(override), *extra, *SMALL, *args])
     except SystemExit as exited:
