@@ -7,15 +7,19 @@ import signal
 import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from conftest import PROJECT_ROOT, tiny_override
 from rm_lightning import cache_entries, cli
 from rm_lightning.callbacks import margin_history
+from rm_lightning.callbacks.margin_history import MarginHistory
 from rm_lightning.callbacks.run_directory import LOCK_FILENAME, RunClaim, claim_version, holder_of
+from rm_lightning.dynamics import DynamicsMonitor
 from rm_lightning.errors import SettingError
 from rm_lightning.pairs import LengthBucketSampler, ResumableLoader
 
@@ -530,3 +534,13 @@ def test_a_sweep_leaves_a_directory_held_by_a_live_process_alone(tmp_path):
     outcome = sweep.launch(run, ["false"])
     assert outcome.status == "failed" and f"in use by the live process {os.getppid()}" in outcome.reason
     assert (held / "results.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("callback", [MarginHistory, DynamicsMonitor])
+def test_a_failed_evaluation_writes_no_copy_of_the_fits_history(callback, tmp_path):
+    """validate/test/predict restore the callbacks' rows from the checkpoint they score: those are the fit's."""
+    history = callback()
+    history.rows = [{"step": 0, "epoch": 0, "set": "original_test_prompts"}]
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING), _rm_lightning_run_dir=tmp_path)
+    history.on_exception(trainer, None, RuntimeError("boom"))
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rm_lightning.callbacks.peak_memory import describe, peak_memory
@@ -89,8 +90,9 @@ class MarginHistory(L.Callback):
         self._print_final(pl_module, peak_memory(trainer), heading, phase_timings(trainer))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """An interrupted or failed fit keeps the history it has (a start that failed has none)."""
-        if self.rows:
+        """An interrupted or failed fit keeps the history it has (a start that failed has none). Not an evaluation
+        that failed: the rows it holds are the fit's own, restored from the checkpoint it scores."""
+        if self.rows and trainer.state.fn == TrainerFn.FITTING:
             self.write(run_dir(trainer))
 
     def state_dict(self) -> dict:

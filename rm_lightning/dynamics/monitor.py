@@ -23,6 +23,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rm_lightning.callbacks.run_directory import run_dir
@@ -148,9 +149,10 @@ class DynamicsMonitor(L.Callback):
                   f"({run_dir(trainer) / self.filename}.csv, .png)")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """An interrupted or failed fit keeps the checks it finished (a check cut short by the stop is dropped)."""
+        """An interrupted or failed fit keeps the checks it finished (a check cut short by the stop is dropped).
+        Not an evaluation that failed: the rows it holds are the fit's own, restored from the checkpoint it scores."""
         self.pending = None
-        if self.rows:
+        if self.rows and trainer.state.fn == TrainerFn.FITTING:
             self.write(run_dir(trainer))
 
     @property
