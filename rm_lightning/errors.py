@@ -20,6 +20,11 @@ class BackboneError(RMLightningError):
     """A backbone name or path that cannot be loaded."""
 
 
+class CheckpointWriteError(RMLightningError):
+    """A checkpoint the disk did not take (usually full). Unlike bad input it comes after the run did its work,
+    so the run's record (results.json, ``failed``) is still written."""
+
+
 def user_error_behind(err: BaseException | None) -> RMLightningError | None:
     """The bad-input error behind ``err``, if any: libraries (jsonargparse, Lightning) wrap errors raised
     in our ``__init__``s and hooks, so the cause chain is searched."""

@@ -16,7 +16,7 @@ from test_faults import EXRM, SMALL, logged_train_steps, results, versions
 from rm_lightning import cli
 from rm_lightning.callbacks import last_checkpoint
 from rm_lightning.callbacks.last_checkpoint import LastCheckpoint
-from rm_lightning.errors import SettingError
+from rm_lightning.errors import CheckpointWriteError, SettingError
 from rm_lightning.models import explicit
 from rm_lightning.perf.checkpoint_io import LocalCheckpointIO, use_local_checkpoint_io
 
@@ -49,6 +49,34 @@ def test_an_existing_checkpoint_survives_a_failing_save(tmp_path):
         LocalCheckpointIO().save_checkpoint(unpicklable, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_write_that_fails_on_disk_is_one_line_naming_the_file_and_the_free_space(tmp_path, monkeypatch):
+    """A full disk reaches ``torch.save`` as a RuntimeError ("basic_ios::clear: iostream error")."""
+    def disk_full(obj, file):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    path = tmp_path / "last.ckpt"
+    with pytest.raises(CheckpointWriteError, match=rf"{path}: the checkpoint could not be written \(basic_ios.*GiB free"):
+        LocalCheckpointIO().save_checkpoint(a_checkpoint(), path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fit_whose_last_checkpoint_the_disk_refuses_still_records_its_results(tmp_path, monkeypatch):
+    """The run trained and evaluated: results.json says failed, with the reason, and keeps its metrics."""
+    save = torch.save
+
+    def full_for_checkpoints(obj, file, *args, **kwargs):
+        if str(file).endswith(".ckpt") or ".ckpt." in str(file):
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_for_checkpoints)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["fit", "--config", EXRM, "--config", str(tiny_override(tmp_path)), *SMALL])
+    record = results(versions(tmp_path)[0])
+    assert (exited.value.code, record["status"], "original_test_prompts" in record["eval_sets"]) == (2, "failed", True)
 
 
 def test_a_remote_path_is_saved_the_lightning_way():

@@ -40,7 +40,7 @@ from rm_lightning.callbacks.margin_history import is_last_batch_of_fit, stop_aft
 from rm_lightning.callbacks.peak_memory import peak_memory
 from rm_lightning.callbacks.phase_times import phase_timings
 from rm_lightning.callbacks.run_directory import run_dir
-from rm_lightning.errors import user_error_behind
+from rm_lightning.errors import CheckpointWriteError, user_error_behind
 from rm_lightning.files import write_json_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS
 from rm_lightning.pairs.contract import preference_data_of
@@ -102,7 +102,8 @@ class ResultsWriter(L.Callback):
         uncount_cut_short_epoch(trainer)  # ``epoch``: the one a stop ended inside, not the next
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if user_error_behind(exception) is not None or (trainer.global_step == 0 and self._eval_step is None):
+        before_any_work = not isinstance(user_error_behind(exception), (type(None), CheckpointWriteError))
+        if before_any_work or (trainer.global_step == 0 and self._eval_step is None):
             return  # nothing ran: no results, and the run directory can be removed
         if isinstance(exception, SIGTERMException):
             status, reason = "interrupted", "SIGTERM: the process was asked to stop (kill, a scheduler, a sweep)"

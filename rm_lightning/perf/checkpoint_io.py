@@ -11,12 +11,14 @@ save leaves the previous checkpoint as it was). Remote paths (``s3://`` ...) kee
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Optional
 
 import torch
 from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from rm_lightning.errors import CheckpointWriteError
 from rm_lightning.files import write_atomically
 
 LOCAL_PROTOCOLS = ("file", "local")
@@ -35,7 +37,24 @@ class LocalCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         local = str(path).removeprefix("file://")
-        write_atomically(local, lambda staging: torch.save(checkpoint, staging))
+        try:
+            write_atomically(local, lambda staging: torch.save(checkpoint, staging))
+        except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as "basic_ios::clear" or so
+            raise CheckpointWriteError(f"{local}: the checkpoint could not be written ({first_line(err)}); "
+                                   f"{free_space(local)} free on its disk; the previous one, if any, is "
+                                   f"unchanged") from err
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def free_space(path: str) -> str:
+    """Free space where ``path`` goes, in GiB: a full disk is the usual reason a checkpoint cannot be written."""
+    try:
+        return f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30:.1f} GiB"
+    except OSError:
+        return "unknown space"
 
 
 def use_local_checkpoint_io(trainer) -> None:
