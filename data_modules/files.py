@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from data_modules.jsonl import DATA_ENV, located_jsonl, may_hold_surrogate, reject_lone_surrogates, resolve_data_path
-from rm_lightning.errors import DataError
+from rm_lightning.errors import DataError, first_line
 
 Located = list[tuple[str, dict]]
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -88,8 +88,7 @@ def located_parquet(path: str | os.PathLike) -> Located:
     except ImportError:
         raise DataError(f"{resolved}: reading Parquet needs pyarrow (installed with `datasets`)") from None
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise DataError(f"{resolved}: not a readable Parquet file ({reason})") from None
+        raise DataError(f"{resolved}: not a readable Parquet file ({first_line(err)[:160]})") from None
     return _objects(resolved, rows, "Parquet")
 
 

@@ -33,7 +33,7 @@ INTERNAL_KEYS = ("_class_path", "_instantiator")
 
 def check_checkpoint_path(path: Path) -> None:
     """A folder is a checkpoint only as FSDP's sharded one (its ``.metadata``); a run folder is named as such."""
-    if not path.is_dir() or (path / ".metadata").is_file():
+    if not path.is_dir() or is_sharded_checkpoint(path):
         return
     inside = path / "checkpoints" / "last.ckpt"
     hint = f"; its checkpoint is {inside}" if inside.is_file() else ""

@@ -37,6 +37,12 @@ def user_error_behind(err: BaseException | None) -> RMLightningError | None:
     return None
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (library messages run long), or its type if it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def print_user_error(err: RMLightningError) -> int:
     print(f"error: {err}", file=sys.stderr)
     return USER_ERROR_STATUS

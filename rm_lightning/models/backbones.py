@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as transformers_logging
 
 from rm_lightning.cache_entries import cache_dir
-from rm_lightning.errors import BackboneError
+from rm_lightning.errors import BackboneError, first_line
 from rm_lightning.files import write_directory_atomically
 from rm_lightning.pairs.encoding import give_base_format
 
@@ -113,7 +113,7 @@ def _load_pretrained(name_or_path: str):
         return _from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise BackboneError(
-            f"cannot load backbone '{name_or_path}' ({_first_line(err)}). Without internet, point `model.backbone` "
+            f"cannot load backbone '{name_or_path}' ({first_line(err)}). Without internet, point `model.backbone` "
             f"at a local directory holding config.json, tokenizer files and weights, or use '{BUNDLED_MODEL}' "
             f"or 'tiny-llama'."
         ) from None
@@ -126,7 +126,7 @@ def _load_converted(name: str):
     try:
         return _from_pretrained(str(folder))
     except (OSError, ValueError) as err:
-        raise BackboneError(f"the converted '{name}' in {folder} cannot be loaded ({_first_line(err)}); delete that "
+        raise BackboneError(f"the converted '{name}' in {folder} cannot be loaded ({first_line(err)}); delete that "
                             f"folder and run python -m rm_lightning.prepare {name}") from None
 
 
@@ -138,10 +138,6 @@ def _from_pretrained(name_or_path: str):
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     return model, tokenizer
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 # --- sequence-classification checkpoints (reward models) -------------------------------------------

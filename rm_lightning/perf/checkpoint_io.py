@@ -18,7 +18,7 @@ import torch
 from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from rm_lightning.errors import CheckpointWriteError
+from rm_lightning.errors import CheckpointWriteError, first_line
 from rm_lightning.files import write_atomically
 
 LOCAL_PROTOCOLS = ("file", "local")
@@ -43,10 +43,6 @@ class LocalCheckpointIO(TorchCheckpointIO):
             raise CheckpointWriteError(f"{local}: the checkpoint could not be written ({first_line(err)}); "
                                    f"{free_space(local)} free on its disk; the previous one, if any, is "
                                    f"unchanged") from err
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def free_space(path: str) -> str:
