@@ -181,26 +181,22 @@ def one_step_changes(module, train_batch: Batch, probe_sets: Mapping[str, Sequen
     hidden states (the costly part of a check after the probes' own backward passes)."""
     was_training = module.training
     module.eval()
-    initial = getattr(module, "_initial_parameters", None)
-    if initial is not None:
-        # an IM-RM at its initial weights scores exactly 0, without its reference (``ImplicitRM.
-        # policy_is_reference``), and forgets that for good once the weights move: the step below moves them,
-        # so score every probe one way (policy minus reference) and give the module back its memory after
-        module._initial_parameters = None
+    # the step below moves the weights and restores them: an IM-RM scores every probe one way throughout
+    # (policy minus reference, not its exact 0 at the reference) and keeps knowing where it started
+    weights_moved = getattr(module, "weights_moved_then_restored", nullcontext)
     try:
-        params = trainable_parameters(module)
-        train_batch = {k: v.to(module.device) for k, v in train_batch.items()}
-        with context():
-            grads = loss_gradient(module, train_batch, params)
-        with context(), torch.no_grad():
-            train_hidden = module.hidden_states(train_batch) if closed_forms else None
-        return {name: probe_change(module, params, grads, train_batch, train_hidden, pairs, eta, predict_rewards,
-                                   context)
-                for name, pairs in probe_sets.items()}
+        with weights_moved():
+            params = trainable_parameters(module)
+            train_batch = {k: v.to(module.device) for k, v in train_batch.items()}
+            with context():
+                grads = loss_gradient(module, train_batch, params)
+            with context(), torch.no_grad():
+                train_hidden = module.hidden_states(train_batch) if closed_forms else None
+            return {name: probe_change(module, params, grads, train_batch, train_hidden, pairs, eta,
+                                       predict_rewards, context)
+                    for name, pairs in probe_sets.items()}
     finally:
         module.train(was_training)
-        if initial is not None:
-            module._initial_parameters = initial  # the weights are restored bit for bit
 
 
 def probe_change(module, params, grads, train_batch: Batch, train_hidden: torch.Tensor | None,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -152,6 +153,17 @@ class ImplicitRM(RewardModule):
             self._initial_parameters = None  # moved for good: no hashing of the weights at every later batch
             return False
         return True
+
+    @contextmanager
+    def weights_moved_then_restored(self) -> Iterator[None]:
+        """Around work that moves the weights and puts them back bit for bit (the §4 one-step analysis): inside,
+        every reward is policy minus reference, as after any step, and ``policy_is_reference`` does not forget
+        for good that the policy sits at its reference, as it does once the weights really move."""
+        initial, self._initial_parameters = self._initial_parameters, None
+        try:
+            yield
+        finally:
+            self._initial_parameters = initial
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "reference_logps" in batch:
