@@ -159,6 +159,13 @@ def test_exported_imrm_loads_back_with_its_reference_and_the_same_rewards(tmp_pa
     assert torch.allclose(our_rewards(loaded), before, atol=1e-6, rtol=0)
 
 
+def test_load_exported_options_override_what_the_folder_records(tmp_path):
+    module = perturbed(ImplicitRM(backbone="tiny-llama-chat", beta=0.05))
+    export_module(module, tmp_path / "out")
+    loaded = load_exported(tmp_path / "out", beta=0.1)
+    assert torch.allclose(our_rewards(loaded), 2 * our_rewards(module), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("rm_type", [ImplicitRM, ExplicitRM])
 def test_lora_run_exports_the_adapted_model(rm_type, tmp_path):
     module = rm_type(backbone="tiny-llama-chat", lora={"r": 4})

@@ -328,20 +328,26 @@ def check_rewards_as_exported(module: RewardModule, cls: type[RewardModule]) -> 
 
 
 def load_exported(folder: str | os.PathLike, **options) -> RewardModule:
-    """The reward module an export folder holds (``options`` go to its constructor, e.g. ``decoder_layout``)."""
+    """The reward module an export folder holds.
+
+    ``options`` go to its constructor (e.g. ``decoder_layout``) and take precedence over what the folder
+    records (an IM-RM's ``beta`` or ``reference_backbone``), so a user can score an exported model under
+    another setting; the backbone is the folder itself."""
     folder = Path(folder).expanduser()
+    if "backbone" in options:
+        raise RMLightningError(f"load_exported({folder}): the folder is the backbone; leave out backbone=")
     if (folder / IMPLICIT_FILE).is_file():
         info = json.loads((folder / IMPLICIT_FILE).read_text())
-        return ImplicitRM(backbone=str(folder), reference_backbone=info.get("reference_backbone"),
-                          beta=info["beta"], reference=info.get("reference", "frozen"),
-                          extra_tokens=info.get("extra_tokens", []), **options)
+        recorded = dict(reference_backbone=info.get("reference_backbone"), beta=info["beta"],
+                        reference=info.get("reference", "frozen"), extra_tokens=info.get("extra_tokens", []))
+        return ImplicitRM(backbone=str(folder), **{**recorded, **options})
     if (folder / GENERATIVE_FILE).is_file():
         info = json.loads((folder / GENERATIVE_FILE).read_text())
         if info.get("prompt_template") != VERIFICATION_TEMPLATE:
             raise RMLightningError(f"{folder / GENERATIVE_FILE}: its prompt template is not the one ExplicitGenerativeRM "
                                    f"uses; this EX-GRM cannot be loaded back as one")
-        return ExplicitGenerativeRM(backbone=str(folder), yes_token=info["yes_token"], no_token=info["no_token"],
-                                    **options)
+        recorded = dict(yes_token=info["yes_token"], no_token=info["no_token"])
+        return ExplicitGenerativeRM(backbone=str(folder), **{**recorded, **options})
     if is_sequence_classification(str(folder)):
         return ExplicitRM(backbone=str(folder), **options)
     raise RMLightningError(f"{folder}: not an exported reward model (no {IMPLICIT_FILE}, no {GENERATIVE_FILE}, no "
