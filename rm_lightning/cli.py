@@ -165,12 +165,14 @@ class RewardCLI(LightningCLI):
 
 
 def newest_last_checkpoint(root: str) -> Path:
-    """``last.ckpt`` of the newest run (highest version) under ``root/lightning_logs``."""
-    pattern = "lightning_logs/version_*/checkpoints/last.ckpt"
-    found = [p for p in Path(root).glob(pattern) if p.parent.parent.name.removeprefix("version_").isdigit()]
-    if not found:
-        raise SettingError(f"ckpt_path: 'last' found no {Path(root) / pattern}; give the checkpoint's path")
-    return max(found, key=lambda p: int(p.parent.parent.name.removeprefix("version_")))
+    """``last.ckpt`` of the newest run (highest version) under ``root``'s runs."""
+    from rm_lightning.callbacks.run_directory import DEFAULT_LOGGER_NAME, newest_run_checkpoint
+
+    found = newest_run_checkpoint(root)
+    if found is None:
+        pattern = Path(root) / DEFAULT_LOGGER_NAME / "version_*" / "checkpoints" / "last.ckpt"
+        raise SettingError(f"ckpt_path: 'last' found no {pattern}; give the checkpoint's path")
+    return found
 
 
 def main(args: list[str] | None = None) -> RewardCLI | None:

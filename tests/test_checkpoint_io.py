@@ -248,3 +248,14 @@ def test_resuming_in_the_same_directory_restores_its_paths(tmp_path):
     resumed = LastCheckpoint(dirpath=str(tmp_path / "checkpoints"))
     resumed.load_state_dict(saved.state_dict())
     assert resumed.best_model_path == resumed.last_model_path == saved.best_model_path
+
+
+def test_the_newest_run_is_the_highest_version_number_not_the_last_in_name_order(tmp_path):
+    from rm_lightning.callbacks.run_directory import newest_run_checkpoint
+
+    for version in (2, 10, 9):
+        (tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints" / "last.ckpt").touch()
+    (tmp_path / "lightning_logs" / "version_x" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "lightning_logs" / "version_x" / "checkpoints" / "last.ckpt").touch()
+    assert newest_run_checkpoint(tmp_path).parent.parent.name == "version_10"

@@ -161,6 +161,14 @@ def claim_loggerless_directory(trainer, subcommand: Optional[str]) -> Optional[R
     return RunClaim(directory, created=True)
 
 
+def newest_run_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    """``checkpoints/last.ckpt`` of the highest ``version_N`` under a runs root that has one (None if none)."""
+    runs = {int(match.group(1)): ckpt
+            for ckpt in Path(root).glob(f"{DEFAULT_LOGGER_NAME}/version_*/checkpoints/last.ckpt")
+            if (match := _VERSION.fullmatch(ckpt.parent.parent.name))}
+    return runs[max(runs)] if runs else None
+
+
 def holds_files(directory: Path) -> bool:
     try:
         return any(directory.iterdir())

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 
+from rm_lightning.callbacks.run_directory import newest_run_checkpoint
 from rm_lightning.checkpoint_options import is_sharded_checkpoint, sharded_checkpoint_error
 from rm_lightning.errors import RMLightningError
 from rm_lightning.files import write_directory_atomically
@@ -73,10 +74,9 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
         last = path / "checkpoints" / "last.ckpt"
         if last.is_file():
             return last
-        runs = {int(number): ckpt for ckpt in path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
-                if (number := ckpt.parent.parent.name.removeprefix("version_")).isdigit()}
-        if runs:
-            return runs[max(runs)]  # the newest run under a runs root
+        newest = newest_run_checkpoint(path)  # the newest run under a runs root
+        if newest is not None:
+            return newest
         raise RMLightningError(f"{path}: no checkpoints/last.ckpt in this run directory (train with "
                                f"trainer.enable_checkpointing: true, or give the .ckpt file)")
     raise RMLightningError(f"{source}: no such checkpoint file or run directory")
