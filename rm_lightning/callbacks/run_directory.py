@@ -53,8 +53,8 @@ def claim_version(root: str | os.PathLike) -> int:
     numbers = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION.fullmatch(p.name))]
     version = max(numbers, default=-1) + 1
     while True:
-        try:
-            os.mkdir(root / f"version_{version}")
+        try:  # makedirs: a failed start beside this one may have just removed an empty root
+            os.makedirs(root / f"version_{version}")
             return version
         except FileExistsError:
             version += 1
@@ -103,6 +103,11 @@ class RunClaim:
         self.release()
         if self.created and self.directory.is_dir() and is_unused(self.directory):
             shutil.rmtree(self.directory, ignore_errors=True)
+            if self.directory.parent.name == DEFAULT_LOGGER_NAME:  # the versions' folder, if no run is left in it
+                try:
+                    self.directory.parent.rmdir()
+                except OSError:
+                    pass
 
 
 def is_unused(directory: Path) -> bool:
