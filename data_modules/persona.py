@@ -17,6 +17,7 @@ from data_modules.base import EvalSet, PreferenceDataModule
 from data_modules.jsonl import read_jsonl
 from data_modules.persona_statements import AGREEABLENESS_STATEMENTS
 from rm_lightning.errors import DataError
+from rm_lightning.hub import offline_unless_reachable
 from rm_lightning.pairs import PreferencePair, check_text_fields
 from rm_lightning.settings import check_options
 
@@ -96,6 +97,7 @@ class PersonaDataModule(PreferenceDataModule):
         try:
             from datasets import load_dataset
 
+            offline_unless_reachable()
             rows = load_dataset(HUB_DATASET, data_files=f"persona/{self.trait}.jsonl", split="train")
         except Exception as err:  # offline, unknown trait, missing package: all end the same way
             raise DataError(f"cannot load persona trait '{self.trait}' from the hub dataset {HUB_DATASET} "

@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Optional
 
 from data_modules.files import located_records
 from rm_lightning.errors import DataError
+from rm_lightning.hub import offline_unless_reachable
 from rm_lightning.pairs import PreferencePair, ResponseRecord, ShiftTag, Turn, check_text_fields
 
 # The paper's four hub sets, each with its own conversion; any other hub id is read with ``record_pair``.
@@ -282,6 +283,7 @@ def load_hub_rows(dataset_id: str, split: str, subset: Optional[str] = None) -> 
     try:
         from datasets import load_dataset
 
+        offline_unless_reachable()
         rows = load_dataset(dataset_id, subset, split=split) if subset else load_dataset(dataset_id, split=split)
     except Exception as err:  # noqa: BLE001 - network, hub and package errors all mean "use a local file"
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""

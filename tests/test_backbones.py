@@ -34,3 +34,51 @@ def test_unloadable_backbone_is_one_clear_line(tmp_path):
         load_backbone(str(tmp_path / "no-such-model"))
     message = str(error.value)
     assert "\n" not in message and "local directory" in message
+
+
+# --- the hub unreachable: offline at once instead of a minute of retries ----------------------------
+
+
+@pytest.fixture
+def hub_check(monkeypatch):
+    """A fresh answer to hub_unreachable, no proxy, and the libraries' offline switches restored after."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from rm_lightning import hub
+
+    for name in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    hub.hub_unreachable.cache_clear()
+    yield lambda resolves: monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [] if resolves else _no_name())
+    hub.hub_unreachable.cache_clear()
+
+
+def _no_name():
+    import socket
+
+    raise socket.gaierror(-2, "Name or service not known")
+
+
+def test_a_hub_id_with_the_hub_unresolvable_puts_the_libraries_offline_before_loading(hub_check):
+    import huggingface_hub.constants
+
+    hub_check(False)
+    with pytest.raises(BackboneError, match="Without internet"):
+        load_backbone("some-org/not-in-any-cache")
+    assert huggingface_hub.constants.is_offline_mode()
+
+
+@pytest.mark.parametrize("resolves, proxy, unreachable", [(True, None, False), (False, None, True),
+                                                         (False, "http://proxy:3128", False)])
+def test_the_hub_is_judged_unreachable_only_when_its_name_fails_without_a_proxy(resolves, proxy, unreachable,
+                                                                              hub_check, monkeypatch):
+    from rm_lightning import hub
+
+    hub_check(resolves)
+    if proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+    assert hub.hub_unreachable() is unreachable

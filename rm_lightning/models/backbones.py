@@ -34,6 +34,7 @@ from transformers.utils import logging as transformers_logging
 from rm_lightning.cache_entries import cache_dir
 from rm_lightning.errors import BackboneError, first_line
 from rm_lightning.files import write_directory_atomically
+from rm_lightning.hub import offline_unless_reachable
 from rm_lightning.pairs.encoding import give_base_format
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
@@ -109,6 +110,8 @@ def load_backbone(name: str, extra_tokens: Sequence[str] = ()) -> tuple[PreTrain
 
 
 def _load_pretrained(name_or_path: str):
+    if not Path(name_or_path).expanduser().is_dir():
+        offline_unless_reachable()
     try:
         return _from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -155,6 +158,7 @@ def _model_file(name_or_path: str, filename: str) -> Path | None:
         return None
     from transformers.utils import cached_file
 
+    offline_unless_reachable()
     try:
         found = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
                             _raise_exceptions_for_connection_errors=False)
