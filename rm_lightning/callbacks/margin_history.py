@@ -6,21 +6,20 @@ import math
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 
 from rm_lightning.callbacks.peak_memory import describe, peak_memory
 from rm_lightning.callbacks.phase_times import describe_timings, phase_timings
+from rm_lightning.callbacks.row_history import RowHistory
 from rm_lightning.callbacks.run_directory import run_dir
-from rm_lightning.files import save_figure_atomically, write_csv_atomically
+from rm_lightning.files import save_figure_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS, TRAIN_METRICS, TRAIN_SET, train_key
 from rm_lightning.perf.sharding import unsharded_class
 
 CSV_COLUMNS = ("step", "epoch", "set", "split") + EVAL_METRICS
 
 
-class MarginHistory(L.Callback):
+class MarginHistory(RowHistory):
     """Record reward means and margins during training and each eval set at every validation.
 
     Scalars are logged by the module; this callback adds a histogram of margins per eval set
@@ -39,9 +38,11 @@ class MarginHistory(L.Callback):
             off, the first point is the first scheduled validation.
     """
 
+    csv_columns = CSV_COLUMNS
+
     def __init__(self, filename: str = "margin_history", validate_at_start: bool = True):
-        self.filename, self.validate_at_start = filename, validate_at_start
-        self.rows: list[dict] = []
+        super().__init__(filename)
+        self.validate_at_start = validate_at_start
         self._title = ""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -89,29 +90,8 @@ class MarginHistory(L.Callback):
         # collective: every rank measures
         self._print_final(pl_module, peak_memory(trainer), heading, phase_timings(trainer))
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """An interrupted or failed fit keeps the history it has (a start that failed has none). Not an evaluation
-        that failed: the rows it holds are the fit's own, restored from the checkpoint it scores."""
-        if self.rows and trainer.state.fn == TrainerFn.FITTING:
-            self.write(run_dir(trainer))
-
-    def state_dict(self) -> dict:
-        """The rows travel in checkpoints, so a resumed fit writes the whole history, not only its own."""
-        return {"rows": [dict(row) for row in self.rows]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.rows = [dict(row) for row in state_dict.get("rows", [])]
-
-    @rank_zero_only
-    def write(self, directory: Path) -> None:
-        """The CSV, then the plot; a plot that cannot be written (a full disk, no backend) is a warning."""
-        directory.mkdir(parents=True, exist_ok=True)
-        write_csv_atomically(directory / f"{self.filename}.csv", self.rows, CSV_COLUMNS)
-        try:
-            plot_history(self.rows, directory / f"{self.filename}.png", self._title)
-        except Exception as err:  # noqa: BLE001 - the figures are in the CSV; the plot is a convenience
-            rank_zero_warn(f"could not write {directory / self.filename}.png ({type(err).__name__}: {err}); "
-                           f"the figures are in {self.filename}.csv")
+    def plot(self, path: Path) -> None:
+        plot_history(self.rows, path, self._title)
 
     @rank_zero_only
     def _print_final(self, pl_module, peaks: dict, heading: str, timings: Optional[dict] = None) -> None:

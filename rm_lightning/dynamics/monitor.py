@@ -21,15 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from rm_lightning.callbacks.row_history import RowHistory
 from rm_lightning.callbacks.run_directory import run_dir
 from rm_lightning.dynamics.one_step import one_step_changes, probe_rewards
 from rm_lightning.errors import RMLightningError
-from rm_lightning.files import save_figure_atomically, write_csv_atomically
+from rm_lightning.files import save_figure_atomically
 from rm_lightning.pairs.contract import preference_data_of
 from rm_lightning.pairs.records import EncodedPair
 
@@ -53,7 +51,7 @@ class PendingCheck:
     seconds: float  # spent on the check before the optimizer step
 
 
-class DynamicsMonitor(L.Callback):
+class DynamicsMonitor(RowHistory):
     """Log why margins move: real margin changes beside the one-step first-order analysis.
 
     Args:
@@ -65,15 +63,16 @@ class DynamicsMonitor(L.Callback):
         filename: stem of the CSV and PNG written to the run directory.
     """
 
+    csv_columns = CSV_COLUMNS
+
     def __init__(self, every_n_steps: int = 5, probe_pairs: int = 16, seed: int = 0, eta: Optional[float] = None,
                  filename: str = "dynamics"):
         if every_n_steps < 1 or probe_pairs < 1 or (eta is not None and not eta > 0):
             raise RMLightningError(f"DynamicsMonitor: every_n_steps and probe_pairs must be at least 1 and eta "
                                    f"positive (got {every_n_steps}, {probe_pairs}, {eta})")
         self.every_n_steps, self.probe_pairs, self.seed, self.eta = every_n_steps, probe_pairs, seed, eta
-        self.filename = filename
+        super().__init__(filename)
         self.probes: dict[str, list[EncodedPair]] = {}
-        self.rows: list[dict] = []
         self.pending: PendingCheck | None = None
         self.seconds = 0.0
         self._fit_started = 0.0
@@ -149,38 +148,17 @@ class DynamicsMonitor(L.Callback):
                   f"({run_dir(trainer) / self.filename}.csv, .png)")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """An interrupted or failed fit keeps the checks it finished (a check cut short by the stop is dropped).
-        Not an evaluation that failed: the rows it holds are the fit's own, restored from the checkpoint it scores."""
+        """A check cut short by the stop is dropped; the finished ones are kept (``RowHistory``)."""
         self.pending = None
-        if self.rows and trainer.state.fn == TrainerFn.FITTING:
-            self.write(run_dir(trainer))
+        super().on_exception(trainer, pl_module, exception)
 
     @property
     def state_key(self) -> str:
         """One per output file: two monitors of a run (another eta, another filename) keep their own rows."""
         return self._generate_state_key(filename=self.filename)
 
-    def state_dict(self) -> dict:
-        """The rows travel in checkpoints, so a resumed fit writes every check, not only its own."""
-        return {"rows": [dict(row) for row in self.rows]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.rows = [dict(row) for row in state_dict.get("rows", [])]
-
-    # --- output ------------------------------------------------------------------------------------
-
-    @rank_zero_only
-    def write(self, directory: Path) -> None:
-        """The CSV, then the plot; a plot that cannot be written (a full disk, no backend) is a warning, as
-        ``margin_history.png``'s: the figures are in the CSV, and a finished fit must not end as failed."""
-        write_csv_atomically(directory / f"{self.filename}.csv", self.rows, CSV_COLUMNS)
-        if not self.rows:
-            return
-        try:
-            plot_dynamics(self.rows, directory / f"{self.filename}.png")
-        except Exception as err:  # noqa: BLE001 - the plot is a convenience
-            rank_zero_warn(f"could not write {directory / self.filename}.png ({type(err).__name__}: {err}); "
-                           f"the figures are in {self.filename}.csv")
+    def plot(self, path: Path) -> None:
+        plot_dynamics(self.rows, path)
 
 
 def eta_label(rows: list[dict]) -> str:
