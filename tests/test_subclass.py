@@ -36,3 +36,24 @@ def test_the_readme_subclass_is_not_exported_as_a_plain_imrm(tmp_path):
     with pytest.raises(RMLightningError, match="overrides compute_rewards of ImplicitRM"):
         export_module(LengthNormalizedIMRM(backbone="tiny-llama-chat", reference="none"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class LengthPenalizedIMRM(ImplicitRM):
+    """An IM-RM whose reward also pays a price per response token: not 0 where the policy is its reference."""
+
+    def compute_rewards(self, hidden_states, batch):
+        return super().compute_rewards(hidden_states, batch) - 0.01 * batch["response_mask"].sum(dim=1)
+
+
+def test_an_untrained_subclass_is_evaluated_with_its_own_rewards(tmp_path):
+    """The IM-RM's step-0 evaluation runs no forward (every reward is 0): not so for a type whose rewards differ."""
+    import lightning as L
+
+    from data_modules import PersonaDataModule
+
+    module = LengthPenalizedIMRM(backbone="tiny-llama-chat", reference_cache_dir=str(tmp_path / "cache"))
+    data = PersonaDataModule(num_train=4, num_test=4, batch_size=4, eval_batch_size=16)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    metrics = {k: v for m in trainer.validate(module, data, verbose=False) for k, v in m.items()}
+    assert metrics["val/original_test_prompts/chosen_reward"] < 0  # minus 0.01 per response token

@@ -123,11 +123,13 @@ class ImplicitRM(RewardModule):
         itself, costs nothing). Elsewhere rewards are computed, as their derivatives may be wanted (the §4
         tools differentiate them at the initial weights, also in forward mode under ``no_grad``), and so they
         are where gradients are on: ``token_budget: auto`` measures a training forward's cost inside the first
-        evaluation (an untrained IM-RM's would otherwise cost nothing, and the budget grow unbounded)."""
+        evaluation (an untrained IM-RM's would otherwise cost nothing, and the budget grow unbounded).
+        A subclass's own ``compute_rewards`` is always run: its rewards need not be 0 there (a per-token
+        penalty, say), and an evaluation of it at step 0 would otherwise report zeros."""
         trainer = self._trainer
         evaluating = trainer is not None and (trainer.validating or trainer.testing or trainer.predicting)
         if (evaluating and not torch.is_grad_enabled() and self.reference == "frozen"
-                and self.policy_is_reference()):
+                and type(self).compute_rewards is ImplicitRM.compute_rewards and self.policy_is_reference()):
             return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
         return super().rewards(batch)
 
