@@ -44,6 +44,20 @@ def test_validation_scalars_histograms_and_csv_share_the_step(tmp_path):
     assert [event.step for event in events.Histograms(f"val/{name}/margins")] == csv_steps
 
 
+def test_training_scalars_and_csv_rows_share_the_step(tmp_path):
+    """A training batch's loss is at the same step in TensorBoard as in margin_history.csv (Lightning's own axis
+    put it one step earlier)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = fit("configs/exrm_persona.yaml", tmp_path, "--trainer.max_steps", "2")
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 1})
+    events.Reload()
+    logged = {event.step: round(event.value, 4) for event in events.Scalars("train/loss")}
+    rows = {int(row["step"]): round(float(row["loss"]), 4) for row in history(run) if row["set"] == "train"}
+    assert logged == rows
+    assert [event.step for event in events.Scalars("train/epoch_accuracy")] == [max(rows)]  # at the epoch's last
+
+
 def test_an_im_rm_starts_from_rewards_of_exactly_zero_and_its_reference_pass_shows_no_bar(tmp_path, capfd):
     run = fit("configs/imrm_persona.yaml", tmp_path, "--trainer.enable_progress_bar", "false")
     start = [row for row in history(run) if row["step"] == "0"]

@@ -22,10 +22,11 @@ CSV_COLUMNS = ("step", "epoch", "set", "split") + EVAL_METRICS
 class MarginHistory(RowHistory):
     """Record reward means and margins during training and each eval set at every validation.
 
-    Scalars are logged by the module; this callback adds a histogram of margins per eval set
-    to TensorBoard and, at the end of fit, writes ``margin_history.csv`` and
-    ``margin_history.png`` (eval margins, train-batch margin and accuracy over steps, one line per
-    eval set, titled with the run and its RM type) to the run directory, and prints the final
+    Scalars are logged by the module, on the CSV's step (this callback gives training batches theirs);
+    this callback adds a histogram of margins per eval set to TensorBoard and, at the end of fit,
+    writes ``margin_history.csv`` and ``margin_history.png`` (eval margins, train-batch margin and
+    accuracy over steps, one line per eval set, titled with the run and its RM type) to the run
+    directory, and prints the final
     metrics of every eval set and the run's peak memory. The rows are saved in checkpoints, so a run
     resumed with ``--ckpt_path`` writes the whole history.
 
@@ -61,6 +62,17 @@ class MarginHistory(RowHistory):
                 if train_key(name) in metrics:
                     row[name] = float(metrics[train_key(name)])
             self.rows.append(row)
+        # the x-axis of this batch's logged scalars: the CSV row's step (Lightning's own is the count of optimizer
+        # steps before the batch, one less, so TensorBoard and the CSV disagreed by one). Logged as ``step``, which
+        # Lightning takes as the step and does not log; ``epoch``, which it then no longer adds, is kept.
+        pl_module.log_dict({"step": float(trainer.global_step), "epoch": float(trainer.current_epoch)},
+                           on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """The epoch's scalars (``train/epoch_accuracy``) at its last batch's step, the CSV's, as Lightning puts
+        them at its own last step. ``sync_dist``: the same on every rank, but Lightning warns on an epoch value
+        without it under several processes."""
+        pl_module.log("step", float(trainer.global_step), on_step=False, on_epoch=True, sync_dist=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
