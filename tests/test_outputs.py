@@ -58,6 +58,24 @@ def test_training_scalars_and_csv_rows_share_the_step(tmp_path):
     assert [event.step for event in events.Scalars("train/epoch_accuracy")] == [max(rows)]  # at the epoch's last
 
 
+def test_validating_a_checkpoint_logs_at_the_step_its_weights_were_trained_to(tmp_path):
+    """``validate --ckpt_path``: TensorBoard's point at the checkpoint's step, the one results.json records (not 0)."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "fit").mkdir(), (tmp_path / "validate").mkdir()
+    trained = fit("configs/exrm_persona.yaml", tmp_path / "fit", "--trainer.max_steps", "2")
+    override = tiny_override(tmp_path / "validate")
+    cli.main(["validate", "--config", str(PROJECT_ROOT / "configs/exrm_persona.yaml"), "--config", str(override),
+              *TINY_DATA, "--ckpt_path", str(trained / "checkpoints" / "last.ckpt")])
+    (run,) = (tmp_path / "validate" / "lightning_logs").glob("version_*")
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 1})
+    events.Reload()
+    recorded = json.loads((run / "results.json").read_text())["global_step"]
+    assert [event.step for event in events.Scalars("val/original_test_prompts/accuracy")] == [recorded]
+
+
 def test_an_im_rm_starts_from_rewards_of_exactly_zero_and_its_reference_pass_shows_no_bar(tmp_path, capfd):
     run = fit("configs/imrm_persona.yaml", tmp_path, "--trainer.enable_progress_bar", "false")
     start = [row for row in history(run) if row["step"] == "0"]

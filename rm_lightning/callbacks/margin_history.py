@@ -90,7 +90,8 @@ class MarginHistory(RowHistory):
             self.rows.append(row)
             margins = values.get("margins")
             if experiment is not None and margins is not None and margins.numel() and trainer.is_global_zero:
-                experiment.add_histogram(f"{split}/{name}/margins", margins.float().cpu(), trainer.global_step)
+                step = pl_module.eval_sets.last_step  # a validate/test run's: its checkpoint's (not the trainer's 0)
+                experiment.add_histogram(f"{split}/{name}/margins", margins.float().cpu(), step)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(run_dir(trainer))

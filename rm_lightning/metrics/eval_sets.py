@@ -112,15 +112,18 @@ class EvalSets(nn.Module):
     def update(self, name: str, chosen: torch.Tensor, rejected: torch.Tensor, loss: torch.Tensor) -> None:
         self.groups[name].update(chosen, rejected, loss=loss)
 
-    def compute(self, trainer) -> dict[str, dict[str, torch.Tensor]]:
-        """Values of every set evaluated at this validation, then reset; also kept as ``last``.
+    def compute(self, trainer, step: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Values of every set evaluated at this validation, then reset; also kept as ``last``, with ``step``
+        (default: the trainer's global step) as ``last_step``.
 
         A set is skipped when it was not due, or (one process) when no batch of it ran, e.g.
         under ``limit_val_batches``. With several processes every rank computes every due set,
         since the reduction is collective, then leaves out a set no rank had a pair of (every pair dropped
         by the length caps or as identical), which one process leaves out too, rather than score it 0.
         """
-        self.last, self.last_step = {}, (trainer.global_step if trainer is not None else None)
+        if step is None and trainer is not None:
+            step = trainer.global_step
+        self.last, self.last_step = {}, step
         multi_process = trainer is not None and trainer.world_size > 1
         for name in self.names:
             group = self.groups[name]

@@ -262,6 +262,7 @@ class RewardModule(L.LightningModule):
     # --- Lightning hooks --------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        self._loaded_step: Optional[int] = None  # a checkpoint this run restores sets it (``on_load_checkpoint``)
         data = preference_data_of(self._trainer)
         # a data module names its eval sets, possibly none (one that predict only scores single responses)
         names = list(data.eval_set_names) if data is not None else self.eval_sets.names or ["eval"]
@@ -330,13 +331,23 @@ class RewardModule(L.LightningModule):
         from rm_lightning.callbacks.epoch_progress import resume_at_the_next_epoch  # the callbacks import this module
 
         resume_at_the_next_epoch(self._trainer, checkpoint)
+        self._loaded_step = checkpoint.get("global_step")
+
+    def evaluated_step(self) -> int:
+        """The step an evaluation is logged at: the weights' optimizer steps. In fit the trainer's; validate and
+        test restore only the weights, so the trainer's step stays 0 and the checkpoint's is the one (as
+        results.json records it); without a checkpoint, the trainer's."""
+        trainer = self._trainer
+        if trainer.state.fn != "fit" and getattr(self, "_loaded_step", None) is not None:
+            return self._loaded_step
+        return trainer.global_step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the RM type, so ``rm_lightning.load_reward_model`` needs only the checkpoint."""
         checkpoint[scoring.CLASS_PATH_KEY] = class_path_of(self)  # under FSDP too, not its FSDP<Name> class
 
     def _log_eval_sets(self, stage: str) -> None:
-        self.eval_sets.compute(self._trainer)
+        self.eval_sets.compute(self._trainer, step=self.evaluated_step())
         # already reduced over ranks by the metrics; sync_dist states that (a no-op mean)
         self.log_dict(self.eval_sets.scalars(stage), add_dataloader_idx=False, sync_dist=True)
 
