@@ -57,3 +57,26 @@ def test_an_untrained_subclass_is_evaluated_with_its_own_rewards(tmp_path):
                         default_root_dir=tmp_path)
     metrics = {k: v for m in trainer.validate(module, data, verbose=False) for k, v in m.items()}
     assert metrics["val/original_test_prompts/chosen_reward"] < 0  # minus 0.01 per response token
+
+
+def test_an_exgrm_subclass_with_its_own_loss_is_evaluated_with_it(tmp_path):
+    """An evaluation scores rewards ahead and recomputes the BT loss from them only where that is the type's loss."""
+    import lightning as L
+
+    from data_modules import PersonaDataModule
+    from rm_lightning import ExplicitGenerativeRM
+
+    class OffsetLossGRM(ExplicitGenerativeRM):
+        def pair_loss(self, batch):
+            loss, chosen, rejected = super().pair_loss(batch)
+            return loss + 1.0, chosen, rejected
+
+    def validation_loss(module) -> float:
+        data = PersonaDataModule(num_train=4, num_test=4, batch_size=4, eval_batch_size=16)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        (metrics, *_) = trainer.validate(module, data, verbose=False)
+        return metrics["val/original_test_prompts/loss"]
+
+    plain, offset = (validation_loss(cls(backbone="tiny-llama-chat")) for cls in (ExplicitGenerativeRM, OffsetLossGRM))
+    assert abs(offset - (plain + 1.0)) < 1e-4

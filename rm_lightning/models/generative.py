@@ -76,7 +76,9 @@ class ExplicitGenerativeRM(RewardModule):
         return self.answer_logprobs(hidden_states, batch)[:, 0].exp()
 
     def loss_from_rewards(self) -> bool:
-        return self.loss_type != "yes_no_ce"  # the cross-entropy reads log p("No") of rejected rows too
+        """Not the cross-entropy, which reads log p("No") of rejected rows too; nor a subclass's own ``pair_loss``,
+        which an evaluation that scored the rewards ahead would otherwise replace by BT's."""
+        return self.loss_type != "yes_no_ce" and type(self).pair_loss is ExplicitGenerativeRM.pair_loss
 
     def pair_loss(self, batch):
         answer_logps = self.answer_logprobs(self.hidden_states(batch), batch)
