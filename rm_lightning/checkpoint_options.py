@@ -115,8 +115,25 @@ def check_resume(path: Path, class_path: Optional[str], given: dict[str, Any], s
         raise SettingError(f"ckpt_path: {path} is a checkpoint of {short_name(saved_class)}, but the config trains "
                            f"{short_name(class_path)}; resume with the config it was trained with (its run's "
                            f"config.yaml) or leave out --ckpt_path")
+    check_resumed_adapters(path, given, saved)
     changed = differences(given, saved)
     return f"resuming with model options other than the checkpoint's: {describe(changed)}" if changed else ""
+
+
+def check_resumed_adapters(path: Path, given: dict[str, Any], saved: dict[str, Any]) -> None:
+    """LoRA's adapters are parameters of the checkpoint: with none where it has them (or the other way round),
+    another rank or other target modules, its state cannot load, and Lightning ends in a traceback listing every
+    weight. ``alpha`` and ``dropout`` are no parameters and may change."""
+    from rm_lightning.models.lora import lora_settings
+
+    def adapters(options: Any) -> Any:
+        settings = lora_settings(_plain(options)) if isinstance(_plain(options), dict) else options
+        return {key: settings[key] for key in ("r", "target_modules")} if isinstance(settings, dict) else settings
+
+    if "lora" in given and _plain(adapters(given["lora"])) != _plain(adapters(saved.get("lora"))):
+        raise SettingError(f"model.init_args.lora: {path} was trained with lora {saved.get('lora')!r}, the config "
+                           f"gives {given['lora']!r}; its adapters (r, target_modules) must match to resume: give "
+                           f"the checkpoint's, or leave out --ckpt_path to start a new run")
 
 
 def describe_checkpoint_model(class_path: Optional[str], given: dict[str, Any], saved: dict[str, Any]) -> str:

@@ -55,6 +55,13 @@ def test_resuming_a_checkpoint_of_another_rm_type_is_one_line(exrm_checkpoint, t
     assert "is a checkpoint of ExplicitRM, but the config trains ImplicitRM" in line
 
 
+def test_resuming_with_adapters_other_than_the_checkpoint_s_is_one_line_naming_lora(exrm_checkpoint, tmp_path, capsys):
+    """The adapters are parameters: a checkpoint without them (or of another rank) cannot load into the model."""
+    line = error_line(capsys, "fit", "--config", EXRM, "--config", str(tiny_override(tmp_path)),
+                      "--ckpt_path", str(exrm_checkpoint), "--model.init_args.lora", "{r: 4}")
+    assert line.startswith("error: model.init_args.lora:")
+
+
 def test_test_rebuilds_the_checkpoint_s_rm_type_and_keeps_a_memory_option(exrm_checkpoint, tmp_path, capsys):
     run = run_command("test", IMRM, tmp_path, "--ckpt_path", str(exrm_checkpoint),
                       "--model.init_args.token_budget", "512")
