@@ -13,7 +13,8 @@ With ``d = r+ - r- - margin`` (``margin``: the batch's per-pair ``margin``, 0 wh
 - ``ipo`` (TRL's DPO ``ipo``): ``(d / beta - 1 / (2 beta))^2``.
 
 TRL writes hinge and IPO in terms of the log-ratio difference ``h``; an IM-RM's reward is
-``r = beta * log-ratio``, so ``d = beta * h`` (without a margin) and these are TRL's losses.
+``r = beta * log-ratio``, so ``d = beta * h`` (without a margin) and these are TRL's losses, except that
+TRL's IPO averages each response's log-probs over its tokens where an IM-RM's log-ratio is a sum.
 ``center_rewards_coefficient`` c adds ``c * mean((r+ + r-)^2)`` (TRL's RewardTrainer), which keeps
 rewards centred on 0 without changing which response wins.
 """
