@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import PROJECT_ROOT, tiny_override
 from data_modules import RealWorldDataModule
@@ -106,3 +107,27 @@ def test_validate_without_a_checkpoint_says_its_steps_are_unknown(tmp_path):
     results = results_of(tmp_path)
     assert (results["global_step"], results["epoch"], results["eval_step"], results.get("checkpoint")) == (None,) * 4
     assert "no checkpoint loaded" in results["steps_unknown"]
+
+
+
+def test_evaluate_config_after_a_run_config_draws_the_pairs_it_draws_alone(tmp_path, capsys):
+    # README: `test --config $RUN/config.yaml --config configs/evaluate_rewardbench_math.yaml`. A Persona run's
+    # config holds the Persona module's data_seed (875); stacked, it reached the evaluation's RealWorldDataModule,
+    # so a `limit` drew other pairs than for a model evaluated alone, and an UltraFeedback run's truncate: true cut
+    # the eval set's texts instead of dropping the long pairs: the same command scored two models on different pairs.
+    def resolved(stage: str, *configs: str) -> str:
+        with pytest.raises(SystemExit):
+            cli.main([stage, *(arg for config in configs for arg in ("--config", config)), "--print_config"])
+        return capsys.readouterr().out
+
+    def what_is_evaluated(text: str) -> dict:
+        data = yaml.safe_load(text)["data"]["init_args"]
+        return {key: data[key] for key in ("eval_sets", "data_seed", "truncate", "eval_max_prompt_tokens",
+                                           "eval_max_response_tokens")}
+
+    evaluate = str(PROJECT_ROOT / "configs/evaluate_rewardbench_math.yaml")
+    alone = what_is_evaluated(resolved("test", evaluate, EXRM))
+    for experiment in ("exrm_persona", "exrm_ultrafeedback"):
+        run_config = tmp_path / f"{experiment}.yaml"  # what a run saves: every option resolved
+        run_config.write_text(resolved("fit", str(PROJECT_ROOT / f"configs/{experiment}.yaml")))
+        assert what_is_evaluated(resolved("test", str(run_config), evaluate)) == alone, experiment
