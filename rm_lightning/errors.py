@@ -20,9 +20,14 @@ class BackboneError(RMLightningError):
     """A backbone name or path that cannot be loaded."""
 
 
-class CheckpointWriteError(RMLightningError):
-    """A checkpoint the disk did not take (usually full). Unlike bad input it comes after the run did its work,
-    so the run's record (results.json, ``failed``) is still written."""
+class OutputWriteError(RMLightningError):
+    """A file of the run's (results.json, margin_history.csv, predictions.jsonl...) that the disk or its folder
+    did not take (full, read-only). Unlike bad input it comes after the run did its work, so the run's record
+    (results.json, ``failed``) is still written where it can be."""
+
+
+class CheckpointWriteError(OutputWriteError):
+    """A checkpoint the disk did not take (usually full)."""
 
 
 def user_error_behind(err: BaseException | None) -> RMLightningError | None:

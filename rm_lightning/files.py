@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from rm_lightning.errors import OutputWriteError
+
 
 @contextmanager
 def staged(path: str | os.PathLike) -> Iterator[Path]:
@@ -39,7 +41,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    return write_atomically(path, lambda staging: staging.write_text(text))
+    """A text output (results.json, a CSV, predictions.jsonl): a full disk or a read-only folder is one
+    ``OutputWriteError`` line naming the file, not an ``OSError`` traceback after the run's work is done."""
+    try:
+        return write_atomically(path, lambda staging: staging.write_text(text))
+    except OSError as err:
+        raise OutputWriteError(f"{path}: could not be written ({err.strerror or err}); {free_space(path)} free on "
+                               f"its disk; the previous one, if any, is unchanged") from err
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space where ``path`` goes, in GiB: a full disk is the usual reason a file cannot be written."""
+    try:
+        return f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30:.1f} GiB"
+    except OSError:
+        return "unknown space"
 
 
 def write_json_atomically(path: str | os.PathLike, record: Any) -> Path:

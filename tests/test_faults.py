@@ -155,6 +155,30 @@ def test_a_plot_that_cannot_be_written_is_a_warning_and_results_are_kept(tmp_pat
     assert not (run / "margin_history.png").exists()
 
 
+
+def disk_full_for(monkeypatch, name: str) -> None:
+    """Writing a file called ``name`` stops half-way on a full disk (its staging file has its name inside)."""
+    write_text = Path.write_text
+
+    def half_then_full(self, text, *args, **kwargs):
+        if f".{Path(name).stem}.tmp" in self.name:
+            write_text(self, text[:len(text) // 2], *args, **kwargs)
+            raise OSError(28, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+
+
+@pytest.mark.parametrize("name", ["margin_history.csv", "results.json"])
+def test_a_run_file_the_disk_refuses_is_one_line_naming_it_and_no_half_file(name, tmp_path, monkeypatch, capsys):
+    # a full disk at the end of fit was a 100-line OSError traceback (twice over for margin_history.csv)
+    disk_full_for(monkeypatch, name)
+    assert fit(tmp_path, max_epochs=1) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"{name}: could not be written (No space left on device)" in line and "GiB free" in line
+    run = versions(tmp_path)[0]
+    assert not (run / name).exists() and not list(run.glob(".*.tmp*"))
+
+
 def test_shipped_configs_keep_only_the_last_checkpoint(tmp_path):
     assert fit(tmp_path, max_epochs=2) == 0
     assert sorted(p.name for p in (versions(tmp_path)[0] / "checkpoints").iterdir()) == ["last.ckpt"]

@@ -40,7 +40,7 @@ from rm_lightning.callbacks.margin_history import is_last_batch_of_fit, stop_aft
 from rm_lightning.callbacks.peak_memory import peak_memory
 from rm_lightning.callbacks.phase_times import phase_timings
 from rm_lightning.callbacks.run_directory import run_dir
-from rm_lightning.errors import CheckpointWriteError, user_error_behind
+from rm_lightning.errors import OutputWriteError, user_error_behind
 from rm_lightning.files import write_json_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS
 from rm_lightning.pairs.contract import preference_data_of
@@ -102,7 +102,7 @@ class ResultsWriter(L.Callback):
         uncount_cut_short_epoch(trainer)  # ``epoch``: the one a stop ended inside, not the next
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        before_any_work = not isinstance(user_error_behind(exception), (type(None), CheckpointWriteError))
+        before_any_work = not isinstance(user_error_behind(exception), (type(None), OutputWriteError))
         if before_any_work or (trainer.global_step == 0 and self._eval_step is None):
             return  # nothing ran: no results, and the run directory can be removed
         if isinstance(exception, SIGTERMException):

@@ -11,7 +11,6 @@ save leaves the previous checkpoint as it was). Remote paths (``s3://`` ...) kee
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Optional
 
 import torch
@@ -19,7 +18,7 @@ from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from rm_lightning.errors import CheckpointWriteError, first_line
-from rm_lightning.files import write_atomically
+from rm_lightning.files import free_space, write_atomically
 
 LOCAL_PROTOCOLS = ("file", "local")
 
@@ -43,14 +42,6 @@ class LocalCheckpointIO(TorchCheckpointIO):
             raise CheckpointWriteError(f"{local}: the checkpoint could not be written ({first_line(err)}); "
                                    f"{free_space(local)} free on its disk; the previous one, if any, is "
                                    f"unchanged") from err
-
-
-def free_space(path: str) -> str:
-    """Free space where ``path`` goes, in GiB: a full disk is the usual reason a checkpoint cannot be written."""
-    try:
-        return f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30:.1f} GiB"
-    except OSError:
-        return "unknown space"
 
 
 def use_local_checkpoint_io(trainer) -> None:
