@@ -13,25 +13,19 @@ import json
 import os
 from pathlib import Path
 
-from data_modules.jsonl import DATA_ENV, located_jsonl, may_hold_surrogate, reject_lone_surrogates, resolve_data_path
+from data_modules.jsonl import (DATA_SUFFIXES, existing_file, located_jsonl, may_hold_surrogate, reject_lone_surrogates,
+                                resolve_data_path)
 from rm_lightning.errors import DataError, first_line
 
 Located = list[tuple[str, dict]]
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-def existing_file(path: str | os.PathLike) -> Path:
-    """The file ``path`` names (as given, or under the data root), or one DataError line."""
-    resolved = resolve_data_path(path)
-    if not resolved.is_file():
-        raise DataError(f"data file not found: {path} (looked at {resolved.resolve()}; "
-                        f"set ${DATA_ENV} to the folder holding the shared data)")
-    return resolved
+FILE_SUFFIXES = DATA_SUFFIXES
 
 
 def located_records(path: str | os.PathLike) -> Located:
     """(location, record) for every record of a local file, by its suffix (``FILE_SUFFIXES``)."""
     suffix = Path(path).suffix.lower()
+    if resolve_data_path(path).is_dir():
+        existing_file(path)  # a folder: named as one, with its data files
     readers = {".jsonl": located_jsonl, ".json": located_json, ".parquet": located_parquet, ".csv": located_csv}
     if suffix not in readers:
         raise DataError(f"{path}: unknown data file type {suffix or '(no suffix)'!r}; expected one of "

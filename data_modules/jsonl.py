@@ -32,6 +32,28 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     return candidate
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # what ``data_modules.files.located_records`` reads
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+    """The file ``path`` names (as given, or under the data root), or one DataError line.
+
+    A folder is named a folder, with the data files in it: "not found" or "unknown file type '(no
+    suffix)'" for a folder that is right there (a downloaded dataset's, ``ultrafeedback`` for
+    ``ultrafeedback/train.jsonl``) sent the user looking for the wrong mistake.
+    """
+    resolved = resolve_data_path(path)
+    if resolved.is_dir():
+        files = sorted(p.name for p in resolved.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        shown = ", ".join(files[:8]) + (f" (and {len(files) - 8} more)" if len(files) > 8 else "")
+        raise DataError(f"{resolved}: a folder, not a data file; "
+                        f"{f'its data files: {shown}' if files else 'it holds no ' + ', '.join(DATA_SUFFIXES) + ' file'}")
+    if not resolved.is_file():
+        raise DataError(f"data file not found: {path} (looked at {resolved.resolve()}; "
+                        f"set ${DATA_ENV} to the folder holding the shared data)")
+    return resolved
+
+
 def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict]:
     """All records of a JSON Lines file; each must be an object with string ``fields``."""
     return [record for _, record in located_jsonl(path, fields)]
@@ -55,10 +77,7 @@ def reject_lone_surrogates(record: dict, where: str) -> None:
 
 def located_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[tuple[str, dict]]:
     """(``file:line``, record) for every record of a JSON Lines file (UTF-8; each an object with string ``fields``)."""
-    resolved = resolve_data_path(path)
-    if not resolved.is_file():
-        raise DataError(f"data file not found: {path} (looked at {resolved.resolve()}; "
-                        f"set ${DATA_ENV} to the folder holding the shared data)")
+    resolved = existing_file(path)
     records = []
     with open(resolved, "rb") as handle:
         for number, raw in enumerate(handle, start=1):

@@ -187,6 +187,18 @@ def test_malformed_files_name_file_and_line(tmp_path):
         PairSource(path="nowhere/test.jsonl").load()
 
 
+
+@pytest.mark.parametrize("name", ["my_prefs", "my_prefs.jsonl"])
+def test_a_folder_given_as_a_data_file_is_named_a_folder_with_its_data_files(name, tmp_path):
+    # a folder (a downloaded dataset's, or `ultrafeedback` for `ultrafeedback/train.jsonl`) was "unknown data file
+    # type '(no suffix)'", or "data file not found" when its name had a suffix: though it is right there
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    with pytest.raises(DataError, match=rf"{folder}: a folder, not a data file; its data files: train\.jsonl"):
+        PairSource(path=str(folder)).load()
+
+
 # --- length caps -------------------------------------------------------------------------------
 
 
