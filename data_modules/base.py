@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from rm_lightning.errors import DataError, SettingError
@@ -156,6 +156,9 @@ class PreferenceDataModule(L.LightningDataModule):
             raise DataError(f"{type(self).__name__}: {stage} needs at least one eval set of pairs "
                             f"(data.init_args.eval_sets); sets of kind 'responses' are only scored by predict")
         rank_zero_info(self.summary())
+        for name, dataset in self.eval_sets.items():
+            if not len(dataset) and (needs_train or any(len(d) for d in self.eval_sets.values())):
+                rank_zero_warn(empty_set_warning(dataset, len(eval_sets[name].pairs)))
         scored = [*self.eval_sets.values(), *(self.response_sets.values() if stage == "predict" else ())]
         if not needs_train and not any(len(dataset) for dataset in scored):
             raise DataError(f"{type(self).__name__}: {stage} has nothing to score: every eval set is empty after "
@@ -282,6 +285,16 @@ class PreferenceDataModule(L.LightningDataModule):
                 loaders.append(DataLoader(indexed, batch_size=self.eval_batch_size, shuffle=False,
                                           collate_fn=collate, num_workers=self.num_workers))
         return loaders
+
+
+def empty_set_warning(dataset: EncodedPairs, given: int) -> str:
+    """Why eval set ``dataset`` holds no pair. Evaluation skips an empty set: without this line it was missing from
+    the final table and results.json with only Lightning's "Total length of `DataLoader` ... is zero" to say so."""
+    counts = {"by the length caps": dataset.dropped, "as identical": dataset.screened.get("identical", 0),
+              "as empty": dataset.screened.get("empty", 0)}
+    why = ", ".join(f"{count} {rule}" for rule, count in counts.items() if count)
+    hint = " (truncate: true or longer caps keep over-long pairs)" if dataset.dropped else ""
+    return f"eval set '{dataset.name}' is empty: its {given} pairs were dropped ({why}); it is not evaluated{hint}"
 
 
 class IndexedPairs(Dataset):

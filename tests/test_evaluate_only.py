@@ -76,6 +76,23 @@ def test_evaluating_sets_that_screening_empties_is_one_line(stage, tmp_path, cap
     assert exit_info.value.code == 2 and len(errors) == 1 and f"{stage} has nothing to score" in errors[0]
 
 
+
+def test_an_eval_set_that_screening_empties_is_named_in_one_warning(tmp_path):
+    # fit went on with the set left out of the final table and results.json, and only Lightning's "Total length
+    # of `DataLoader` across ranks is zero" said anything; nothing named the set or why it was empty
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    write_jsonl(tmp_path / "train.jsonl", pairs)
+    write_jsonl(tmp_path / "same.jsonl", [{**pair, "rejected": pair["chosen"]} for pair in pairs])
+    data = RealWorldDataModule(train={"path": str(tmp_path / "train.jsonl")},
+                               eval_sets={"kept": {"path": str(tmp_path / "train.jsonl")},
+                                          "same": {"path": str(tmp_path / "same.jsonl")}})
+    data.attach(ExplicitRM(backbone="tiny-llama-chat"))
+    with pytest.warns(UserWarning, match=r"eval set 'same' is empty: its 8 pairs were dropped \(8 as identical\)"
+                                         r"; it is not evaluated") as warned:
+        data.setup("fit")
+    assert len([w for w in warned if "is empty" in str(w.message)]) == 1
+
+
 def test_eval_only_data_module_from_python(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS])
     data = RealWorldDataModule(eval_sets={"a": {"path": str(tmp_path / "a.jsonl")}})
