@@ -89,8 +89,8 @@ def located_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[t
                                 f"the line); data files must be UTF-8 encoded") from None
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
+            try:  # without its line break: a record cut short is then named at its own end, not "at column 1"
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict):

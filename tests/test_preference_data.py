@@ -188,6 +188,16 @@ def test_malformed_files_name_file_and_line(tmp_path):
 
 
 
+
+def test_a_json_line_cut_short_is_named_at_its_own_column(tmp_path):
+    # the line's newline went to the parser, so a record cut short was "at column 1" (of the next line's start)
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c",\n')
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: not valid JSON \(Expecting property name enclosed in double "
+                                        r"quotes at column 31\)"):
+        PairSource(path=str(path)).load()
+
+
 @pytest.mark.parametrize("name", ["my_prefs", "my_prefs.jsonl"])
 def test_a_folder_given_as_a_data_file_is_named_a_folder_with_its_data_files(name, tmp_path):
     # a folder (a downloaded dataset's, or `ultrafeedback` for `ultrafeedback/train.jsonl`) was "unknown data file
