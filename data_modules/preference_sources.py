@@ -375,7 +375,8 @@ class PairSource:
             hep-*); or any hub dataset id (``owner/name``), read as a file is. Needs internet. The hub
             has no train/test split for RewardMATH and RewardBench: prefer the prepared local files.
         split: hub split; default train_prefs (UltraFeedback), test (RewardMATH), filtered
-            (RewardBench), train (any other id).
+            (RewardBench), train (any other id). With a ``path``, ``split`` and ``subset`` are an error (a file is
+            read whole).
         subset: the hub dataset's configuration (``load_dataset``'s ``name``), if it has several.
         columns: pair field -> the data's column, for ``prompt``, ``chosen``, ``rejected`` and
             ``margin``, e.g. ``{prompt: question, chosen: good, rejected: bad}``; unmapped fields use
@@ -408,6 +409,11 @@ class PairSource:
         if (self.path is None) == (self.hub is None):
             raise DataError(f"a pair source needs exactly one of `path` or `hub` (got path={self.path!r}, "
                             f"hub={self.hub!r}); an override merges into the config's set, so set the other to null")
+        if self.path is not None and (self.split is not None or self.subset is not None):
+            # a local file has no splits: ignored, `split: test` read the whole file (a training file, say) unsaid
+            raise DataError(f"{self.path}: `split` and `subset` choose part of a hub dataset; a local file is read "
+                            f"whole (got split={self.split!r}, subset={self.subset!r}): give the split's own file as "
+                            f"`path`, and set them to null")
         if self.format not in PAIR_FORMATS:
             raise DataError(f"format must be one of {', '.join(PAIR_FORMATS)}, got {self.format!r}")
         fields = self.column_fields()

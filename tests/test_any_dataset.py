@@ -239,6 +239,10 @@ def test_bad_records_fail_with_the_file_line_and_field(record, message, tmp_path
     (PairSource(path="x.jsonl", format="chat"), "format must be one of auto, standard, conversational"),
     (PairSource(path="x.jsonl", columns={"question": "q"}), "columns: unknown field 'question'"),
     (PairSource(hub="rewardmath", columns={"prompt": "q"}), "hub 'rewardmath' has its own conversion"),
+    # a hub option on a local file was ignored without a word: `split: test` still read the whole file
+    (PairSource(path="x.jsonl", split="test"), "`split` and `subset` choose part of a hub dataset; a local file "
+                                               "is read whole"),
+    (PairSource(path="x.jsonl", subset="v2"), "`split` and `subset` choose part of a hub dataset"),
 ])
 def test_bad_source_options_are_named(source, message, tmp_path):
     if source.path:
