@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -46,12 +47,35 @@ def existing_file(path: str | os.PathLike) -> Path:
     if resolved.is_dir():
         files = sorted(p.name for p in resolved.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
         shown = ", ".join(files[:8]) + (f" (and {len(files) - 8} more)" if len(files) > 8 else "")
-        raise DataError(f"{resolved}: a folder, not a data file; "
-                        f"{f'its data files: {shown}' if files else 'it holds no ' + ', '.join(DATA_SUFFIXES) + ' file'}")
+        holds = f"its data files: {shown}" if files else f"it holds no {', '.join(DATA_SUFFIXES)} file"
+        raise DataError(f"{resolved}: a folder, not a data file; {holds}")
     if not resolved.is_file():
-        raise DataError(f"data file not found: {path} (looked at {resolved.resolve()}; "
-                        f"set ${DATA_ENV} to the folder holding the shared data)")
+        raise DataError(f"data file not found: {path} ({where_looked(path)})")
     return resolved
+
+
+def where_looked(path: str | os.PathLike) -> str:
+    """Every folder ``resolve_data_path`` searched and, when one holds a file of a near name, that file's path as
+    it would be given. Naming only the last place tried (the project folder) hid that the data root was searched,
+    and asked to set ``$RM_LIGHTNING_DATA`` when it was set: a misspelt name sent the user after the wrong fix."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        roots, looked = [Path("/")], f"looked at {candidate}"
+    else:
+        data_label = f"${DATA_ENV}" if DATA_ENV in os.environ else f"default data folder; set ${DATA_ENV} to move it"
+        named: dict[Path, str] = {}
+        for root, label in ((Path.cwd().resolve(), "working folder"), (data_root().resolve(), data_label),
+                            (_PROJECT_ROOT, "project folder")):
+            named.setdefault(root, label)  # a folder that is two of them is named once, by the first
+        roots = list(named)
+        looked = "looked under " + ", ".join(f"{root} ({label})" for root, label in named.items())
+    for root in roots:
+        folder = root / candidate.parent
+        names = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        near = difflib.get_close_matches(candidate.name, names, n=1, cutoff=0.75)
+        if near:
+            return f"{looked}; did you mean {candidate.parent / near[0]}?"
+    return looked
 
 
 def read_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[dict]:

@@ -198,6 +198,18 @@ def test_a_json_line_cut_short_is_named_at_its_own_column(tmp_path):
         PairSource(path=str(path)).load()
 
 
+
+def test_a_misspelt_file_name_says_where_it_looked_and_the_near_name(tmp_path, monkeypatch):
+    # it said "(looked at <project>/prefs/trian.jsonl; set $RM_LIGHTNING_DATA ...)": only the last place tried, with
+    # the data root it had searched (and which was set) left unsaid, and nothing about train.jsonl next door
+    (tmp_path / "prefs").mkdir()
+    (tmp_path / "prefs" / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    monkeypatch.setenv("RM_LIGHTNING_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=rf"data file not found: prefs/trian\.jsonl \(looked under .*{tmp_path} "
+                                        rf"\(\$RM_LIGHTNING_DATA\).*; did you mean prefs/train\.jsonl\?\)"):
+        PairSource(path="prefs/trian.jsonl").load()
+
+
 @pytest.mark.parametrize("name", ["my_prefs", "my_prefs.jsonl"])
 def test_a_folder_given_as_a_data_file_is_named_a_folder_with_its_data_files(name, tmp_path):
     # a folder (a downloaded dataset's, or `ultrafeedback` for `ultrafeedback/train.jsonl`) was "unknown data file
