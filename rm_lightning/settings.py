@@ -17,7 +17,7 @@ import os
 import re
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from rm_lightning.errors import DataError, SettingError
 
@@ -170,18 +170,30 @@ TRAINER_RULES: dict[str, Rule] = {
 }
 
 
-def check_options(prefix: str, options: dict[str, Any], rules: dict[str, Rule] = OPTION_RULES) -> None:
-    """Check every option of ``options`` (nested mappings too) that a rule names; ``prefix`` names the block."""
+def check_options(prefix: str, options: dict[str, Any], rules: dict[str, Rule] = OPTION_RULES,
+                  sets: Sequence[str] = ()) -> None:
+    """Check every option of ``options`` (nested mappings too) that a rule names; ``prefix`` names the block.
+    ``sets``: the other pair sources beside this one (the sets of an ``eval_sets``), named when it has none."""
     if "path" in options and "hub" in options and (options["path"] is None) == (options["hub"] is None):
-        raise SettingError(f"{prefix}: give exactly one of `path` or `hub` (got path={options['path']!r}, "
-                           f"hub={options['hub']!r}); an override merges into the config's set, so set the other "
-                           f"to null")
+        if options["path"] is not None:
+            raise SettingError(f"{prefix}: give exactly one of `path` or `hub` (got path={options['path']!r}, "
+                               f"hub={options['hub']!r}); an override merges into the config's set, so set the "
+                               f"other to null")
+        # a set named on the command line that the config lacks (a misspelt name) is a new set with no source
+        named = f"; no set of that name in the config (its sets: {', '.join(sets)})?" if sets else ""
+        raise SettingError(f"{prefix}: give exactly one of `path` or `hub` (got path=None, hub=None){named}")
+    sources = [name for name, value in options.items() if is_source(value) and value.get("path", value.get("hub"))]
     for name, value in options.items():
         option = f"{prefix}.{name}" if prefix else str(name)
         if name in rules:  # a rule may name a mapping (``lora``); other mappings are checked key by key
             rules[name](option, value)
         elif isinstance(value, dict):
-            check_options(option, value, rules)
+            check_options(option, value, rules, sets=[source for source in sources if source != name])
+
+
+def is_source(value: Any) -> bool:
+    """A pair source's options (``PairSource``): a mapping with ``path`` and ``hub``."""
+    return isinstance(value, dict) and "path" in value and "hub" in value
 
 
 def check_eval_every_n_epochs(option: str, value: Any) -> None:

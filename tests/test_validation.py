@@ -156,6 +156,17 @@ def test_null_on_the_command_line_is_null_inside_a_dataclass(tmp_path, capsys, n
     assert "data.init_args.train: give exactly one of `path` or `hub` (got path=None, hub=None)" in line
 
 
+
+def test_a_misspelt_eval_set_name_on_the_command_line_names_the_sets_there_are(tmp_path, capsys, no_model_load):
+    """``eval_sets.rewardbench_mth.limit 5`` makes a new set with no source: the line said to set the other of
+    path/hub to null, which was no help; it now names the config's sets."""
+    line = one_error_line(capsys, ["fit", "--config", str(PROJECT_ROOT / "configs" / "exrm_ultrafeedback.yaml"),
+                                   "--config", str(tiny_override(tmp_path)),
+                                   "--data.init_args.eval_sets.rewardbench_mth.limit", "5"])
+    assert "data.init_args.eval_sets.rewardbench_mth: give exactly one of `path` or `hub` (got path=None" in line
+    assert "no set of that name in the config (its sets: ultrafeedback, " in line and "rewardbench_math, " in line
+
+
 def test_null_options_are_read_from_both_spellings():
     assert cli.null_options(["fit", "--a.b", "null", "--c=null", "--d", "3", "--e=None"]) == ("a.b", "c", "e")
 
