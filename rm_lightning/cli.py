@@ -294,12 +294,38 @@ def config_arguments(path: Path, including: tuple[Path, ...] = ()) -> list[str]:
     return arguments + ["--config", str(path)]
 
 
+class DuplicateKey(Exception):
+    """A mapping key given twice in a config file; the message starts with the line of the second."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML (and jsonargparse) keep the last one,
+    so a second ``held_out:`` eval set, or a second ``trainer:`` block, replaced the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        first_lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys after it may override its keys
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first_lines:
+                    raise DuplicateKey(f"{line}: key {key!r} given twice in one mapping (first on line "
+                                       f"{first_lines[key]}); YAML would keep only the last")
+                first_lines[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def composed_files(path: Path) -> list[Path]:
     """The files listed under ``compose:`` in ``path`` (a YAML mapping), resolved against its folder."""
     if not path.is_file():
         return []  # not a file (a YAML string, or a missing path): jsonargparse reports it
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except DuplicateKey as err:
+        raise RMLightningError(f"{path}:{err}") from None
     except (yaml.YAMLError, UnicodeDecodeError):
         return []  # jsonargparse reports it, with the line
     entries = content.get(COMPOSE_KEY) if isinstance(content, dict) else None

@@ -232,6 +232,20 @@ def test_bad_compose_ends_in_one_line(tmp_path, capsys, compose, message):
     assert len(err) == 1 and err[0].startswith("error: ") and str(experiment) in err[0]
 
 
+
+def test_a_key_given_twice_in_one_config_file_ends_in_one_line_naming_it(tmp_path, capsys):
+    # YAML keeps the last of two equal keys: a second `held_out:` eval set replaced the first without a word
+    data = write(tmp_path / "data.yaml", "data:\n  class_path: data_modules.RealWorldDataModule\n  init_args:\n"
+                                         "    eval_sets:\n      held_out: {path: a.jsonl}\n"
+                                         "      other: {path: b.jsonl}\n      held_out: {path: c.jsonl}\n")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["fit", "--config", str(CONFIGS / "exrm_persona.yaml"), "--config", str(data), "--print_config"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {data}:7: key 'held_out' given twice in one mapping (first on line 5); YAML would keep "
+                   f"only the last"]
+
+
 def test_ultrafeedback_full_uses_every_pair_and_stops_at_a_plateau(capsys):
     resolved = resolve(capsys, CONFIGS / "exrm_ultrafeedback_full.yaml")
     data = resolved["data"]["init_args"]
