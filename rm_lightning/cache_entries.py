@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from rm_lightning.errors import first_line
 from rm_lightning.files import write_atomically
 
 CACHE_ENV = "RM_LIGHTNING_CACHE"
@@ -80,16 +82,18 @@ def write_entry(directory: str | Path, identity: dict[str, str], tensors: dict[s
     try:
         write_atomically(entry_path(directory, identity),
                          lambda staging: torch.save(entry(identity, **tensors), staging))
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError ("file write failed")
         warn_unwritable_once(Path(directory), err, unwritable_message)
 
 
 _WARNED_DIRECTORIES: set[str] = set()
 
 
-def warn_unwritable_once(directory: Path, err: OSError, message: str) -> None:
+def warn_unwritable_once(directory: Path, err: Exception, message: str) -> None:
     """Warn ``message`` (with ``{directory}`` and ``{why}`` filled in) the first time ``directory`` fails."""
     if str(directory) not in _WARNED_DIRECTORIES:
         _WARNED_DIRECTORIES.add(str(directory))
-        why = "it is a file" if directory.is_file() else err.strerror or str(err)
+        # torch's writer prefixes its reason with where in its C++ it failed: "[enforce fail at x.cc:778] . "
+        reason = getattr(err, "strerror", None) or re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line(err))
+        why = "it is a file" if directory.is_file() else reason
         rank_zero_warn(message.format(directory=directory, why=why))

@@ -157,6 +157,21 @@ def test_an_unwritable_cache_folder_means_tokenizing_every_run_with_one_warning(
     assert len([w for w in warned if "cannot be written" in str(w.message)]) == 1
 
 
+
+def test_a_cache_folder_on_a_full_disk_is_one_warning_and_leaves_no_half_file(exrm, tmp_path, monkeypatch):
+    # torch.save reports a full disk as a RuntimeError ("PytorchStreamWriter failed writing file"), not an OSError:
+    # it went past the cache's "cannot be written" warning and ended the run with a traceback
+    def disk_full(entry, staging):
+        Path(staging).write_bytes(b"PK\x03\x04 half an entry")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+    monkeypatch.setattr(cache_entries.torch, "save", disk_full)
+    with pytest.warns(UserWarning, match=f"tokenized-pairs cache folder {tmp_path} cannot be written "
+                                         f"\\(PytorchStreamWriter failed writing file data/0: file write failed\\)"):
+        assert tokenized(exrm, tmp_path) == tokenized(exrm, None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cache_tokenized_false_writes_nothing(exrm, tmp_path, monkeypatch):
     monkeypatch.setenv(token_cache.TOKEN_CACHE_ENV, str(tmp_path))
     GivenPairs(PAIRS, cache_tokenized=False).attach(exrm).setup("fit")
