@@ -185,7 +185,8 @@ def _conversation_pair(prompt: Any, chosen: Any, rejected: Any, where: str, colu
     response one assistant turn); the two conversations must then end in an assistant turn (the
     response) and agree on every turn before it (the prompt), as TRL's implicit-prompt extraction
     expects. A string prompt beside whole conversations (chosen holds user turns too) is a copy of
-    their first turn, as in UltraFeedback binarized, and TRL ignores it then: so does this. A
+    their first turn, as in UltraFeedback binarized, and TRL ignores it then: so does this. So is a prompt of
+    messages that both conversations start with (it is not said twice). A
     prompt of one user turn is kept as its text, so it tokenizes as a string prompt does.
     """
     def name(field: str) -> str:
@@ -203,6 +204,10 @@ def _conversation_pair(prompt: Any, chosen: Any, rejected: Any, where: str, colu
                                                                                 ("rejected", rejected))}
     if len(context) == 1 and isinstance(prompt, str) and any(t.role != "assistant" for t in responses["chosen"]):
         context = ()  # a text prompt beside whole conversations repeats their prompt (UltraFeedback binarized)
+    elif context and all(len(r) > len(context) and r[:len(context)] == context for r in responses.values()):
+        # messages that both whole conversations start with are their prompt, kept beside them: said twice, the
+        # model was trained on the prompt two times over (TRL would concatenate them so; no dataset means that)
+        context = ()
     conversations = {}
     for field, response in responses.items():
         turns = context + response

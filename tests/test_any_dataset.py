@@ -123,6 +123,17 @@ def test_a_text_prompt_beside_whole_conversations_is_their_copy_as_in_ultrafeedb
     assert record_pair(explicit, "row 1") == PreferencePair("What is 2+2?", GOOD, BAD)
 
 
+
+def test_a_message_prompt_that_whole_conversations_repeat_is_their_copy_not_said_twice():
+    # a dataset that keeps the prompt's messages beside whole conversations (prompt = chosen[:-1]) trained on the
+    # prompt twice over: system, user, system, user, then the response
+    record = {"prompt": PROMPT, "chosen": PROMPT + [assistant(GOOD)], "rejected": PROMPT + [assistant(BAD)]}
+    assert record_pair(record, "row 1") == PreferencePair(PROMPT_TURNS, GOOD, BAD)
+    # a prompt that the conversations do not start with is context before them, as before
+    earlier = {"prompt": [SYSTEM], "chosen": [HI, assistant(GOOD)], "rejected": [HI, assistant(BAD)]}
+    assert record_pair(earlier, "row 1").prompt == (Turn("system", "Be brief."), Turn("user", "Hi"))
+
+
 def test_standard_and_conversational_records_of_one_file_both_load(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"},
                                                   {"prompt": PROMPT, "chosen": [assistant(GOOD)],
