@@ -23,6 +23,7 @@ from data_modules.files import located_records
 from rm_lightning.errors import DataError
 from rm_lightning.hub import offline_unless_reachable
 from rm_lightning.pairs import PreferencePair, ResponseRecord, ShiftTag, Turn, check_text_fields
+from rm_lightning.pairs.records import present_fields
 
 # The paper's four hub sets, each with its own conversion; any other hub id is read with ``record_pair``.
 HubName = Literal["ultrafeedback", "rewardmath", "rewardbench_math", "rewardbench_code"]
@@ -111,8 +112,7 @@ def _column(record: dict, field: str, columns: dict[str, str], where: str, requi
     if name not in record:
         if not required:
             return None
-        present = ", ".join(sorted(map(str, record))) or "nothing"
-        raise DataError(f"{where}: missing field '{name}'{mapped} (has: {present})")
+        raise DataError(f"{where}: missing field '{name}'{mapped} (has: {present_fields(record, name)})")
     if record[name] is None and required:
         raise DataError(f"{where}: field '{name}'{mapped} is empty")
     return record[name]

@@ -192,6 +192,17 @@ def test_a_missing_column_is_named_with_the_file_and_row(suffix, where, tmp_path
         PairSource(path=str(path), columns=MAPPED).load()
 
 
+
+def test_a_column_name_with_spaces_around_it_is_shown_so(tmp_path):
+    # a hand-written header "prompt, chosen, rejected" said "missing field 'chosen' (has:  chosen,  rejected,
+    # prompt)": the spaces that made ' chosen' another name were all but invisible
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt, chosen, rejected\nQ,A,B\n")
+    with pytest.raises(DataError, match=r"pairs\.csv:2: missing field 'chosen' \(has: ' chosen', ' rejected', prompt; "
+                                        r"' chosen' has spaces around it\)"):
+        PairSource(path=str(path)).load()
+
+
 def test_a_csv_cell_that_starts_with_a_bracket_but_is_no_json_list_stays_text(tmp_path):
     path = write_records(tmp_path / "pairs.csv", [{"prompt": "[INST] hi", "chosen": "c", "rejected": "r"}])
     assert PairSource(path=str(path)).load() == [PreferencePair("[INST] hi", "c", "r")]

@@ -140,10 +140,20 @@ def unpair(chosen: torch.Tensor, rejected: torch.Tensor, count: int) -> torch.Te
     return torch.stack([chosen, rejected], dim=1).reshape(-1)[:count]
 
 
+def present_fields(record: dict, missing: str) -> str:
+    """The record's field names, for a message about ``missing``: a name with spaces around it (a CSV header
+    written "prompt, chosen, rejected") is quoted, and said to be one when it is ``missing`` but for them, since
+    ``has:  chosen`` hid the space that made it another name."""
+    names = sorted(map(str, record))
+    shown = ", ".join(repr(name) if name != name.strip() else name for name in names) or "nothing"
+    near = next((name for name in names if name != missing and name.strip() == missing), None)
+    return shown + (f"; {near!r} has spaces around it" if near is not None else "")
+
+
 def check_text_fields(record: dict, fields: Sequence[str], where: str) -> None:
     """Fail with the location when a record lacks a field or holds a non-string in it."""
     for name in fields:
         if name not in record:
-            raise DataError(f"{where}: missing field '{name}' (has: {', '.join(sorted(record)) or 'nothing'})")
+            raise DataError(f"{where}: missing field '{name}' (has: {present_fields(record, name)})")
         if not isinstance(record[name], str):
             raise DataError(f"{where}: field '{name}' must be a string, got {type(record[name]).__name__}")
