@@ -61,6 +61,11 @@ def located_json(path: str | os.PathLike) -> Located:
             return located_jsonl(resolved)
         raise DataError(f"{resolved}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
     if isinstance(content, dict):  # a single object: one line of JSON Lines, or one pretty-printed record
+        wrapped = next((key for key, value in content.items() if isinstance(value, list) and value
+                        and all(isinstance(v, dict) and "role" not in v for v in value)), None)  # not a conversation
+        if wrapped is not None:  # {"data": [...]}: read as one record, it was "missing field 'prompt' (has: data)"
+            raise DataError(f"{resolved}: one JSON object whose {wrapped!r} holds {len(content[wrapped])} records; the "
+                            f"file's top level must be the list of records (or one record per line)")
         content = [content]
     if not isinstance(content, list):
         raise DataError(f"{resolved}: expected a JSON array of objects (or one object per line), "

@@ -223,6 +223,19 @@ def test_a_json_lines_file_named_json_is_read_as_json_lines(tmp_path):
     assert PairSource(path=str(path)).load() == [PreferencePair("p", "c", "r")]
 
 
+
+def test_a_json_object_holding_the_records_under_a_key_names_the_key(tmp_path):
+    # {"data": [...]} was read as one record: "row 1: missing field 'prompt' (has: data)"
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"version": 2, "data": [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 3}))
+    with pytest.raises(DataError, match=r"wrapped\.json: one JSON object whose 'data' holds 3 records; the file's top "
+                                        r"level must be the list of records \(or one record per line\)"):
+        PairSource(path=str(path)).load()
+    one = tmp_path / "one.json"  # one pretty-printed conversational record is no wrapper: its lists are messages
+    one.write_text(json.dumps({"prompt": PROMPT, "chosen": [assistant(GOOD)], "rejected": [assistant(BAD)]}, indent=2))
+    assert PairSource(path=str(one)).load() == [PreferencePair(PROMPT_TURNS, GOOD, BAD)]
+
+
 def test_margin_column_reaches_the_batch_per_pair_and_micro_batches_split_it(chat_module, tmp_path):
     path = write_jsonl(tmp_path / "margins.jsonl", [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "margin": m}
                                                     for i, m in enumerate([0.5, 2.0, 1.0])])
