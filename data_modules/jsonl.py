@@ -116,7 +116,12 @@ def located_jsonl(path: str | os.PathLike, fields: Sequence[str] = ()) -> list[t
             try:  # without its line break: a record cut short is then named at its own end, not "at column 1"
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                # a lone "[" or "{" opens JSON written over several lines (json.dump's indent), which JSON Lines is not
+                spread = line.strip() in ("[", "{")
+                rename = "" if resolved.suffix.lower() == ".json" else " (or name the file .json)"
+                hint = (f"; this looks like JSON spread over several lines: JSON Lines has one record per "
+                        f"line{rename}") if spread else ""
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno}){hint}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             if may_hold_surrogate(line):

@@ -210,6 +210,18 @@ def test_a_misspelt_file_name_says_where_it_looked_and_the_near_name(tmp_path, m
         PairSource(path="prefs/trian.jsonl").load()
 
 
+
+@pytest.mark.parametrize("records", [[{"prompt": "p", "chosen": "c", "rejected": "r"}] * 2,  # a JSON array
+                                     {"prompt": "p", "chosen": "c", "rejected": "r"}])  # one record, pretty-printed
+def test_pretty_printed_json_under_a_jsonl_name_says_so(records, tmp_path):
+    # it said "pretty.jsonl:1: not valid JSON (Expecting value at column 1)", which hid that the file was JSON
+    path = tmp_path / "pretty.jsonl"
+    path.write_text(json.dumps(records, indent=2))
+    with pytest.raises(DataError, match=r"pretty\.jsonl:1: not valid JSON .*; this looks like JSON spread over "
+                                        r"several lines: JSON Lines has one record per line \(or name the file \.json\)"):
+        PairSource(path=str(path)).load()
+
+
 @pytest.mark.parametrize("name", ["my_prefs", "my_prefs.jsonl"])
 def test_a_folder_given_as_a_data_file_is_named_a_folder_with_its_data_files(name, tmp_path):
     # a folder (a downloaded dataset's, or `ultrafeedback` for `ultrafeedback/train.jsonl`) was "unknown data file
