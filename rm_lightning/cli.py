@@ -217,6 +217,11 @@ def one_line(message: str, limit: int = 400) -> str:
     keys = re.findall(r'Parser key "([^"]+)"', message)
     if keys:
         option = keys[0] + "".join(f".init_args.{key}" for key in keys[1:])
+        # an option given on the command line inside a mapping (``eval_sets.<set>.limit``): its whole key, the
+        # set's name included, is in the outermost NestedArg; the Parser keys skip the name
+        nested = re.findall(r"NestedArg\(key='([^']+)'", message)
+        if len(keys) > 1 and nested and nested[-1].startswith(f"{keys[1]}."):
+            option = f"{keys[0]}.init_args.{nested[-1]}"
         reasons = ([line for line in lines if "Got value" in line]
                    or [line for line in lines if line.startswith("Expected")])
         allowed = list(dict.fromkeys(re.findall(r"Literal\[([^\]]+)\]", message)))
@@ -226,6 +231,8 @@ def one_line(message: str, limit: int = 400) -> str:
                              r"([^\n]+)", message)
         if reasons and "Got value" in reasons[0]:  # a union's other class (a Callback) refusing the option is moot
             text = f"{option}: {reasons[0]}"
+        elif unknown and option.endswith(f".{unknown.group(2)}"):  # the whole key, from a NestedArg
+            text = f"{option.rsplit('.', 1)[0]}: {unknown.group(1)} has no option '{unknown.group(2)}'"
         elif unknown:
             text = f"{option}.init_args: {unknown.group(1)} has no option '{unknown.group(2)}'"
         elif required:  # else the union's last alternative (an Iterable, a bool) would be named instead

@@ -81,6 +81,13 @@ BAD_SETTINGS = [
     (EXRM, ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger"],
      "trainer.logger.init_args: lightning.pytorch.loggers.CSVLogger needs save_dir"),
     (EXRM, ["--data.init_args.batch_sise", "3"], "data.init_args: data_modules.PersonaDataModule has no option"),
+    # an eval set's option: the line names the set (it said data.init_args.eval_sets.init_args, of seven sets)
+    (str(PROJECT_ROOT / "configs" / "exrm_ultrafeedback.yaml"),
+     ["--data.init_args.eval_sets.rewardbench_math.limt", "5"],
+     "data.init_args.eval_sets.rewardbench_math: data_modules.EvalSetSource has no option 'limt'"),
+    (str(PROJECT_ROOT / "configs" / "exrm_ultrafeedback.yaml"),
+     ["--data.init_args.eval_sets.rewardbench_math.tag", "domain_shfit"],
+     "data.init_args.eval_sets.rewardbench_math.tag: Expected a typing.Literal"),
     (EXRM, ["--model.init_args.decoder_layout", "stacked"], "model.init_args.decoder_layout: Expected a"),
     (str(PROJECT_ROOT / "configs" / "exrm_hamcycle.yaml"), ["--data.init_args.edge_prob", "1"],
      "data.init_args.edge_prob: expected a probability in [0, 1) (at 1 every graph is complete), got 1"),
