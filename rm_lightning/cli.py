@@ -220,13 +220,17 @@ def one_line(message: str, limit: int = 400) -> str:
         # an option given on the command line inside a mapping (``eval_sets.<set>.limit``): its whole key, the
         # set's name included, is in the outermost NestedArg; the Parser keys skip the name
         nested = re.findall(r"NestedArg\(key='([^']+)'", message)
-        if len(keys) > 1 and nested and nested[-1].startswith(f"{keys[1]}."):
-            option = f"{keys[0]}.init_args.{nested[-1]}"
         reasons = ([line for line in lines if "Got value" in line]
                    or [line for line in lines if line.startswith("Expected")])
         allowed = list(dict.fromkeys(re.findall(r"Literal\[([^\]]+)\]", message)))
         given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
         unknown = re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", message)
+        if len(keys) > 1 and nested and nested[-1].startswith(f"{keys[1]}."):
+            option = f"{keys[0]}.init_args.{nested[-1]}"
+        elif len(keys) > 1 and given:  # from a file: the whole value is given, so the entry can be found in it
+            got = next((r.split("Got value:", 1)[1].strip() for r in reasons if "Got value:" in r), None)
+            key = key_in_given(keys, given, unknown.group(2) if unknown else None, got)
+            option = f"{keys[0]}.init_args.{key}" if key else option
         required = re.search(r"Problem with given class_path '([^']+)':\s*the following arguments are required: "
                              r"([^\n]+)", message)
         if reasons and "Got value" in reasons[0]:  # a union's other class (a Callback) refusing the option is moot
@@ -247,6 +251,25 @@ def one_line(message: str, limit: int = 400) -> str:
         text = re.sub(r"Subcommand '(\w+)' does not accept option '([^']+)'", r"'\1' has no option --\2", text)
     text = text if len(text) <= limit else text[:limit - 3] + "..."
     return f"{text} (see --help for the options)"
+
+
+def key_in_given(keys: list[str], given: str, unknown: Optional[str], got: Optional[str]) -> Optional[str]:
+    """The whole key (below ``init_args``) of a bad option inside a mapping of named entries given in a config
+    file, ``eval_sets.held_out.limt``: jsonargparse's Parser keys skip the entry's name (``eval_sets.init_args``),
+    so of several sets the one with the typo went unsaid. ``given`` is the value it was given, as Python text (the
+    entries parsed already as Namespaces, the bad one still a dict); the entry is the dict holding the ``unknown``
+    option, or the value ``got`` under the innermost key. None when it cannot be told."""
+    start = given.find(f"'{keys[1]}': {{")
+    if start < 0:
+        return None
+    if unknown is not None:
+        field, value = unknown, ""
+    elif len(keys) == 3 and got is not None:
+        field, value = keys[2], f" (?:'{re.escape(got)}'|{re.escape(got)})[,}}]"
+    else:
+        return None
+    found = re.search(rf"'([^']+)': \{{[^{{}}]*'{re.escape(field)}':{value}", given[start + len(keys[1]) + 4:])
+    return f"{keys[1]}.{found.group(1)}.{field}" if found else None
 
 
 def null_options(args: list[str]) -> tuple[str, ...]:

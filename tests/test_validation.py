@@ -174,6 +174,25 @@ def test_a_misspelt_eval_set_name_on_the_command_line_names_the_sets_there_are(t
     assert "no set of that name in the config (its sets: ultrafeedback, " in line and "rewardbench_math, " in line
 
 
+
+@pytest.mark.parametrize("entry, message", [
+    ("held_out: {path: a.jsonl, limt: 5}", "data.init_args.eval_sets.held_out: data_modules.EvalSetSource has no "
+                                           "option 'limt'"),
+    ("held_out: {path: a.jsonl, tag: domain_shfit}", "data.init_args.eval_sets.held_out.tag: Expected a "
+                                                     "typing.Literal"),
+])
+def test_a_misspelt_option_of_an_eval_set_in_a_config_file_names_the_set(entry, message, tmp_path, capsys,
+                                                                        no_model_load):
+    """In a file, jsonargparse's keys skip the set's name (data.init_args.eval_sets.init_args): of several sets,
+    which one held the typo went unsaid."""
+    data = tmp_path / "data.yaml"
+    data.write_text("data:\n  class_path: data_modules.RealWorldDataModule\n  init_args:\n    train: {path: t.jsonl}\n"
+                    f"    eval_sets:\n      other: {{path: b.jsonl}}\n      {entry}\n")
+    line = one_error_line(capsys, ["fit", "--config", EXRM, "--config", str(data),
+                                   "--config", str(tiny_override(tmp_path))])
+    assert message in line
+
+
 def test_null_options_are_read_from_both_spellings():
     assert cli.null_options(["fit", "--a.b", "null", "--c=null", "--d", "3", "--e=None"]) == ("a.b", "c", "e")
 
