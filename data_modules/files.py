@@ -19,6 +19,7 @@ from rm_lightning.errors import DataError, first_line
 
 Located = list[tuple[str, dict]]
 FILE_SUFFIXES = DATA_SUFFIXES
+CSV_FIELD_LIMIT = 2**31 - 1  # the largest the csv module takes on every platform (a C long)
 
 
 def located_records(path: str | os.PathLike) -> Located:
@@ -95,6 +96,9 @@ def located_csv(path: str | os.PathLike) -> Located:
     """The rows of a CSV file with a header row; each located at the line it starts on."""
     resolved = existing_file(path)
     records = []
+    # the csv module refuses a cell over 128 KiB ("field larger than field limit"): a long document is valid CSV,
+    # which the length caps drop or cut later, as they do the same record in JSON Lines
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     try:
         with open(resolved, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)

@@ -203,6 +203,15 @@ def test_a_column_name_with_spaces_around_it_is_shown_so(tmp_path):
         PairSource(path=str(path)).load()
 
 
+
+def test_a_csv_cell_longer_than_the_csv_modules_default_limit_loads(tmp_path):
+    # a 200 000-character document (the length caps drop or cut it later) was "not valid CSV (field larger than
+    # field limit (131072))", with no line, where the same record in JSON Lines loaded
+    long = {"prompt": "word " * 40_000, "chosen": "c", "rejected": "r"}
+    path = write_records(tmp_path / "pairs.csv", [long])
+    assert PairSource(path=str(path)).load() == [PreferencePair(long["prompt"], "c", "r")]
+
+
 def test_a_csv_cell_that_starts_with_a_bracket_but_is_no_json_list_stays_text(tmp_path):
     path = write_records(tmp_path / "pairs.csv", [{"prompt": "[INST] hi", "chosen": "c", "rejected": "r"}])
     assert PairSource(path=str(path)).load() == [PreferencePair("[INST] hi", "c", "r")]
