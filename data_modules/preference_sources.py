@@ -448,6 +448,7 @@ class PairSource:
 
 
 SetKind = Literal["pairs", "responses"]
+SET_KINDS = ("pairs", "responses")
 
 
 @dataclass
@@ -469,6 +470,13 @@ class EvalSetSource(PairSource):
     kind: SetKind = "pairs"
     max_prompt_tokens: Optional[int] = None
     max_response_tokens: Optional[int] = None
+
+    def check(self) -> None:
+        """``PairSource.check`` and the kind: from Python a misspelt kind was read as pairs ("missing field
+        'chosen'" about a file of responses); the CLI checks it against ``SetKind`` itself."""
+        if self.kind not in SET_KINDS:
+            raise DataError(f"kind must be {' or '.join(SET_KINDS)}, got {self.kind!r}")
+        super().check()
 
     def column_fields(self) -> tuple[str, ...]:
         return RESPONSE_COLUMNS if self.kind == "responses" else PAIR_COLUMNS

@@ -13,7 +13,7 @@ import torch
 
 from conftest import PROJECT_ROOT, tiny_override
 from data_modules.conversational_example import example_records
-from data_modules.preference_sources import PairSource, load_hub_pairs, record_pair
+from data_modules.preference_sources import EvalSetSource, PairSource, load_hub_pairs, record_pair
 from rm_lightning import cli
 from rm_lightning.errors import DataError
 from rm_lightning.models.explicit import ExplicitRM
@@ -287,6 +287,8 @@ def test_bad_records_fail_with_the_file_line_and_field(record, message, tmp_path
     (PairSource(path="x.jsonl", split="test"), "`split` and `subset` choose part of a hub dataset; a local file "
                                                "is read whole"),
     (PairSource(path="x.jsonl", subset="v2"), "`split` and `subset` choose part of a hub dataset"),
+    # from Python (the CLI checks the Literal): a misspelt kind was read as pairs, "missing field 'chosen'"
+    (EvalSetSource(path="x.jsonl", kind="respones"), "kind must be pairs or responses, got 'respones'"),
 ])
 def test_bad_source_options_are_named(source, message, tmp_path):
     if source.path:
