@@ -102,6 +102,11 @@ def located_csv(path: str | os.PathLike) -> Located:
     try:
         with open(resolved, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            other = next((sep for sep in (";", "\t", "|") if len(header) == 1 and sep in header[0]), None)
+            if other:  # a spreadsheet's export in a locale that separates by ';': "missing field 'prompt'" hid it
+                raise DataError(f"{resolved}:1: the header is one column, {header[0]!r}: fields separated by "
+                                f"{other!r} rather than ','? A .csv file here is comma-separated")
             start = 2  # the line after the header
             for row in reader:
                 where = f"{resolved}:{start}"

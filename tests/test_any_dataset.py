@@ -4,6 +4,7 @@ a per-pair margin carried to the batch, and errors that name the file and row. A
 
 import csv
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -210,6 +211,18 @@ def test_a_csv_cell_longer_than_the_csv_modules_default_limit_loads(tmp_path):
     long = {"prompt": "word " * 40_000, "chosen": "c", "rejected": "r"}
     path = write_records(tmp_path / "pairs.csv", [long])
     assert PairSource(path=str(path)).load() == [PreferencePair(long["prompt"], "c", "r")]
+
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs_says_so(separator, tmp_path):
+    # a European-locale spreadsheet's export said "missing field 'prompt' (has: prompt;chosen;rejected)"
+    path = tmp_path / "pairs.csv"
+    path.write_text(separator.join(["prompt", "chosen", "rejected"]) + "\n" + separator.join("QAB") + "\n")
+    with pytest.raises(DataError, match=rf"pairs\.csv:1: the header is one column, .*: fields separated by "
+                                        rf"{re.escape(repr(separator))} rather than ','\? A .csv file here is "
+                                        rf"comma-separated"):
+        PairSource(path=str(path)).load()
 
 
 def test_a_csv_cell_that_starts_with_a_bracket_but_is_no_json_list_stays_text(tmp_path):
