@@ -179,6 +179,17 @@ def test_a_run_file_the_disk_refuses_is_one_line_naming_it_and_no_half_file(name
     assert not (run / name).exists() and not list(run.glob(".*.tmp*"))
 
 
+
+@pytest.mark.parametrize("name", ["margin_history.csv", "results.json"])
+def test_a_crash_whose_record_the_disk_refuses_still_ends_in_the_crash(name, tmp_path, monkeypatch):
+    # the file that could not be written stood in for the crash: one line about a full disk, the cause unsaid
+    disk_full_for(monkeypatch, name)
+    with pytest.warns(UserWarning, match=f"{name}: could not be written"):
+        with pytest.raises(RuntimeError, match="boom"):
+            fit(tmp_path, max_epochs=3, interrupt_at=3, crash=True)
+    assert not (versions(tmp_path)[0] / name).exists()
+
+
 def test_shipped_configs_keep_only_the_last_checkpoint(tmp_path):
     assert fit(tmp_path, max_epochs=2) == 0
     assert sorted(p.name for p in (versions(tmp_path)[0] / "checkpoints").iterdir()) == ["last.ckpt"]

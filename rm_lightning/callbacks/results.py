@@ -112,8 +112,11 @@ class ResultsWriter(L.Callback):
             reason = f"{type(exception).__name__}: {exception}".strip().rstrip(":")
         # the command (fit, validate, test), not the loop that was running (a fit's "train" or "validate"):
         # sweeps and reports tell a training run's record from an evaluation's by it
-        self.write(trainer, pl_module, stage=trainer.state.fn.value if trainer.state.fn else "fit",
-                   status=status, reason=reason)
+        try:
+            self.write(trainer, pl_module, stage=trainer.state.fn.value if trainer.state.fn else "fit",
+                       status=status, reason=reason)
+        except OutputWriteError as err:  # raised here, it would stand in for the exception that ended the run
+            rank_zero_warn(str(err))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._eval_source = "sanity_check" if trainer.sanity_checking else "validation"

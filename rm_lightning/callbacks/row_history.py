@@ -10,6 +10,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from rm_lightning.callbacks.run_directory import run_dir
+from rm_lightning.errors import OutputWriteError
 from rm_lightning.files import write_csv_atomically
 
 
@@ -28,8 +29,13 @@ class RowHistory(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """An interrupted or failed fit keeps the rows it has (a start that failed has none). Not an evaluation
         that failed: the rows it holds are the fit's own, restored from the checkpoint it scores."""
+        if isinstance(exception, OutputWriteError) and f"{self.filename}.csv: " in str(exception):
+            return  # its own file is what failed, at the end of fit: no second try, no second message
         if self.rows and trainer.state.fn == TrainerFn.FITTING:
-            self.write(run_dir(trainer))
+            try:
+                self.write(run_dir(trainer))
+            except OutputWriteError as err:  # raised here, it would stand in for the exception that ended the run
+                rank_zero_warn(str(err))
 
     def state_dict(self) -> dict:
         """The rows travel in checkpoints, so a resumed fit writes the whole history, not only its own."""
