@@ -276,3 +276,16 @@ def test_a_test_record_in_a_run_directory_is_not_a_finished_run(tmp_path, capsys
     (run.directory / "results.json").write_text(json.dumps({"status": "finished", "stage": "test"}))
     assert main([str(grid_path), "--out", str(out), "--cli", str(cli_script)]) == 1
     assert f"{run.directory / 'results.json'} is a 'test' record, not this run's training" in capsys.readouterr().out
+
+
+def test_a_grid_file_that_does_not_parse_is_one_line_naming_the_file_and_where(tmp_path):
+    """The YAML parser's message runs over several lines (with a caret drawing); the user gets one line."""
+    path = tmp_path / "grid.yaml"
+    path.write_text("configs: [a]\noverrides: [--trainer.max_epochs 1\n")
+    with pytest.raises(RMLightningError) as caught:
+        load_grid(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value) and "line 2" in str(caught.value)
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(RMLightningError, match="not valid YAML"):
+        load_grid(path)
+

@@ -54,7 +54,7 @@ import yaml
 
 from rm_lightning.callbacks.results import RESULTS_FILENAME
 from rm_lightning.callbacks.run_directory import holder_of
-from rm_lightning.errors import RMLightningError, exit_status
+from rm_lightning.errors import RMLightningError, exit_status, first_line
 
 GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides", "rm_type_configs")
 REQUIRED_KEYS = ("configs", "rm_types", "backbones", "seeds")
@@ -118,8 +118,8 @@ def load_grid(path: str | Path) -> Grid:
         raise RMLightningError(f"sweep grid file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RMLightningError(f"{path}: not valid YAML ({err})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RMLightningError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(raw, dict):
         raise RMLightningError(f"{path}: expected a mapping with keys {', '.join(REQUIRED_KEYS)}")
     unknown = set(raw) - set(GRID_KEYS)
@@ -151,6 +151,19 @@ def load_grid(path: str | Path) -> Grid:
                            for k, v in rm_type_overrides.items()},
         rm_type_configs=_rm_type_configs(path, raw),
     )
+
+
+def yaml_problem(err: Exception) -> str:
+    """A parse error in one line: PyYAML's own message spans several (context, the line again, a caret)."""
+    def where(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return first_line(err)
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    opened = f"{context} at {where(context_mark)}: " if context and context_mark is not None else ""
+    return f"{opened}{problem} at {where(mark)}"
 
 
 def _rm_type_configs(grid_path: Path, raw: dict) -> dict[str, Path]:
