@@ -289,3 +289,9 @@ def test_a_grid_file_that_does_not_parse_is_one_line_naming_the_file_and_where(t
     with pytest.raises(RMLightningError, match="not valid YAML"):
         load_grid(path)
 
+
+def test_an_override_with_an_unclosed_quote_names_the_key_and_entry(tmp_path):
+    base = dict(configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"], backbones=["tiny-llama"], seeds=[0])
+    path = write_grid(tmp_path / "grid.yaml", **base, overrides=['--trainer.max_epochs "1'])
+    with pytest.raises(RMLightningError, match=r"'overrides' entry '--trainer.max_epochs \"1': No closing quotation"):
+        load_grid(path)

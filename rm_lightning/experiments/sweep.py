@@ -200,7 +200,10 @@ def _split_arguments(grid_path: Path, key: str, items) -> list[str]:
     for item in items:
         if not isinstance(item, (str, int, float)):
             raise RMLightningError(f"{grid_path}: '{key}' entry {item!r} is not a command-line argument")
-        arguments.extend(shlex.split(str(item)) if isinstance(item, str) else [str(item)])
+        try:  # shell quoting: an unclosed quote is the user's typo, not a crash of the sweep
+            arguments.extend(shlex.split(item) if isinstance(item, str) else [str(item)])
+        except ValueError as err:
+            raise RMLightningError(f"{grid_path}: '{key}' entry {item!r}: {err}") from None
     return arguments
 
 
