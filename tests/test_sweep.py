@@ -295,3 +295,11 @@ def test_an_override_with_an_unclosed_quote_names_the_key_and_entry(tmp_path):
     path = write_grid(tmp_path / "grid.yaml", **base, overrides=['--trainer.max_epochs "1'])
     with pytest.raises(RMLightningError, match=r"'overrides' entry '--trainer.max_epochs \"1': No closing quotation"):
         load_grid(path)
+
+
+def test_a_value_listed_twice_in_a_grid_is_named(tmp_path):
+    """``seeds: [0, 0]`` used to be reported as colliding config stems, RM class names or backbone names."""
+    base = dict(configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"], backbones=["tiny-llama"], seeds=[0])
+    path = write_grid(tmp_path / "grid.yaml", **{**base, "seeds": [0, 1, 0]})
+    with pytest.raises(RMLightningError, match="'seeds' lists 0 twice"):
+        load_grid(path)

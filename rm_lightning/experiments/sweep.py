@@ -134,6 +134,10 @@ def load_grid(path: str | Path) -> Grid:
     for key in ("rm_types", "backbones"):
         if not all(isinstance(v, str) and v for v in raw[key]):
             raise RMLightningError(f"{path}: '{key}' must be non-empty strings, got {raw[key]}")
+    for key in REQUIRED_KEYS:  # a repeat is a typo; left to plan_runs it reads as a name collision
+        repeated = next((v for i, v in enumerate(raw[key]) if v in raw[key][:i]), None)
+        if repeated is not None:
+            raise RMLightningError(f"{path}: '{key}' lists {repeated} twice")
     rm_type_overrides = raw.get("rm_type_overrides") or {}
     if not isinstance(rm_type_overrides, dict):
         raise RMLightningError(f"{path}: 'rm_type_overrides' must map an RM class path to a list of arguments")
