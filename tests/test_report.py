@@ -213,3 +213,10 @@ def test_records_of_test_runs_are_left_out_and_listed(two_types):
                               stage="test")
     collection = collect(two_types)
     assert (len(collection.evaluations), collection.not_training) == (8, [(evaluation, "test")])
+
+
+def test_a_tie_margin_that_is_no_number_of_points_is_refused(two_types, tmp_path_factory, capsys):
+    """--tie-pp -1 or nan put no RM type in first place, not even the best: every evaluation a 'tie'."""
+    for value in ("-1", "nan", "inf"):
+        assert main([str(two_types), "--out", str(tmp_path_factory.mktemp("tie")), "--tie-pp", value]) == 2
+        assert "--tie-pp: expected a number of percentage points >= 0" in capsys.readouterr().err

@@ -706,6 +706,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tie-pp", type=float, default=1.0,
                         help="accuracies within this many percentage points are a tie (default: %(default)s)")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.tie_pp) and args.tie_pp >= 0):  # below 0 or nan, not even the best is first
+        raise RMLightningError(f"--tie-pp: expected a number of percentage points >= 0, got {args.tie_pp:g}")
     collection = collect(args.sweep_dir)
     out = Path(args.out or args.sweep_dir)
     paths = write_report(collection, out, args.tie_pp, title=Path(args.sweep_dir).resolve().name)
