@@ -220,3 +220,10 @@ def test_a_tie_margin_that_is_no_number_of_points_is_refused(two_types, tmp_path
     for value in ("-1", "nan", "inf"):
         assert main([str(two_types), "--out", str(tmp_path_factory.mktemp("tie")), "--tie-pp", value]) == 2
         assert "--tie-pp: expected a number of percentage points >= 0" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_error_line(two_types, tmp_path_factory, capsys):
+    taken = tmp_path_factory.mktemp("out") / "report"
+    taken.write_text("a file where the report folder should go")
+    assert main([str(two_types), "--out", str(taken)]) == 2
+    assert f"error: report: cannot write the report into {taken}" in capsys.readouterr().err

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from rm_lightning.callbacks.results import RESULTS_FILENAME
-from rm_lightning.errors import RMLightningError, exit_status
+from rm_lightning.errors import RMLightningError, exit_status, first_line
 from rm_lightning.files import csv_text, save_figure_atomically, write_text_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS as METRICS
 from rm_lightning.pairs.records import SHIFT_TAGS as SHIFT_TAG_ORDER
@@ -710,7 +710,11 @@ def run(argv: Optional[list[str]] = None) -> int:
         raise RMLightningError(f"--tie-pp: expected a number of percentage points >= 0, got {args.tie_pp:g}")
     collection = collect(args.sweep_dir)
     out = Path(args.out or args.sweep_dir)
-    paths = write_report(collection, out, args.tie_pp, title=Path(args.sweep_dir).resolve().name)
+    try:
+        paths = write_report(collection, out, args.tie_pp, title=Path(args.sweep_dir).resolve().name)
+    except OSError as err:  # a file in the folder's place, no permission, a full disk: the user's to fix
+        raise RMLightningError(f"report: cannot write the report into {out}: "
+                               f"{err.strerror or first_line(err)} ({err.filename or out})") from None
     print(paths["markdown"].read_text())
     for part in sections(collection, args.tie_pp):
         if part.note:
