@@ -303,3 +303,12 @@ def test_a_value_listed_twice_in_a_grid_is_named(tmp_path):
     path = write_grid(tmp_path / "grid.yaml", **{**base, "seeds": [0, 1, 0]})
     with pytest.raises(RMLightningError, match="'seeds' lists 0 twice"):
         load_grid(path)
+
+
+def test_a_sweep_folder_that_cannot_be_made_is_one_error_line(tmp_path, capsys):
+    grid = write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"],
+                      backbones=["tiny-llama-chat"], seeds=[0])
+    taken = tmp_path / "out"
+    taken.write_text("a file where the sweep folder should go")
+    assert main([str(grid), "--out", str(taken)]) == 2
+    assert f"error: sweep: cannot write the sweep into {taken}" in capsys.readouterr().err

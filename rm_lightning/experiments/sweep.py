@@ -477,6 +477,14 @@ def run(argv: Optional[list[str]] = None) -> int:
         raise RMLightningError(f"--cli: no script at {cli}")
     check_rm_types(grid)
     out = Path(args.out or default_out(grid.path)).resolve()
+    if not args.dry_run:
+        try:  # here, once, rather than as a traceback from the first run's directory
+            out.mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK):
+                raise PermissionError(13, "Permission denied", str(out))
+        except OSError as err:
+            raise RMLightningError(f"sweep: cannot write the sweep into {out}: "
+                                   f"{err.strerror or err} ({err.filename or out})") from None
     print(f"sweep {grid.path} -> {out}")
     started = time.monotonic()
     outcomes = run_sweep(grid, out, cli, dry_run=args.dry_run, restart=args.restart)
