@@ -227,3 +227,13 @@ def test_an_output_folder_that_cannot_be_written_is_one_error_line(two_types, tm
     taken.write_text("a file where the report folder should go")
     assert main([str(two_types), "--out", str(taken)]) == 2
     assert f"error: report: cannot write the report into {taken}" in capsys.readouterr().err
+
+
+def test_sweep_runs_without_results_are_listed_not_silently_dropped(two_types, tmp_path_factory):
+    """A sweep run that failed before any work (a backbone that does not load) or was killed leaves its run.log
+    and no results.json; the report used to leave it out without a word."""
+    failed = two_types / "persona" / "ImplicitRM" / "gemma3-270m" / "seed0"
+    failed.mkdir(parents=True)
+    (failed / "run.log").write_text("$ python -m rm_lightning fit ...\nerror: cannot load backbone 'gemma3-270m'\n")
+    paths = write_report(collect(two_types), tmp_path_factory.mktemp("report"))
+    assert f"Left out, no results.json (see the end of each run.log): {failed}." in paths["markdown"].read_text()

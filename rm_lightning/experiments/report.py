@@ -9,7 +9,8 @@ tag), ``win_rates.csv`` (pairwise), ``runs.csv`` (one row per run and eval set) 
 ``figure4.png`` (the paper's Figure 4 layout, below). RM types are the class names stored in
 results.json, so any number of them works, user-defined subclasses included. Only training runs count
 (``"stage": "fit"``): the results.json of a validate or test below the directory evaluates a model
-trained by another run, and is left out and listed (in report.md, and as a ``note:``).
+trained by another run, and is left out and listed (in report.md, and as a ``note:``); so is a sweep run directory
+with a ``run.log`` and no ``results.json`` (it failed before any work, or was killed).
 
 Grouping. Runs are grouped by what they were trained on (the paper reports UltraFeedback-trained and
 RewardMATH-trained models apart): the data module, and its training file or hub dataset where it has
@@ -60,6 +61,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from rm_lightning.callbacks.results import RESULTS_FILENAME
+from rm_lightning.experiments.sweep import LOG_FILENAME
 from rm_lightning.errors import RMLightningError, exit_status, first_line
 from rm_lightning.files import csv_text, save_figure_atomically, write_text_atomically
 from rm_lightning.metrics.keys import EVAL_METRICS as METRICS
@@ -97,6 +99,8 @@ class Collection:
     unfinished: list[Path]
     # finished records of validate/test runs (path, stage): an evaluation of a trained model, not a training run
     not_training: list[tuple[Path, str]] = field(default_factory=list)
+    # sweep run directories (a run.log) without results.json: failed before any work, or killed
+    no_results: list[Path] = field(default_factory=list)
 
     @property
     def rm_types(self) -> list[str]:
@@ -111,7 +115,7 @@ class Collection:
         if training_data is None:
             return self
         return Collection([e for e in self.evaluations if e.training_data == training_data], self.unfinished,
-                          self.not_training)
+                          self.not_training, self.no_results)
 
     @property
     def shift_tags(self) -> list[str]:
@@ -127,8 +131,13 @@ def collect(root: str | Path) -> Collection:
     if not root.is_dir():
         raise RMLightningError(f"report: {root} is not a directory")
     paths = sorted(root.rglob(RESULTS_FILENAME))
+    # a run that never wrote results.json (a backbone that does not load, an OOM kill) would vanish from the
+    # report without a word, the sweep's summary long scrolled away: list it, pointing at its log
+    no_results = sorted(log.parent for log in root.rglob(LOG_FILENAME) if not (log.parent / RESULTS_FILENAME).is_file())
     if not paths:
-        raise RMLightningError(f"report: no {RESULTS_FILENAME} found below {root}")
+        failed = (f" ({len(no_results)} sweep runs without one: the reason is at the end of their {LOG_FILENAME})"
+                  if no_results else "")
+        raise RMLightningError(f"report: no {RESULTS_FILENAME} found below {root}{failed}")
     evaluations, unfinished, not_training = [], [], []
     seen: dict[tuple, Path] = {}
     for path in paths:
@@ -153,7 +162,7 @@ def collect(root: str | Path) -> Collection:
         raise RMLightningError(f"report: no finished training run with eval results below {root} "
                                f"({len(unfinished)} unfinished {RESULTS_FILENAME}, {len(not_training)} of "
                                f"validate/test runs)")
-    return Collection(evaluations, unfinished, not_training)
+    return Collection(evaluations, unfinished, not_training, no_results)
 
 
 def read_results(path: Path) -> Optional[dict[str, Any]]:
@@ -460,6 +469,9 @@ def markdown(collection: Collection, parts: list[Section], tie_pp: float, title:
         lines += ["", f"Left out, not finished: {', '.join(str(p) for p in collection.unfinished)}."]
     if collection.not_training:
         lines += ["", f"Left out, not training runs: {not_training_text(collection)}."]
+    if collection.no_results:
+        lines += ["", f"Left out, no {RESULTS_FILENAME} (see the end of each {LOG_FILENAME}): "
+                      f"{', '.join(str(p) for p in collection.no_results)}."]
     lines += ["", "Each training dataset has its own section; runs trained on different data are never pooled. "
               "Cells are the mean ± sd over seeds (each seed's evaluations, i.e. eval sets x configs x backbones, "
               "averaged first; no sd with one seed) and, in brackets, the number of seeds."]
@@ -722,6 +734,10 @@ def run(argv: Optional[list[str]] = None) -> int:
     if collection.not_training:
         print(f"note: left out {len(collection.not_training)} {RESULTS_FILENAME} of validate/test runs (evaluations "
               f"of a trained model, not training runs): {not_training_text(collection)}", file=sys.stderr)
+    if collection.no_results:
+        print(f"note: left out {len(collection.no_results)} run(s) without {RESULTS_FILENAME} (failed before any work "
+              f"or killed; the reason is at the end of their {LOG_FILENAME}): "
+              f"{', '.join(str(p) for p in collection.no_results)}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
