@@ -350,8 +350,9 @@ def test_concurrent_claims_get_distinct_versions(tmp_path):
 def test_a_directory_held_by_a_live_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
     held = tmp_path / "run"
     held.mkdir()
-    (held / LOCK_FILENAME).write_text(f"{os.getppid()}\n")  # the live process that started pytest
-    with pytest.raises(SettingError, match=f"run directory {held} is in use by process {os.getppid()}"):
+    # a live process other than this one's parent (a sweep's lock is its child's to take over): init
+    (held / LOCK_FILENAME).write_text("1\n")
+    with pytest.raises(SettingError, match=f"run directory {held} is in use by process 1"):
         RunClaim(held, created=False)
     (held / LOCK_FILENAME).write_text("999999999\n")  # no such process
     assert holder_of(held) is None
@@ -359,6 +360,15 @@ def test_a_directory_held_by_a_live_process_is_refused_and_a_stale_lock_taken_ov
     assert holder_of(held) == os.getpid()
     claim.release()
     assert not (held / LOCK_FILENAME).exists()
+
+
+def test_a_run_takes_over_the_lock_its_sweep_holds_for_it(tmp_path):
+    held = tmp_path / "run"
+    held.mkdir()
+    (held / LOCK_FILENAME).write_text(f"{os.getppid()}\n")  # the parent: here pytest's, in a sweep the sweep
+    claim = RunClaim(held, created=False)
+    assert holder_of(held) == os.getpid()
+    claim.release()
 
 
 def test_a_failed_start_leaves_no_run_directory(tmp_path, capsys):

@@ -312,3 +312,33 @@ def test_a_sweep_folder_that_cannot_be_made_is_one_error_line(tmp_path, capsys):
     taken.write_text("a file where the sweep folder should go")
     assert main([str(grid), "--out", str(taken)]) == 2
     assert f"error: sweep: cannot write the sweep into {taken}" in capsys.readouterr().err
+
+
+# a cli.py stand-in that, while it starts (before a real run would have locked its directory), has a second
+# sweep of the same grid arrive at its run, then finishes
+RACED_CLI = """
+import json, os, subprocess, sys
+from pathlib import Path
+directory = Path(sys.argv[sys.argv.index("--results.dirpath") + 1])
+print("the first sweep's run", flush=True)
+grid, out, recording_cli = os.environ["RACE_GRID"], os.environ["RACE_OUT"], os.environ["RACE_CLI"]
+subprocess.run([sys.executable, "-m", "rm_lightning.sweep", grid, "--out", out, "--cli", recording_cli])
+(directory / "results.json").write_text(json.dumps({"status": "finished", "stage": "fit"}))
+"""
+
+
+def test_a_second_sweep_leaves_a_run_that_is_still_starting_alone(tmp_path, monkeypatch):
+    """A second sweep of the same grid used to find no lock in a run directory whose process was still starting,
+    and removed it: the first run's run.log was gone and the directory held the second sweep's."""
+    recording_cli, raced_cli = tmp_path / "recording_cli.py", tmp_path / "raced_cli.py"
+    recording_cli.write_text(RECORDING_CLI)
+    raced_cli.write_text(RACED_CLI)
+    out = tmp_path / "sweep"
+    grid_path = tmp_path / "grid.yaml"
+    write_grid(grid_path, configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"],
+               backbones=["tiny-llama-chat"], seeds=[0])
+    for name, value in (("RACE_GRID", grid_path), ("RACE_OUT", out), ("RACE_CLI", recording_cli)):
+        monkeypatch.setenv(name, str(value))
+    assert main([str(grid_path), "--out", str(out), "--cli", str(raced_cli)]) == 0
+    run = plan_runs(load_grid(grid_path), out)[0]
+    assert "the first sweep's run" in run.log_path.read_text()

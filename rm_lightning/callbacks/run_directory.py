@@ -83,7 +83,8 @@ class RunClaim:
     def __init__(self, directory: Path, created: bool):
         self.directory, self.created = Path(directory), created
         holder = holder_of(self.directory)
-        if holder is not None and holder != os.getpid():
+        # a sweep locks a run's directory for the child it launches (sweep.hold): the child takes the lock over
+        if holder is not None and holder not in (os.getpid(), os.getppid()):
             raise SettingError(f"run directory {self.directory} is in use by process {holder}; wait for it to end, "
                                f"stop it, or choose another trainer.default_root_dir")
         self.directory.mkdir(parents=True, exist_ok=True)

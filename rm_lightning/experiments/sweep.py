@@ -53,7 +53,7 @@ from typing import Callable, Optional
 import yaml
 
 from rm_lightning.callbacks.results import RESULTS_FILENAME
-from rm_lightning.callbacks.run_directory import holder_of
+from rm_lightning.callbacks.run_directory import LOCK_FILENAME, holder_of
 from rm_lightning.errors import RMLightningError, exit_status, first_line
 
 GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides", "rm_type_configs")
@@ -323,32 +323,77 @@ def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
     ``resume`` from the run's ``last.ckpt`` in the directory it has, the log appended to.
 
     A directory that a live process still holds (an orphan of a killed sweep, a second sweep) is
-    left alone. The child runs in its own process group and dies with the sweep: Ctrl-C, an
+    left alone; this sweep holds the directory from before it empties it until its child has locked it. The child runs in its own process group and dies with the sweep: Ctrl-C, an
     exception or the sweep's own death (``PR_SET_PDEATHSIG`` on Linux) ends it.
     """
-    holder = holder_of(run.directory)
+    holder = hold(run.directory)
     if holder is not None:
         return Outcome(run, "failed", 0.0, f"{run.directory} is in use by the live process {holder}; left alone")
-    if resume:
-        arguments = [*arguments, "--ckpt_path", str(run.checkpoint)]
-    else:
-        if run.directory.exists():
-            shutil.rmtree(run.directory)
-        run.directory.mkdir(parents=True)
-    started = time.monotonic()
-    with open(run.log_path, "a" if resume else "w") as log:
-        # the first line stays the run's own command: what a later sweep compares its arguments with
-        log.write(f"\n$ resumed: {shlex.join(arguments)}\n\n" if resume else f"$ {shlex.join(arguments)}\n\n")
-        log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        returncode = run_child(arguments, stdout=log, stderr=subprocess.STDOUT, env=env)
-    elapsed = time.monotonic() - started
+    try:
+        if resume:
+            arguments = [*arguments, "--ckpt_path", str(run.checkpoint)]
+        else:
+            empty_but_the_lock(run.directory)
+        started = time.monotonic()
+        with open(run.log_path, "a" if resume else "w") as log:
+            # the first line stays the run's own command: what a later sweep compares its arguments with
+            log.write(f"\n$ resumed: {shlex.join(arguments)}\n\n" if resume else f"$ {shlex.join(arguments)}\n\n")
+            log.flush()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            returncode = run_child(arguments, stdout=log, stderr=subprocess.STDOUT, env=env)
+        elapsed = time.monotonic() - started
+    finally:
+        unhold(run.directory)
     if returncode != 0:
         return Outcome(run, "failed", elapsed, f"exit code {returncode}")
     if not is_finished(run.directory):
         status = results_status(run.directory)
         return Outcome(run, "failed", elapsed, f"exit code 0 but {RESULTS_FILENAME} says {status!r}, not 'finished'")
     return Outcome(run, "finished", elapsed)
+
+
+def hold(directory: Path) -> Optional[int]:
+    """Lock ``directory`` for the run about to start in it, or return the live process that holds it.
+
+    The child locks its directory only seconds after it starts (once its arguments are parsed); until then a
+    second sweep of the same grid found no lock, emptied the directory and started the run again. So the
+    sweep locks it first, in the run's own lock file (``O_EXCL``: one of two sweeps gets it), and the child,
+    whose parent holds it, takes the lock over (``RunClaim``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_FILENAME
+    holder = holder_of(directory)
+    if holder is not None and holder != os.getpid():
+        return holder
+    lock.unlink(missing_ok=True)  # stale: its process is gone
+    try:
+        descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:  # another sweep locked it since
+        return holder_of(directory) or -1
+    with os.fdopen(descriptor, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    return None
+
+
+def unhold(directory: Path) -> None:
+    """Remove the lock ``hold`` wrote, unless the child's (or nobody's) is there now."""
+    lock = directory / LOCK_FILENAME
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except OSError:
+        pass
+
+
+def empty_but_the_lock(directory: Path) -> None:
+    """A fresh start: remove everything an earlier attempt left in ``directory``, except the sweep's lock."""
+    for entry in directory.iterdir():
+        if entry.name == LOCK_FILENAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def results_status(directory: Path) -> Optional[str]:
