@@ -342,3 +342,18 @@ def test_a_second_sweep_leaves_a_run_that_is_still_starting_alone(tmp_path, monk
     assert main([str(grid_path), "--out", str(out), "--cli", str(raced_cli)]) == 0
     run = plan_runs(load_grid(grid_path), out)[0]
     assert "the first sweep's run" in run.log_path.read_text()
+
+
+@pytest.mark.parametrize("source, reason", [
+    ("import rm_lightning\nimport a_package_not_installed\n", "No module named 'a_package_not_installed'"),
+    ("import rm_lightning\nclass BrokenRM(rm_lightning.ExplicitRM)\n    pass\n", "SyntaxError: expected ':'"),
+])
+def test_an_rm_type_whose_module_fails_to_import_says_why(source, reason, tmp_path, monkeypatch):
+    """A user module that fails to import was reported as a wrong class path (or as a traceback)."""
+    module = f"user_rms_{len(source)}"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    grid = load_grid(write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], rm_types=[f"{module}.BrokenRM"],
+                                backbones=["tiny-llama"], seeds=[0]))
+    with pytest.raises(RMLightningError, match=f"importing {module} failed: .*{reason}"):
+        check_rm_types(grid)

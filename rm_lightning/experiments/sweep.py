@@ -218,12 +218,22 @@ def check_rm_types(grid: Grid) -> None:
     for class_path in grid.rm_types:
         module_name, _, name = class_path.rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module_name), name) if module_name else None
-        except (ImportError, AttributeError):
-            cls = None
+            module = importlib.import_module(module_name) if module_name else None
+        except ModuleNotFoundError as err:
+            if not f"{module_name}.".startswith(f"{err.name}."):  # the module exists; something it imports does not
+                raise _import_failed(grid, class_path, module_name, err) from None
+            module = None  # the path's own module (or a package of it): a wrong class path
+        except Exception as err:  # the user's module itself fails (a syntax error, an error at import time):
+            raise _import_failed(grid, class_path, module_name, err) from None  # say so, not "wrong class path"
+        cls = getattr(module, name, None)
         if not (isinstance(cls, type) and issubclass(cls, RewardModule)):
             raise RMLightningError(f"{grid.path}: rm_types entry {class_path!r} is not an importable "
                                    f"RewardModule subclass (give a class path such as rm_lightning.ExplicitRM)")
+
+
+def _import_failed(grid: Grid, class_path: str, module_name: str, err: Exception) -> RMLightningError:
+    return RMLightningError(f"{grid.path}: rm_types entry {class_path!r}: importing {module_name} failed: "
+                            f"{type(err).__name__}: {first_line(err)}")
 
 
 # --- planning --------------------------------------------------------------------------------------
