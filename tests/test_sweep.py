@@ -357,3 +357,15 @@ def test_an_rm_type_whose_module_fails_to_import_says_why(source, reason, tmp_pa
                                 backbones=["tiny-llama"], seeds=[0]))
     with pytest.raises(RMLightningError, match=f"importing {module} failed: .*{reason}"):
         check_rm_types(grid)
+
+
+def test_a_run_that_ends_unevaluated_says_why(tmp_path, capsys):
+    """'exit code 0 but results.json says not_evaluated' left out results.json's reason (for a resumed run: the
+    limit already reached, so every re-run failed alike with nothing saying how to get out)."""
+    cli_script = tmp_path / "unevaluated_cli.py"
+    cli_script.write_text(RECORDING_CLI.replace('{"status": "finished", "stage": "fit"}',
+                                                '{"status": "not_evaluated", "stage": "fit", "reason": "max_epochs reached"}'))
+    grid_path = write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"],
+                           backbones=["tiny-llama-chat"], seeds=[0])
+    assert main([str(grid_path), "--out", str(tmp_path / "sweep"), "--cli", str(cli_script)]) == 1
+    assert "results.json says 'not_evaluated' (max_epochs reached), not 'finished'" in capsys.readouterr().out

@@ -357,8 +357,11 @@ def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
     if returncode != 0:
         return Outcome(run, "failed", elapsed, f"exit code {returncode}")
     if not is_finished(run.directory):
-        status = results_status(run.directory)
-        return Outcome(run, "failed", elapsed, f"exit code 0 but {RESULTS_FILENAME} says {status!r}, not 'finished'")
+        record = results_record(run.directory)
+        # its reason (a resume that found the limit reached, validation off) is what tells the user what to change
+        why = f" ({record['reason']})" if record.get("reason") else ""
+        return Outcome(run, "failed", elapsed,
+                       f"exit code 0 but {RESULTS_FILENAME} says {record.get('status')!r}{why}, not 'finished'")
     return Outcome(run, "finished", elapsed)
 
 
@@ -404,10 +407,6 @@ def empty_but_the_lock(directory: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-def results_status(directory: Path) -> Optional[str]:
-    return results_record(directory).get("status")
 
 
 def _die_with_parent() -> None:
