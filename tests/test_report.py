@@ -237,3 +237,22 @@ def test_sweep_runs_without_results_are_listed_not_silently_dropped(two_types, t
     (failed / "run.log").write_text("$ python -m rm_lightning fit ...\nerror: cannot load backbone 'gemma3-270m'\n")
     paths = write_report(collect(two_types), tmp_path_factory.mktemp("report"))
     assert f"Left out, no results.json (see the end of each run.log): {failed}." in paths["markdown"].read_text()
+
+
+def test_panel_titles_fit_in_the_figure(tmp_path, tmp_path_factory, monkeypatch):
+    """The accuracy panel's title ran past the figure's left edge ("rained on hamiltoniancycle: ..."), cut off."""
+    from rm_lightning.experiments import report
+
+    for rm_type in ("ExplicitRM", "ImplicitRM"):
+        write_result(tmp_path, rm_type, 0, {"orig": ("in_distribution", 0.6, 1.0)},
+                     train_path="/data/HuggingFaceH4-ultrafeedback_binarized/train.jsonl")
+    figures = []
+    monkeypatch.setattr(report, "save_figure_atomically", lambda figure, path: figures.append(figure))
+    write_report(collect(tmp_path), tmp_path_factory.mktemp("report"))
+    [figure] = figures
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()  # the pyplot canvas is gone once the figure is closed
+    for axis in figure.axes:
+        extent = axis.title.get_window_extent(renderer)
+        assert 0 <= extent.x0 and extent.x1 <= figure.bbox.width, axis.get_title()

@@ -55,6 +55,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -639,8 +640,9 @@ def plot_means(part: Section, ax_acc, ax_margin, colors: dict[str, str]) -> None
     for axis in (ax_acc, ax_margin):
         axis.set_xticks(range(len(tags)), [t.replace("_", " ") for t in tags])
     ax_acc.axhline(0.5, color="0.5", ls=":", lw=1)
-    ax_acc.set(title=f"trained on {part.training_data}: accuracy (error bar: sd over seeds)", ylabel="accuracy",
-               ylim=(0, 1.12))
+    # on lines of their own: in one, a hub dataset's name ran the title past the figure's edge
+    title = [*textwrap.wrap(f"trained on {part.training_data}", 48), "accuracy (error bar: sd over seeds)"]
+    ax_acc.set(title="\n".join(title), ylabel="accuracy", ylim=(0, 1.12))
     ax_margin.set(title="mean normalized reward margin", ylabel="|r+ - r-| / sd(r)")
 
 
