@@ -369,3 +369,15 @@ def test_a_run_that_ends_unevaluated_says_why(tmp_path, capsys):
                            backbones=["tiny-llama-chat"], seeds=[0])
     assert main([str(grid_path), "--out", str(tmp_path / "sweep"), "--cli", str(cli_script)]) == 1
     assert "results.json says 'not_evaluated' (max_epochs reached), not 'finished'" in capsys.readouterr().out
+
+
+def test_a_checkpoint_left_behind_for_other_arguments_is_named_before_and_when_it_goes(tmp_path, capsys):
+    """An edited grid restarts an interrupted run afresh, removing its last.ckpt; the dry run said only
+    'would run' and the sweep 'restarting an unfinished run', nothing about the checkpoint being dropped."""
+    grid_path, out, cli_script, run = interrupted_run(tmp_path, checkpoint=True)
+    grid = yaml.safe_load(grid_path.read_text())
+    write_grid(grid_path, **grid, overrides=["--trainer.max_epochs 3"])
+    capsys.readouterr()
+    for dry_run in (["--dry-run"], []):
+        assert main([str(grid_path), "--out", str(out), "--cli", str(cli_script), *dry_run]) == 0
+        assert f"discarding {run.checkpoint} (written under other arguments" in capsys.readouterr().out

@@ -469,15 +469,19 @@ def run_sweep(grid: Grid, out: Path, cli: Optional[Path] = None, dry_run: bool =
             echo(f"{prefix} failed    {run.name} ({reason})")
             continue
         resume = not restart and can_resume(run, arguments)
+        # a fresh start removes the directory's last.ckpt, maybe hours of training: say so, in the dry run too
+        dropped = (f", discarding {run.checkpoint} (written under other arguments: the first line of {run.log_path})"
+                   if not resume and not restart and run.checkpoint.is_file() else "")
         if dry_run:
             outcomes.append(Outcome(run, "planned"))
-            how = f"would resume {run.name} from {run.checkpoint}" if resume else f"would run {run.name}"
+            how = (f"would resume {run.name} from {run.checkpoint}" if resume
+                   else f"would run {run.name}{' (from scratch' + dropped + ')' if dropped else ''}")
             echo(f"{prefix} {how}\n    {shlex.join(arguments)}")
             continue
         if resume:
             echo(f"{prefix} resume    {run.name} (an unfinished run, from {run.checkpoint})")
         else:
-            again = " (restarting an unfinished run)" if run.directory.exists() else ""
+            again = f" (restarting an unfinished run{dropped})" if run.directory.exists() else ""
             echo(f"{prefix} start     {run.name}{again}")
         try:
             outcome = launch(run, arguments, resume)
