@@ -381,3 +381,15 @@ def test_a_checkpoint_left_behind_for_other_arguments_is_named_before_and_when_i
     for dry_run in (["--dry-run"], []):
         assert main([str(grid_path), "--out", str(out), "--cli", str(cli_script), *dry_run]) == 0
         assert f"discarding {run.checkpoint} (written under other arguments" in capsys.readouterr().out
+
+
+def test_a_failed_run_is_reported_with_its_error_line(tmp_path, capsys):
+    """A failed run's summary said only 'exit code 2; log: ...': the reason (a backbone that does not load, for
+    the Figure 4 grid without Gemma's extra) was in each run.log."""
+    cli_script = tmp_path / "failing_cli.py"
+    cli_script.write_text("import sys\nprint('Seed set to 0')\nprint(\"error: cannot load backbone 'gemma3-270m'\", "
+                          "file=sys.stderr)\nsys.exit(2)\n")
+    grid_path = write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"],
+                           backbones=["gemma3-270m"], seeds=[0])
+    assert main([str(grid_path), "--out", str(tmp_path / "sweep"), "--cli", str(cli_script)]) == 1
+    assert "exit code 2: error: cannot load backbone 'gemma3-270m'; log: " in capsys.readouterr().out

@@ -355,7 +355,8 @@ def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
     finally:
         unhold(run.directory)
     if returncode != 0:
-        return Outcome(run, "failed", elapsed, f"exit code {returncode}")
+        last = last_log_line(run.log_path)
+        return Outcome(run, "failed", elapsed, f"exit code {returncode}{': ' + last if last else ''}")
     if not is_finished(run.directory):
         record = results_record(run.directory)
         # its reason (a resume that found the limit reached, validation off) is what tells the user what to change
@@ -363,6 +364,19 @@ def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
         return Outcome(run, "failed", elapsed,
                        f"exit code 0 but {RESULTS_FILENAME} says {record.get('status')!r}{why}, not 'finished'")
     return Outcome(run, "finished", elapsed)
+
+
+def last_log_line(path: Path, limit: int = 200) -> str:
+    """The last line a failed run printed (its ``error:`` line, or a traceback's exception), shortened: the
+    summary says why a run failed, not only its exit code."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return last if len(last) <= limit else last[:limit - 3] + "..."
 
 
 def hold(directory: Path) -> Optional[int]:
