@@ -393,3 +393,21 @@ def test_a_failed_run_is_reported_with_its_error_line(tmp_path, capsys):
                            backbones=["gemma3-270m"], seeds=[0])
     assert main([str(grid_path), "--out", str(tmp_path / "sweep"), "--cli", str(cli_script)]) == 1
     assert "exit code 2: error: cannot load backbone 'gemma3-270m'; log: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, entry, use", [
+    ("overrides", "--seed_everything 5", "'seeds'"),
+    ("overrides", "--model.init_args.backbone=tiny-llama", "'backbones'"),
+    ("rm_type_overrides", "--model.backbone tiny-llama", "'backbones'"),
+    ("overrides", "--trainer.logger false", "--out"),
+])
+def test_an_override_of_what_the_grid_sets_per_run_is_refused(key, entry, use, tmp_path):
+    """Overrides come after the grid's own arguments, so '--seed_everything 5' trained every 'seed<k>' run with
+    seed 5 (and a backbone override trained another model than the directory names), without a word."""
+    base = dict(configs=[str(EXRM_CONFIG)], rm_types=["rm_lightning.ExplicitRM"], backbones=["tiny-llama-chat"],
+                seeds=[0, 1])
+    value = {"rm_lightning.ExplicitRM": [entry]} if key == "rm_type_overrides" else [entry]
+    path = write_grid(tmp_path / "grid.yaml", **base, **{key: value})
+    option = entry.split("=")[0].split()[0]
+    with pytest.raises(RMLightningError, match=f"sets {option}, which the sweep sets for each run: use {use}"):
+        load_grid(path)

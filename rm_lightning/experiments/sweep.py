@@ -24,6 +24,10 @@ Grid file keys (lists; ``overrides``, ``rm_type_overrides`` and ``rm_type_config
     rm_type_configs:                          # another base config for one RM type (one entry in configs)
       rm_lightning.ExplicitGenerativeRM: configs/exgrm_persona.yaml
 
+Overrides may not set what the sweep sets for each run (``PER_RUN_OPTIONS``: the RM type, backbone, seeds, run
+directory, logger): coming after the sweep's own arguments they would win, and a run's directory would name a
+seed or backbone it was not trained with.
+
 The RM type is switched with ``--model <class path>``; init args the new class does not take
 (``beta`` of a config written for IM-RM, say) are dropped by the parser, shared ones are kept.
 An RM type named in ``rm_type_configs`` starts from its own config file instead of the grid's one
@@ -196,6 +200,25 @@ def _resolve_config(grid_path: Path, config, key: str = "configs") -> Path:
                            f"or to {grid_path.parent})")
 
 
+# options ``command`` gives every run itself, and what sets them instead. Overrides come after them, so one of
+# these in a grid won silently: '--seed_everything 5' trained every seed<k> run with seed 5, a backbone override
+# another model than the run's directory names.
+PER_RUN_OPTIONS = {
+    "--model": "'rm_types'", "--model.class_path": "'rm_types'",
+    "--model.init_args.backbone": "'backbones'", "--model.backbone": "'backbones'",
+    "--seed_everything": "'seeds'", "--data.init_args.seed": "'seeds'", "--data.seed": "'seeds'",
+    "--trainer.default_root_dir": "--out", "--trainer.logger": "--out", "--results.dirpath": "--out",
+    "--results.config_name": "the stem of the grid's config", "--ckpt_path": "--restart (runs resume by themselves)",
+}
+
+
+def _per_run_option(argument: str) -> Optional[str]:
+    name = argument.split("=", 1)[0]
+    if name.startswith("--trainer.logger."):
+        name = "--trainer.logger"
+    return name if name in PER_RUN_OPTIONS else None
+
+
 def _split_arguments(grid_path: Path, key: str, items) -> list[str]:
     """Each entry may hold several shell words (``"--trainer.max_steps 2"``) or just one."""
     if not isinstance(items, list):
@@ -208,6 +231,11 @@ def _split_arguments(grid_path: Path, key: str, items) -> list[str]:
             arguments.extend(shlex.split(item) if isinstance(item, str) else [str(item)])
         except ValueError as err:
             raise RMLightningError(f"{grid_path}: '{key}' entry {item!r}: {err}") from None
+    for argument in arguments:
+        option = _per_run_option(argument)
+        if option is not None:
+            raise RMLightningError(f"{grid_path}: '{key}' sets {argument.split('=', 1)[0]}, which the sweep sets for "
+                                   f"each run: use {PER_RUN_OPTIONS[option]}")
     return arguments
 
 
