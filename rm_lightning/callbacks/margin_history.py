@@ -26,8 +26,8 @@ class MarginHistory(RowHistory):
     this callback adds a histogram of margins per eval set to TensorBoard and, at the end of fit,
     writes ``margin_history.csv`` and ``margin_history.png`` (eval margins, train-batch margin and
     accuracy over steps, one line per eval set, titled with the run and its RM type) to the run
-    directory, and prints the final metrics of every eval set and the run's peak memory. The rows are saved in checkpoints, so a run
-    resumed with ``--ckpt_path`` writes the whole history.
+    directory, and prints the final metrics of every eval set and the run's peak memory. The rows are
+    saved in checkpoints, so a run resumed with ``--ckpt_path`` writes the whole history.
 
     Args:
         filename: stem of the CSV and PNG.

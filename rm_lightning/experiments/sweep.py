@@ -361,8 +361,9 @@ def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
     ``resume`` from the run's ``last.ckpt`` in the directory it has, the log appended to.
 
     A directory that a live process still holds (an orphan of a killed sweep, a second sweep) is
-    left alone; this sweep holds the directory from before it empties it until its child has locked it. The child runs in its own process group and dies with the sweep: Ctrl-C, an
-    exception or the sweep's own death (``PR_SET_PDEATHSIG`` on Linux) ends it.
+    left alone; this sweep holds the directory from before it empties it until its child has locked it.
+    The child runs in its own process group and dies with the sweep: Ctrl-C, an exception or the
+    sweep's own death (``PR_SET_PDEATHSIG`` on Linux) ends it.
     """
     holder = hold(run.directory)
     if holder is not None:
