@@ -188,3 +188,10 @@ def test_load_reward_model_of_a_run_folder_or_a_non_checkpoint_names_what_to_giv
         load_reward_model(tmp_path / "run")
     with pytest.raises(SettingError, match="not a readable checkpoint"):
         load_reward_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+
+
+def test_load_reward_model_of_an_rm_type_not_importable_here_is_one_line(tmp_path):
+    """A user's subclass whose module is not on the path: one line naming it, not a ModuleNotFoundError traceback."""
+    torch.save({"rm_lightning_class_path": "lab_rm_types.LengthPenalizedIMRM", "state_dict": {}}, tmp_path / "x.ckpt")
+    with pytest.raises(SettingError, match="lab_rm_types.LengthPenalizedIMRM cannot be imported .*PYTHONPATH"):
+        load_reward_model(tmp_path / "x.ckpt")

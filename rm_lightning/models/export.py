@@ -20,7 +20,6 @@ Folders are written atomically (``rm_lightning.files``): a failed export leaves 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from rm_lightning.models.generative import VERIFICATION_TEMPLATE, ExplicitGenera
 from rm_lightning.models.implicit import IMPLICIT_FILE, ImplicitRM
 from rm_lightning.models.lora import merge_adapters
 from rm_lightning.models.reward_module import RewardModule
+from rm_lightning.models.scoring import reward_module_class
 from rm_lightning.pairs.encoding import uses_plain_format
 from rm_lightning.pairs.records import PreferencePair
 
@@ -104,14 +104,7 @@ def module_class(hparams: dict, checkpoint: Path) -> type[RewardModule]:
     if not class_path:
         raise RMLightningError(f"{checkpoint}: cannot tell which reward-model type it is (no class path in the "
                                f"checkpoint and no config.yaml beside its run)")
-    module_name, _, class_name = str(class_path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, RewardModule)):
-        raise RMLightningError(f"{checkpoint}: unknown reward-model type {class_path!r}")
-    return cls
+    return reward_module_class(class_path, checkpoint)
 
 
 def _run_config_class_path(checkpoint: Path) -> Optional[str]:

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from rm_lightning.checkpoint_options import is_sharded_checkpoint, sharded_checkpoint_error
-from rm_lightning.errors import DataError, SettingError
+from rm_lightning.errors import DataError, SettingError, first_line
 from rm_lightning.pairs.records import (EncodedPair, EncodedPairs, EncodedResponses, PreferencePair, pair_up,
                                         unpair)
 from rm_lightning.perf.weight_casts import reusing_casts
@@ -57,10 +57,26 @@ def load_reward_model(checkpoint: str | Path, map_location: str | torch.device =
     if class_path is None:
         raise SettingError(f"{checkpoint}: cannot tell its RM type (no {CLASS_PATH_KEY} and no config.yaml in its "
                            f"run directory); load it with e.g. rm_lightning.ExplicitRM.load_from_checkpoint(path)")
-    module_name, _, class_name = class_path.rpartition(".")
-    module = getattr(importlib.import_module(module_name), class_name).load_from_checkpoint(
-        path, map_location=map_location)
+    module = reward_module_class(class_path, checkpoint).load_from_checkpoint(path, map_location=map_location)
     return module.eval()
+
+
+def reward_module_class(class_path: str, checkpoint: str | Path) -> type:
+    """The RewardModule subclass a checkpoint names, or one line: a user's RM type whose module is not importable
+    here (another working folder, a missing dependency) ended in a bare ModuleNotFoundError traceback."""
+    from rm_lightning.models.reward_module import RewardModule  # this module is imported by that one
+
+    module_name, _, class_name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as err:
+        raise SettingError(f"{checkpoint}: its RM type {class_path} cannot be imported ({type(err).__name__}: "
+                           f"{first_line(err)}); put its module on the Python path (PYTHONPATH)") from None
+    except (AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, RewardModule)):
+        raise SettingError(f"{checkpoint}: unknown reward-model type {class_path!r}")
+    return cls
 
 
 def _folder_hint(folder: Path) -> str:
