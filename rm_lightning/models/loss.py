@@ -49,7 +49,7 @@ def check_loss_options(option: str, kind: str, label_smoothing: float, beta: Opt
         raise SettingError(f"{option}: expected one of {', '.join(LOSS_KINDS)}, got {kind!r}")
     if label_smoothing and kind != "sigmoid":
         raise SettingError(f"{option}: label_smoothing applies to the sigmoid (BT) loss only, got loss {kind!r} "
-                           f"with label_smoothing {label_smoothing}; set one of them back (sigmoid, 0)")
+                           f"with label_smoothing {label_smoothing}; set one of them back (loss bt, label_smoothing 0)")
     if kind == "ipo" and not beta:
         raise SettingError(f"{option}: the ipo loss needs the reward scale beta (an IM-RM's), got {beta!r}")
 
