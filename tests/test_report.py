@@ -256,3 +256,10 @@ def test_panel_titles_fit_in_the_figure(tmp_path, tmp_path_factory, monkeypatch)
     for axis in figure.axes:
         extent = axis.title.get_window_extent(renderer)
         assert 0 <= extent.x0 and extent.x1 <= figure.bbox.width, axis.get_title()
+
+
+def test_accuracy_error_bars_stop_at_0_and_1():
+    from rm_lightning.experiments.report import accuracy_error_bars
+
+    below, above = accuracy_error_bars([0.97, 0.02, 0.5, float("nan")], [0.1, 0.1, 0.1, 0.1])
+    assert below == pytest.approx([0.1, 0.02, 0.1, 0.0]) and above == pytest.approx([0.03, 0.1, 0.1, 0.0])

@@ -624,6 +624,14 @@ def plot(parts: list[Section], path: Path, tie_pp: float = 1.0, title: str = "")
     plt.close(fig)
 
 
+def accuracy_error_bars(means: list[float], sds: list[float]) -> list[list[float]]:
+    """Matplotlib's (below, above) error bars of mean +- sd, cut at 0 and 1: an accuracy has no values beyond,
+    and a bar drawn past 1 also pushed the value label above it out of the axes."""
+    below = [0.0 if math.isnan(m) else max(0.0, min(sd, m)) for m, sd in zip(means, sds)]
+    above = [0.0 if math.isnan(m) else max(0.0, min(sd, 1.0 - m)) for m, sd in zip(means, sds)]
+    return [below, above]
+
+
 def plot_means(part: Section, ax_acc, ax_margin, colors: dict[str, str]) -> None:
     tags, rm_types = part.collection.shift_tags, part.collection.rm_types
     cell = {(r["rm_type"], r["shift_tag"]): r for r in part.means}
@@ -632,7 +640,7 @@ def plot_means(part: Section, ax_acc, ax_margin, colors: dict[str, str]) -> None
         xs = [t + (i - (len(rm_types) - 1) / 2) * width for t in range(len(tags))]
         rows = [cell.get((rm, tag)) for tag in tags]
         accuracy = [_value(r, "mean_accuracy") for r in rows]
-        errors = [_value(r, "sd_accuracy", 0.0) for r in rows]
+        errors = accuracy_error_bars(accuracy, [_value(r, "sd_accuracy", 0.0) for r in rows])
         bars = ax_acc.bar(xs, accuracy, width, yerr=errors, capsize=3, color=colors[rm], label=rm)
         ax_acc.bar_label(bars, labels=[f"{a:.2f}" if not math.isnan(a) else "" for a in accuracy], fontsize=7,
                          padding=2)
@@ -692,8 +700,8 @@ def plot_figure4(parts: list[Section], path: Path, title: str = "") -> None:
                 rows = [cell.get((rm, prompts, responses)) for responses in ("original", "paraphrased")]
                 xs = [g + (i - (len(all_types) - 1) / 2) * width for g in range(2)]
                 means = [_value(r, "mean_accuracy") for r in rows]
-                bars = axis.bar(xs, means, width, yerr=[_value(r, "sd_accuracy", 0.0) for r in rows], capsize=3,
-                                color=colors[rm], label=rm)
+                errors = accuracy_error_bars(means, [_value(r, "sd_accuracy", 0.0) for r in rows])
+                bars = axis.bar(xs, means, width, yerr=errors, capsize=3, color=colors[rm], label=rm)
                 axis.bar_label(bars, labels=[f"{m:.2f}" if not math.isnan(m) else "" for m in means], fontsize=7,
                                padding=2)
             axis.set_xticks(range(2), ["original responses", "paraphrased responses"])
