@@ -82,3 +82,10 @@ def test_a_dataset_without_shared_evaluations_gets_a_one_line_note(tmp_path, cap
     note = ("trained on persona: no two RM types have runs of the same config, backbone and seed "
             "(ExplicitRM, ImplicitRM never meet), so no win rates")
     assert f"note: {note}\n" in capsys.readouterr().err and f"Note: {note}." in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_that_recorded_no_accuracy_are_not_said_to_never_meet(tmp_path, capsys):
+    for rm_type in ("ExplicitRM", "ImplicitRM"):
+        write_result(tmp_path, rm_type, 0, {"para": ("token_shift", None, None)})
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "no run recorded an accuracy" in capsys.readouterr().err

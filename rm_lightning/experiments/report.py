@@ -343,6 +343,8 @@ def win_rate_note(collection: Collection, training_data: str) -> Optional[str]:
     shared = [accs for tag in collection.shift_tags for accs in accuracies_by_evaluation(collection, tag).values()
               if len(accs) > 1]
     if not shared:
+        if all(e.metrics["accuracy"] is None for e in collection.evaluations):
+            return f"trained on {training_data}: no run recorded an accuracy (every eval set empty?), so no win rates"
         return (f"trained on {training_data}: no two RM types have runs of the same config, backbone and seed "
                 f"({', '.join(rm_types)} never meet), so no win rates")
     return None
