@@ -113,6 +113,15 @@ def test_no_figure4_without_the_persona_eval_sets(tmp_path):
     assert "figure4_png" not in write_report(collect(tmp_path), tmp_path / "out")
 
 
+def test_a_reused_report_folder_keeps_no_earlier_figure4(persona_runs, tmp_path):
+    out = tmp_path / "out"
+    write_report(collect(persona_runs), out)
+    other = tmp_path / "other_runs"
+    write_result(other, "ExplicitRM", 0, {"para": ("token_shift", 0.9, 1.0)})
+    write_report(collect(other), out)
+    assert not list(out.glob("figure4.*"))
+
+
 @pytest.mark.slow
 def test_tiny_persona_models_sweep_reports_figure4(tmp_path, monkeypatch, capsys):
     """The shipped grid with tiny backbones, one seed, a few pairs: every RM type runs from its own config,

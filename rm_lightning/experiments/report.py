@@ -433,6 +433,9 @@ def write_report(collection: Collection, out: Path, tie_pp: float = 1.0, title: 
             [{"training_data": part.training_data, **row} for part in with_figure4 for row in part.figure4],
             FIGURE4_COLUMNS))
         plot_figure4(with_figure4, paths["figure4_png"], title)
+    else:  # an earlier report's Figure 4 in a reused folder would read as this one's
+        for stale in ("figure4.csv", "figure4.png"):
+            (out / stale).unlink(missing_ok=True)
     return paths
 
 
