@@ -52,11 +52,13 @@ class PreferenceDataModule(L.LightningDataModule):
     Args:
         batch_size: pairs per training step (per process).
         eval_batch_size: pairs per evaluation batch.
-        max_prompt_tokens, max_response_tokens: caps on the raw prompt and each raw response;
-            ``null`` for none. Over-long pairs are dropped unless ``truncate``.
+        max_prompt_tokens: cap on the raw prompt's tokens; ``null`` for none. Over-long pairs are dropped
+            unless ``truncate``.
+        max_response_tokens: cap on each raw response's tokens; ``null`` for none (the same rule).
         truncate: cut over-long texts instead of dropping the pair (never to an empty response).
         length_bucketing: batch pairs of similar length together (less padding, same data).
         seed: shuffling seed of the training order.
+        num_workers: DataLoader worker processes (0: batches are made in the training process).
         eval_every_n_epochs: ``{eval set: N}`` evaluates that set only before the first step, at
             every N-th epoch's validation and at the last epoch's, while training (``validate``/``test``
             always evaluate every set). For large sets whose curve matters less than their final figure:

@@ -174,8 +174,10 @@ class HamiltonianCycleDataModule(PreferenceDataModule):
     set ``model.init_args.extra_tokens: ["<sep>", "<edge_sep>"]``.
 
     Args:
-        num_vertices, edge_prob: graph size and probability of each non-cycle edge (paper: 10, 0.2).
-        num_train, num_test: graphs per split (paper: 1000, 200).
+        num_vertices: vertices per graph (paper: 10).
+        edge_prob: probability of each edge beside the planted cycle's (paper: 0.2).
+        num_train: training graphs (paper: 1000).
+        num_test: test graphs (paper: 200).
         data_seed: fixes every graph; train and test come from separate streams, so the test
             graphs do not change with ``num_train``.
         num_train_eval: how many of the training pairs (the first ones) ``train_graphs`` holds;

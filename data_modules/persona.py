@@ -35,11 +35,19 @@ class PersonaDataModule(PreferenceDataModule):
             ``answer_matching_behavior`` is "Yes" are kept.
         path: local persona JSONL (``anthropic`` source).
         trait: persona file name on the hub, e.g. ``agreeableness``, ``conscientiousness``.
-        num_train, num_test: prompts per split; data_seed fixes the split and template draws, both made
-            as the authors make them (``authors_split``): the Anthropic file with seed 875 gives the paper's.
-        chosen_prefixes, chosen_tokens, rejected_prefixes, rejected_tokens: training template pools;
-            each example draws one prefix and one token for each side.
-        paraphrased_*: the paraphrased eval templates; every prompt gets all token combinations.
+        num_train: training prompts.
+        num_test: test prompts.
+        data_seed: fixes the split and the template draws, both made as the authors make them
+            (``authors_split``): the Anthropic file with seed 875 gives the paper's.
+        chosen_prefixes: training pool of the chosen responses' openings; each example draws one.
+        chosen_tokens: training pool of the chosen responses' answer tokens ("yes", "sure"); one drawn.
+        rejected_prefixes: training pool of the rejected responses' openings; one drawn.
+        rejected_tokens: training pool of the rejected responses' answer tokens ("no", "never"); one drawn.
+        paraphrased_chosen_prefixes: the paraphrased eval sets' chosen openings; every prompt gets all
+            combinations of the paraphrased prefixes and tokens.
+        paraphrased_chosen_tokens: the paraphrased chosen answers ("certainly", "absolutely").
+        paraphrased_rejected_prefixes: the paraphrased eval sets' rejected openings.
+        paraphrased_rejected_tokens: the paraphrased rejected answers ("not really", "nope").
         response_format: ``sentence`` (default): a prefix then the token, as the paper's Persona
             experiment; ``single_token``: the whole response is the token alone, with nothing after
             it (no end-of-turn), as Theorem 2 assumes. Every token must then be a single token of

@@ -55,8 +55,10 @@ class RealWorldDataModule(PreferenceDataModule):
             training set has fewer), as the eval set ``train_sample`` tagged ``training`` (the paper's
             training accuracy, on 200 training pairs; the real-world configs set 200); the training caps
             apply to it. null (default) or 0: none.
-        eval_max_prompt_tokens, eval_max_response_tokens: length caps for every eval set (a set's own
-            ``max_*_tokens`` wins); null (default): none.
+        eval_max_prompt_tokens: prompt length cap for every eval set (a set's own ``max_prompt_tokens``
+            wins); null (default): none.
+        eval_max_response_tokens: response length cap for every eval set (a set's own
+            ``max_response_tokens`` wins); null (default): none.
         **kwargs: batch sizes, training length caps, truncation, bucketing and shuffle seed of
             ``PreferenceDataModule``.
     """

@@ -26,7 +26,8 @@ class ExplicitGenerativeRM(RewardModule):
             (default, comparable with the other types; with the margin, centering and label
             smoothing options); ``yes_no_ce``: the authors' cross-entropy, "Yes" for the chosen
             and "No" for the rejected response (none of those options apply to it).
-        yes_token, no_token: the answer words; each must be a single token.
+        yes_token: the answer word whose probability is the reward; it must be a single token.
+        no_token: the other answer word (the cross-entropy's target for rejected responses); a single token.
     """
 
     def __init__(self, loss: Literal["bt", "sigmoid", "yes_no_ce"] = "bt", yes_token: str = "Yes",

@@ -83,7 +83,7 @@ class RewardModule(L.LightningModule):
             (``models/lora.py``).
         base_format: how a backbone without a chat template of its own formats pairs: ``authors``
             (default; the paper's code: ``<|user|>prompt<eos><|assistant|>response<eos>``, no BOS) or
-            ``plain`` (``<bos>User: prompt\nAssistant: response``, the format before the authors' was
+            ``plain`` (``<bos>User: prompt\\nAssistant: response``, the format before the authors' was
             adopted). A backbone with a chat template always uses its own (``pairs/encoding.py``).
 
     A batch that carries ``margin`` (one number per pair, in reward units) trains with
