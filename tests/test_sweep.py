@@ -411,3 +411,18 @@ def test_an_override_of_what_the_grid_sets_per_run_is_refused(key, entry, use, t
     option = entry.split("=")[0].split()[0]
     with pytest.raises(RMLightningError, match=f"sets {option}, which the sweep sets for each run: use {use}"):
         load_grid(path)
+
+
+def test_a_misspelt_model_option_in_rm_type_overrides_fails_before_any_run(tmp_path):
+    """The class is known, so its runs would each fail at start-up; said once, before any, with the near name."""
+    grid = load_grid(write_grid(tmp_path / "grid.yaml", configs=[str(EXRM_CONFIG)],
+                                rm_types=["rm_lightning.ExplicitRM", "rm_lightning.ImplicitRM"],
+                                backbones=["tiny-llama-chat"], seeds=[0],
+                                rm_type_overrides={"rm_lightning.ImplicitRM": ["--model.init_args.betta 0.1",
+                                                                               "--model.init_args.lora '{r: 4}'"]}))
+    with pytest.raises(RMLightningError, match="--model.init_args.betta is no option of ImplicitRM; did you mean beta"):
+        check_rm_types(grid)
+    check_rm_types(load_grid(write_grid(tmp_path / "ok.yaml", configs=[str(EXRM_CONFIG)],
+                                        rm_types=["rm_lightning.ImplicitRM"], backbones=["tiny-llama-chat"], seeds=[0],
+                                        rm_type_overrides={"rm_lightning.ImplicitRM": ["--model.init_args.lora={r: 4}",
+                                                                                       "--model.beta", "0.1"]})))

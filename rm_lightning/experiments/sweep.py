@@ -39,7 +39,9 @@ same directory layout under the grid config's stem and the same ``config_name`` 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import inspect
 import itertools
 import json
 import os
@@ -257,6 +259,35 @@ def check_rm_types(grid: Grid) -> None:
         if not (isinstance(cls, type) and issubclass(cls, RewardModule)):
             raise RMLightningError(f"{grid.path}: rm_types entry {class_path!r} is not an importable "
                                    f"RewardModule subclass (give a class path such as rm_lightning.ExplicitRM)")
+        check_model_options(grid, class_path, cls, grid.rm_type_overrides.get(class_path, []))
+
+
+def model_options(cls: type) -> set[str]:
+    """The init args a reward-module class takes: its own and, through ``**kwargs``, its bases'."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+def check_model_options(grid: Grid, class_path: str, cls: type, arguments: list[str]) -> None:
+    """An ``rm_type_overrides`` model option the class does not take (``--model.init_args.betta``) fails here, not
+    in every run of that type after its start-up: the class is known, so the parser would refuse it anyway.
+    (``overrides`` apply to every RM type, and an option one type lacks is dropped for it by design.)"""
+    known = model_options(cls)
+    for argument in arguments:
+        match = re.match(r"--model\.(?:init_args\.)?([A-Za-z_][A-Za-z0-9_]*)", argument)
+        if match and match.group(1) not in {"init_args", "class_path", "help", *known}:
+            near = difflib.get_close_matches(match.group(1), sorted(known), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise RMLightningError(f"{grid.path}: rm_type_overrides.{class_path}: {argument.split('=', 1)[0]} is no "
+                                   f"option of {cls.__name__}{hint}")
 
 
 def _import_failed(grid: Grid, class_path: str, module_name: str, err: Exception) -> RMLightningError:
