@@ -100,7 +100,8 @@ class RewardCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
-        if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True):
+        # ``logger: false`` runs keep the same lightning_logs/version_N folders (run_directory.py)
+        if config.get("ckpt_path") == "last" and config.get("trainer.logger") in (None, True, False):
             config["ckpt_path"] = str(newest_last_checkpoint(config.get("trainer.default_root_dir") or "."))
         path = Path(str(config.get("ckpt_path"))) if config.get("ckpt_path") else None
         if path is None or not path.exists():

@@ -217,6 +217,14 @@ def test_a_run_resumed_from_its_end_of_fit_checkpoint_ends_as_an_uninterrupted_o
     assert results(resumed)["eval_sets"] == results(whole)["eval_sets"]
 
 
+def test_a_run_without_a_logger_resumes_from_ckpt_path_last(tmp_path):
+    """``--trainer.logger false`` keeps the same ``lightning_logs/version_N`` folders: ``last`` finds its checkpoint
+    there, rather than Lightning looking in the new run's empty folder and training from scratch."""
+    fit(tmp_path, "--trainer.logger", "false", max_epochs=1)
+    fit(tmp_path, "--trainer.logger", "false", "--ckpt_path", "last", max_epochs=2)
+    assert results(versions(tmp_path)[1])["checkpoint"] == str(versions(tmp_path)[0] / "checkpoints" / "last.ckpt")
+
+
 def test_a_run_saved_while_the_exrm_still_trained_its_untied_lm_head_resumes(tmp_path, monkeypatch):
     """Checkpoints of versions before the EX-RM froze the LM head it never reads list it among Adam's parameters."""
     with monkeypatch.context() as as_before:
