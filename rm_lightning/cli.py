@@ -54,6 +54,7 @@ with imports_without_collections():  # Lightning and what it imports: see the fu
     from rm_lightning.console import quiet_console, say_once
     from rm_lightning.errors import RMLightningError, SettingError, exit_status, print_user_error, user_error_behind
     from rm_lightning.models.reward_module import RewardModule
+    from rm_lightning.models import explicit, generative, implicit  # noqa: F401  every RM type a known --model subclass
     from rm_lightning.perf import precision
     from rm_lightning.perf.checkpoint_io import use_local_checkpoint_io
     from rm_lightning.settings import check_config, check_one_process

@@ -83,3 +83,11 @@ def test_importing_the_package_costs_no_torch_or_lightning():
 def test_the_cli_imports_no_optional_library_beyond_lightnings_own():
     lightning_alone = loaded(modules_after("import lightning.pytorch.cli"), OPTIONAL_LIBRARIES)
     assert loaded(modules_after("import rm_lightning.cli"), OPTIONAL_LIBRARIES) <= lightning_alone
+
+
+@pytest.mark.slow
+def test_fit_help_offers_every_rm_type_before_any_config_names_one():
+    """``--model`` lists the subclasses imported when the parser is built; ``--model.help ExplicitRM`` needs it too."""
+    shown = subprocess.run([sys.executable, "-m", "rm_lightning", "fit", "--model.help", "ExplicitGenerativeRM"],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert "--model.loss" in shown.stdout, shown.stderr
