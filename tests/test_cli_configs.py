@@ -146,3 +146,11 @@ def test_bad_inputs_end_in_one_clear_line(tmp_path, capsys):
         cli.main([*base, "--data.init_args.source", "wikipedia"])
     assert unknown_source.value.code != 0 and "source" in capsys.readouterr().err
     assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").rglob("*.csv"))
+
+
+def test_fit_help_group_titles_are_whole_sentences_for_a_user(capsys):
+    """The titles are the first line of each class's docstring: none cut mid-sentence, none pointing into the code."""
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--help"])
+    shown = capsys.readouterr().out
+    assert "when a fit is:" not in shown and "this module's docstring" not in shown

@@ -53,9 +53,10 @@ VERSIONED_PACKAGES = ("torch", "lightning", "transformers", "rm-lightning")
 
 
 class ResultsWriter(L.Callback):
-    """Write ``results.json`` at the end of ``fit``, after ``validate`` and ``test``, and when a fit is
-    interrupted or fails. ``validate`` and ``test`` also print one table of every eval set's metrics
-    (the CLI turns Lightning's table per dataloader off).
+    """Write results.json at the end of fit, after validate and test, and when a fit is interrupted or fails.
+
+    ``validate`` and ``test`` also print one table of every eval set's metrics (the CLI turns
+    Lightning's table per dataloader off).
 
     The metrics are the module's ``eval_sets.last`` (the last evaluation that ran), and the file
     says where they come from (``eval_source``, ``eval_step``). When ``max_steps`` ends a fit in

@@ -184,7 +184,9 @@ def resolve_in_config(trainer: dict, say=None, machine: Optional[Machine] = None
 
 
 class Trainer(L.Trainer):
-    """Lightning's Trainer, with ``precision: auto`` (this module's docstring) accepted as well.
+    """Lightning's Trainer, also taking precision auto (bf16-mixed where the hardware computes bf16).
+
+    ``auto`` is this module's docstring's rule.
 
     The CLI builds its trainer from this class so that a config may say ``auto``; the CLI resolves it
     first, and a Trainer built from Python resolves it here.
