@@ -19,7 +19,8 @@ def run(argv: Optional[list[str]] = None) -> int:
         prog="python -m rm_lightning.export", description="Export a trained reward model as a Hugging Face folder.",
         epilog="EX-RM: a sequence-classification folder; IM-RM: the policy plus implicit_reward.json; EX-GRM: the "
                "causal LM plus generative_reward.json.")
-    parser.add_argument("source", help="a .ckpt file, or a run directory (its checkpoints/last.ckpt)")
+    parser.add_argument("source", help="a .ckpt file, a run directory (its checkpoints/last.ckpt), or a runs root "
+                                       "such as runs/exrm_persona (its newest run's)")
     parser.add_argument("out", help="the folder to write (created; must be new or empty unless --overwrite)")
     parser.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder to this hub repository")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder")

@@ -349,3 +349,10 @@ def test_an_exported_imrm_validated_without_its_reference_says_every_reward_is_0
     with pytest.warns(UserWarning, match="no reference_backbone is given: it is its own reference, so every reward"):
         cli.main(["validate", "--config", config, "--config", str(tiny_override(tmp_path)),
                   "--model.init_args.backbone", str(tmp_path / "out"), *SMALL])
+
+
+def test_the_help_says_a_runs_root_exports_its_newest_run(capsys):
+    """``export runs/exrm_persona out`` works (README); ``--help`` said only a .ckpt file or a run directory."""
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    assert "newest run" in " ".join(capsys.readouterr().out.split())
