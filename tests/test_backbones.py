@@ -72,6 +72,13 @@ def test_a_hub_id_with_the_hub_unresolvable_puts_the_libraries_offline_before_lo
     assert huggingface_hub.constants.is_offline_mode()
 
 
+def test_a_backbone_that_does_not_load_names_the_option_as_the_command_line_spells_it(hub_check):
+    """``model.backbone`` is no option: the CLI's and the configs' is ``model.init_args.backbone``."""
+    hub_check(False)
+    with pytest.raises(BackboneError, match="point `--model.init_args.backbone` at a local directory"):
+        load_backbone("some-org/not-in-any-cache")
+
+
 @pytest.mark.parametrize("resolves, proxy, unreachable", [(True, None, False), (False, None, True),
                                                          (False, "http://proxy:3128", False)])
 def test_the_hub_is_judged_unreachable_only_when_its_name_fails_without_a_proxy(resolves, proxy, unreachable,

@@ -116,9 +116,9 @@ def _load_pretrained(name_or_path: str):
         return _from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise BackboneError(
-            f"cannot load backbone '{name_or_path}' ({first_line(err)}). Without internet, point `model.backbone` "
-            f"at a local directory holding config.json, tokenizer files and weights, or use '{BUNDLED_MODEL}' "
-            f"or 'tiny-llama'."
+            f"cannot load backbone '{name_or_path}' ({first_line(err)}). Without internet, point "
+            f"`--model.init_args.backbone` at a local directory holding config.json, tokenizer files and weights, "
+            f"or use '{BUNDLED_MODEL}' or 'tiny-llama'."
         ) from None
 
 
