@@ -57,7 +57,8 @@ with imports_without_collections():  # Lightning and what it imports: see the fu
     from rm_lightning.models import explicit, generative, implicit  # noqa: F401  every RM type a known --model subclass
     from rm_lightning.perf import precision
     from rm_lightning.perf.checkpoint_io import use_local_checkpoint_io
-    from rm_lightning.settings import check_config, check_one_process
+    from rm_lightning.perf.flex_attention import check_flex_training
+    from rm_lightning.settings import check_config, check_one_process, init_args
 
 COMPOSE_KEY = "compose"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -133,6 +134,8 @@ class RewardCLI(LightningCLI):
         check_config(config.as_dict())
         if self.subcommand == "predict":
             check_one_process(config.as_dict().get("trainer") or {}, "predict")
+        if self.subcommand == "fit":
+            check_flex_training(init_args(config.as_dict().get("model")), config.as_dict().get("trainer") or {})
         if config.get("trainer") is not None:  # ``precision: auto``: the value itself from here on (config.yaml too)
             precision.resolve_in_config(config["trainer"])
 

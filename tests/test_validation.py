@@ -89,6 +89,9 @@ BAD_SETTINGS = [
      ["--data.init_args.eval_sets.rewardbench_math.tag", "domain_shfit"],
      "data.init_args.eval_sets.rewardbench_math.tag: Expected a typing.Literal"),
     (EXRM, ["--model.init_args.decoder_layout", "stacked"], "model.init_args.decoder_layout: Expected a"),
+    # FlexAttention has no backward on a CPU: it was a traceback at the first training step, after the model loaded
+    (EXRM, ["--model.init_args.packed_attention", "flex"],
+     "model.init_args.packed_attention: flex trains on CUDA only (FlexAttention has no backward on a CPU)"),
     (str(PROJECT_ROOT / "configs" / "exrm_hamcycle.yaml"), ["--data.init_args.edge_prob", "1"],
      "data.init_args.edge_prob: expected a probability in [0, 1) (at 1 every graph is complete), got 1"),
     # a callback's option of the wrong type: not "lightning.Callback has no option" (the union's other class)

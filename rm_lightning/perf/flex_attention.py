@@ -17,7 +17,22 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from rm_lightning.errors import SettingError
+
 _compiled_flex = None
+
+
+def check_flex_training(model: dict, trainer: dict) -> None:
+    """``fit`` with ``packed_attention: flex`` on a CPU: one line before the model loads, not torch's
+    ``NotImplementedError`` at the first backward, after the tokenization and reference pass. A frozen
+    decoder (``trainable: output_layer``) runs no backward through attention, so it may."""
+    if model.get("packed_attention") != "flex" or model.get("trainable", "all") == "output_layer":
+        return
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        raise SettingError("model.init_args.packed_attention: flex trains on CUDA only (FlexAttention has no "
+                           "backward on a CPU); use grouped (the default) to train here, flex to validate, "
+                           "test or predict")
 
 
 def packed_block_mask(segments: list[tuple[list[int], list[int]]], num_tokens: int, device,
