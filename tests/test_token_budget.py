@@ -191,6 +191,9 @@ def test_select_pairs_cuts_rows_to_the_longest_selected_one():
     ({"token_budget": 0}, "token_budget must be null, 'auto' or a positive"),
     ({"token_budget": 512, "optimizer_in_backward": True}, "optimizer_in_backward"),
     ({"token_budget": "auto", "memory_limit": "lots"}, "memory_limit must be"),
+    # only auto reads it: with a fixed or no budget a memory_limit bounded nothing, silently
+    ({"memory_limit": "16GB"}, "memory_limit is what token_budget: auto plans for"),
+    ({"token_budget": 512, "memory_limit": "16GB"}, "memory_limit is what token_budget: auto plans for"),
 ])
 def test_bad_budget_options_are_refused_in_one_line(options, message):
     with pytest.raises(RMLightningError, match=message) as refused:

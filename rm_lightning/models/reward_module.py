@@ -107,7 +107,7 @@ class RewardModule(L.LightningModule):
                                      ("trainable", trainable, ("all", "output_layer"))):
             if value not in allowed:
                 raise SettingError(f"model.{name}: expected one of {', '.join(allowed)}, got {value!r}")
-        check_token_budget(token_budget, optimizer_in_backward)
+        check_token_budget(token_budget, optimizer_in_backward, memory_limit)
         self.memory_limit_bytes = parse_memory_limit(memory_limit)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model, self.tokenizer = load_backbone(backbone, extra_tokens=extra_tokens)

@@ -66,12 +66,16 @@ UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 **
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
 
-def check_token_budget(token_budget, optimizer_in_backward: bool) -> None:
-    """Refuse a budget that is not null, ``auto`` or a positive count, and the one combination that cannot work."""
+def check_token_budget(token_budget, optimizer_in_backward: bool, memory_limit=None) -> None:
+    """Refuse a budget that is not null, ``auto`` or a positive count, and the combinations that cannot work."""
     if token_budget is not None and token_budget != "auto" and (
             isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1):
         raise RMLightningError(f"model.init_args.token_budget must be null, 'auto' or a positive number of tokens, "
                                f"got {token_budget!r}")
+    if memory_limit is not None and token_budget != "auto":  # read by auto alone: else it would bound nothing, silently
+        raise RMLightningError(f"model.init_args.memory_limit is what token_budget: auto plans for, but token_budget "
+                               f"is {'null' if token_budget is None else token_budget}; set token_budget: auto, or "
+                               f"memory_limit: null")
     if token_budget is not None and optimizer_in_backward:
         raise RMLightningError("token_budget runs a batch as micro-batches whose gradients add up before one step, but "
                                "optimizer_in_backward steps at every backward; set one of them to null/false")
