@@ -124,7 +124,6 @@ def test_a_text_prompt_beside_whole_conversations_is_their_copy_as_in_ultrafeedb
     assert record_pair(explicit, "row 1") == PreferencePair("What is 2+2?", GOOD, BAD)
 
 
-
 def test_a_message_prompt_that_whole_conversations_repeat_is_their_copy_not_said_twice():
     # a dataset that keeps the prompt's messages beside whole conversations (prompt = chosen[:-1]) trained on the
     # prompt twice over: system, user, system, user, then the response
@@ -193,7 +192,6 @@ def test_a_missing_column_is_named_with_the_file_and_row(suffix, where, tmp_path
         PairSource(path=str(path), columns=MAPPED).load()
 
 
-
 def test_a_column_name_with_spaces_around_it_is_shown_so(tmp_path):
     # a hand-written header "prompt, chosen, rejected" said "missing field 'chosen' (has:  chosen,  rejected,
     # prompt)": the spaces that made ' chosen' another name were all but invisible
@@ -204,14 +202,12 @@ def test_a_column_name_with_spaces_around_it_is_shown_so(tmp_path):
         PairSource(path=str(path)).load()
 
 
-
 def test_a_csv_cell_longer_than_the_csv_modules_default_limit_loads(tmp_path):
     # a 200 000-character document (the length caps drop or cut it later) was "not valid CSV (field larger than
     # field limit (131072))", with no line, where the same record in JSON Lines loaded
     long = {"prompt": "word " * 40_000, "chosen": "c", "rejected": "r"}
     path = write_records(tmp_path / "pairs.csv", [long])
     assert PairSource(path=str(path)).load() == [PreferencePair(long["prompt"], "c", "r")]
-
 
 
 @pytest.mark.parametrize("separator", [";", "\t"])
@@ -243,7 +239,6 @@ def test_a_csv_answer_that_is_a_json_list_of_values_stays_text(format, tmp_path)
 def test_a_json_lines_file_named_json_is_read_as_json_lines(tmp_path):
     path = write_jsonl(tmp_path / "lines.json", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
     assert PairSource(path=str(path)).load() == [PreferencePair("p", "c", "r")]
-
 
 
 def test_a_json_object_holding_the_records_under_a_key_names_the_key(tmp_path):

@@ -232,7 +232,6 @@ def test_bad_compose_ends_in_one_line(tmp_path, capsys, compose, message):
     assert len(err) == 1 and err[0].startswith("error: ") and str(experiment) in err[0]
 
 
-
 def test_a_key_given_twice_in_one_config_file_ends_in_one_line_naming_it(tmp_path, capsys):
     # YAML keeps the last of two equal keys: a second `held_out:` eval set replaced the first without a word
     data = write(tmp_path / "data.yaml", "data:\n  class_path: data_modules.RealWorldDataModule\n  init_args:\n"

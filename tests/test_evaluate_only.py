@@ -76,7 +76,6 @@ def test_evaluating_sets_that_screening_empties_is_one_line(stage, tmp_path, cap
     assert exit_info.value.code == 2 and len(errors) == 1 and f"{stage} has nothing to score" in errors[0]
 
 
-
 def test_an_eval_set_that_screening_empties_is_named_in_one_warning(tmp_path):
     # fit went on with the set left out of the final table and results.json, and only Lightning's "Total length
     # of `DataLoader` across ranks is zero" said anything; nothing named the set or why it was empty
@@ -124,7 +123,6 @@ def test_validate_without_a_checkpoint_says_its_steps_are_unknown(tmp_path):
     results = results_of(tmp_path)
     assert (results["global_step"], results["epoch"], results["eval_step"], results.get("checkpoint")) == (None,) * 4
     assert "no checkpoint loaded" in results["steps_unknown"]
-
 
 
 def test_evaluate_config_after_a_run_config_draws_the_pairs_it_draws_alone(tmp_path, capsys):

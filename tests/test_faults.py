@@ -155,7 +155,6 @@ def test_a_plot_that_cannot_be_written_is_a_warning_and_results_are_kept(tmp_pat
     assert not (run / "margin_history.png").exists()
 
 
-
 def disk_full_for(monkeypatch, name: str) -> None:
     """Writing a file called ``name`` stops half-way on a full disk (its staging file has its name inside)."""
     write_text = Path.write_text
@@ -177,7 +176,6 @@ def test_a_run_file_the_disk_refuses_is_one_line_naming_it_and_no_half_file(name
     assert f"{name}: could not be written (No space left on device)" in line and "GiB free" in line
     run = versions(tmp_path)[0]
     assert not (run / name).exists() and not list(run.glob(".*.tmp*"))
-
 
 
 @pytest.mark.parametrize("name", ["margin_history.csv", "results.json"])

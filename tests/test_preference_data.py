@@ -187,8 +187,6 @@ def test_malformed_files_name_file_and_line(tmp_path):
         PairSource(path="nowhere/test.jsonl").load()
 
 
-
-
 def test_a_json_line_cut_short_is_named_at_its_own_column(tmp_path):
     # the line's newline went to the parser, so a record cut short was "at column 1" (of the next line's start)
     path = tmp_path / "cut.jsonl"
@@ -196,7 +194,6 @@ def test_a_json_line_cut_short_is_named_at_its_own_column(tmp_path):
     with pytest.raises(DataError, match=r"cut\.jsonl:2: not valid JSON \(Expecting property name enclosed in double "
                                         r"quotes at column 31\)"):
         PairSource(path=str(path)).load()
-
 
 
 def test_a_misspelt_file_name_says_where_it_looked_and_the_near_name(tmp_path, monkeypatch):
@@ -208,7 +205,6 @@ def test_a_misspelt_file_name_says_where_it_looked_and_the_near_name(tmp_path, m
     with pytest.raises(DataError, match=rf"data file not found: prefs/trian\.jsonl \(looked under .*{tmp_path} "
                                         rf"\(\$RM_LIGHTNING_DATA\).*; did you mean prefs/train\.jsonl\?\)"):
         PairSource(path="prefs/trian.jsonl").load()
-
 
 
 @pytest.mark.parametrize("records", [[{"prompt": "p", "chosen": "c", "rejected": "r"}] * 2,  # a JSON array

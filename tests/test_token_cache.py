@@ -157,7 +157,6 @@ def test_an_unwritable_cache_folder_means_tokenizing_every_run_with_one_warning(
     assert len([w for w in warned if "cannot be written" in str(w.message)]) == 1
 
 
-
 def test_a_cache_folder_on_a_full_disk_is_one_warning_and_leaves_no_half_file(exrm, tmp_path, monkeypatch):
     # torch.save reports a full disk as a RuntimeError ("PytorchStreamWriter failed writing file"), not an OSError:
     # it went past the cache's "cannot be written" warning and ended the run with a traceback

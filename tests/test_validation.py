@@ -166,7 +166,6 @@ def test_null_on_the_command_line_is_null_inside_a_dataclass(tmp_path, capsys, n
     assert "data.init_args.train: give exactly one of `path` or `hub` (got path=None, hub=None)" in line
 
 
-
 def test_a_misspelt_eval_set_name_on_the_command_line_names_the_sets_there_are(tmp_path, capsys, no_model_load):
     """``eval_sets.rewardbench_mth.limit 5`` makes a new set with no source: the line said to set the other of
     path/hub to null, which was no help; it now names the config's sets."""
@@ -175,7 +174,6 @@ def test_a_misspelt_eval_set_name_on_the_command_line_names_the_sets_there_are(t
                                    "--data.init_args.eval_sets.rewardbench_mth.limit", "5"])
     assert "data.init_args.eval_sets.rewardbench_mth: give exactly one of `path` or `hub` (got path=None" in line
     assert "no set of that name in the config (its sets: ultrafeedback, " in line and "rewardbench_math, " in line
-
 
 
 @pytest.mark.parametrize("entry, message", [
