@@ -139,6 +139,16 @@ def test_a_pair_over_the_budget_runs_alone_with_a_warning_naming_its_length():
     assert [tokens.index(max(tokens))] in plan
 
 
+def test_pairs_over_the_budget_are_warned_of_once_per_run_not_per_batch():
+    module = ExplicitRM(backbone="tiny-llama", token_budget=20).eval()
+    batch = module.collator()(ragged_pairs(len(module.tokenizer)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            module.micro_batch_plan(batch)
+    assert len([w for w in caught if "runs alone" in str(w.message)]) == 1
+
+
 def test_spread_to_count_splits_the_largest_then_pads_with_empty_micro_batches():
     assert spread_to_count([[0, 1, 2, 3], [4]], 3) == [[0, 1], [2, 3], [4]]
     assert spread_to_count([[0], [1]], 3) == [[0], [1], []]

@@ -163,10 +163,12 @@ def plan_for(module, batch: dict[str, torch.Tensor]) -> list[list[int]]:
     else:
         tokens = pair_tokens(batch, layout)
         plan = plan_micro_batches(tokens, budget, padded=layout == "padded")
-        for members in plan:
-            if len(members) == 1 and tokens[members[0]] > budget:
-                warnings.warn(f"token_budget {budget}: a pair of {tokens[members[0]]} tokens runs alone, over "
-                              "the budget", stacklevel=2)
+        over = [tokens[members[0]] for members in plan if len(members) == 1 and tokens[members[0]] > budget]
+        if over and not getattr(module, "_warned_pair_over_budget", False):
+            # once per module: each over-long pair of every batch had its own line, a flood with a small budget
+            module._warned_pair_over_budget = True
+            warnings.warn(f"token_budget {budget}: a pair of {max(over)} tokens runs alone, over the budget (pairs "
+                          f"longer than the budget each run alone; said once)", stacklevel=2)
     if is_sharded(module) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         count = torch.tensor(len(plan), device=module.device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
