@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from rm_lightning.errors import first_line
-from rm_lightning.files import write_atomically
+from rm_lightning.files import write_atomically, write_failure
 
 CACHE_ENV = "RM_LIGHTNING_CACHE"
 
@@ -93,7 +91,5 @@ def warn_unwritable_once(directory: Path, err: Exception, message: str) -> None:
     """Warn ``message`` (with ``{directory}`` and ``{why}`` filled in) the first time ``directory`` fails."""
     if str(directory) not in _WARNED_DIRECTORIES:
         _WARNED_DIRECTORIES.add(str(directory))
-        # torch's writer prefixes its reason with where in its C++ it failed: "[enforce fail at x.cc:778] . "
-        reason = getattr(err, "strerror", None) or re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line(err))
-        why = "it is a file" if directory.is_file() else reason
+        why = "it is a file" if directory.is_file() else write_failure(err)
         rank_zero_warn(message.format(directory=directory, why=why))

@@ -10,13 +10,14 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from rm_lightning.errors import OutputWriteError
+from rm_lightning.errors import OutputWriteError, first_line
 
 
 @contextmanager
@@ -46,8 +47,20 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     try:
         return write_atomically(path, lambda staging: staging.write_text(text))
     except OSError as err:
-        raise OutputWriteError(f"{path}: could not be written ({err.strerror or err}); {free_space(path)} free on "
-                               f"its disk; the previous one, if any, is unchanged") from err
+        raise write_refused(path, err) from err
+
+
+def write_refused(path: str | os.PathLike, err: Exception, error: type[OutputWriteError] = OutputWriteError,
+                  what: str = "") -> OutputWriteError:
+    """The one line for an output the disk refused: the file, why, and the free space where it goes."""
+    return error(f"{path}: {what}could not be written ({write_failure(err)}); {free_space(path)} free on its disk; "
+                 f"the previous one, if any, is unchanged")
+
+
+def write_failure(err: Exception) -> str:
+    """Why a write failed, in a few words: the OS's reason, else the first line of torch's writer, whose reason
+    comes after where in its C++ it failed (``[enforce fail at x.cc:778] . ``)."""
+    return getattr(err, "strerror", None) or re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line(err))
 
 
 def free_space(path: str | os.PathLike) -> str:

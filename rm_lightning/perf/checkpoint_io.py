@@ -17,8 +17,8 @@ import torch
 from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from rm_lightning.errors import CheckpointWriteError, first_line
-from rm_lightning.files import free_space, write_atomically
+from rm_lightning.errors import CheckpointWriteError
+from rm_lightning.files import write_atomically, write_refused
 
 LOCAL_PROTOCOLS = ("file", "local")
 
@@ -39,9 +39,7 @@ class LocalCheckpointIO(TorchCheckpointIO):
         try:
             write_atomically(local, lambda staging: torch.save(checkpoint, staging))
         except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as "basic_ios::clear" or so
-            raise CheckpointWriteError(f"{local}: the checkpoint could not be written ({first_line(err)}); "
-                                   f"{free_space(local)} free on its disk; the previous one, if any, is "
-                                   f"unchanged") from err
+            raise write_refused(local, err, CheckpointWriteError, what="the checkpoint ") from err
 
 
 def use_local_checkpoint_io(trainer) -> None:
