@@ -92,12 +92,7 @@ class RunClaim:
         atexit.register(self.release)
 
     def release(self) -> None:
-        lock = self.directory / LOCK_FILENAME
-        try:
-            if lock.read_text().strip() == str(os.getpid()):
-                lock.unlink()
-        except OSError:
-            pass
+        release_lock(self.directory)
 
     def release_after_failed_start(self) -> None:
         """Remove the directory if this run created it and wrote nothing of its own there, else unlock it."""
@@ -109,6 +104,16 @@ class RunClaim:
                     self.directory.parent.rmdir()
                 except OSError:
                     pass
+
+
+def release_lock(directory: Path) -> None:
+    """Remove ``directory``'s lock file if this process wrote it (another's, or none, is left as it is)."""
+    lock = directory / LOCK_FILENAME
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except OSError:
+        pass
 
 
 def is_unused(directory: Path) -> bool:

@@ -59,7 +59,7 @@ from typing import Callable, Optional
 import yaml
 
 from rm_lightning.callbacks.results import RESULTS_FILENAME
-from rm_lightning.callbacks.run_directory import LOCK_FILENAME, holder_of
+from rm_lightning.callbacks.run_directory import LOCK_FILENAME, holder_of, release_lock
 from rm_lightning.errors import RMLightningError, exit_status, first_line
 
 GRID_KEYS = ("configs", "rm_types", "backbones", "seeds", "overrides", "rm_type_overrides", "rm_type_configs")
@@ -413,7 +413,7 @@ def launch(run: Run, arguments: list[str], resume: bool = False) -> Outcome:
             returncode = run_child(arguments, stdout=log, stderr=subprocess.STDOUT, env=env)
         elapsed = time.monotonic() - started
     finally:
-        unhold(run.directory)
+        release_lock(run.directory)  # the lock ``hold`` wrote, unless the child's is there now
     if returncode != 0:
         last = last_log_line(run.log_path)
         return Outcome(run, "failed", elapsed, f"exit code {returncode}{': ' + last if last else ''}")
@@ -460,16 +460,6 @@ def hold(directory: Path) -> Optional[int]:
     with os.fdopen(descriptor, "w") as file:
         file.write(f"{os.getpid()}\n")
     return None
-
-
-def unhold(directory: Path) -> None:
-    """Remove the lock ``hold`` wrote, unless the child's (or nobody's) is there now."""
-    lock = directory / LOCK_FILENAME
-    try:
-        if lock.read_text().strip() == str(os.getpid()):
-            lock.unlink()
-    except OSError:
-        pass
 
 
 def empty_but_the_lock(directory: Path) -> None:
