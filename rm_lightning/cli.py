@@ -131,11 +131,12 @@ class RewardCLI(LightningCLI):
         for option in self.null_options:
             if option in config and config[option] == "None":
                 config[option] = None
-        check_config(config.as_dict())
+        plain = config.as_dict()  # one conversion of the whole namespace for the checks below
+        check_config(plain)
         if self.subcommand == "predict":
-            check_one_process(config.as_dict().get("trainer") or {}, "predict")
+            check_one_process(plain.get("trainer") or {}, "predict")
         if self.subcommand == "fit":
-            check_flex_training(init_args(config.as_dict().get("model")), config.as_dict().get("trainer") or {})
+            check_flex_training(init_args(plain.get("model")), plain.get("trainer") or {})
         if config.get("trainer") is not None:  # ``precision: auto``: the value itself from here on (config.yaml too)
             precision.resolve_in_config(config["trainer"])
 

@@ -134,8 +134,10 @@ def load_run(run: Optional[Path], config: Optional[Path], checkpoint: Optional[P
     if not isinstance(module, ExplicitRM):
         raise RMLightningError(f"{path}: the max-margin analysis is about an EX-RM head; this model is "
                                f"{type(module).__name__} (give an EX-RM run, or --config with an EX-RM config)")
-    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if run else []
-    checkpoints = [checkpoint] if checkpoint is not None else checkpoints
+    if checkpoint is not None:
+        checkpoints = [checkpoint]
+    else:
+        checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if run else []
     if checkpoints:
         state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
